@@ -1,0 +1,316 @@
+"""Tests for models.data.synthetic: determinism, the realized mix, captions, corruption and atomic writing."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from models.data import synthetic
+from models.data.manifest import Sample, load_image_rgb, read_split
+from models.data.synthetic import (
+    CLEAR_TEMPLATES,
+    COLOUR_ONLY_TEMPLATES,
+    COLOUR_WORDS,
+    COLOURS,
+    GENERIC_CAPTIONS,
+    KINDS,
+    LABELS,
+    NOISY_TEMPLATES,
+    SHAPE_ONLY_TEMPLATES,
+    SHAPE_WORDS,
+    SHAPES,
+    OutputExistsError,
+    SynthConfig,
+    generate,
+    render_image,
+)
+
+SMALL = SynthConfig(size=240, seed=3, image_size=32)
+SPLIT_SIZES = {"train": 168, "val": 36, "test": 36}  # 240 x (0.7, 0.15, 0.15)
+TINY = SynthConfig(size=60, seed=7, image_size=32)
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("synthetic") / "data"
+    generate(out, SMALL, progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def samples(dataset: Path) -> dict[str, list[Sample]]:
+    return {split: read_split(dataset, split) for split in SPLIT_SIZES}
+
+
+def _all(samples: dict[str, list[Sample]], *kinds: str) -> list[Sample]:
+    return [s for split in samples.values() for s in split if s.kind in kinds]
+
+
+def _file_hashes(root: Path) -> dict[str, str]:
+    return {
+        str(path.relative_to(root)): hashlib.sha256(path.read_bytes()).hexdigest()
+        for path in sorted(root.rglob("*"))
+        if path.is_file()
+    }
+
+
+def _class_words(caption: str) -> tuple[set[str], set[str]]:
+    """The colours and shapes a caption names, by the generator's own synonym table."""
+
+    def named(words: tuple[str, ...]) -> bool:
+        return any(re.search(rf"\b{re.escape(word)}\b", caption) for word in words)
+
+    colours = {colour for colour, words in COLOUR_WORDS.items() if named(words)}
+    shapes = {shape for shape, words in SHAPE_WORDS.items() if named(words)}
+    return colours, shapes
+
+
+def _pixels(sample: Sample) -> np.ndarray:
+    return np.asarray(load_image_rgb(sample), dtype=np.int16)
+
+
+# ---- determinism ----
+
+
+def test_same_seed_gives_byte_identical_files(tmp_path: Path) -> None:
+    generate(tmp_path / "a", TINY, progress=False)
+    generate(tmp_path / "b", TINY, progress=False)
+    first, second = _file_hashes(tmp_path / "a"), _file_hashes(tmp_path / "b")
+    assert len(first) == TINY.size + 4  # every image, three manifests, synth.json
+    assert first == second
+
+
+def test_different_seed_gives_different_data(tmp_path: Path) -> None:
+    generate(tmp_path / "a", TINY, progress=False)
+    generate(tmp_path / "b", SynthConfig(size=60, seed=8, image_size=32), progress=False)
+    first, second = _file_hashes(tmp_path / "a"), _file_hashes(tmp_path / "b")
+    assert first.keys() == second.keys()
+    same = [name for name in first if first[name] == second[name]]
+    assert same == []
+
+
+def test_images_do_not_depend_on_generation_order(dataset: Path, samples: dict[str, list[Sample]]) -> None:
+    """Each image is a pure function of (seed, index, label, kind), so it can be re-rendered on its own."""
+    for sample in samples["test"][:10]:
+        again = render_image(SMALL.seed, int(sample.id), sample.label, sample.kind, SMALL.image_size)
+        assert np.array_equal(np.asarray(load_image_rgb(sample)), again)
+
+
+# ---- what was generated ----
+
+
+def test_synth_json_describes_the_output(dataset: Path, samples: dict[str, list[Sample]]) -> None:
+    summary = json.loads((dataset / "synth.json").read_text())
+    assert summary["config"] == {
+        "size": 240,
+        "seed": 3,
+        "image_size": 32,
+        "mix": {"text_sufficient": 0.5, "image_needed": 0.35, "noisy_image": 0.15},
+        "splits": {"train": 0.7, "val": 0.15, "test": 0.15},
+    }
+    assert summary["labels"] == list(LABELS) == sorted(LABELS)
+    assert len(LABELS) == 12
+    for split, split_samples in samples.items():
+        kinds = Counter(s.kind for s in split_samples)
+        assert summary["counts"][split] == {"total": SPLIT_SIZES[split], **{kind: kinds[kind] for kind in KINDS}}
+
+
+def test_realized_mix_per_split_equals_the_request(samples: dict[str, list[Sample]]) -> None:
+    for split, split_samples in samples.items():
+        assert len(split_samples) == SPLIT_SIZES[split]
+        kinds = Counter(s.kind for s in split_samples)
+        for kind, fraction in zip(KINDS, SMALL.mix, strict=True):
+            assert abs(kinds[kind] - fraction * SPLIT_SIZES[split]) < 1, (split, kind, kinds)
+
+
+def test_custom_mix_is_honoured(tmp_path: Path) -> None:
+    summary = generate(tmp_path / "d", SynthConfig(size=100, image_size=16, mix=(0.2, 0.2, 0.6)), progress=False)
+    assert summary["counts"]["train"] == {"total": 70, "text_sufficient": 14, "image_needed": 14, "noisy_image": 42}
+    kinds = Counter(s.kind for s in read_split(tmp_path / "d", "train"))
+    assert kinds == {"text_sufficient": 14, "image_needed": 14, "noisy_image": 42}
+
+
+def test_labels_are_valid_and_balanced_within_each_kind(samples: dict[str, list[Sample]]) -> None:
+    for split_samples in samples.values():
+        for kind in KINDS:
+            counts = Counter(s.label for s in split_samples if s.kind == kind)
+            assert set(counts) <= set(LABELS)
+            # round-robin assignment: per-class counts differ by at most one
+            per_class = [counts.get(label, 0) for label in LABELS]
+            assert max(per_class) - min(per_class) <= 1, (kind, counts)
+
+
+def test_ids_are_unique_and_name_their_image(dataset: Path, samples: dict[str, list[Sample]]) -> None:
+    everything = [s for split in samples.values() for s in split]
+    assert sorted(int(s.id) for s in everything) == list(range(SMALL.size))
+    assert all(s.image_path == (dataset / "img" / f"{s.id}.png").resolve() for s in everything)
+    first_line = (dataset / "train.jsonl").read_text().splitlines()[0]
+    assert list(json.loads(first_line)) == ["id", "img", "text", "label", "kind"]
+
+
+def test_every_image_decodes_at_the_configured_size(samples: dict[str, list[Sample]]) -> None:
+    for sample in _all(samples, *KINDS):
+        image = load_image_rgb(sample)
+        assert (image.mode, image.size) == ("RGB", (32, 32))
+
+
+# ---- captions ----
+
+
+def test_caption_tables_keep_class_words_where_they_belong() -> None:
+    for template in CLEAR_TEMPLATES + NOISY_TEMPLATES:  # class words may come only from the {c} and {s} slots
+        assert _class_words(template.format(c="", s="")) == (set(), set()), template
+    for caption in GENERIC_CAPTIONS:
+        assert _class_words(caption) == (set(), set()), caption
+    for template in COLOUR_ONLY_TEMPLATES:
+        assert _class_words(template.format(c="red"))[1] == set(), template
+    for template in SHAPE_ONLY_TEMPLATES:
+        assert _class_words(template.format(s="circle"))[0] == set(), template
+
+
+def test_clear_captions_name_their_class(samples: dict[str, list[Sample]]) -> None:
+    clear = _all(samples, "text_sufficient", "noisy_image")
+    assert len(clear) == 120 + 35
+    for sample in clear:
+        colour, shape = sample.label.split("_")
+        assert _class_words(sample.text) == ({colour}, {shape}), (sample.label, sample.text)
+
+
+def test_vague_captions_never_name_the_whole_class(samples: dict[str, list[Sample]]) -> None:
+    vague = _all(samples, "image_needed")
+    styles = Counter()
+    for sample in vague:
+        colour, shape = sample.label.split("_")
+        named = _class_words(sample.text)
+        if sample.text in GENERIC_CAPTIONS:
+            assert named == (set(), set()), sample.text
+            styles["generic"] += 1
+        elif named[0]:
+            assert named == ({colour}, set()), (sample.label, sample.text)
+            styles["colour only"] += 1
+        else:
+            assert named == (set(), {shape}), (sample.label, sample.text)
+            styles["shape only"] += 1
+    # about half generic, a quarter each partial (85 samples: a loose band, the seed is fixed)
+    assert len(vague) == 85
+    assert 0.35 < styles["generic"] / len(vague) < 0.65, styles
+    assert styles["colour only"] >= 10, styles
+    assert styles["shape only"] >= 10, styles
+
+
+# ---- images ----
+
+
+def _roughness(pixels: np.ndarray) -> float:
+    """Mean absolute difference between horizontal neighbours: ~1 for flat colour, ~1.1 sigma for noise sigma."""
+    return float(np.abs(np.diff(pixels, axis=1)).mean())
+
+
+def _dominant_colour(pixels: np.ndarray) -> str:
+    """The colour whose channel most often stands 80+ above both others (class colours do; the background never)."""
+    counts = []
+    for channel in range(3):
+        others = np.delete(pixels, channel, axis=2).max(axis=2)
+        counts.append(int((pixels[:, :, channel] - others > 80).sum()))
+    return COLOURS[int(np.argmax(counts))]
+
+
+def test_clean_images_are_smooth_and_show_their_colour(samples: dict[str, list[Sample]]) -> None:
+    for sample in _all(samples, "text_sufficient", "image_needed"):
+        pixels = _pixels(sample)
+        assert _roughness(pixels) < 20, sample
+        assert _dominant_colour(pixels) == sample.label.split("_")[0], sample
+
+
+def test_noisy_images_are_heavily_corrupted(samples: dict[str, list[Sample]]) -> None:
+    noisy = _all(samples, "noisy_image")
+    assert len(noisy) == 35
+    assert min(_roughness(_pixels(s)) for s in noisy) > 40
+    # channels are permuted uniformly, so the visible colour matches the label only about a third of the time
+    agree = sum(_dominant_colour(_pixels(s)) == s.label.split("_")[0] for s in noisy)
+    assert agree / len(noisy) < 0.6, agree
+
+
+def test_every_shape_renders_in_every_colour() -> None:
+    for label in LABELS:
+        pixels = render_image(0, 1, label, "text_sufficient", 48).astype(np.int16)
+        assert _dominant_colour(pixels) == label.split("_")[0]
+    assert {label.split("_")[1] for label in LABELS} == set(SHAPES)
+
+
+# ---- writing ----
+
+
+def _failing_after(calls: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    real_save = synthetic._save_png
+    seen = {"calls": 0}
+
+    def save(pixels: np.ndarray, path: Path) -> None:
+        seen["calls"] += 1
+        if seen["calls"] > calls:
+            raise OSError("disk full")
+        real_save(pixels, path)
+
+    monkeypatch.setattr(synthetic, "_save_png", save)
+
+
+def test_failure_leaves_no_output(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _failing_after(25, monkeypatch)
+    with pytest.raises(OSError, match="disk full"):
+        generate(tmp_path / "data", TINY, progress=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_failed_overwrite_keeps_the_old_data(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    generate(tmp_path / "data", TINY, progress=False)
+    before = _file_hashes(tmp_path / "data")
+    _failing_after(25, monkeypatch)
+    with pytest.raises(OSError, match="disk full"):
+        generate(tmp_path / "data", SynthConfig(size=60, seed=8, image_size=32), progress=False, overwrite=True)
+    assert _file_hashes(tmp_path / "data") == before
+    assert [p.name for p in tmp_path.iterdir()] == ["data"]
+
+
+def test_existing_output_is_refused_unless_overwrite(tmp_path: Path) -> None:
+    out = tmp_path / "data"
+    generate(out, TINY, progress=False)
+    with pytest.raises(OutputExistsError, match="not empty.*overwrite=True") as excinfo:
+        generate(out, TINY, progress=False)
+    assert isinstance(excinfo.value, FileExistsError)
+    generate(out, SynthConfig(size=48, seed=8, image_size=32), progress=False, overwrite=True)
+    assert json.loads((out / "synth.json").read_text())["config"]["seed"] == 8
+    assert len(list((out / "img").iterdir())) == 48  # the old 60 images are gone, not merged
+    assert [p.name for p in tmp_path.iterdir()] == ["data"]
+
+
+def test_empty_existing_directory_is_filled(tmp_path: Path) -> None:
+    (tmp_path / "data").mkdir()
+    generate(tmp_path / "data", TINY, progress=False)
+    assert (tmp_path / "data" / "synth.json").is_file()
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"size": 10}, "size must be an integer >= 36"),
+        ({"seed": -1}, "seed must be a non-negative integer"),
+        ({"image_size": 8}, "image_size must be an integer >= 16"),
+        ({"mix": (0.5, 0.5, 0.5)}, "mix fractions .* must sum to 1"),
+        ({"mix": (1.2, -0.2, 0.0)}, "mix fractions must be finite and non-negative"),
+        ({"splits": (0.7, 0.3)}, "splits needs 3 fractions"),
+        ({"size": 40, "splits": (0.99, 0.01, 0.0)}, "leave the val split empty"),
+    ],
+)
+def test_bad_config_says_what_to_fix(fields: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        SynthConfig(**fields)
+
+
+def test_config_normalizes_sequences() -> None:
+    assert SynthConfig(mix=[0.5, 0.35, 0.15], splits=[0.7, 0.15, 0.15]) == SynthConfig()
