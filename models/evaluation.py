@@ -1,0 +1,166 @@
+"""Accuracy against compute: the policy table (full, cheap, auto, oracle, thresholds, one row per lambda)
+and the Pareto plot.
+
+NumPy only (matplotlib is imported when a plot is asked for). Training evaluates eager PyTorch
+outputs with it; ``dynfuse evaluate`` evaluates the exported store's outputs with the same code.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from models.policy import decide_routes, oracle_routes
+
+# A trained router is usually very sure of itself: the sweep reaches close to 1 to show escalation.
+DEFAULT_THRESHOLDS = (0.5, 0.9, 0.99, 0.999, 0.9999)
+
+
+@dataclass
+class RoutingOutputs:
+    """What one model produced on one split, enough to evaluate every policy without rerunning it."""
+
+    labels: np.ndarray  # (N,) true class indices
+    expert_probs: dict[str, np.ndarray]  # expert -> (N, K) class probabilities
+    router_scores: dict[str, np.ndarray]  # router name -> (N, E) scores; see ``routers``
+    routers: list[dict]  # [{"name", "lambda"}], in sweep order
+    default_router: str  # the router the server uses for route=auto
+    experts: list[str]  # expert order of the score columns
+    path_madds: dict[str, int]  # expert -> MAdds of a routed request taking it (encoders + router + expert)
+    static_madds: dict[str, int]  # expert -> MAdds of that expert as a static model (no glimpse, no router)
+    madds_full: int  # the static full model
+    full_expert: str
+    kinds: list[str] | None = None  # optional per-sample category, for a per-kind breakdown
+    extra: dict = field(default_factory=dict)
+
+
+def evaluate_policies(outputs: RoutingOutputs, thresholds=DEFAULT_THRESHOLDS) -> list[dict]:
+    """The rows of ``dynfuse evaluate --json``: policy, accuracy, madds_per_sample, saved_ratio, route_mix."""
+    experts = outputs.experts
+    predictions = np.stack([outputs.expert_probs[e].argmax(axis=1) for e in experts], axis=1)  # (N, E)
+    correct = predictions == outputs.labels[:, None]  # (N, E)
+    path_madds = np.array([outputs.path_madds[e] for e in experts], dtype=np.float64)
+    full_index = experts.index(outputs.full_expert)
+    cheapest = min(experts, key=lambda e: outputs.static_madds[e])
+    n = len(outputs.labels)
+
+    def routed_row(policy: str, choice: np.ndarray, **extra) -> dict:
+        return _row(policy, outputs, correct[np.arange(n), choice], path_madds[choice], choice, **extra)
+
+    def static_row(policy: str, expert: str) -> dict:
+        index = experts.index(expert)
+        madds = np.full(n, float(outputs.static_madds[expert]))
+        return _row(policy, outputs, correct[:, index], madds, np.full(n, index), expert=expert)
+
+    rows = [static_row("full", outputs.full_expert), static_row("cheap", cheapest)]
+    rows += [static_row(f"static:{e}", e) for e in experts if e not in (outputs.full_expert, cheapest)]
+    default_scores = outputs.router_scores[outputs.default_router]
+    rows.append(routed_row("auto", decide_routes(default_scores, full_index)[0], router=outputs.default_router))
+    rows.append(routed_row("oracle", oracle_routes(correct, path_madds, full_index)))
+    for threshold in thresholds:
+        choice, _ = decide_routes(default_scores, full_index, thresholds=np.full(n, threshold))
+        rows.append(routed_row(f"threshold={threshold:g}", choice, router=outputs.default_router))
+    for router in outputs.routers:
+        choice, _ = decide_routes(outputs.router_scores[router["name"]], full_index)
+        rows.append(routed_row(f"lambda={router['lambda']:g}", choice, router=router["name"]))
+    return rows
+
+
+def _row(policy, outputs: RoutingOutputs, correct, madds, choice, **extra) -> dict:
+    counts = np.bincount(choice, minlength=len(outputs.experts))
+    row = {
+        "policy": policy,
+        "accuracy": float(correct.mean()),
+        "madds_per_sample": float(madds.mean()),
+        "saved_ratio": float(1.0 - madds.mean() / outputs.madds_full),
+        "route_mix": {e: float(c / len(choice)) for e, c in zip(outputs.experts, counts, strict=True)},
+        **extra,
+    }
+    if outputs.kinds is not None:
+        kinds = np.asarray(outputs.kinds)
+        row["accuracy_by_kind"] = {k: float(correct[kinds == k].mean()) for k in sorted(set(outputs.kinds))}
+    return row
+
+
+def find_row(rows: list[dict], policy: str) -> dict:
+    for row in rows:
+        if row["policy"] == policy:
+            return row
+    raise KeyError(f"no policy {policy!r} among {[r['policy'] for r in rows]}")
+
+
+def summarize(rows: list[dict]) -> dict:
+    """The headline figures: auto against full and oracle."""
+    full, auto, oracle = find_row(rows, "full"), find_row(rows, "auto"), find_row(rows, "oracle")
+    return {
+        "full_accuracy": full["accuracy"],
+        "auto_accuracy": auto["accuracy"],
+        "auto_accuracy_drop_points": 100.0 * (full["accuracy"] - auto["accuracy"]),
+        "auto_saved_ratio": auto["saved_ratio"],
+        "oracle_saved_ratio": oracle["saved_ratio"],
+        "auto_share_of_oracle_savings": auto["saved_ratio"] / oracle["saved_ratio"] if oracle["saved_ratio"] else 0.0,
+    }
+
+
+def format_table(rows: list[dict]) -> str:
+    experts = list(rows[0]["route_mix"])
+    header = f"{'policy':<16} {'accuracy':>8} {'MAdds/sample':>13} {'saved':>7}  " + " ".join(
+        f"{e:>11}" for e in experts
+    )
+    lines = [header, "-" * len(header)]
+    for row in rows:
+        mix = " ".join(f"{row['route_mix'][e]:>11.1%}" for e in experts)
+        figures = f"{row['accuracy']:>8.2%} {row['madds_per_sample']:>13,.0f} {row['saved_ratio']:>7.1%}"
+        lines.append(f"{row['policy']:<16} {figures}  {mix}")
+    return "\n".join(lines)
+
+
+def plot_pareto(rows: list[dict], path: Path, title: str = "accuracy against compute") -> None:
+    """Accuracy against MAdds per sample: one point per lambda and per threshold, static experts marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def series(prefix: str) -> list[dict]:
+        return sorted((r for r in rows if r["policy"].startswith(prefix)), key=lambda r: r["madds_per_sample"])
+
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    for prefix, style, label in (("lambda=", "o-", "router per lambda"), ("threshold=", "s--", "threshold sweep")):
+        points = series(prefix)
+        if points:
+            ax.plot([r["madds_per_sample"] for r in points], [100 * r["accuracy"] for r in points], style, label=label)
+            for r in points:
+                ax.annotate(
+                    r["policy"].split("=")[1],
+                    (r["madds_per_sample"], 100 * r["accuracy"]),
+                    fontsize=7,
+                    textcoords="offset points",
+                    xytext=(4, -8),
+                )
+    for r in rows:
+        if r["policy"] in ("full", "cheap") or r["policy"].startswith("static:"):
+            name = r.get("expert", r["policy"])
+            ax.plot(r["madds_per_sample"], 100 * r["accuracy"], "kD", markersize=7)
+            ax.annotate(
+                f"static {name}",
+                (r["madds_per_sample"], 100 * r["accuracy"]),
+                fontsize=8,
+                textcoords="offset points",
+                xytext=(6, 4),
+            )
+    for policy, marker in (("auto", "r*"), ("oracle", "g^")):
+        r = find_row(rows, policy)
+        ax.plot(r["madds_per_sample"], 100 * r["accuracy"], marker, markersize=12, label=policy)
+    ax.set_xscale("log")
+    ax.set_xlabel("MAdds per sample (log scale)")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
