@@ -1,0 +1,79 @@
+"""``dynfuse evaluate``: the policy table of a stored model, computed by the served components.
+
+Every expert and every router of the store run on the whole split through the same pipeline and
+preprocessing the server uses; the policies are then applied to those outputs (models/evaluation.py),
+so each row is what the server would do with that policy.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from export.backends import create_backend
+from export.pipeline import DynamicPipeline
+from export.store import load_model
+from models.data.manifest import check_labels, load_image_rgb, read_split
+from models.evaluation import RoutingOutputs, evaluate_policies
+
+
+def evaluate_store(
+    store: Path,
+    name: str | None,
+    data_dir: Path,
+    *,
+    split: str = "test",
+    version: str | None = None,
+    backend: str = "onnx",
+    device: str = "cpu",
+    batch_size: int = 128,
+    progress: bool = True,
+) -> tuple[list[dict], RoutingOutputs]:
+    model = load_model(store, name, version)
+    pipeline = DynamicPipeline(model, create_backend(backend, device))
+    samples = read_split(Path(data_dir), split)
+    check_labels(samples, list(model.labels))
+    label_index = {label: i for i, label in enumerate(model.labels)}
+    routers = [(r["component"], r["lambda"]) for r in model.manifest["routers"]]
+
+    probs: dict[str, list[np.ndarray]] = {e: [] for e in model.expert_names}
+    scores: dict[str, list[np.ndarray]] = {component: [] for component, _ in routers}
+    batches = range(0, len(samples), batch_size)
+    for start in tqdm(batches, desc=f"evaluate {split}", disable=not progress):
+        batch = samples[start : start + batch_size]
+        token_ids = np.stack([pipeline.prepare_text(s.text) for s in batch])
+        images = np.stack([pipeline.prepare_image(load_image_rgb(s)) for s in batch])
+        tensors = {
+            "token_ids": token_ids,
+            "image": images,
+            "text_features": pipeline.encode_text(token_ids),
+            "glimpse_features": pipeline.encode_glimpse(images),
+        }
+        present = np.ones(len(batch), dtype=bool)
+        for component, _ in routers:
+            scores[component].append(
+                pipeline.route(tensors["text_features"], tensors["glimpse_features"], present, present, component)[0]
+            )
+        for expert in model.expert_names:
+            logits = pipeline.run_expert(expert, tensors)
+            exp = np.exp(logits - logits.max(axis=1, keepdims=True))
+            probs[expert].append(exp / exp.sum(axis=1, keepdims=True))
+
+    kinds = [s.kind for s in samples]
+    outputs = RoutingOutputs(
+        labels=np.array([label_index[s.label] for s in samples]),
+        expert_probs={e: np.concatenate(p) for e, p in probs.items()},
+        router_scores={c: np.concatenate(s) for c, s in scores.items()},
+        routers=[{"name": c, "lambda": lam} for c, lam in routers],
+        default_router=model.router,
+        experts=list(model.expert_names),
+        path_madds={e.name: e.path_madds for e in model.experts},
+        static_madds={e["name"]: e["static_madds"] for e in model.manifest["experts"]},
+        madds_full=model.madds_full,
+        full_expert=model.full_expert,
+        kinds=kinds if all(k is not None for k in kinds) else None,
+        extra={"model": model.name, "version": model.version, "backend": pipeline.backend.describe()},
+    )
+    return evaluate_policies(outputs), outputs

@@ -1,0 +1,274 @@
+"""``dynfuse export``: a training run directory -> a verified model version in the store.
+
+Every component is exported on its own to ONNX and TorchScript and checked against eager PyTorch
+on fresh random inputs and on real samples; then the whole ONNX pipeline is run on a labelled
+split and its labels and expert choices are compared with eager PyTorch's. Only when all of that
+passes does the version directory appear (written aside, then renamed), with ``model.json`` listing
+every file's sha256.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from export.backends import OnnxRuntimeBackend
+from export.onnx import OnnxComponent, export_onnx
+from export.parity import TOLERANCE, ParityError, check_parity, max_abs_difference
+from export.pipeline import PipelineInput
+from export.store import MANIFEST, MODEL_FORMAT, list_store, load_model_dir, sha256_file
+from export.torchscript import TorchScriptComponent, export_torchscript
+from models.data.manifest import SPLIT_ALIASES, read_split
+from models.data.tensors import TensorSplit, load_pixels, tensorize
+from models.preprocess import ImagePreprocessing
+from models.tokenizer import Tokenizer
+from models.training import load_run, rebuild_model, rebuild_routers
+
+TOKENIZER_FILE = "tokenizer.json"
+MIN_PIPELINE_AGREEMENT = 0.999
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+def next_version(store: Path, name: str) -> str:
+    versions = [int(v) for v in list_store(store).get(name, []) if v.isdigit()]
+    return str(max(versions, default=0) + 1)
+
+
+def export_run(
+    run_dir: Path,
+    store: Path,
+    *,
+    name: str | None = None,
+    version: str | None = None,
+    data_dir: Path | None = None,
+    progress: bool = True,
+    log=print,
+) -> Path:
+    """Export a run into ``store/<name>/<version>`` and return that directory."""
+    run_dir, store = Path(run_dir), Path(store)
+    checkpoint = load_run(run_dir)
+    name = name or run_dir.resolve().name
+    if not _NAME.match(name):
+        raise ValueError(f"model name {name!r}: use letters, digits, '_', '.' or '-'")
+    version = str(version) if version is not None else next_version(store, name)
+    target = store / name / version
+    if target.exists():
+        raise FileExistsError(f"{target} already exists; choose another --version or leave it out for the next one")
+
+    model = rebuild_model(checkpoint)
+    routers = rebuild_routers(checkpoint, model)
+    components = {n: m for n, m in model.components.items() if n != "router"}
+    components |= {f"router.{router_name}": module for router_name, module in routers.items()}
+    samples = _labelled_samples(checkpoint, data_dir, log)
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{version}.", dir=target.parent))
+    try:
+        real_inputs = _real_component_inputs(model, samples) if samples is not None else None
+        entries, parity = {}, {}
+        for component_name, module in tqdm(components.items(), desc="export", disable=not progress):
+            entries[component_name], parity[component_name] = _export_component(
+                component_name, module, staging, real_inputs
+            )
+        Tokenizer.from_dict(checkpoint["tokenizer"]).save(staging / TOKENIZER_FILE)
+        files = {TOKENIZER_FILE: {"sha256": sha256_file(staging / TOKENIZER_FILE)}}
+        manifest = _manifest(checkpoint, name, version, entries, parity, files)
+        (staging / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+        if samples is not None:
+            agreement = _pipeline_agreement(model, staging, samples)
+            manifest["parity"]["pipeline"] = agreement
+            (staging / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+            log(
+                f"ONNX pipeline vs eager on {agreement['samples']} {agreement['split']} samples: labels "
+                f"{agreement['label_agreement']:.4%}, experts {agreement['expert_agreement']:.4%}"
+            )
+            if min(agreement["label_agreement"], agreement["expert_agreement"]) < MIN_PIPELINE_AGREEMENT:
+                raise ParityError(f"the ONNX pipeline disagrees with eager PyTorch: {agreement}; nothing was written")
+        os.replace(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    log(f"exported {name} version {version} -> {target}")
+    return target
+
+
+def _export_component(name: str, module, staging: Path, real_inputs: dict | None) -> tuple[dict, dict]:
+    module.eval()
+    files, differences = {}, {}
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(1234)  # fresh random inputs, but the same ones on every export
+    input_sets = [module.example_inputs(b) for b in (1, 3, 16)]
+    torch.random.set_rng_state(generator_state)
+    if real_inputs is not None:
+        input_sets.append(tuple(real_inputs[i] for i in module.input_names))
+    for fmt, suffix, write, load in (
+        ("onnx", ".onnx", export_onnx, OnnxComponent),
+        ("torchscript", ".pt", export_torchscript, TorchScriptComponent),
+    ):
+        path = staging / f"{name}{suffix}"
+        write(module, path)
+        differences[fmt] = max_abs_difference(module, load(path), input_sets)
+        check_parity(name, fmt, differences[fmt])
+        files[fmt] = {"file": path.name, "sha256": sha256_file(path)}
+
+    example = module.example_inputs(1)
+    with torch.no_grad():
+        outputs = module(*example)
+    outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+    entry = {
+        "inputs": [_tensor_entry(n, t) for n, t in zip(module.input_names, example, strict=True)],
+        "outputs": [_tensor_entry(n, t) for n, t in zip(module.output_names, outputs, strict=True)],
+        "madds": None,  # filled from the run's measured costs
+        "files": files,
+    }
+    return entry, differences
+
+
+def _tensor_entry(name: str, tensor: torch.Tensor) -> dict:
+    return {"name": name, "dtype": str(tensor.dtype).removeprefix("torch."), "shape": [-1, *tensor.shape[1:]]}
+
+
+def _manifest(checkpoint: dict, name: str, version: str, entries: dict, parity: dict, files: dict) -> dict:
+    costs = checkpoint["madds"]
+    for component_name, entry in entries.items():
+        entry["madds"] = costs["components"]["router" if component_name.startswith("router.") else component_name]
+    default_router = checkpoint["default_router"]
+    evaluation = checkpoint["evaluation"]
+    validation = {row.get("router"): row for row in evaluation["val"] if row["policy"].startswith("lambda=")}
+    pre = checkpoint["preprocessing"]
+    return {
+        "format": MODEL_FORMAT,
+        "name": name,
+        "version": version,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "family": checkpoint["model_name"],
+        "config": checkpoint["config"],
+        "labels": checkpoint["labels"],
+        "preprocessing": {**pre, "tokenizer": TOKENIZER_FILE, "max_tokens": checkpoint["tokenizer"]["max_tokens"]},
+        "components": entries,
+        "shared_encoders": checkpoint["shared_encoders"],
+        "experts": [
+            {
+                **expert,
+                "madds": sum(costs["components"][c] for c in expert["components"]),
+                "path_madds": costs["path"][expert["name"]],
+                "static_madds": costs["static"][expert["name"]],
+            }
+            for expert in checkpoint["experts"]
+        ],
+        "full_expert": checkpoint["full_expert"],
+        "router": {
+            "component": f"router.{default_router}",
+            "lambda": next(r["lambda"] for r in checkpoint["routers"] if r["name"] == default_router),
+            "madds": costs["components"]["router"],
+            "kind": "DRDF dual router + MWF, hard argmax (DynMM)",
+            "scores": [e["name"] for e in checkpoint["experts"]],
+            "importance": ["text", "image"],
+        },
+        "routers": [
+            {
+                "component": f"router.{r['name']}",
+                "lambda": r["lambda"],
+                "validation": _compact(validation.get(r["name"], {})),
+            }
+            for r in checkpoint["routers"]
+        ],
+        "madds_full": costs["full"],
+        "evaluation": {
+            "summary": evaluation["summary"],
+            "split": "test" if "test" in evaluation else "val",
+            "policies": [_compact(row) for row in evaluation.get("test", evaluation["val"])],
+        },
+        "training": {
+            "train_config": checkpoint["train_config"],
+            "data": checkpoint["data"],
+            "train_seconds": checkpoint["train_seconds"],
+        },
+        "parity": {"tolerance": TOLERANCE, "components": parity},
+        "files": files,
+    }
+
+
+def _compact(row: dict) -> dict:
+    keep = ("policy", "accuracy", "madds_per_sample", "saved_ratio", "route_mix", "accuracy_by_kind")
+    return {k: row[k] for k in keep if k in row}
+
+
+def _labelled_samples(checkpoint: dict, data_dir: Path | None, log) -> TensorSplit | None:
+    """The test split (else val) of the training data, preprocessed as the store will, for the checks."""
+    data_dir = Path(data_dir or checkpoint["data"]["dir"])
+    if not data_dir.is_dir():
+        log(f"training data {data_dir} not found: parity checked on random inputs only (pass --data to add real ones)")
+        return None
+    split = "test" if any((data_dir / f"{a}.jsonl").is_file() for a in SPLIT_ALIASES["test"]) else "val"
+    samples = read_split(data_dir, split, require_label=False)
+    tokenizer = Tokenizer.from_dict(checkpoint["tokenizer"])
+    preprocessing = ImagePreprocessing.from_dict(checkpoint["preprocessing"])
+    pixels = load_pixels(samples, preprocessing.image_size)
+    tensors = tensorize(samples, pixels, tokenizer, preprocessing, checkpoint["labels"])
+    tensors.split_name = split  # type: ignore[attr-defined]
+    return tensors
+
+
+@torch.no_grad()
+def _real_component_inputs(model, samples: TensorSplit, limit: int = 256) -> dict[str, torch.Tensor]:
+    token_ids, images = samples.token_ids[:limit], samples.images[:limit]
+    present = torch.ones(len(token_ids))
+    return {
+        "token_ids": token_ids,
+        "image": images,
+        "text_features": model.text_encoder(token_ids),
+        "glimpse_features": model.image_glimpse(images),
+        "image_features": model.image_encoder(images),
+        "text_present": present,
+        "image_present": present,
+    }
+
+
+@torch.no_grad()
+def _pipeline_agreement(model, staging: Path, samples: TensorSplit, batch_size: int = 64) -> dict:
+    """Labels and expert choices of the exported ONNX pipeline against eager PyTorch, sample by sample."""
+    from export.pipeline import DynamicPipeline
+
+    pipeline = DynamicPipeline(load_model_dir(staging), OnnxRuntimeBackend("cpu"))
+    experts = [e.name for e in model.experts]
+    label_matches = expert_matches = 0
+    differences = []
+    for start in range(0, len(samples), batch_size):
+        tokens = samples.token_ids[start : start + batch_size]
+        images = samples.images[start : start + batch_size]
+        scores, _ = model.route(tokens, images)
+        eager_choice = scores.argmax(1)
+        logits = model.expert_logits(tokens, images)
+        eager_labels = [int(logits[experts[c]][i].argmax()) for i, c in enumerate(eager_choice.tolist())]
+        inputs = [PipelineInput(token_ids=t.numpy(), image=im.numpy()) for t, im in zip(tokens, images, strict=True)]
+        outputs, _ = pipeline.predict(inputs)
+        for i, out in enumerate(outputs):
+            same_label = out.label == str(pipeline.labels[eager_labels[i]])
+            same_expert = out.expert == experts[eager_choice[i]]
+            label_matches += same_label
+            expert_matches += same_expert
+            if not (same_label and same_expert):
+                differences.append(
+                    {
+                        "id": samples.ids[start + i],
+                        "onnx": [out.label, out.expert],
+                        "eager": [str(pipeline.labels[eager_labels[i]]), experts[eager_choice[i]]],
+                    }
+                )
+    n = len(samples)
+    return {
+        "split": getattr(samples, "split_name", "?"),
+        "samples": n,
+        "label_agreement": label_matches / n,
+        "expert_agreement": expert_matches / n,
+        "differences": differences[:20],
+    }
