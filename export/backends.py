@@ -12,13 +12,14 @@ from collections.abc import Callable
 import numpy as np
 
 from export.store import ComponentInfo
+from models.errors import DynfuseError
 
 Runner = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
 BACKENDS = ("onnx", "torchscript")
 DEVICES = ("cpu", "cuda")
 
 
-class BackendError(RuntimeError):
+class BackendError(DynfuseError, RuntimeError):
     """The requested backend or device cannot run here."""
 
 

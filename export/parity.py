@@ -8,12 +8,14 @@ import numpy as np
 import torch
 from torch import nn
 
+from models.errors import DynfuseError
+
 # float32 end to end; differences come from operator order only. 1e-4 on logits is ~1e-6 relative
 # for this model's activations, far below anything that could flip a decision.
 TOLERANCE = 1e-4
 
 
-class ParityError(RuntimeError):
+class ParityError(DynfuseError, RuntimeError):
     pass
 
 
@@ -29,7 +31,10 @@ def max_abs_difference(
         expected = expected if isinstance(expected, tuple) else (expected,)
         for want, got in zip(expected, exported(*inputs), strict=True):
             assert got.shape == tuple(want.shape), f"shape {got.shape} != eager {tuple(want.shape)}"
-            worst = max(worst, float(np.abs(want.numpy() - got).max(initial=0.0)))
+            difference = np.abs(want.numpy() - got)
+            if not np.isfinite(difference).all():
+                return float("nan")  # a NaN or inf on either side fails the check (max() would skip a NaN)
+            worst = max(worst, float(difference.max(initial=0.0)))
     return worst
 
 

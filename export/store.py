@@ -12,6 +12,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from models.errors import DynfuseError
 from models.preprocess import ImagePreprocessing
 from models.tokenizer import Tokenizer
 
@@ -20,7 +21,7 @@ MANIFEST = "model.json"
 FORMATS = ("onnx", "torchscript")
 
 
-class StoreError(Exception):
+class StoreError(DynfuseError):
     """The store is missing, malformed or does not hold what was asked for."""
 
 

@@ -221,15 +221,17 @@ def _labelled_samples(checkpoint: dict, data_dir: Path | None, log) -> TensorSpl
 @torch.no_grad()
 def _real_component_inputs(model, samples: TensorSplit, limit: int = 256) -> dict[str, torch.Tensor]:
     token_ids, images = samples.token_ids[:limit], samples.images[:limit]
-    present = torch.ones(len(token_ids))
+    rows = torch.arange(len(token_ids))
+    text_present = (rows % 4 != 3).to(torch.float32)  # every combination of present and missing modalities
+    image_present = (rows % 4 != 2).to(torch.float32)
     return {
         "token_ids": token_ids,
         "image": images,
-        "text_features": model.text_encoder(token_ids),
-        "glimpse_features": model.image_glimpse(images),
+        "text_features": model.text_encoder(token_ids) * text_present[:, None],  # zeros when absent, as served
+        "glimpse_features": model.image_glimpse(images) * image_present[:, None],
         "image_features": model.image_encoder(images),
-        "text_present": present,
-        "image_present": present,
+        "text_present": text_present,
+        "image_present": image_present,
     }
 
 

@@ -12,35 +12,68 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 if TYPE_CHECKING:
     from models.dynamic_fusion import DynamicFusionConfig
 
 
-def modal_weight_fusion(
+# Each router's std is taken as sqrt(variance + STD_EPSILON**2): smooth where the weights are all
+# equal (a plain sqrt has an infinite slope at 0, which turns gradients into NaN), still exactly 0.5
+# each when both routers are flat, as DRDF specifies, and stable to rounding noise there. It changes
+# a decisive router's importance (std ~0.1-0.5) by well under 0.1%.
+STD_EPSILON = 1e-4
+
+
+def modality_importance(
     omega_text: torch.Tensor,  # (B, N) sigmoid weights of the text router
     omega_image: torch.Tensor,  # (B, N) sigmoid weights of the image router
     text_present: torch.Tensor,  # (B,) 1.0 where the request has text
     image_present: torch.Tensor,  # (B,) 1.0 where it has an image
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Importance_m = std(omega_m) / (std(omega_text) + std(omega_image)); both stds 0 -> 0.5 each;
-    a single present modality has importance 1. Returns (fused weights (B, N), importance (B, 2))."""
-    std_text = _population_std(omega_text)  # (B,)
-    std_image = _population_std(omega_image)
-    total = std_text + std_image
-    # The where() keeps the division finite for the zero-std case, which it then replaces by 0.5.
-    share_text = torch.where(total > 0, std_text / torch.where(total > 0, total, torch.ones_like(total)), 0.5)
+) -> torch.Tensor:
+    """MWF: Importance_m = std(omega_m) / (std(omega_text) + std(omega_image)), both stds 0 -> 0.5 each;
+    a modality alone has importance 1. Returns (B, 2): text, image."""
+    std_text = _smooth_std(omega_text)  # (B,)
+    std_image = _smooth_std(omega_image)
+    share_text = std_text / (std_text + std_image)
     both = text_present * image_present
     importance_text = both * share_text + (1.0 - both) * text_present  # one modality alone: 1 or 0
-    importance_image = 1.0 - importance_text
-    fused = importance_text[:, None] * omega_text + importance_image[:, None] * omega_image  # (B, N)
-    return fused, torch.stack([importance_text, importance_image], dim=1)
+    return torch.stack([importance_text, 1.0 - importance_text], dim=1)
 
 
-def _population_std(weights: torch.Tensor) -> torch.Tensor:
+def modal_weight_fusion(
+    omega_text: torch.Tensor, omega_image: torch.Tensor, text_present: torch.Tensor, image_present: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """DRDF's fusion in linear space, omega_fused = omega_text * Importance_text + omega_image * Importance_image.
+
+    The router computes the same thing in log space (``gate_logits``); this form is the reference the
+    tests hold it to. Returns (fused (B, N), importance (B, 2))."""
+    importance = modality_importance(omega_text, omega_image, text_present, image_present)
+    fused = importance[:, :1] * omega_text + importance[:, 1:] * omega_image  # (B, N)
+    return fused, importance
+
+
+# The two helpers below are written out because their torch versions export to naive ONNX graphs
+# (log(sigmoid(x)), log(exp(a) + exp(b))) that underflow to -inf and NaN for the very negative
+# logits a trained router produces; the parity checks at export caught both.
+
+
+def _log_sigmoid(x: torch.Tensor) -> torch.Tensor:
+    """log(sigmoid(x)), finite for every finite x."""
+    return torch.clamp(x, max=0.0) - torch.log(1.0 + torch.exp(-torch.abs(x)))
+
+
+def _log_add_exp(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """log(exp(a) + exp(b)) without underflow."""
+    high = torch.maximum(a, b)
+    return high + torch.log(torch.exp(a - high) + torch.exp(b - high))
+
+
+def _smooth_std(weights: torch.Tensor) -> torch.Tensor:
+    """Population std over the experts, smoothed by STD_EPSILON (written out: plain ONNX ops)."""
     centred = weights - weights.mean(dim=1, keepdim=True)
-    return centred.square().mean(dim=1).sqrt()  # written out: exports to plain ONNX ops everywhere
+    return (centred.square().mean(dim=1) + STD_EPSILON**2).sqrt()
 
 
 class DualRouter(nn.Module):
@@ -60,6 +93,11 @@ class DualRouter(nn.Module):
         self.image_router = nn.Sequential(
             nn.Linear(glimpse_dim, config.router_hidden), nn.ReLU(), nn.Linear(config.router_hidden, num_experts)
         )
+        # Start neutral, every expert weighted alike: a router that starts favouring one expert starves the
+        # others of gradient (a softmax gate's rich-get-richer collapse) before their losses are seen.
+        for router in (self.text_router, self.image_router):
+            nn.init.zeros_(router[-1].weight)
+            nn.init.zeros_(router[-1].bias)
 
     def forward(
         self,
@@ -68,17 +106,27 @@ class DualRouter(nn.Module):
         text_present: torch.Tensor,  # (B,)
         image_present: torch.Tensor,  # (B,)
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        omega_text = torch.sigmoid(self.text_router(text_features))  # (B, N)
-        omega_image = torch.sigmoid(self.image_router(glimpse_features))  # (B, N)
-        fused, importance = modal_weight_fusion(omega_text, omega_image, text_present, image_present)
-        expert_scores = fused / fused.sum(dim=1, keepdim=True)  # (B, N), sums to 1
-        return expert_scores, importance
+        gate_logits, importance = self.gate_logits(text_features, glimpse_features, text_present, image_present)
+        return F.softmax(gate_logits, dim=1), importance  # scores (B, N) sum to 1; argmax = argmax of fused
+
+    def gate_logits(self, text_features, glimpse_features, text_present, image_present):
+        """log(omega_fused) (B, N) and importance (B, 2). The log is formed from the sigmoids' logits, so it
+        stays finite when a router pushes every weight towards 0 (only their ratios decide the route)."""
+        logits_text = self.text_router(text_features)  # (B, N)
+        logits_image = self.image_router(glimpse_features)
+        importance = modality_importance(
+            torch.sigmoid(logits_text), torch.sigmoid(logits_image), text_present, image_present
+        )
+        log_importance = torch.log(importance.clamp_min(1e-30))  # an absent modality: weight ~0, not -inf
+        gate_logits = _log_add_exp(
+            log_importance[:, :1] + _log_sigmoid(logits_text), log_importance[:, 1:] + _log_sigmoid(logits_image)
+        )
+        return gate_logits, importance
 
     def example_inputs(self, batch_size: int) -> tuple[torch.Tensor, ...]:
-        present = torch.ones(batch_size)
-        return (
-            torch.randn(batch_size, self.config.text_dim),
-            torch.randn(batch_size, self.glimpse_dim),
-            present,
-            present,
-        )
+        # Separate tensors with mixed patterns: one object passed twice would make the exporter fuse
+        # the two inputs into one, and equal patterns would let a parity check miss a swap.
+        text_present = (torch.arange(batch_size) % 3 != 2).to(torch.float32)  # 1, 1, 0, 1, 1, 0, ...
+        image_present = (torch.arange(batch_size) % 3 != 1).to(torch.float32)  # 1, 0, 1, 1, 0, 1, ...
+        features = (torch.randn(batch_size, self.config.text_dim), torch.randn(batch_size, self.glimpse_dim))
+        return (*features, text_present, image_present)

@@ -42,7 +42,7 @@ CHECKPOINT = "checkpoint.pt"
 SUMMARY = "summary.json"
 RUN_FORMAT = "dynfuse-run/1"
 
-STAGE1_EPOCHS = {"tiny": 4, "default": 10, "large": 20}
+STAGE1_EPOCHS = {"tiny": 20, "default": 10, "large": 20}
 
 
 @dataclass
@@ -51,12 +51,13 @@ class TrainConfig:
     lambdas: tuple[float, ...] = (0.0, 0.01, 0.03, 0.1, 0.3, 1.0)  # one router per value
     seed: int = 0
     stage1_epochs: int | None = None  # None: the preset's STAGE1_EPOCHS
-    stage2_epochs: int = 30
+    stage2_epochs: int = 100  # cheap: the routers train on cached features and losses
     batch_size: int = 64
     lr: float = 3e-3  # Stage I, AdamW with a cosine schedule
     weight_decay: float = 1e-4
-    router_lr: float = 1e-2  # Stage II, Adam
-    temperature: float = 1.0  # of the gate's softmax (the authors' code: 1)
+    router_lr: float = 3e-3  # Stage II, Adam (1e-2 collapsed some routers onto one expert)
+    temperature: float = 1.0  # of the gate's softmax at the end of Stage II (the authors' code: 1)
+    temperature_start: float = 1.0  # annealed linearly to `temperature`; > 1 keeps every expert's gradient alive early
     gumbel: bool = False  # add Gumbel noise to the gate logits (the paper's option; the authors' code: off)
     # The served router: the cheapest on validation whose accuracy is within this of the full expert's.
     select_tolerance: float = 0.005
@@ -254,16 +255,17 @@ def train_router(model: DynamicFusionModel, cache: dict, costs: dict, lam: float
     n = penalty.shape[0]
     present = torch.ones(n)
     generator = torch.Generator().manual_seed(config.seed)
-    for _ in range(config.stage2_epochs):
+    for epoch in range(config.stage2_epochs):
+        progress = epoch / max(config.stage2_epochs - 1, 1)
+        temperature = config.temperature_start + (config.temperature - config.temperature_start) * progress
         for index in torch.randperm(n, generator=generator).split(max(config.batch_size, 128)):
-            scores, _ = router(
+            gate_logits, _ = router.gate_logits(
                 cache["text_features"][index], cache["glimpse_features"][index], present[index], present[index]
-            )
-            gate_logits = torch.log(scores.clamp_min(1e-9))  # (B, E)
+            )  # (B, E)
             if config.gumbel:
                 uniform = torch.rand(gate_logits.shape, generator=generator).clamp(1e-9, 1 - 1e-9)
                 gate_logits = gate_logits - torch.log(-torch.log(uniform))
-            soft = F.softmax(gate_logits / config.temperature, dim=1)
+            soft = F.softmax(gate_logits / temperature, dim=1)
             hard = F.one_hot(soft.argmax(1), soft.shape[1]).to(soft.dtype)
             gate = hard - soft.detach() + soft  # forward: one-hot; backward: the soft gate's gradient
             loss = (gate * penalty[index]).sum(1).mean()

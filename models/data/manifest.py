@@ -21,6 +21,7 @@ from typing import Any
 
 from PIL import Image
 
+from models.errors import DynfuseError
 from models.preprocess import to_rgb
 
 # Names a split may have on disk, in the order they are looked for. Hateful Memes calls its validation split
@@ -36,7 +37,7 @@ _NUMERIC = re.compile(r"[+-]?\d+(\.\d+)?")
 _MAX_LABELS_SHOWN = 30  # Food-101 has 101 labels; an error message listing them all would bury the point
 
 
-class ManifestError(ValueError):
+class ManifestError(DynfuseError, ValueError):
     """A manifest (or a file it points to) is unusable; the message starts with ``<file>:<line>: ``."""
 
 

@@ -1,0 +1,198 @@
+"""POST /v1/classify (JSON or multipart) and POST /v1/classify/batch."""
+
+from __future__ import annotations
+
+import math
+import time
+import uuid
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse
+from pydantic import ValidationError
+from starlette.datastructures import UploadFile
+
+from export.pipeline import PipelineInput
+from service.api.deps import ServiceDep, SettingsDep, require_api_key
+from service.decode import decode_base64
+from service.errors import (
+    ApiError,
+    InvalidInput,
+    MalformedRequest,
+    PayloadTooLarge,
+    UnsupportedMediaType,
+    describe_validation_errors,
+)
+from service.inference import ClientInput, InferenceService
+from service.schemas import (
+    ROUTE_DESCRIPTION,
+    THRESHOLD_DESCRIPTION,
+    BatchClassifyRequest,
+    BatchClassifyResponse,
+    ClassifyRequest,
+    ClassifyResponse,
+    ErrorResponse,
+)
+
+router = APIRouter(prefix="/v1", tags=["inference"], dependencies=[Depends(require_api_key)])
+
+# Decoding a big image takes milliseconds: do it in a worker thread so the event loop keeps serving.
+# Small ones decode faster than a thread hop costs.
+INLINE_DECODE_BYTES = 64 * 1024
+FORM_FIELDS = {"image", "text", "route", "threshold"}
+
+ERROR_RESPONSES = {
+    status: {"model": ErrorResponse, "description": description}
+    for status, description in {
+        400: "Malformed JSON or form",
+        401: "Missing or wrong API key (when one is configured)",
+        413: "Body, image or text over the limits",
+        415: "Unsupported content type or image format",
+        422: "Invalid fields, unknown route, no modality",
+        503: "Overloaded (Retry-After) or still loading",
+    }.items()
+}
+
+CLASSIFY_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {"schema": ClassifyRequest.model_json_schema()},
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "properties": {
+                        "image": {"type": "string", "format": "binary", "description": "The image file."},
+                        "text": {"type": "string", "description": "The paired text."},
+                        "route": {"type": "string", "default": "auto", "description": ROUTE_DESCRIPTION},
+                        "threshold": {
+                            "type": "number",
+                            "minimum": 0,
+                            "maximum": 1,
+                            "description": THRESHOLD_DESCRIPTION,
+                        },
+                    },
+                }
+            },
+        },
+    }
+}
+
+
+@router.post(
+    "/classify",
+    response_model=ClassifyResponse,
+    responses=ERROR_RESPONSES,
+    openapi_extra=CLASSIFY_BODY,
+    summary="Classify one image-text pair",
+    description="The router picks one expert path and only that path runs. Send JSON (base64 image) or a "
+    "multipart form (image file). Either modality may be absent, not both.",
+)
+async def classify(request: Request, service: ServiceDep, settings: SettingsDep) -> JSONResponse:
+    started = time.perf_counter()
+    client = await _read_classify_body(request, settings.max_text_chars)
+    item = await _prepare(service, client)
+    [result] = await service.classify([item])
+    request_id = _request_id(request)
+    return JSONResponse(service.render(result, request_id, started), headers={"X-Request-ID": request_id})
+
+
+@router.post(
+    "/classify/batch",
+    response_model=BatchClassifyResponse,
+    responses=ERROR_RESPONSES,
+    summary="Classify several image-text pairs in one call",
+    description="Every input is routed on its own; outputs come back in input order with their ids.",
+)
+async def classify_batch(body: BatchClassifyRequest, service: ServiceDep, settings: SettingsDep) -> JSONResponse:
+    started = time.perf_counter()
+    if len(body.inputs) > settings.max_batch_inputs:
+        raise PayloadTooLarge(f"inputs: {len(body.inputs)} is over the limit of {settings.max_batch_inputs} per call")
+    items: list[PipelineInput] = []
+    for position, entry in enumerate(body.inputs):
+        try:
+            image = decode_base64(entry.image) if entry.image is not None else None
+            client = ClientInput(image, entry.text, body.route, body.threshold)
+            items.append(await _prepare(service, client))
+        except ApiError as error:
+            error.message = f"inputs[{position}]: {error.message}"
+            raise
+    results = await service.classify(items)
+    outputs = [
+        service.render(result, entry.id if entry.id is not None else str(position), started)
+        for position, (entry, result) in enumerate(zip(body.inputs, results, strict=True))
+    ]
+    return JSONResponse({"model": service.model.name, "model_version": service.model.version, "outputs": outputs})
+
+
+async def _prepare(service: InferenceService, client: ClientInput) -> PipelineInput:
+    if client.image is not None and len(client.image) > INLINE_DECODE_BYTES:
+        return await run_in_threadpool(service.prepare, client)
+    return service.prepare(client)
+
+
+async def _read_classify_body(request: Request, max_text_chars: int) -> ClientInput:
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if content_type == "application/json":
+        return await _read_json(request)
+    if content_type in ("multipart/form-data", "application/x-www-form-urlencoded"):  # the latter: text only
+        return await _read_form(request)
+    raise UnsupportedMediaType(
+        f"content type {content_type or '(none)'!r} is not accepted: send application/json or multipart/form-data"
+    )
+
+
+async def _read_json(request: Request) -> ClientInput:
+    body = await request.body()
+    try:
+        parsed = ClassifyRequest.model_validate_json(body)
+    except ValidationError as error:
+        errors = error.errors()
+        if any(e["type"] == "json_invalid" for e in errors):
+            raise MalformedRequest(f"body is not valid JSON: {errors[0]['msg']}") from None
+        raise InvalidInput(describe_validation_errors(errors)) from None
+    image = decode_base64(parsed.image) if parsed.image is not None else None
+    return ClientInput(image, parsed.text, parsed.route, parsed.threshold)
+
+
+async def _read_form(request: Request) -> ClientInput:
+    try:
+        form = await request.form(max_files=1, max_fields=len(FORM_FIELDS))
+    except ApiError:
+        raise
+    except Exception as error:  # the multipart parser's own errors: a malformed body
+        raise MalformedRequest(f"malformed multipart form: {error}") from None
+    unknown = set(form.keys()) - FORM_FIELDS
+    if unknown:
+        raise InvalidInput(f"unknown form fields {sorted(unknown)}; accepted: {sorted(FORM_FIELDS)}")
+    image_field = form.get("image")
+    if isinstance(image_field, UploadFile):
+        image = await image_field.read()
+    elif image_field is None:
+        image = None
+    else:
+        raise InvalidInput("image: send it as a file part (curl -F image=@photo.png)")
+    text = form.get("text")
+    if text is not None and not isinstance(text, str):
+        raise InvalidInput("text: must be a plain form field, not a file")
+    route = form.get("route") or "auto"
+    if not isinstance(route, str):
+        raise InvalidInput("route: must be a plain form field")
+    return ClientInput(image, text, route, _parse_threshold(form.get("threshold")))
+
+
+def _parse_threshold(value) -> float | None:
+    if value is None or value == "":
+        return None
+    try:
+        threshold = float(value)
+    except (TypeError, ValueError):
+        raise InvalidInput(f"threshold: {value!r} is not a number in [0, 1]") from None
+    if not (0.0 <= threshold <= 1.0) or math.isnan(threshold):
+        raise InvalidInput(f"threshold: {threshold} is outside [0, 1]")
+    return threshold
+
+
+def _request_id(request: Request) -> str:
+    supplied = request.headers.get("x-request-id")
+    return supplied[:128] if supplied else uuid.uuid4().hex

@@ -1,0 +1,219 @@
+"""The ``dynfuse`` command line: data, training, export, evaluation, the default model, serving.
+
+Each subcommand imports what it needs when it runs, so ``dynfuse serve`` with ONNX never loads torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from models.errors import DynfuseError
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def cmd_data_synth(args) -> int:
+    from models.data.synthetic import SynthConfig, generate
+
+    config = SynthConfig(
+        size=args.size, seed=args.seed, image_size=args.image_size, **({"mix": args.mix} if args.mix else {})
+    )
+    summary = generate(Path(args.out), config, progress=not args.quiet, overwrite=args.force)
+    print(f"wrote {config.size} samples to {args.out}: {json.dumps(summary.get('counts', {}))}")
+    return 0
+
+
+def cmd_train(args) -> int:
+    from models.training import TrainConfig, train
+
+    options = {"preset": args.preset, "seed": args.seed, "threads": args.threads}
+    if args.lambdas:
+        options["lambdas"] = args.lambdas
+    if args.epochs:
+        options["stage1_epochs"] = args.epochs
+    train(Path(args.data), Path(args.out), TrainConfig(**options), progress=not args.quiet)
+    return 0
+
+
+def cmd_export(args) -> int:
+    from export.writer import export_run
+
+    export_run(
+        Path(args.run_dir),
+        Path(args.store),
+        name=args.name,
+        version=args.version,
+        data_dir=Path(args.data) if args.data else None,
+        progress=not args.quiet,
+    )
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from export.evaluate import evaluate_store
+    from models.evaluation import format_table, plot_pareto, summarize
+
+    rows, outputs = evaluate_store(
+        Path(args.store),
+        args.model,
+        Path(args.data),
+        split=args.split,
+        version=args.version,
+        backend=args.backend,
+        device=args.device,
+        progress=not args.quiet,
+    )
+    print(
+        f"{outputs.extra['model']} v{outputs.extra['version']} ({outputs.extra['backend']}), {args.split} split, "
+        f"{len(outputs.labels)} samples, madds_full {outputs.madds_full:,}"
+    )
+    print(format_table(rows))
+    summary = summarize(rows)
+    print(
+        f"auto: {summary['auto_saved_ratio']:.1%} MAdds saved at {summary['auto_accuracy_drop_points']:+.2f} points "
+        f"against full; {summary['auto_share_of_oracle_savings']:.1%} of what the oracle saves"
+    )
+    if args.json:
+        payload = {
+            "model": outputs.extra["model"],
+            "version": outputs.extra["version"],
+            "split": args.split,
+            "samples": len(outputs.labels),
+            "madds_full": outputs.madds_full,
+            "summary": summary,
+            "policies": rows,
+        }
+        Path(args.json).write_text(json.dumps(payload, indent=1) + "\n")
+        print(f"wrote {args.json}")
+    if args.plot:
+        plot_pareto(rows, Path(args.plot), title=f"{outputs.extra['model']} v{outputs.extra['version']}, {args.split}")
+        print(f"wrote {args.plot}")
+    return 0
+
+
+def cmd_build_default(args) -> int:
+    from export.default_model import DEFAULT_WORK_DIR, build_default
+
+    build_default(
+        Path(args.store),
+        work_dir=Path(args.work) if args.work else DEFAULT_WORK_DIR,
+        preset=args.preset,
+        size=args.size,
+        seed=args.seed,
+        progress=not args.quiet,
+    )
+    return 0
+
+
+def cmd_serve(args) -> int:
+    from service.config import Settings
+    from service.server import serve
+
+    overrides = {
+        key: value
+        for key, value in {
+            "store": args.store,
+            "host": args.host,
+            "port": args.port,
+            "backend": args.backend,
+            "device": args.device,
+            "model": args.model,
+            "model_version": args.version,
+        }.items()
+        if value is not None
+    }
+    return serve(Settings(**overrides))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dynfuse", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    data = sub.add_parser("data", help="data sets").add_subparsers(dest="data_command", required=True)
+    synth = data.add_parser("synth", help="write the synthetic benchmark (PNG images + train/val/test.jsonl)")
+    synth.add_argument("--out", required=True, help="output directory (must not exist or be empty)")
+    synth.add_argument("--size", type=int, default=8000, help="number of samples (default 8000)")
+    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--image-size", type=int, default=64, help="image side in pixels (default 64)")
+    synth.add_argument(
+        "--mix", type=_floats, help="fractions text_sufficient,image_needed,noisy_image (default 0.5,0.35,0.15)"
+    )
+    synth.add_argument("--force", action="store_true", help="replace a non-empty output directory")
+    synth.set_defaults(func=cmd_data_synth)
+
+    train = sub.add_parser("train", help="Stage I experts + Stage II routers (one per lambda)")
+    train.add_argument("--data", required=True, help="manifest directory (train/val[/test].jsonl)")
+    train.add_argument("--out", required=True, help="run directory to create")
+    train.add_argument("--preset", choices=("tiny", "default", "large"), default="default")
+    train.add_argument("--lambdas", type=_floats, help="resource-loss weights, e.g. 0,0.01,0.1,1")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--epochs", type=int, help="Stage I epochs (default: the preset's)")
+    train.add_argument("--threads", type=int, help="torch threads (default: all cores)")
+    train.set_defaults(func=cmd_train)
+
+    export = sub.add_parser("export", help="export a run to the model store (ONNX + TorchScript, verified)")
+    export.add_argument("run_dir")
+    export.add_argument("--store", required=True)
+    export.add_argument("--name", help="model name (default: the run directory's name)")
+    export.add_argument("--version", help="version (default: the next free number)")
+    export.add_argument("--data", help="labelled data for the parity checks (default: the run's training data)")
+    export.set_defaults(func=cmd_export)
+
+    evaluate = sub.add_parser("evaluate", help="accuracy against compute of a stored model, per policy")
+    evaluate.add_argument("--store", required=True)
+    evaluate.add_argument("--model", help="model name (default: the store's only model)")
+    evaluate.add_argument("--version", help="version (default: the highest)")
+    evaluate.add_argument("--data", required=True, help="manifest directory")
+    evaluate.add_argument("--split", default="test")
+    evaluate.add_argument("--backend", choices=("onnx", "torchscript"), default="onnx")
+    evaluate.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    evaluate.add_argument("--json", help="write the policies as JSON here")
+    evaluate.add_argument("--plot", help="write the Pareto plot (PNG) here")
+    evaluate.set_defaults(func=cmd_evaluate)
+
+    build = sub.add_parser("build-default", help="synthesize, train and export the embedded default model")
+    build.add_argument("--store", required=True)
+    build.add_argument("--work", help="where data and the run go (default build/default-model)")
+    build.add_argument("--preset", choices=("tiny", "default", "large"), default="default")
+    build.add_argument("--size", type=int, help="synthetic samples (default 8000)")
+    build.add_argument("--seed", type=int, default=0)
+    build.set_defaults(func=cmd_build_default)
+
+    serve = sub.add_parser("serve", help="serve a stored model over HTTP (settings also from DYNFUSE_* env)")
+    serve.add_argument("--store")
+    serve.add_argument("--host")
+    serve.add_argument("--port", type=int)
+    serve.add_argument("--backend", choices=("onnx", "torchscript"))
+    serve.add_argument("--device", choices=("cpu", "cuda"))
+    serve.add_argument("--model", help="model name (default: the store's only model)")
+    serve.add_argument("--version", help="pin a version (default: the highest)")
+    serve.set_defaults(func=cmd_serve)
+
+    for command in (synth, train, export, evaluate, build):
+        command.add_argument("--quiet", action="store_true", help="no progress bars")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except (DynfuseError, OSError, ValueError) as error:
+        # Bad data, a missing store, a refused export, a bad option: one clear line, no traceback.
+        print(f"dynfuse {args.command}: error: {error}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,66 @@
+"""Service settings: environment variables with the prefix ``DYNFUSE_`` (or ``dynfuse serve`` flags)."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+MIB = 1 << 20
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="DYNFUSE_", protected_namespaces=())
+
+    store: Path = Field(Path("store"), description="Model store directory (STORE/<name>/<version>/model.json).")
+    model: str | None = Field(None, description="Model to serve; default: the store's only model.")
+    model_version: str | None = Field(None, description="Pin a version; default: the highest in the store.")
+    backend: Literal["onnx", "torchscript"] = Field("onnx", description="Runtime for the exported components.")
+    device: Literal["cpu", "cuda"] = Field("cpu", description="cuda needs onnxruntime-gpu or a CUDA build of torch.")
+    threads: int | None = Field(None, ge=1, description="Intra-op threads of the runtime; default: all cores.")
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+
+    max_batch_size: int = Field(16, ge=1, le=1024, description="Most requests one micro-batch holds.")
+    max_batch_delay_ms: float = Field(2.0, ge=0, le=1000, description="Longest wait for a batch to fill.")
+    max_queue: int = Field(256, ge=1, description="Requests waiting beyond this are answered 503.")
+    retry_after_s: int = Field(1, ge=1, description="Retry-After sent with a 503.")
+
+    max_body_bytes: int = Field(10 * MIB, ge=1024, description="Larger request bodies are answered 413.")
+    max_image_pixels: int = Field(4096 * 4096, ge=1, description="Larger images (width x height) are answered 413.")
+    max_text_chars: int = Field(2000, ge=1, description="Longer texts are answered 413.")
+    max_batch_inputs: int = Field(64, ge=1, description="Most inputs one /v1/classify/batch call may carry.")
+
+    api_key: str | None = Field(None, description="When set, inference endpoints need 'Authorization: Bearer <key>'.")
+    log_level: str = "info"
+
+    @field_validator("store")
+    @classmethod
+    def _store_is_not_a_file(cls, value: Path) -> Path:
+        if value.is_file():
+            raise ValueError(f"{value} is a file; DYNFUSE_STORE must be a directory (STORE/<name>/<version>/)")
+        return value
+
+    @field_validator("api_key")
+    @classmethod
+    def _key_not_blank(cls, value: str | None) -> str | None:
+        if value is not None and not value.strip():
+            return None  # an empty DYNFUSE_API_KEY= means no key, not a key of ""
+        return value
+
+    @model_validator(mode="after")
+    def _queue_holds_a_batch(self) -> Settings:
+        if self.max_queue < self.max_batch_size:
+            raise ValueError(
+                f"max_queue ({self.max_queue}) is smaller than max_batch_size ({self.max_batch_size}): "
+                "raise DYNFUSE_MAX_QUEUE or lower DYNFUSE_MAX_BATCH_SIZE"
+            )
+        return self
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,110 @@
+"""Typed client errors and the handlers that turn every failure into ``{"error": {"code", "message"}}``.
+
+A client mistake raises an ``ApiError`` subclass (a 4xx with a message that says what to fix);
+anything else is logged with its traceback and answered with a plain 500. The Open Inference
+Protocol routes (``/v2``) get that protocol's shape, ``{"error": "<message>"}``, instead.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+logger = logging.getLogger("dynfuse")
+
+
+class ApiError(Exception):
+    status = 400
+    code = "bad_request"
+    reason = "invalid"  # label of dynfuse_rejected_requests_total
+
+    def __init__(self, message: str, *, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.message = message
+        self.headers = headers or {}
+
+
+class MalformedRequest(ApiError):
+    status, code = 400, "malformed_request"
+
+
+class Unauthorized(ApiError):
+    status, code, reason = 401, "unauthorized", "unauthorized"
+
+    def __init__(self, message: str):
+        super().__init__(message, headers={"WWW-Authenticate": "Bearer"})
+
+
+class NotFound(ApiError):
+    status, code = 404, "not_found"
+
+
+class PayloadTooLarge(ApiError):
+    status, code, reason = 413, "payload_too_large", "too_large"
+
+
+class UnsupportedMediaType(ApiError):
+    status, code = 415, "unsupported_media_type"
+
+
+class InvalidInput(ApiError):
+    status, code = 422, "invalid_input"
+
+
+class Overloaded(ApiError):
+    status, code, reason = 503, "overloaded", "queue_full"
+
+    def __init__(self, message: str, retry_after_s: int):
+        super().__init__(message, headers={"Retry-After": str(retry_after_s)})
+
+
+class NotReady(ApiError):
+    status, code, reason = 503, "not_ready", "not_ready"
+
+    def __init__(self, message: str, retry_after_s: int = 1):
+        super().__init__(message, headers={"Retry-After": str(retry_after_s)})
+
+
+def error_body(request: Request, code: str, message: str) -> dict:
+    if request.url.path.startswith("/v2"):
+        return {"error": message}
+    return {"error": {"code": code, "message": message}}
+
+
+def install_error_handlers(app: FastAPI, on_rejected=None) -> None:
+    """``on_rejected(reason)`` is called for every refused request (for the rejections metric)."""
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, error: ApiError) -> JSONResponse:
+        if on_rejected is not None:
+            on_rejected(error.reason)
+        return JSONResponse(error_body(request, error.code, error.message), error.status, headers=error.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
+        if on_rejected is not None:
+            on_rejected("invalid")
+        return JSONResponse(error_body(request, "invalid_input", describe_validation_errors(error.errors())), 422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(error.status_code, "http_error")
+        return JSONResponse(error_body(request, code, str(error.detail)), error.status_code, headers=error.headers)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, error: Exception) -> JSONResponse:
+        logger.exception("unhandled error on %s %s", request.method, request.url.path)
+        return JSONResponse(error_body(request, "internal_error", "internal server error"), 500)
+
+
+def describe_validation_errors(errors: list[dict]) -> str:
+    """Pydantic's error list as one readable line: 'threshold: must be <= 1; route: ...'."""
+    parts = []
+    for error in errors:
+        location = ".".join(str(p) for p in error.get("loc", ()) if p not in ("body",)) or "body"
+        parts.append(f"{location}: {error.get('msg', 'invalid')}")
+    return "; ".join(parts) or "invalid request"

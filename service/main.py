@@ -1,0 +1,79 @@
+"""``create_app(settings)``: the FastAPI app. Its lifespan loads, verifies and warms the model in the
+background (``/healthz`` answers at once, ``/readyz`` turns 200 when the model is warm) and, at
+shutdown, lets the micro-batcher finish what it holds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from export.store import StoreError, resolve
+from service.api.routes import classify, health, models
+from service.config import Settings, get_settings
+from service.errors import install_error_handlers
+from service.inference import InferenceService
+from service.metrics import Metrics
+from service.middleware import BodySizeLimit, RequestMetrics
+
+logger = logging.getLogger("dynfuse")
+
+DESCRIPTION = """
+Dynamic multimodal fusion: each image-text request is routed to ONE expert path (text only, image
+only, or full late fusion) and only that path runs. Every response says which path ran and why,
+how important each modality was, and the compute it used against the full model.
+"""
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+    metrics = Metrics(_model_name(settings))
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        loader = asyncio.create_task(_load(app), name="dynfuse-load")
+        try:
+            yield
+        finally:
+            if not loader.done():
+                loader.cancel()
+            if app.state.service is not None:
+                await app.state.service.batcher.stop()
+
+    app = FastAPI(title="dynfuse", version="1", description=DESCRIPTION, lifespan=lifespan)
+    app.state.settings = settings
+    app.state.metrics = metrics
+    app.state.service = None
+    app.state.load_error = None
+    install_error_handlers(app, on_rejected=metrics.reject)
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes, metrics=metrics)
+    app.add_middleware(RequestMetrics, metrics=metrics)  # outermost: it also sees the 413s of the limit
+    app.include_router(health.router)
+    app.include_router(classify.router)
+    app.include_router(models.router)
+    return app
+
+
+async def _load(app: FastAPI) -> None:
+    settings: Settings = app.state.settings
+    try:
+        service = await asyncio.to_thread(InferenceService.load, settings, app.state.metrics)
+    except Exception as error:  # noqa: BLE001 - reported by /readyz and the log; the process stays up for probes
+        logger.error("cannot serve a model from %s: %s", settings.store, error)
+        app.state.load_error = f"{type(error).__name__}: {error}"
+        return
+    service.batcher.start()
+    app.state.service = service
+
+
+def _model_name(settings: Settings) -> str:
+    """The metrics' model label, known before the (slow) load."""
+    if settings.model:
+        return settings.model
+    try:
+        return resolve(settings.store, None, settings.model_version).parent.name
+    except StoreError:
+        return "unknown"

@@ -1,0 +1,100 @@
+"""Every Prometheus metric of the service, in one place (names and labels are a contract: DESIGN.md).
+
+Each app gets its own registry, so tests start from zero and two apps in one process don't collide.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+SHORT_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+IMPORTANCE_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+
+
+class Metrics:
+    def __init__(self, model: str, registry: CollectorRegistry | None = None):
+        self.model = model
+        self.registry = registry or CollectorRegistry(auto_describe=True)
+        r = self.registry
+
+        # Traffic
+        self.requests = Counter(
+            "dynfuse_requests", "Inference HTTP requests by status code.", ["model", "status"], registry=r
+        )
+        self.rejected = Counter(
+            "dynfuse_rejected_requests", "Requests refused, by reason.", ["model", "reason"], registry=r
+        )
+        self.inflight = Gauge("dynfuse_inflight_requests", "Inference requests being handled.", ["model"], registry=r)
+
+        # Routing and compute
+        self.route_decisions = Counter(
+            "dynfuse_route_decisions",
+            "Expert paths taken, and who decided.",
+            ["model", "expert", "decided_by"],
+            registry=r,
+        )
+        self.compute_madds = Counter("dynfuse_compute_madds", "Multiply-adds actually executed.", ["model"], registry=r)
+        self.compute_full_madds = Counter(
+            "dynfuse_compute_full_madds", "Multiply-adds the static full model would have spent.", ["model"], registry=r
+        )
+        self.modality_importance = Histogram(
+            "dynfuse_modality_importance",
+            "DRDF modal-weight-fusion importance per request.",
+            ["model", "modality"],
+            buckets=IMPORTANCE_BUCKETS,
+            registry=r,
+        )
+
+        # Latency and batching
+        self.request_duration = Histogram(
+            "dynfuse_request_duration_seconds",
+            "Inference request latency.",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.queue_duration = Histogram(
+            "dynfuse_queue_duration_seconds",
+            "Time waiting for a micro-batch.",
+            ["model"],
+            buckets=SHORT_BUCKETS,
+            registry=r,
+        )
+        self.expert_duration = Histogram(
+            "dynfuse_expert_duration_seconds",
+            "Time of one expert on its sub-batch.",
+            ["model", "expert"],
+            buckets=SHORT_BUCKETS,
+            registry=r,
+        )
+        self.batch_size = Histogram(
+            "dynfuse_batch_size", "Requests per micro-batch.", ["model"], buckets=BATCH_BUCKETS, registry=r
+        )
+        self.model_info = Gauge(
+            "dynfuse_model_info", "The served model (value 1).", ["model", "version", "backend", "device"], registry=r
+        )
+
+    def set_model_info(self, version: str, backend: str, device: str) -> None:
+        self.model_info.labels(self.model, version, backend, device).set(1)
+
+    def observe_prediction(self, *, expert: str, decided_by: str, madds: int, madds_full: int, importance) -> None:
+        self.route_decisions.labels(self.model, expert, decided_by).inc()
+        self.compute_madds.labels(self.model).inc(madds)
+        self.compute_full_madds.labels(self.model).inc(madds_full)
+        self.modality_importance.labels(self.model, "text").observe(float(importance[0]))
+        self.modality_importance.labels(self.model, "image").observe(float(importance[1]))
+
+    def observe_batch(self, size: int, queue_seconds: list[float], expert_seconds: dict[str, float]) -> None:
+        self.batch_size.labels(self.model).observe(size)
+        for seconds in queue_seconds:
+            self.queue_duration.labels(self.model).observe(seconds)
+        for expert, seconds in expert_seconds.items():
+            self.expert_duration.labels(self.model, expert).observe(seconds)
+
+    def reject(self, reason: str) -> None:
+        self.rejected.labels(self.model, reason).inc()
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,120 @@
+"""Request and response bodies of HTTP API v1. Every field is described: this is the OpenAPI page users read."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+ROUTE_DESCRIPTION = (
+    "'auto' lets the router decide; an expert's name (e.g. 'text', 'image', 'late_fusion') forces that path."
+)
+THRESHOLD_DESCRIPTION = (
+    "Serving-time knob along the accuracy/compute curve: when the router picks a path cheaper than the full "
+    "one with a score below this, the request escalates to the full path. 0 = the router alone; 1 = always full."
+)
+
+
+class ClassifyRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    image: str | None = Field(None, description="The image file (PNG, JPEG, WebP, GIF, BMP, TIFF), base64-encoded.")
+    text: str | None = Field(
+        None, description="The text paired with the image. Either modality may be absent, not both."
+    )
+    route: str = Field("auto", description=ROUTE_DESCRIPTION)
+    threshold: float | None = Field(None, ge=0.0, le=1.0, description=THRESHOLD_DESCRIPTION)
+
+
+class BatchInput(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    id: str | None = Field(None, max_length=200, description="Echoed in the matching output; default: its position.")
+    image: str | None = Field(None, description="Base64-encoded image file.")
+    text: str | None = Field(None, description="The paired text.")
+
+
+class BatchClassifyRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    inputs: list[BatchInput] = Field(..., min_length=1, description="Image-text pairs, answered in this order.")
+    route: str = Field("auto", description=ROUTE_DESCRIPTION)
+    threshold: float | None = Field(None, ge=0.0, le=1.0, description=THRESHOLD_DESCRIPTION)
+
+
+class RouteInfo(BaseModel):
+    expert: str = Field(..., description="The one expert path that ran.")
+    decided_by: str = Field(
+        ..., description="router | threshold (escalated to full) | request (forced) | missing_modality"
+    )
+    scores: dict[str, float] = Field(..., description="The router's normalized score per expert (sums to 1).")
+
+
+class Importance(BaseModel):
+    text: float = Field(..., description="DRDF modal-weight-fusion importance of the text (0..1).")
+    image: float = Field(..., description="Importance of the image; text + image = 1.")
+
+
+class Compute(BaseModel):
+    madds: int = Field(..., description="Multiply-adds this request executed: encoders run + router + its expert.")
+    madds_full: int = Field(..., description="Multiply-adds of the static full model on the same input.")
+    saved_ratio: float = Field(..., description="1 - madds / madds_full; slightly negative on the full path.")
+
+
+class Timing(BaseModel):
+    queue: float = Field(..., description="Milliseconds waiting for a micro-batch.")
+    inference: float = Field(..., description="Milliseconds of the micro-batch that carried this request.")
+    total: float = Field(..., description="Milliseconds from receipt to response.")
+
+
+class ClassifyResponse(BaseModel):
+    id: str = Field(..., description="The request id (X-Request-ID when sent) or the batch input's id.")
+    model: str
+    model_version: str
+    label: str = Field(..., description="The predicted class.")
+    scores: dict[str, float] = Field(..., description="Class probabilities from the expert that ran.")
+    route: RouteInfo
+    importance: Importance
+    compute: Compute
+    timing_ms: Timing
+
+
+class BatchClassifyResponse(BaseModel):
+    model: str
+    model_version: str
+    outputs: list[ClassifyResponse] = Field(..., description="One per input, in input order.")
+
+
+class ExpertDescription(BaseModel):
+    name: str
+    modalities: list[str] = Field(..., description="What a request must carry for this expert to run.")
+    components: list[str] = Field(..., description="Its own components, in execution order.")
+    madds: int = Field(..., description="Multiply-adds of its own components per sample.")
+    path_madds: int = Field(
+        ..., description="A request taking this path with both modalities: encoders + router + own."
+    )
+
+
+class ModelDescription(BaseModel):
+    name: str
+    version: str
+    labels: list[str]
+    experts: list[ExpertDescription]
+    full_expert: str
+    router: dict = Field(..., description="The served router: component, lambda, MAdds, score and importance order.")
+    madds_full: int
+    backend: str
+    device: str
+    preprocessing: dict
+    evaluation: dict = Field(..., description="Figures measured at training time (accuracy, compute saved).")
+
+
+class ModelList(BaseModel):
+    models: list[ModelDescription]
+
+
+class ErrorDetail(BaseModel):
+    code: str
+    message: str
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail

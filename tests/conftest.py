@@ -1,0 +1,162 @@
+"""Shared fixtures: one tiny synthetic data set, one tiny trained run and one exported store per session.
+
+The tiny preset trains in seconds on 2 cores; everything that needs a real model uses these.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+MODEL_NAME = "shapes"
+
+
+def require_tool(name: str) -> str:
+    """A system tool a test needs: a failure under CI (which installs it), a skip elsewhere."""
+    path = shutil.which(name)
+    if path is None:
+        if os.environ.get("CI"):
+            pytest.fail(f"{name} is not installed; .ci/run installs it")
+        pytest.skip(f"{name} is not installed")
+    return path
+
+
+def _quiet(*_args, **_kwargs) -> None:
+    return None
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> Path:
+    from models.data.synthetic import SynthConfig, generate
+
+    out = tmp_path_factory.mktemp("tiny") / "data"
+    generate(out, SynthConfig(size=960, seed=0, image_size=32), progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tiny_data, tmp_path_factory) -> Path:
+    from models.training import TrainConfig, train
+
+    run = tmp_path_factory.mktemp("tiny-run") / "run"
+    train(tiny_data, run, TrainConfig(preset="tiny", lambdas=(0.0, 0.3)), progress=False, log=_quiet)
+    return run
+
+
+@pytest.fixture(scope="session")
+def tiny_store(tiny_run, tmp_path_factory) -> Path:
+    """A store with one version of the tiny model; treat it as read-only (copy it to change it)."""
+    from export.writer import export_run
+
+    store = tmp_path_factory.mktemp("tiny-store") / "store"
+    export_run(tiny_run, store, name=MODEL_NAME, progress=False, log=_quiet)
+    return store
+
+
+@pytest.fixture
+def store_copy(tiny_store, tmp_path) -> Path:
+    """A private copy of the tiny store, free to tamper with."""
+    return Path(shutil.copytree(tiny_store, tmp_path / "store"))
+
+
+@pytest.fixture(scope="session")
+def samples(tiny_data) -> list[dict]:
+    """Test-split samples of the tiny data set: id, png bytes, text, label, kind."""
+    import json
+
+    out = []
+    for line in (tiny_data / "test.jsonl").read_text().splitlines():
+        entry = json.loads(line)
+        out.append({**entry, "png": (tiny_data / entry["img"]).read_bytes()})
+    return out
+
+
+def wait_ready(client, timeout: float = 60.0) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if client.get("/readyz").status_code == 200:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"not ready after {timeout} s: {client.get('/readyz').json()}")
+
+
+@pytest.fixture
+def serve(tiny_store):
+    """``serve(**settings)`` -> a TestClient on a started, ready app over the tiny store."""
+    from contextlib import ExitStack
+
+    from fastapi.testclient import TestClient
+
+    from service.config import Settings
+    from service.main import create_app
+
+    stack = ExitStack()
+
+    def start(**overrides):
+        settings = Settings(store=overrides.pop("store", tiny_store), **overrides)
+        client = stack.enter_context(TestClient(create_app(settings), raise_server_exceptions=False))
+        wait_ready(client)
+        return client
+
+    yield start
+    stack.close()
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def server_process(tiny_store):
+    """``start(**env)`` -> (process, base_url): a real ``dynfuse serve`` on a free loopback port, ready.
+    Every process is killed at teardown if the test has not stopped it."""
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+
+    started = []
+
+    def start(store=None, **env):
+        port = free_port()
+        variables = {**os.environ, "PYTHONUNBUFFERED": "1", **{f"DYNFUSE_{k.upper()}": str(v) for k, v in env.items()}}
+        command = [
+            sys.executable,
+            "-m",
+            "service.cli",
+            "serve",
+            "--store",
+            str(store or tiny_store),
+            "--port",
+            str(port),
+        ]
+        process = subprocess.Popen(command, env=variables, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        started.append(process)
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                raise AssertionError(f"dynfuse serve exited {process.returncode}: {process.stdout.read()}")
+            try:
+                if httpx.get(f"{base}/readyz", timeout=1).status_code == 200:
+                    return process, base
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+        raise AssertionError("dynfuse serve did not become ready in 60 s")
+
+    yield start
+    for process in started:
+        if process.poll() is None:
+            process.kill()
+            process.wait(timeout=10)

@@ -1,0 +1,65 @@
+"""A real ``dynfuse serve`` (uvicorn) in a subprocess on a loopback port."""
+
+from __future__ import annotations
+
+import base64
+import signal
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+
+pytestmark = pytest.mark.e2e
+
+
+def test_serves_over_real_http_and_prints_where_the_docs_are(server_process, samples):
+    process, base = server_process()
+    sample = samples[0]
+    response = httpx.post(
+        f"{base}/v1/classify",
+        files={"image": ("s.png", sample["png"], "image/png")},
+        data={"text": sample["text"]},
+        timeout=10,
+    )
+    assert response.status_code == 200
+    assert response.json()["route"]["expert"] in {"text", "image", "late_fusion"}
+    assert httpx.get(f"{base}/docs", timeout=5).status_code == 200
+    process.send_signal(signal.SIGTERM)
+    output, _ = process.communicate(timeout=30)
+    assert f"API docs at {base}/docs" in output
+
+
+def test_sigterm_finishes_in_flight_requests_then_exits_0(server_process, samples):
+    # A long batch delay keeps requests in flight when the signal arrives.
+    process, base = server_process(max_batch_delay_ms=800, max_batch_size=64)
+    pair = {"image": base64.b64encode(samples[0]["png"]).decode(), "text": samples[0]["text"]}
+
+    def classify(_):
+        return httpx.post(f"{base}/v1/classify", json=pair, timeout=30)
+
+    with ThreadPoolExecutor(8) as pool:
+        in_flight = [pool.submit(classify, i) for i in range(8)]
+        time.sleep(0.3)  # all eight sent and waiting in the batcher
+        process.send_signal(signal.SIGTERM)
+        responses = [f.result() for f in in_flight]
+
+    assert [r.status_code for r in responses] == [200] * 8
+    assert process.wait(timeout=30) == 0
+    with pytest.raises(httpx.TransportError):
+        httpx.get(f"{base}/healthz", timeout=2)
+
+
+def test_serve_refuses_an_empty_store_with_a_clear_message(tmp_path):
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [sys.executable, "-m", "service.cli", "serve", "--store", str(tmp_path / "empty"), "--port", "1"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 1
+    assert "no model in store" in result.stderr
+    assert "build-default" in result.stderr

@@ -1,0 +1,190 @@
+"""HTTP API v1 against a real tiny model: the response contract, routing, metadata, auth."""
+
+from __future__ import annotations
+
+import base64
+import json
+
+import pytest
+
+EXPERTS = {"text", "image", "late_fusion"}
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+@pytest.fixture
+def client(serve):
+    return serve()
+
+
+@pytest.fixture(scope="module")
+def manifest(tiny_store) -> dict:
+    return json.loads(next(tiny_store.glob("shapes/*/model.json")).read_text())
+
+
+def component_madds(manifest: dict, *names: str) -> int:
+    return sum(manifest["components"][n]["madds"] for n in names)
+
+
+def test_classify_json_answers_with_every_contract_field(client, samples, manifest):
+    sample = samples[0]
+    response = client.post("/v1/classify", json={"image": b64(sample["png"]), "text": sample["text"]})
+
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["model"] == "shapes"
+    assert body["model_version"] == "1"
+    assert set(body["scores"]) == set(manifest["labels"])
+    assert body["label"] == max(body["scores"], key=body["scores"].get)
+    assert sum(body["scores"].values()) == pytest.approx(1.0, abs=1e-4)
+    assert body["route"]["expert"] in EXPERTS
+    assert body["route"]["decided_by"] == "router"
+    assert set(body["route"]["scores"]) == EXPERTS
+    assert sum(body["route"]["scores"].values()) == pytest.approx(1.0, abs=1e-4)
+    assert body["route"]["expert"] == max(body["route"]["scores"], key=body["route"]["scores"].get)
+    assert body["importance"]["text"] + body["importance"]["image"] == pytest.approx(1.0, abs=1e-5)
+    expert = next(e for e in manifest["experts"] if e["name"] == body["route"]["expert"])
+    assert body["compute"]["madds"] == expert["path_madds"]
+    assert body["compute"]["madds_full"] == manifest["madds_full"]
+    assert body["compute"]["saved_ratio"] == pytest.approx(1 - expert["path_madds"] / manifest["madds_full"], abs=1e-5)
+    assert set(body["timing_ms"]) == {"queue", "inference", "total"}
+    assert body["timing_ms"]["total"] >= body["timing_ms"]["inference"] >= 0
+    assert response.headers["x-request-id"] == body["id"]
+
+
+def test_multipart_and_json_give_the_same_answer(client, samples):
+    sample = samples[1]
+    as_json = client.post("/v1/classify", json={"image": b64(sample["png"]), "text": sample["text"]}).json()
+    as_form = client.post(
+        "/v1/classify", files={"image": ("x.png", sample["png"], "image/png")}, data={"text": sample["text"]}
+    ).json()
+
+    assert as_form["label"] == as_json["label"]
+    assert as_form["route"] == as_json["route"]
+    assert as_form["scores"] == as_json["scores"]
+
+
+def test_without_an_image_only_the_text_expert_runs(client, samples, manifest):
+    body = client.post("/v1/classify", json={"text": samples[0]["text"]}).json()
+
+    assert body["route"]["expert"] == "text"
+    assert body["route"]["decided_by"] == "missing_modality"
+    assert body["importance"] == {"text": 1.0, "image": 0.0}
+    assert body["compute"]["madds"] == component_madds(
+        manifest, "text_encoder", manifest["router"]["component"], "text_head"
+    )
+
+
+def test_without_text_only_the_image_expert_runs(client, samples, manifest):
+    body = client.post("/v1/classify", json={"image": b64(samples[0]["png"])}).json()
+
+    assert body["route"]["expert"] == "image"
+    assert body["route"]["decided_by"] == "missing_modality"
+    assert body["importance"] == {"text": 0.0, "image": 1.0}
+    assert body["compute"]["madds"] == component_madds(
+        manifest, "image_glimpse", manifest["router"]["component"], "image_encoder", "image_head"
+    )
+
+
+def test_a_blank_text_counts_as_missing(client, samples):
+    body = client.post("/v1/classify", json={"image": b64(samples[0]["png"]), "text": "   "}).json()
+
+    assert body["route"] | {"scores": None} == {"expert": "image", "decided_by": "missing_modality", "scores": None}
+
+
+@pytest.mark.parametrize("expert", sorted(EXPERTS))
+def test_a_forced_route_runs_that_expert(client, samples, manifest, expert):
+    body = client.post(
+        "/v1/classify", json={"image": b64(samples[2]["png"]), "text": samples[2]["text"], "route": expert}
+    ).json()
+
+    assert body["route"]["expert"] == expert
+    assert body["route"]["decided_by"] == "request"
+    path = next(e for e in manifest["experts"] if e["name"] == expert)["path_madds"]
+    assert body["compute"]["madds"] == path
+
+
+def test_threshold_zero_is_the_router_and_one_is_always_the_full_path(client, samples):
+    for sample in samples[:12]:
+        pair = {"image": b64(sample["png"]), "text": sample["text"]}
+        auto = client.post("/v1/classify", json=pair).json()
+        zero = client.post("/v1/classify", json=pair | {"threshold": 0.0}).json()
+        one = client.post("/v1/classify", json=pair | {"threshold": 1.0}).json()
+
+        assert zero["route"] == auto["route"]
+        assert one["route"]["expert"] == "late_fusion"
+        expected = "router" if auto["route"]["expert"] == "late_fusion" else "threshold"
+        assert one["route"]["decided_by"] == expected
+
+
+def test_batch_answers_each_input_in_order_with_its_id(client, samples):
+    inputs = [{"id": f"s{i}", "image": b64(s["png"]), "text": s["text"]} for i, s in enumerate(samples[:5])]
+    inputs.append({"text": samples[5]["text"]})  # no id: its position
+    response = client.post("/v1/classify/batch", json={"inputs": inputs})
+
+    assert response.status_code == 200, response.text
+    outputs = response.json()["outputs"]
+    assert [o["id"] for o in outputs] == ["s0", "s1", "s2", "s3", "s4", "5"]
+    single = client.post("/v1/classify", json={"image": inputs[2]["image"], "text": inputs[2]["text"]}).json()
+    assert outputs[2]["label"] == single["label"]
+    assert outputs[2]["route"] == single["route"]
+    assert outputs[5]["route"]["expert"] == "text"
+
+
+def test_models_endpoints_describe_experts_and_router(client, manifest):
+    listing = client.get("/v1/models").json()["models"]
+    one = client.get("/v1/models/shapes").json()
+
+    assert listing == [one]
+    assert one["labels"] == manifest["labels"]
+    assert {e["name"]: e["modalities"] for e in one["experts"]} == {
+        "text": ["text"],
+        "image": ["image"],
+        "late_fusion": ["text", "image"],
+    }
+    assert one["router"]["component"] == manifest["router"]["component"]
+    assert one["madds_full"] == manifest["madds_full"]
+    assert (one["backend"], one["device"]) == ("onnx", "cpu")
+    missing = client.get("/v1/models/nope")
+    assert missing.status_code == 404
+    assert missing.json()["error"]["code"] == "not_found"
+
+
+def test_probes_and_docs(client):
+    assert client.get("/healthz").json() == {"status": "alive"}
+    assert client.get("/readyz").json() == {"status": "ready", "model": "shapes", "version": "1"}
+    assert client.get("/docs").status_code == 200
+    body = client.get("/openapi.json").json()["paths"]["/v1/classify"]["post"]["requestBody"]["content"]
+    for content_type in ("application/json", "multipart/form-data"):
+        for field in ("image", "text", "route", "threshold"):
+            assert body[content_type]["schema"]["properties"][field]["description"], (content_type, field)
+
+
+def test_torchscript_backend_answers_like_onnx(serve, samples):
+    onnx_client = serve()
+    torchscript_client = serve(backend="torchscript")
+    for sample in samples[:6]:
+        pair = {"image": b64(sample["png"]), "text": sample["text"]}
+        a = onnx_client.post("/v1/classify", json=pair).json()
+        b = torchscript_client.post("/v1/classify", json=pair).json()
+        assert (a["label"], a["route"]["expert"]) == (b["label"], b["route"]["expert"])
+        for label, p in a["scores"].items():
+            assert b["scores"][label] == pytest.approx(p, abs=1e-4)
+    assert torchscript_client.get("/v1/models/shapes").json()["backend"] == "torchscript"
+
+
+def test_api_key_guards_inference_but_not_probes_or_metrics(serve, samples):
+    client = serve(api_key="s3cret")
+    pair = {"text": samples[0]["text"]}
+
+    assert client.post("/v1/classify", json=pair).status_code == 401
+    wrong = client.post("/v1/classify", json=pair, headers={"Authorization": "Bearer nope"})
+    assert wrong.status_code == 401
+    assert wrong.json()["error"]["code"] == "unauthorized"
+    assert client.get("/v1/models").status_code == 401
+    ok = client.post("/v1/classify", json=pair, headers={"Authorization": "Bearer s3cret"})
+    assert ok.status_code == 200
+    for open_path in ("/healthz", "/readyz", "/metrics"):
+        assert client.get(open_path).status_code == 200

@@ -1,0 +1,110 @@
+"""``dynfuse train`` on the tiny preset: the run directory, reproducibility, clean failure."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from models.data.manifest import ManifestError
+from models.training import CHECKPOINT, SUMMARY, TrainConfig, load_run, rebuild_model, rebuild_routers, train
+
+
+def quiet(*_args):
+    return None
+
+
+def test_the_run_directory_rebuilds_the_model_from_the_checkpoint_alone(tiny_run):
+    checkpoint = load_run(tiny_run)
+    model = rebuild_model(checkpoint)
+    routers = rebuild_routers(checkpoint, model)
+
+    assert set(routers) == {"lambda_0", "lambda_0.3"}
+    assert checkpoint["default_router"] in routers
+    assert checkpoint["labels"] == sorted(checkpoint["labels"])
+    assert len(checkpoint["labels"]) == 12
+    assert checkpoint["tokenizer"]["vocab"][:2] == ["<pad>", "<unk>"]
+    assert checkpoint["madds"]["full"] == checkpoint["madds"]["static"]["late_fusion"]
+    summary = json.loads((tiny_run / SUMMARY).read_text())
+    policies = {row["policy"] for row in summary["evaluation"]["test"]}
+    assert {"full", "cheap", "auto", "oracle", "lambda=0", "lambda=0.3"} <= policies
+    assert [h["stage"] for h in summary["history"]] == [1] * TrainConfig(preset="tiny").epochs
+    # Stage I learned something: the full expert beats chance (1/12) by far on the tiny data.
+    assert summary["evaluation"]["summary"]["full_accuracy"] > 0.5
+    tokens = torch.zeros(2, model.config.max_tokens, dtype=torch.int64)
+    images = torch.zeros(2, 3, model.config.image_size, model.config.image_size)
+    assert model.expert_logits(tokens, images)["late_fusion"].shape == (2, 12)
+
+
+@pytest.mark.slow
+def test_the_same_seed_gives_the_same_metrics(tiny_data, tiny_run, tmp_path):
+    again = tmp_path / "again"
+    train(tiny_data, again, TrainConfig(preset="tiny", lambdas=(0.0, 0.3)), progress=False, log=quiet)
+
+    first = json.loads((tiny_run / SUMMARY).read_text())["evaluation"]
+    second = json.loads((again / SUMMARY).read_text())["evaluation"]
+    assert first == second
+
+
+def test_bad_data_names_the_line_and_leaves_no_run_directory(tiny_data, tmp_path):
+    import shutil
+
+    data = shutil.copytree(tiny_data, tmp_path / "data")
+    lines = (data / "val.jsonl").read_text().splitlines()
+    broken = json.loads(lines[3])
+    (data / broken["img"]).write_bytes(b"not a png")
+    run = tmp_path / "run"
+
+    with pytest.raises(ManifestError, match=r"val\.jsonl:4: image .* cannot be read"):
+        train(data, run, TrainConfig(preset="tiny", lambdas=(0.0,), stage1_epochs=1), progress=False, log=quiet)
+    assert not run.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".run")]
+
+
+def test_an_unknown_label_in_validation_is_named(tiny_data, tmp_path):
+    import shutil
+
+    data = shutil.copytree(tiny_data, tmp_path / "data")
+    lines = (data / "val.jsonl").read_text().splitlines()
+    entry = json.loads(lines[0]) | {"label": "purple_hexagon"}
+    (data / "val.jsonl").write_text("\n".join([json.dumps(entry), *lines[1:]]) + "\n")
+
+    with pytest.raises(ManifestError, match=r"val\.jsonl:1: unknown label 'purple_hexagon'"):
+        train(data, tmp_path / "run", TrainConfig(preset="tiny", stage1_epochs=1), progress=False, log=quiet)
+
+
+def test_a_non_empty_run_directory_is_refused(tiny_data, tiny_run):
+    with pytest.raises(FileExistsError, match="not empty"):
+        train(tiny_data, tiny_run, TrainConfig(preset="tiny"), progress=False, log=quiet)
+    assert (tiny_run / CHECKPOINT).is_file()
+
+
+def test_trains_on_a_hateful_memes_layout(tmp_path):
+    """train.jsonl / dev.jsonl / an unlabelled test.jsonl, integer ids and 0/1 labels."""
+    import random
+
+    from PIL import Image
+
+    (tmp_path / "img").mkdir()
+    rng = random.Random(0)
+    rows = []
+    for i in range(60):
+        label = i % 2
+        colour = (220, 30, 30) if label else (30, 30, 220)
+        Image.new("RGB", (32, 32), colour).save(tmp_path / "img" / f"{i:05d}.png")
+        text = (
+            rng.choice(["hateful words here", "mean caption"]) if label else rng.choice(["nice words", "kind caption"])
+        )
+        rows.append({"id": 10000 + i, "img": f"img/{i:05d}.png", "text": text, "label": label})
+    for name, part in (("train", rows[:40]), ("dev", rows[40:50])):
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in part))
+    (tmp_path / "test.jsonl").write_text(
+        "".join(json.dumps({k: r[k] for k in ("id", "img", "text")}) + "\n" for r in rows[50:])
+    )
+
+    summary = train(tmp_path, tmp_path / "run", TrainConfig(preset="tiny", lambdas=(0.1,)), progress=False, log=quiet)
+
+    assert summary["labels"] == ["0", "1"]
+    assert "test" not in summary["evaluation"]  # unlabelled: figures come from the dev split
+    assert summary["data"]["sizes"] == {"train": 40, "val": 10}

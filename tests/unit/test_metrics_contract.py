@@ -1,0 +1,61 @@
+"""The metric names, types and labels are a contract (DESIGN.md): pinned here."""
+
+from __future__ import annotations
+
+from service.metrics import Metrics
+
+CONTRACT = {
+    "dynfuse_requests": ("counter", {"model", "status"}),
+    "dynfuse_route_decisions": ("counter", {"model", "expert", "decided_by"}),
+    "dynfuse_compute_madds": ("counter", {"model"}),
+    "dynfuse_compute_full_madds": ("counter", {"model"}),
+    "dynfuse_modality_importance": ("histogram", {"model", "modality"}),
+    "dynfuse_request_duration_seconds": ("histogram", {"model"}),
+    "dynfuse_queue_duration_seconds": ("histogram", {"model"}),
+    "dynfuse_expert_duration_seconds": ("histogram", {"model", "expert"}),
+    "dynfuse_batch_size": ("histogram", {"model"}),
+    "dynfuse_inflight_requests": ("gauge", {"model"}),
+    "dynfuse_rejected_requests": ("counter", {"model", "reason"}),
+    "dynfuse_model_info": ("gauge", {"model", "version", "backend", "device"}),
+}
+
+
+def exercised_metrics() -> Metrics:
+    """Metrics with one observation in each, so every family has labelled samples to read."""
+    metrics = Metrics("m")
+    metrics.observe_prediction(expert="text", decided_by="router", madds=10, madds_full=100, importance=(0.7, 0.3))
+    metrics.observe_batch(4, [0.001] * 4, {"text": 0.002})
+    metrics.reject("queue_full")
+    metrics.set_model_info("1", "onnx", "cpu")
+    metrics.requests.labels("m", "200").inc()
+    metrics.inflight.labels("m").inc()
+    metrics.request_duration.labels("m").observe(0.01)
+    return metrics
+
+
+def test_every_contract_metric_exists_with_its_type_and_labels():
+    found = {}
+    for family in exercised_metrics().registry.collect():
+        labels = {name for sample in family.samples for name in sample.labels if name != "le"}
+        found[family.name] = (family.type, labels)
+    assert found == CONTRACT
+
+
+def test_counters_are_exposed_with_the_total_suffix():
+    metrics = Metrics("m")
+    metrics.observe_prediction(expert="text", decided_by="router", madds=10, madds_full=100, importance=(0.7, 0.3))
+    text = metrics.render().decode()
+    for line in (
+        'dynfuse_route_decisions_total{decided_by="router",expert="text",model="m"} 1.0',
+        'dynfuse_compute_madds_total{model="m"} 10.0',
+        'dynfuse_compute_full_madds_total{model="m"} 100.0',
+        'dynfuse_modality_importance_bucket{le="0.3",modality="image",model="m"} 1.0',
+    ):
+        assert line in text
+
+
+def test_two_apps_do_not_share_counts():
+    first, second = Metrics("m"), Metrics("m")
+    first.reject("queue_full")
+    assert 'dynfuse_rejected_requests_total{model="m",reason="queue_full"} 1.0' in first.render().decode()
+    assert "queue_full" not in second.render().decode()
