@@ -20,11 +20,11 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from export.backends import OnnxRuntimeBackend
+from export.backends import create_backend
 from export.onnx import OnnxComponent, export_onnx
 from export.parity import TOLERANCE, ParityError, check_parity, max_abs_difference
 from export.pipeline import PipelineInput
-from export.store import MANIFEST, MODEL_FORMAT, list_store, load_model_dir, sha256_file
+from export.store import FORMATS, MANIFEST, MODEL_FORMAT, list_store, load_model_dir, sha256_file
 from export.torchscript import TorchScriptComponent, export_torchscript
 from models.data.manifest import SPLIT_ALIASES, read_split
 from models.data.tensors import TensorSplit, load_pixels, tensorize
@@ -49,11 +49,17 @@ def export_run(
     name: str | None = None,
     version: str | None = None,
     data_dir: Path | None = None,
+    formats: tuple[str, ...] = FORMATS,
     progress: bool = True,
     log=print,
 ) -> Path:
-    """Export a run into ``store/<name>/<version>`` and return that directory."""
+    """Export a run into ``store/<name>/<version>`` and return that directory.
+
+    ``formats`` may leave one out, e.g. TorchScript only on a GPU machine without onnxscript."""
     run_dir, store = Path(run_dir), Path(store)
+    unknown = set(formats) - set(FORMATS)
+    if not formats or unknown:
+        raise ValueError(f"formats must be a non-empty subset of {FORMATS}, got {formats}")
     checkpoint = load_run(run_dir)
     name = name or run_dir.resolve().name
     if not _NAME.match(name):
@@ -76,22 +82,24 @@ def export_run(
         entries, parity = {}, {}
         for component_name, module in tqdm(components.items(), desc="export", disable=not progress):
             entries[component_name], parity[component_name] = _export_component(
-                component_name, module, staging, real_inputs
+                component_name, module, staging, real_inputs, formats
             )
         Tokenizer.from_dict(checkpoint["tokenizer"]).save(staging / TOKENIZER_FILE)
         files = {TOKENIZER_FILE: {"sha256": sha256_file(staging / TOKENIZER_FILE)}}
         manifest = _manifest(checkpoint, name, version, entries, parity, files)
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
         if samples is not None:
-            agreement = _pipeline_agreement(model, staging, samples)
+            agreement = _pipeline_agreement(model, staging, samples, backend=formats[0])
             manifest["parity"]["pipeline"] = agreement
             (staging / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
             log(
-                f"ONNX pipeline vs eager on {agreement['samples']} {agreement['split']} samples: labels "
+                f"{formats[0]} pipeline vs eager on {agreement['samples']} {agreement['split']} samples: labels "
                 f"{agreement['label_agreement']:.4%}, experts {agreement['expert_agreement']:.4%}"
             )
             if min(agreement["label_agreement"], agreement["expert_agreement"]) < MIN_PIPELINE_AGREEMENT:
-                raise ParityError(f"the ONNX pipeline disagrees with eager PyTorch: {agreement}; nothing was written")
+                raise ParityError(
+                    f"the {formats[0]} pipeline disagrees with eager PyTorch: {agreement}; nothing was written"
+                )
         os.replace(staging, target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -100,7 +108,7 @@ def export_run(
     return target
 
 
-def _export_component(name: str, module, staging: Path, real_inputs: dict | None) -> tuple[dict, dict]:
+def _export_component(name: str, module, staging: Path, real_inputs: dict | None, formats) -> tuple[dict, dict]:
     module.eval()
     files, differences = {}, {}
     generator_state = torch.random.get_rng_state()
@@ -113,6 +121,8 @@ def _export_component(name: str, module, staging: Path, real_inputs: dict | None
         ("onnx", ".onnx", export_onnx, OnnxComponent),
         ("torchscript", ".pt", export_torchscript, TorchScriptComponent),
     ):
+        if fmt not in formats:
+            continue
         path = staging / f"{name}{suffix}"
         write(module, path)
         differences[fmt] = max_abs_difference(module, load(path), input_sets)
@@ -236,11 +246,11 @@ def _real_component_inputs(model, samples: TensorSplit, limit: int = 256) -> dic
 
 
 @torch.no_grad()
-def _pipeline_agreement(model, staging: Path, samples: TensorSplit, batch_size: int = 64) -> dict:
-    """Labels and expert choices of the exported ONNX pipeline against eager PyTorch, sample by sample."""
+def _pipeline_agreement(model, staging: Path, samples: TensorSplit, *, backend: str, batch_size: int = 64) -> dict:
+    """Labels and expert choices of the exported pipeline against eager PyTorch, sample by sample."""
     from export.pipeline import DynamicPipeline
 
-    pipeline = DynamicPipeline(load_model_dir(staging), OnnxRuntimeBackend("cpu"))
+    pipeline = DynamicPipeline(load_model_dir(staging), create_backend(backend, "cpu"))
     experts = [e.name for e in model.experts]
     label_matches = expert_matches = 0
     differences = []

@@ -76,6 +76,19 @@ class Metrics:
             "dynfuse_model_info", "The served model (value 1).", ["model", "version", "backend", "device"], registry=r
         )
 
+        # Series that exist from the first scrape: Prometheus's rate() cannot see increments made
+        # before a series' first sample, so a counter born at the first request would under-report.
+        for series in (
+            self.compute_madds,
+            self.compute_full_madds,
+            self.inflight,
+            self.request_duration,
+            self.queue_duration,
+            self.batch_size,
+        ):
+            series.labels(model)
+        self.requests.labels(model, "200")
+
     def set_model_info(self, version: str, backend: str, device: str) -> None:
         self.model_info.labels(self.model, version, backend, device).set(1)
 

@@ -193,3 +193,16 @@ def test_cli_reports_user_errors_in_one_line(tmp_path):
     assert result.stderr.startswith("dynfuse evaluate: error: no model in store")
     assert "Traceback" not in result.stderr
     shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+@pytest.mark.slow
+def test_a_torchscript_only_export_serves_with_the_torchscript_backend(tiny_run, tmp_path, samples):
+    target = export_run(tiny_run, tmp_path / "store", name="ts", formats=("torchscript",), progress=False, log=quiet)
+
+    manifest = json.loads((target / "model.json").read_text())
+    assert {fmt for c in manifest["components"].values() for fmt in c["files"]} == {"torchscript"}
+    assert not list(target.glob("*.onnx"))
+    assert manifest["parity"]["pipeline"]["expert_agreement"] >= 0.999
+    pipeline = DynamicPipeline(load_model(tmp_path / "store"), create_backend("torchscript"))
+    [output], _ = pipeline.predict([PipelineInput(pipeline.prepare_text(samples[0]["text"]), None)])
+    assert output.expert == "text"
