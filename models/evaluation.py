@@ -118,48 +118,54 @@ def format_table(rows: list[dict]) -> str:
 
 
 def plot_pareto(rows: list[dict], path: Path, title: str = "accuracy against compute") -> None:
-    """Accuracy against MAdds per sample: one point per lambda and per threshold, static experts marked."""
+    """Accuracy against MAdds per sample: one point per lambda and per threshold, static experts marked.
+
+    Left: everything on a log scale. Right: the routed policies up close, where the curve lives."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    def series(prefix: str) -> list[dict]:
-        return sorted((r for r in rows if r["policy"].startswith(prefix)), key=lambda r: r["madds_per_sample"])
+    def point(row: dict) -> tuple[float, float]:
+        return row["madds_per_sample"], 100 * row["accuracy"]
 
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
-    for prefix, style, label in (("lambda=", "o-", "router per lambda"), ("threshold=", "s--", "threshold sweep")):
-        points = series(prefix)
-        if points:
-            ax.plot([r["madds_per_sample"] for r in points], [100 * r["accuracy"] for r in points], style, label=label)
-            for r in points:
+    fig, (overview, zoom) = plt.subplots(1, 2, figsize=(12, 4.8), dpi=120)
+    routed = [r for r in rows if r["policy"].startswith(("lambda=", "threshold=")) or r["policy"] in ("auto", "oracle")]
+    for ax, annotate in ((overview, False), (zoom, True)):
+        for prefix, style, label, short in (
+            ("lambda=", "o-", "router per lambda", "λ="),
+            ("threshold=", "s--", "threshold sweep (served router)", "t="),
+        ):
+            points = sorted((r for r in rows if r["policy"].startswith(prefix)), key=lambda r: r["madds_per_sample"])
+            if points:
+                ax.plot(*zip(*(point(r) for r in points), strict=True), style, label=label, alpha=0.8)
+            for r in points if annotate else ():
+                offset = (4, -10) if prefix == "lambda=" else (4, 6)
+                label_text = short + r["policy"].split("=")[1]
+                ax.annotate(label_text, point(r), fontsize=7, textcoords="offset points", xytext=offset)
+        for r in rows:
+            if r["policy"] in ("full", "cheap") or r["policy"].startswith("static:"):
+                ax.plot(*point(r), "kD", markersize=7)
                 ax.annotate(
-                    r["policy"].split("=")[1],
-                    (r["madds_per_sample"], 100 * r["accuracy"]),
-                    fontsize=7,
+                    f"static {r.get('expert', r['policy'])}",
+                    point(r),
+                    fontsize=8,
                     textcoords="offset points",
-                    xytext=(4, -8),
+                    xytext=(6, 4),
                 )
-    for r in rows:
-        if r["policy"] in ("full", "cheap") or r["policy"].startswith("static:"):
-            name = r.get("expert", r["policy"])
-            ax.plot(r["madds_per_sample"], 100 * r["accuracy"], "kD", markersize=7)
-            ax.annotate(
-                f"static {name}",
-                (r["madds_per_sample"], 100 * r["accuracy"]),
-                fontsize=8,
-                textcoords="offset points",
-                xytext=(6, 4),
-            )
-    for policy, marker in (("auto", "r*"), ("oracle", "g^")):
-        r = find_row(rows, policy)
-        ax.plot(r["madds_per_sample"], 100 * r["accuracy"], marker, markersize=12, label=policy)
-    ax.set_xscale("log")
-    ax.set_xlabel("MAdds per sample (log scale)")
-    ax.set_ylabel("accuracy (%)")
-    ax.set_title(title)
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(loc="lower right", fontsize=8)
+        for policy, marker in (("auto", "r*"), ("oracle", "g^")):
+            ax.plot(*point(find_row(rows, policy)), marker, markersize=12, label=policy)
+        ax.set_xlabel("MAdds per sample" + ("" if annotate else " (log scale)"))
+        ax.set_ylabel("accuracy (%)")
+        ax.grid(True, which="both", alpha=0.3)
+    overview.set_xscale("log")
+    overview.set_title(title)
+    overview.legend(loc="lower right", fontsize=8)
+    xs = [r["madds_per_sample"] for r in routed] + [find_row(rows, "full")["madds_per_sample"]]
+    ys = [100 * r["accuracy"] for r in routed] + [100 * find_row(rows, "full")["accuracy"]]
+    zoom.set_xlim(min(xs) * 0.9, max(xs) * 1.05)
+    zoom.set_ylim(min(ys) - 0.5, min(100.0, max(ys)) + 0.3)
+    zoom.set_title("routed policies, up close")
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
