@@ -26,7 +26,7 @@ from export.parity import TOLERANCE, ParityError, check_parity, max_abs_differen
 from export.pipeline import PipelineInput
 from export.store import FORMATS, MANIFEST, MODEL_FORMAT, list_store, load_model_dir, sha256_file
 from export.torchscript import TorchScriptComponent, export_torchscript
-from models.data.manifest import SPLIT_ALIASES, read_split
+from models.data.manifest import has_split, read_split
 from models.data.tensors import TensorSplit, load_pixels, tensorize
 from models.preprocess import ImagePreprocessing
 from models.tokenizer import Tokenizer
@@ -73,12 +73,12 @@ def export_run(
     routers = rebuild_routers(checkpoint, model)
     components = {n: m for n, m in model.components.items() if n != "router"}
     components |= {f"router.{router_name}": module for router_name, module in routers.items()}
-    samples = _labelled_samples(checkpoint, data_dir, log)
+    checked = _check_samples(checkpoint, data_dir, log)  # (split, tensors) or None
 
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{version}.", dir=target.parent))
     try:
-        real_inputs = _real_component_inputs(model, samples) if samples is not None else None
+        real_inputs = _real_component_inputs(model, checked[1]) if checked is not None else None
         entries, parity = {}, {}
         for component_name, module in tqdm(components.items(), desc="export", disable=not progress):
             entries[component_name], parity[component_name] = _export_component(
@@ -88,8 +88,8 @@ def export_run(
         files = {TOKENIZER_FILE: {"sha256": sha256_file(staging / TOKENIZER_FILE)}}
         manifest = _manifest(checkpoint, name, version, entries, parity, files)
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
-        if samples is not None:
-            agreement = _pipeline_agreement(model, staging, samples, backend=formats[0])
+        if checked is not None:
+            agreement = _pipeline_agreement(model, staging, *checked, backend=formats[0])
             manifest["parity"]["pipeline"] = agreement
             (staging / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
             log(
@@ -212,20 +212,18 @@ def _compact(row: dict) -> dict:
     return {k: row[k] for k in keep if k in row}
 
 
-def _labelled_samples(checkpoint: dict, data_dir: Path | None, log) -> TensorSplit | None:
+def _check_samples(checkpoint: dict, data_dir: Path | None, log) -> tuple[str, TensorSplit] | None:
     """The test split (else val) of the training data, preprocessed as the store will, for the checks."""
     data_dir = Path(data_dir or checkpoint["data"]["dir"])
     if not data_dir.is_dir():
         log(f"training data {data_dir} not found: parity checked on random inputs only (pass --data to add real ones)")
         return None
-    split = "test" if any((data_dir / f"{a}.jsonl").is_file() for a in SPLIT_ALIASES["test"]) else "val"
+    split = "test" if has_split(data_dir, "test") else "val"
     samples = read_split(data_dir, split, require_label=False)
     tokenizer = Tokenizer.from_dict(checkpoint["tokenizer"])
     preprocessing = ImagePreprocessing.from_dict(checkpoint["preprocessing"])
     pixels = load_pixels(samples, preprocessing.image_size)
-    tensors = tensorize(samples, pixels, tokenizer, preprocessing, checkpoint["labels"])
-    tensors.split_name = split  # type: ignore[attr-defined]
-    return tensors
+    return split, tensorize(samples, pixels, tokenizer, preprocessing, checkpoint["labels"])
 
 
 @torch.no_grad()
@@ -246,7 +244,9 @@ def _real_component_inputs(model, samples: TensorSplit, limit: int = 256) -> dic
 
 
 @torch.no_grad()
-def _pipeline_agreement(model, staging: Path, samples: TensorSplit, *, backend: str, batch_size: int = 64) -> dict:
+def _pipeline_agreement(
+    model, staging: Path, split: str, samples: TensorSplit, *, backend: str, batch_size: int = 64
+) -> dict:
     """Labels and expert choices of the exported pipeline against eager PyTorch, sample by sample."""
     from export.pipeline import DynamicPipeline
 
@@ -278,7 +278,7 @@ def _pipeline_agreement(model, staging: Path, samples: TensorSplit, *, backend: 
                 )
     n = len(samples)
     return {
-        "split": getattr(samples, "split_name", "?"),
+        "split": split,
         "samples": n,
         "label_agreement": label_matches / n,
         "expert_agreement": expert_matches / n,

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from models.costs import routing_costs
-from models.data.manifest import SPLIT_ALIASES, check_labels, label_names, read_split
+from models.data.manifest import check_labels, has_split, label_names, read_split
 from models.data.tensors import TensorSplit, load_pixels, tensorize
 from models.dynamic_fusion import DynamicFusionConfig, DynamicFusionModel
 from models.evaluation import RoutingOutputs, evaluate_policies, find_row, format_table, summarize
@@ -88,7 +88,7 @@ class Dataset:
 def load_dataset(data_dir: Path, config: DynamicFusionConfig, *, progress: bool, log=print) -> Dataset:
     """Read train/val (and a labelled test split when present); tokenizer and image statistics come from train."""
     samples = {"train": read_split(data_dir, "train"), "val": read_split(data_dir, "val")}
-    if any((data_dir / f"{alias}.jsonl").is_file() for alias in SPLIT_ALIASES["test"]):
+    if has_split(data_dir, "test"):
         test = read_split(data_dir, "test", require_label=False)
         if all(s.label is not None for s in test):
             samples["test"] = test

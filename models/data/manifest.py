@@ -70,6 +70,11 @@ def find_split_file(data_dir: Path, split: str) -> Path:
     )
 
 
+def has_split(data_dir: Path, split: str) -> bool:
+    """Whether ``data_dir`` has a manifest for ``split`` under any of its names."""
+    return any((Path(data_dir) / f"{alias}{MANIFEST_SUFFIX}").is_file() for alias in SPLIT_ALIASES.get(split, (split,)))
+
+
 def read_split(data_dir: Path, split: str, **kwargs: Any) -> list[Sample]:
     """``read_manifest`` of the file ``find_split_file`` picks for ``split``."""
     return read_manifest(find_split_file(data_dir, split), **kwargs)
