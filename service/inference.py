@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from export.backends import create_backend
 from export.pipeline import AUTO, DynamicPipeline, PipelineInput, RouteError
 from export.store import StoredModel, load_model
+from models.policy import DECIDED_BY
 from service.batcher import BatchResult, MicroBatcher
 from service.config import Settings
 from service.decode import check_text, decode_image
@@ -56,6 +57,7 @@ class InferenceService:
         pipeline = DynamicPipeline(model, backend)
         pipeline.warmup(batch_sizes=(1, settings.max_batch_size))
         metrics.set_model_info(model.version, backend.name, backend.device)
+        metrics.init_routes(pipeline.experts, DECIDED_BY)
         logger.info(
             "loaded %s v%s (%s) and warmed it in %.1f s",
             model.name,

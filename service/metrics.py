@@ -12,6 +12,10 @@ SHORT_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.0
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 IMPORTANCE_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 
+MODALITIES = ("text", "image")
+REJECT_REASONS = ("invalid", "unauthorized", "too_large", "queue_full", "not_ready")  # ApiError.reason values
+STATUSES = ("200", "400", "401", "404", "413", "415", "422", "500", "503")  # what the inference routes answer
+
 
 class Metrics:
     def __init__(self, model: str, registry: CollectorRegistry | None = None):
@@ -77,7 +81,8 @@ class Metrics:
         )
 
         # Series that exist from the first scrape: Prometheus's rate() cannot see increments made
-        # before a series' first sample, so a counter born at the first request would under-report.
+        # before a series' first sample, so a series born at its first increment under-reports, and a
+        # burst shorter than the scrape interval would not show at all.
         for series in (
             self.compute_madds,
             self.compute_full_madds,
@@ -87,7 +92,19 @@ class Metrics:
             self.batch_size,
         ):
             series.labels(model)
-        self.requests.labels(model, "200")
+        for status in STATUSES:
+            self.requests.labels(model, status)
+        for reason in REJECT_REASONS:
+            self.rejected.labels(model, reason)
+        for modality in MODALITIES:
+            self.modality_importance.labels(model, modality)
+
+    def init_routes(self, experts, decided_by) -> None:
+        """The per-expert series, created once the model (and so its experts) is known."""
+        for expert in experts:
+            self.expert_duration.labels(self.model, expert)
+            for who in decided_by:
+                self.route_decisions.labels(self.model, expert, who)
 
     def set_model_info(self, version: str, backend: str, device: str) -> None:
         self.model_info.labels(self.model, version, backend, device).set(1)

@@ -58,4 +58,4 @@ def test_two_apps_do_not_share_counts():
     first, second = Metrics("m"), Metrics("m")
     first.reject("queue_full")
     assert 'dynfuse_rejected_requests_total{model="m",reason="queue_full"} 1.0' in first.render().decode()
-    assert "queue_full" not in second.render().decode()
+    assert 'dynfuse_rejected_requests_total{model="m",reason="queue_full"} 0.0' in second.render().decode()

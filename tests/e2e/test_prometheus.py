@@ -1,0 +1,265 @@
+"""A real Prometheus scraping a real ``dynfuse serve``: after a known burst of requests, every panel
+query of the Grafana dashboard returns data through Prometheus's HTTP API, and the compute-saved
+panel agrees with what the responses reported.
+
+Prometheus is Debian's ``prometheus`` package (.ci/run installs it), started here on a free loopback
+port with a generated config that scrapes the service every second.
+"""
+
+from __future__ import annotations
+
+import base64
+import importlib.util
+import json
+import math
+import subprocess
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+from conftest import MODEL_NAME, free_port, require_tool
+
+pytestmark = pytest.mark.e2e
+
+SCRAPE_INTERVAL_S = 1
+TIMEOUT_S = 20  # for each wait: Prometheus ready, a scrape, the burst seen
+MAX_BODY_BYTES = 256 * 1024  # the service's limit here: one request goes over it
+
+
+def _load_dashboard_queries():
+    path = Path(__file__).resolve().parents[1] / "dashboard_queries.py"
+    spec = importlib.util.spec_from_file_location("dashboard_queries", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+dq = _load_dashboard_queries()
+
+
+# --- Prometheus ---------------------------------------------------------------------------------
+
+
+class Prometheus:
+    def __init__(self, base: str):
+        self.base = base
+
+    def query(self, promql: str) -> list[dict]:
+        """The instant vector of ``promql`` evaluated now: [{"metric": {...}, "value": [t, "v"]}]."""
+        response = httpx.get(f"{self.base}/api/v1/query", params={"query": promql}, timeout=5)
+        body = response.json()
+        assert response.status_code == 200, f"{promql}: {response.text}"
+        assert body["status"] == "success", f"{promql}: {response.text}"
+        assert body["data"]["resultType"] == "vector", f"{promql}: {body['data']['resultType']}"
+        return body["data"]["result"]
+
+    def scalar(self, promql: str) -> float | None:
+        """The one value of ``promql``, or None while it has none."""
+        result = self.query(promql)
+        assert len(result) <= 1, f"{promql}: {result}"
+        return float(result[0]["value"][1]) if result else None
+
+    def wait_for(self, promql: str, predicate, what: str, timeout: float = TIMEOUT_S) -> float:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            value = self.scalar(promql)
+            if value is not None and predicate(value):
+                return value
+            time.sleep(0.1)
+        raise AssertionError(f"{what}: not within {timeout} s ({promql} = {self.scalar(promql)})")
+
+
+@pytest.fixture
+def prometheus(tmp_path):
+    """``start(target)`` -> a ready Prometheus scraping ``target`` (host:port) every second;
+    terminated at teardown."""
+    binary = require_tool("prometheus")
+    started: list[subprocess.Popen] = []
+
+    def start(target: str) -> Prometheus:
+        config = tmp_path / "prometheus.yml"
+        interval = f"{SCRAPE_INTERVAL_S}s"
+        config.write_text(
+            json.dumps(  # JSON is YAML
+                {
+                    "global": {"scrape_interval": interval, "evaluation_interval": interval},
+                    "scrape_configs": [
+                        {
+                            "job_name": "dynfuse",
+                            "scrape_interval": interval,
+                            "scrape_timeout": interval,
+                            "static_configs": [{"targets": [target]}],
+                        }
+                    ],
+                }
+            )
+        )
+        port = free_port()
+        log = (tmp_path / "prometheus.log").open("w")
+        process = subprocess.Popen(
+            [
+                binary,
+                f"--config.file={config}",
+                f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+                f"--web.listen-address=127.0.0.1:{port}",
+                "--log.level=warn",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        log.close()
+        started.append(process)
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + TIMEOUT_S
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                raise AssertionError(
+                    f"prometheus exited {process.returncode}: {(tmp_path / 'prometheus.log').read_text()}"
+                )
+            try:
+                if httpx.get(f"{base}/-/ready", timeout=1).status_code == 200:
+                    return Prometheus(base)
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+        raise AssertionError(f"prometheus not ready in {TIMEOUT_S} s: {(tmp_path / 'prometheus.log').read_text()}")
+
+    yield start
+    for process in started:
+        if process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(timeout=10)
+
+
+# --- the burst ----------------------------------------------------------------------------------
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def burst(samples: list[dict]) -> list[dict]:
+    """37 POST /v1/classify as [{"kwargs": for httpx.post, "reason": the rejection expected, or None}]:
+    15 pairs routed by the router, 9 with one modality missing, 6 forced (2 per expert), 7 refused."""
+    requests = []
+    for i, sample in enumerate(samples[:30]):
+        pair = {"image": b64(sample["png"]), "text": sample["text"]}
+        if i % 5 == 1:
+            pair.pop("image")  # missing modality: text only
+        elif i % 10 == 3:
+            pair.pop("text")  # missing modality: image only
+        elif i % 5 == 2:
+            pair["route"] = ("text", "image", "late_fusion")[i // 5 % 3]  # forced
+        requests.append(({"json": pair}, None))
+    pair = {"image": b64(samples[0]["png"]), "text": samples[0]["text"]}
+    requests += [
+        ({"json": {"route": "auto"}}, "invalid"),  # 422: neither modality
+        ({"json": {"text": 5}}, "invalid"),  # 422: wrong type
+        ({"json": {**pair, "route": "no_such_expert"}}, "invalid"),  # 422: unknown route
+        ({"content": b"{not json", "headers": {"content-type": "application/json"}}, "invalid"),  # 400
+        ({"content": b"hello", "headers": {"content-type": "text/plain"}}, "invalid"),  # 415
+        ({"json": {"text": "x" * 5000}}, "too_large"),  # 413: over max_text_chars
+        ({"content": b"x" * (MAX_BODY_BYTES + 1), "headers": {"content-type": "application/json"}}, "too_large"),
+    ]
+    return [{"kwargs": kwargs, "reason": reason} for kwargs, reason in requests]
+
+
+def send(base: str, requests: list[dict]) -> list[httpx.Response]:
+    with httpx.Client(base_url=base, timeout=10) as client, ThreadPoolExecutor(4) as pool:
+        return list(pool.map(lambda r: client.post("/v1/classify", **r["kwargs"]), requests))
+
+
+# --- the test -----------------------------------------------------------------------------------
+
+
+def test_every_dashboard_query_returns_data_and_compute_saved_matches_the_responses(
+    server_process, prometheus, samples
+):
+    started = time.monotonic()
+    _, base = server_process(max_body_bytes=MAX_BODY_BYTES)
+    prom = prometheus(base.removeprefix("http://"))
+    job = '{job="dynfuse"}'
+
+    # At least one scrape before the burst: every counter the service creates at startup has a 0 sample.
+    prom.wait_for(f"up{job}", lambda v: v == 1, "first scrape of dynfuse")
+    prom.wait_for(
+        f'sum(dynfuse_compute_full_madds_total{{model="{MODEL_NAME}"}})', lambda v: v == 0, "zero before the burst"
+    )
+
+    requests = burst(samples)
+    responses = send(base, requests)
+
+    for request, response in zip(requests, responses, strict=True):
+        if request["reason"] is None:
+            assert response.status_code == 200, response.text
+        else:
+            assert 400 <= response.status_code < 500, response.text
+    statuses = {str(r.status_code) for r in responses}
+    ok = [r.json() for r in responses if r.status_code == 200]
+    experts_run = {r["route"]["expert"] for r in ok}
+    deciders = {r["route"]["decided_by"] for r in ok}
+    assert {"missing_modality", "request"} <= deciders, deciders
+    assert experts_run == {"text", "image", "late_fusion"}, experts_run
+
+    # Until Prometheus has a sample with the whole burst, then one scrape more, so that even a series
+    # first scraped in that sample has two samples in the window (rate() needs two).
+    prom.wait_for(f'sum(dynfuse_requests_total{{model="{MODEL_NAME}"}})', lambda v: v == len(requests), "burst scraped")
+    scrapes = prom.scalar(f"count_over_time(up{job}[1m])")
+    prom.wait_for(f"count_over_time(up{job}[1m])", lambda v: v > scrapes, "one scrape after the burst")
+    assert time.monotonic() - started < 45, "the [1m] windows must cover the run from the first scrape"
+
+    # Compute saved: rate() is (last - first) times an extrapolation factor that depends only on the
+    # sample times in the window and, for a counter, on first / (last - first) (it does not
+    # extrapolate below zero). Both counters are scraped at the same instants and are 0 at the
+    # window's first sample (scraped before the burst), so the factor is the same for both and
+    # cancels in the ratio: what is left is float rounding.
+    madds = sum(r["compute"]["madds"] for r in ok)
+    madds_full = sum(r["compute"]["madds_full"] for r in ok)
+    expected = 1 - madds / madds_full
+    saved_queries = [
+        expr
+        for _, expr in dq.dashboard_queries()
+        if "dynfuse_compute_madds_total" in expr and "dynfuse_compute_full_madds_total" in expr
+    ]
+    assert saved_queries, "no compute-saved query in the dashboard"
+    for expr in saved_queries:
+        for model in (MODEL_NAME, ".*"):
+            [entry] = prom.query(dq.render_expr(expr, model=model))
+            assert entry["metric"] == {"model": MODEL_NAME}
+            assert float(entry["value"][1]) == pytest.approx(expected, rel=1e-9), expr
+
+    # Every panel query, as Grafana sends it for the served model and for "All". The burst ran every
+    # expert, both modalities, several statuses and rejection reasons, so every group of every query
+    # has observations in the window: a NaN (a quantile or mean over zero observations) or a rate
+    # that is zero everywhere means that Prometheus did not see the burst's increments, as happens
+    # to a series born at its first increment (rate() has no earlier sample to start from).
+    problems = []
+    for title, expr in dq.dashboard_queries():
+        for model in (MODEL_NAME, ".*"):
+            promql = dq.render_expr(expr, model=model)
+            result = prom.query(promql)
+            values = [float(entry["value"][1]) for entry in result]
+            if not result:
+                problems.append(f"{title!r}: no series for {promql}")
+            elif not all(math.isfinite(v) for v in values):
+                problems.append(f"{title!r}: not finite {result} for {promql}")
+            elif "rate(" in promql and not any(v > 0 for v in values):
+                problems.append(f"{title!r}: zero everywhere after the burst {result} for {promql}")
+    assert not problems, "\n".join(problems)
+
+    # The grouped rate panels show every label value the burst produced, and only those.
+    def positive(title: str, label: str) -> set[str]:
+        [expr] = [expr for t, expr in dq.dashboard_queries() if t == title]
+        result = prom.query(dq.render_expr(expr, model=MODEL_NAME))
+        return {entry["metric"].get(label, "") for entry in result if float(entry["value"][1]) > 0}
+
+    assert positive("Route mix by expert", "expert") == experts_run
+    assert positive("Route decisions by decided_by", "decided_by") == deciders
+    assert positive("Rejections / s by reason", "reason") == {r["reason"] for r in requests if r["reason"]}
+    assert positive("Requests / s by status", "status") == statuses
