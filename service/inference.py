@@ -21,6 +21,10 @@ from service.metrics import Metrics
 
 logger = logging.getLogger("dynfuse")
 
+# Decoding a big image takes milliseconds: routes do it in a worker thread so the event loop keeps
+# serving. Small ones decode faster than the thread hop costs.
+INLINE_DECODE_BYTES = 64 * 1024
+
 
 @dataclass
 class ClientInput:

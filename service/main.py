@@ -12,7 +12,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from export.store import StoreError, resolve
-from service.api.routes import classify, health, models
+from service.api.routes import classify, health, models, v2
 from service.config import Settings, get_settings
 from service.errors import install_error_handlers
 from service.inference import InferenceService
@@ -54,6 +54,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(health.router)
     app.include_router(classify.router)
     app.include_router(models.router)
+    app.include_router(v2.router)
     return app
 
 

@@ -23,7 +23,7 @@ from service.errors import (
     UnsupportedMediaType,
     describe_validation_errors,
 )
-from service.inference import ClientInput, InferenceService
+from service.inference import INLINE_DECODE_BYTES, ClientInput, InferenceService
 from service.schemas import (
     ROUTE_DESCRIPTION,
     THRESHOLD_DESCRIPTION,
@@ -36,9 +36,6 @@ from service.schemas import (
 
 router = APIRouter(prefix="/v1", tags=["inference"], dependencies=[Depends(require_api_key)])
 
-# Decoding a big image takes milliseconds: do it in a worker thread so the event loop keeps serving.
-# Small ones decode faster than a thread hop costs.
-INLINE_DECODE_BYTES = 64 * 1024
 FORM_FIELDS = {"image", "text", "route", "threshold"}
 
 ERROR_RESPONSES = {
