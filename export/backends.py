@@ -58,6 +58,10 @@ class OnnxRuntimeBackend(Backend):
         self.options = ort.SessionOptions()
         self.options.log_severity_level = 3
         self.options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # Idle pool threads sleep instead of spinning: spinning kept a core busy between batches that
+        # the event loop needed, and slowed the pipeline itself on a small machine (bench/BENCHMARKS.md).
+        self.options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        self.options.add_session_config_entry("session.inter_op.allow_spinning", "0")
         if threads:
             self.options.intra_op_num_threads = threads
             self.options.inter_op_num_threads = 1

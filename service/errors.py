@@ -11,8 +11,12 @@ import logging
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
+
+# nginx's code for "the client closed the request": nobody reads it, the metrics and logs do.
+CLIENT_CLOSED_REQUEST = 499
 
 logger = logging.getLogger("dynfuse")
 
@@ -94,6 +98,13 @@ def install_error_handlers(app: FastAPI, on_rejected=None) -> None:
     async def _http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
         code = {404: "not_found", 405: "method_not_allowed"}.get(error.status_code, "http_error")
         return JSONResponse(error_body(request, code, str(error.detail)), error.status_code, headers=error.headers)
+
+    @app.exception_handler(ClientDisconnect)
+    async def _client_gone(request: Request, error: ClientDisconnect) -> Response:
+        logger.debug("client went away during %s %s", request.method, request.url.path)
+        if on_rejected is not None:
+            on_rejected("client_disconnect")
+        return Response(status_code=CLIENT_CLOSED_REQUEST)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, error: Exception) -> JSONResponse:

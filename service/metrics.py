@@ -13,8 +13,15 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 IMPORTANCE_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 
 MODALITIES = ("text", "image")
-REJECT_REASONS = ("invalid", "unauthorized", "too_large", "queue_full", "not_ready")  # ApiError.reason values
-STATUSES = ("200", "400", "401", "404", "413", "415", "422", "500", "503")  # what the inference routes answer
+REJECT_REASONS = (
+    "invalid",
+    "unauthorized",
+    "too_large",
+    "queue_full",
+    "not_ready",
+    "client_disconnect",
+)  # ApiError.reason values
+STATUSES = ("200", "400", "401", "404", "413", "415", "422", "499", "500", "503")  # what the inference routes answer
 
 
 class Metrics:

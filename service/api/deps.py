@@ -1,4 +1,7 @@
-"""Route dependencies as ``Annotated`` aliases, so signatures stay short and tests can override them."""
+"""Route dependencies as ``Annotated`` aliases, so signatures stay short and tests can override them.
+
+They are ``async def`` on purpose: FastAPI runs a plain ``def`` dependency in its thread pool, and
+three thread hops per request were the largest cost of the HTTP path (bench/BENCHMARKS.md)."""
 
 from __future__ import annotations
 
@@ -12,14 +15,14 @@ from service.errors import NotReady, Unauthorized
 from service.inference import InferenceService
 
 
-def get_app_settings(request: Request) -> Settings:
+async def get_app_settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
 SettingsDep = Annotated[Settings, Depends(get_app_settings)]
 
 
-def get_service(request: Request) -> InferenceService:
+async def get_service(request: Request) -> InferenceService:
     service = request.app.state.service
     if service is None:
         raise NotReady("the model is still loading; retry shortly (GET /readyz answers 200 once it is ready)")
@@ -29,7 +32,7 @@ def get_service(request: Request) -> InferenceService:
 ServiceDep = Annotated[InferenceService, Depends(get_service)]
 
 
-def require_api_key(request: Request, settings: SettingsDep) -> None:
+async def require_api_key(request: Request, settings: SettingsDep) -> None:
     """With DYNFUSE_API_KEY set, inference endpoints need ``Authorization: Bearer <key>``."""
     if settings.api_key is None:
         return
