@@ -61,6 +61,9 @@ class DynamicPipeline:
         self._text_dim = model.components[self._text_encoder].outputs[0].shape[-1]
         self._glimpse_dim = model.components[self._glimpse].outputs[0].shape[-1]
         self._needs = np.array([[m in e.modalities for m in ("text", "image")] for e in model.experts])  # (E, 2)
+        # The batch tensors each expert reads: its sub-batch slices only those (copying images for the
+        # text expert would cost more than the expert itself).
+        self._reads = {e.name: _external_inputs(model, e.components) for e in model.experts}
 
     def runner(self, component: str) -> Runner:
         """The loaded component (loaded on first use: evaluation asks for routers the server never runs)."""
@@ -148,7 +151,7 @@ class DynamicPipeline:
             members = np.flatnonzero(choice == expert_index)
             expert = self.experts[expert_index]
             started = time.perf_counter()
-            logits = self.run_expert(expert, {name: value[members] for name, value in tensors.items()})
+            logits = self.run_expert(expert, {name: tensors[name][members] for name in self._reads[expert]})
             seconds[expert] = time.perf_counter() - started
             probabilities[members] = _softmax(logits)
 
@@ -191,6 +194,17 @@ class DynamicPipeline:
                     for _ in range(batch_size)
                 ]
                 self.predict(inputs)
+
+
+def _external_inputs(model: StoredModel, components: tuple[str, ...]) -> tuple[str, ...]:
+    """Inputs of a chain of components that no earlier component of the chain produces."""
+    produced: set[str] = set()
+    needed: list[str] = []
+    for name in components:
+        info = model.components[name]
+        needed += [t.name for t in info.inputs if t.name not in produced and t.name not in needed]
+        produced |= {t.name for t in info.outputs}
+    return tuple(needed)
 
 
 def _image_shape(model: StoredModel) -> tuple[int, int, int]:
