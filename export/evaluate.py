@@ -44,7 +44,7 @@ def evaluate_store(
     for start in tqdm(batches, desc=f"evaluate {split}", disable=not progress):
         batch = samples[start : start + batch_size]
         token_ids = np.stack([pipeline.prepare_text(s.text) for s in batch])
-        images = np.stack([pipeline.prepare_image(load_image_rgb(s)) for s in batch])
+        images = pipeline.images_tensor(np.stack([pipeline.prepare_image(load_image_rgb(s)) for s in batch]))
         tensors = {
             "token_ids": token_ids,
             "image": images,

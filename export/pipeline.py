@@ -28,7 +28,7 @@ class RouteError(ValueError):
 @dataclass
 class PipelineInput:
     token_ids: np.ndarray | None  # (T,) int64, from prepare_text; None when the request has no text
-    image: np.ndarray | None  # (3, S, S) float32, from prepare_image; None when it has no image
+    image: np.ndarray | None  # (S, S, 3) uint8, from prepare_image; None when it has no image
     route: str = AUTO  # "auto" or an expert's name
     threshold: float | None = None  # escalate to the full path when the router's pick scores below this
 
@@ -76,7 +76,12 @@ class DynamicPipeline:
         return np.asarray(self.model.tokenizer.encode(text), dtype=np.int64)
 
     def prepare_image(self, image: Image.Image) -> np.ndarray:
-        return self.model.preprocessing(image)
+        """Resized pixels; normalization happens once per batch, in ``predict`` (``images_tensor``)."""
+        return self.model.preprocessing.pixels(image)
+
+    def images_tensor(self, pixels: np.ndarray) -> np.ndarray:
+        """uint8 (N, S, S, 3) from prepare_image -> the image components' float32 (N, 3, S, S) input."""
+        return self.model.preprocessing.normalize(pixels)
 
     def check_route(self, route: str, has_text: bool, has_image: bool) -> None:
         """Raise RouteError when a request's route cannot run; the service answers 422."""
@@ -128,7 +133,9 @@ class DynamicPipeline:
 
         tensors = {
             "token_ids": _stack([x.token_ids for x in inputs], has_text, (self.model.tokenizer.max_tokens,), np.int64),
-            "image": _stack([x.image for x in inputs], has_image, _image_shape(self.model), np.float32),
+            "image": self.images_tensor(
+                _stack([x.image for x in inputs], has_image, _pixel_shape(self.model), np.uint8)
+            ),
             "text_features": np.zeros((n, self._text_dim), np.float32),
             "glimpse_features": np.zeros((n, self._glimpse_dim), np.float32),
         }
@@ -188,7 +195,7 @@ class DynamicPipeline:
                 inputs = [
                     PipelineInput(
                         token_ids=rng.integers(2, vocab, self.model.tokenizer.max_tokens).astype(np.int64),
-                        image=rng.standard_normal(_image_shape(self.model)).astype(np.float32),
+                        image=rng.integers(0, 256, _pixel_shape(self.model), dtype=np.uint8),
                         route=expert,
                     )
                     for _ in range(batch_size)
@@ -207,9 +214,9 @@ def _external_inputs(model: StoredModel, components: tuple[str, ...]) -> tuple[s
     return tuple(needed)
 
 
-def _image_shape(model: StoredModel) -> tuple[int, int, int]:
+def _pixel_shape(model: StoredModel) -> tuple[int, int, int]:
     size = model.preprocessing.image_size
-    return (3, size, size)
+    return (size, size, 3)
 
 
 def _stack(items: list, present: np.ndarray, shape: tuple[int, ...], dtype) -> np.ndarray:

@@ -17,6 +17,7 @@ import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -73,7 +74,7 @@ def export_run(
     routers = rebuild_routers(checkpoint, model)
     components = {n: m for n, m in model.components.items() if n != "router"}
     components |= {f"router.{router_name}": module for router_name, module in routers.items()}
-    checked = _check_samples(checkpoint, data_dir, log)  # (split, tensors) or None
+    checked = _check_samples(checkpoint, data_dir, log)  # (split, tensors, uint8 pixels) or None
 
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{version}.", dir=target.parent))
@@ -212,7 +213,7 @@ def _compact(row: dict) -> dict:
     return {k: row[k] for k in keep if k in row}
 
 
-def _check_samples(checkpoint: dict, data_dir: Path | None, log) -> tuple[str, TensorSplit] | None:
+def _check_samples(checkpoint: dict, data_dir: Path | None, log) -> tuple[str, TensorSplit, np.ndarray] | None:
     """The test split (else val) of the training data, preprocessed as the store will, for the checks."""
     data_dir = Path(data_dir or checkpoint["data"]["dir"])
     if not data_dir.is_dir():
@@ -223,7 +224,8 @@ def _check_samples(checkpoint: dict, data_dir: Path | None, log) -> tuple[str, T
     tokenizer = Tokenizer.from_dict(checkpoint["tokenizer"])
     preprocessing = ImagePreprocessing.from_dict(checkpoint["preprocessing"])
     pixels = load_pixels(samples, preprocessing.image_size)
-    return split, tensorize(samples, pixels, tokenizer, preprocessing, checkpoint["labels"])
+    tensors = tensorize(samples, pixels, tokenizer, preprocessing, checkpoint["labels"])
+    return split, tensors, np.rint(pixels * 255.0).astype(np.uint8)  # what the server's decoder hands on
 
 
 @torch.no_grad()
@@ -245,7 +247,7 @@ def _real_component_inputs(model, samples: TensorSplit, limit: int = 256) -> dic
 
 @torch.no_grad()
 def _pipeline_agreement(
-    model, staging: Path, split: str, samples: TensorSplit, *, backend: str, batch_size: int = 64
+    model, staging: Path, split: str, samples: TensorSplit, pixels: np.ndarray, *, backend: str, batch_size: int = 64
 ) -> dict:
     """Labels and expert choices of the exported pipeline against eager PyTorch, sample by sample."""
     from export.pipeline import DynamicPipeline
@@ -261,7 +263,8 @@ def _pipeline_agreement(
         eager_choice = scores.argmax(1)
         logits = model.expert_logits(tokens, images)
         eager_labels = [int(logits[experts[c]][i].argmax()) for i, c in enumerate(eager_choice.tolist())]
-        inputs = [PipelineInput(token_ids=t.numpy(), image=im.numpy()) for t, im in zip(tokens, images, strict=True)]
+        batch_pixels = pixels[start : start + batch_size]
+        inputs = [PipelineInput(token_ids=t.numpy(), image=p) for t, p in zip(tokens, batch_pixels, strict=True)]
         outputs, _ = pipeline.predict(inputs)
         for i, out in enumerate(outputs):
             same_label = out.label == str(pipeline.labels[eager_labels[i]])

@@ -6,7 +6,6 @@ which is what lets the exported model reproduce the evaluation figures.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,9 +20,18 @@ class ImagePreprocessing:
 
     def __call__(self, image: Image.Image) -> np.ndarray:
         """An RGB picture -> a normalized float32 array of shape (3, S, S)."""
-        pixels = to_unit_array(image, self.image_size)  # (S, S, 3)
-        normalized = (pixels - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
-        return np.ascontiguousarray(normalized.transpose(2, 0, 1))
+        return self.normalize(self.pixels(image)[None])[0]
+
+    def pixels(self, image: Image.Image) -> np.ndarray:
+        """The picture resized, as uint8 (S, S, 3): the per-request half, cheap and small to carry."""
+        return to_pixels(image, self.image_size)
+
+    def normalize(self, pixels: np.ndarray) -> np.ndarray:
+        """uint8 (N, S, S, 3) -> float32 (N, 3, S, S), in one vectorized pass over a batch.
+        The same arithmetic as training (``to_unit_array``, then the mean and std), so the same bits."""
+        unit = pixels.astype(np.float32) / 255.0
+        normalized = (unit - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
+        return np.ascontiguousarray(normalized.transpose(0, 3, 1, 2))
 
     def to_dict(self) -> dict:
         return {"image_size": self.image_size, "mean": list(self.mean), "std": list(self.std)}
@@ -42,26 +50,15 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image if image.mode == "RGB" else image.convert("RGB")
 
 
-def to_unit_array(image: Image.Image, size: int) -> np.ndarray:
-    """RGB, resized to (size, size), as float32 in [0, 1] with shape (S, S, 3)."""
+def to_pixels(image: Image.Image, size: int) -> np.ndarray:
+    """RGB, resized to (size, size) (bilinear), as uint8 with shape (S, S, 3)."""
     if image.mode != "RGB":
         image = image.convert("RGB")
     if image.size != (size, size):
         image = image.resize((size, size), Image.BILINEAR)
-    return np.asarray(image, dtype=np.float32) / 255.0
+    return np.asarray(image, dtype=np.uint8)
 
 
-def channel_stats(images: Iterable[Image.Image], size: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Per-channel mean and std over a set of pictures (the training split), for ``ImagePreprocessing``."""
-    total = np.zeros(3, np.float64)
-    total_sq = np.zeros(3, np.float64)
-    count = 0
-    for image in images:
-        pixels = to_unit_array(image, size).reshape(-1, 3).astype(np.float64)
-        total += pixels.sum(0)
-        total_sq += (pixels**2).sum(0)
-        count += pixels.shape[0]
-    assert count > 0, "channel_stats needs at least one image"
-    mean = total / count
-    std = np.sqrt(np.maximum(total_sq / count - mean**2, 1e-12))
-    return tuple(round(float(m), 6) for m in mean), tuple(round(float(s), 6) for s in std)
+def to_unit_array(image: Image.Image, size: int) -> np.ndarray:
+    """RGB, resized to (size, size), as float32 in [0, 1] with shape (S, S, 3)."""
+    return to_pixels(image, size).astype(np.float32) / 255.0
