@@ -29,9 +29,22 @@ class ImagePreprocessing:
     def normalize(self, pixels: np.ndarray) -> np.ndarray:
         """uint8 (N, S, S, 3) -> float32 (N, 3, S, S), in one vectorized pass over a batch.
         The same arithmetic as training (``to_unit_array``, then the mean and std), so the same bits."""
-        unit = pixels.astype(np.float32) / 255.0
-        normalized = (unit - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
-        return np.ascontiguousarray(normalized.transpose(0, 3, 1, 2))
+        # A channel has 256 possible values: look them up in a table computed with the training
+        # arithmetic. One gather instead of four full-size passes (broadcasting over a last axis of 3
+        # cost ~2 ms per batch of 16 on the served path).
+        table = self._table()  # (3, 256)
+        out = np.empty((pixels.shape[0], 3, *pixels.shape[1:3]), np.float32)  # (N, 3, S, S)
+        for channel in range(3):
+            np.take(table[channel], pixels[..., channel], out=out[:, channel])
+        return out
+
+    def _table(self) -> np.ndarray:
+        table = self.__dict__.get("_lookup")
+        if table is None:
+            unit = np.arange(256, dtype=np.float32)[None, :] / np.float32(255.0)  # as to_unit_array
+            table = (unit - np.asarray(self.mean, np.float32)[:, None]) / np.asarray(self.std, np.float32)[:, None]
+            object.__setattr__(self, "_lookup", table)  # frozen dataclass: a cache, not state
+        return table
 
     def to_dict(self) -> dict:
         return {"image_size": self.image_size, "mean": list(self.mean), "std": list(self.std)}
