@@ -35,7 +35,9 @@ class ImagePreprocessing:
         table = self._table()  # (3, 256)
         out = np.empty((pixels.shape[0], 3, *pixels.shape[1:3]), np.float32)  # (N, 3, S, S)
         for channel in range(3):
-            np.take(table[channel], pixels[..., channel], out=out[:, channel])
+            # A uint8 index is always in range, so "clip" never clips; with the default "raise", NumPy
+            # writes into a buffer first and copies it into ``out``.
+            np.take(table[channel], pixels[..., channel], out=out[:, channel], mode="clip")
         return out
 
     def _table(self) -> np.ndarray:
