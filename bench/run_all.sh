@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Rerun the CPU benchmarks and refresh bench/results/ (figures 1-3; about 15 minutes on 2 cores).
+# Figure 4 needs a CUDA machine: python -m bench.gpu (see bench/BENCHMARKS.md); here it runs as a CPU smoke test.
+# Needs the default model (make build-default), wrk (apt-get install wrk; else a Python load generator
+# is used) and py-spy (pip install py-spy) for the profile.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-.venv/bin/python}
+PATH="$(dirname "$PYTHON"):$PATH"  # py-spy from the venv
+export PATH
+"$PYTHON" -m bench.accuracy
+"$PYTHON" -m bench.realized_savings
+"$PYTHON" -m bench.ort_spin
+"$PYTHON" -m bench.http_load
+# Run-to-run spread on a shared VM is about +-20%: repeat the two timing figures whose goals sit near it.
+for i in 2 3; do
+    "$PYTHON" -m bench.realized_savings --out "bench/results/realized_savings_repeat$i.json"
+    "$PYTHON" -m bench.http_load --no-profile --out "bench/results/http_load_repeat$i.json"
+done
+"$PYTHON" -m bench.gpu --device cpu --quick --out bench/results/gpu_cpu_smoke.json
