@@ -127,6 +127,7 @@ def cmd_serve(args) -> int:
             "device": args.device,
             "model": args.model,
             "model_version": args.version,
+            "workers": args.workers,
         }.items()
         if value is not None
     }
@@ -194,6 +195,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--backend", choices=("onnx", "torchscript"))
     serve.add_argument("--device", choices=("cpu", "cuda"))
     serve.add_argument("--model", help="model name (default: the store's only model)")
+    serve.add_argument(
+        "--workers", type=int, help="server processes sharing the port (default 1; metrics are summed across them)"
+    )
     serve.add_argument("--version", help="pin a version (default: the highest)")
     serve.set_defaults(func=cmd_serve)
 

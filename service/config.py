@@ -23,6 +23,12 @@ class Settings(BaseSettings):
     threads: int | None = Field(None, ge=1, description="Intra-op threads of the runtime; default: all cores.")
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
+    workers: int = Field(
+        1,
+        ge=1,
+        description="Server processes sharing the port. Each loads the model and batches on its own, and the "
+        "runtime's threads are split between them; metrics are summed across them.",
+    )
 
     max_batch_size: int = Field(16, ge=1, le=1024, description="Most requests one micro-batch holds.")
     max_batch_delay_ms: float = Field(2.0, ge=0, le=1000, description="Longest wait for a batch to fill.")

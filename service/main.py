@@ -1,6 +1,10 @@
 """``create_app(settings)``: the FastAPI app. Its lifespan loads, verifies and warms the model in the
 background (``/healthz`` answers at once, ``/readyz`` turns 200 when the model is warm) and, at
 shutdown, lets the micro-batcher finish what it holds.
+
+With several worker processes the load happens before start-up completes instead: a worker only
+accepts connections once it is ready, so a ready answer from one worker never sends traffic to
+another that is still loading.
 """
 
 from __future__ import annotations
@@ -35,6 +39,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         loader = asyncio.create_task(_load(app), name="dynfuse-load")
+        if settings.workers > 1:
+            await loader
         try:
             yield
         finally:
@@ -42,6 +48,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 loader.cancel()
             if app.state.service is not None:
                 await app.state.service.batcher.stop()
+            metrics.close()
 
     app = FastAPI(title="dynfuse", version="1", description=DESCRIPTION, lifespan=lifespan)
     app.state.settings = settings

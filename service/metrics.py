@@ -1,11 +1,18 @@
 """Every Prometheus metric of the service, in one place (names and labels are a contract: DESIGN.md).
 
 Each app gets its own registry, so tests start from zero and two apps in one process don't collide.
+With several server processes (``dynfuse serve --workers N``), prometheus_client's multiprocess mode
+keeps each process's values in files under ``PROMETHEUS_MULTIPROC_DIR`` and a scrape of any process
+reports the sums over all of them.
 """
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+import os
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
+
+MULTIPROCESS_DIR = "PROMETHEUS_MULTIPROC_DIR"  # set by `dynfuse serve --workers N` for its workers
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 SHORT_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
@@ -27,6 +34,7 @@ STATUSES = ("200", "400", "401", "404", "413", "415", "422", "499", "500", "503"
 class Metrics:
     def __init__(self, model: str, registry: CollectorRegistry | None = None):
         self.model = model
+        self.multiprocess = MULTIPROCESS_DIR in os.environ
         self.registry = registry or CollectorRegistry(auto_describe=True)
         r = self.registry
 
@@ -37,7 +45,13 @@ class Metrics:
         self.rejected = Counter(
             "dynfuse_rejected_requests", "Requests refused, by reason.", ["model", "reason"], registry=r
         )
-        self.inflight = Gauge("dynfuse_inflight_requests", "Inference requests being handled.", ["model"], registry=r)
+        self.inflight = Gauge(
+            "dynfuse_inflight_requests",
+            "Inference requests being handled.",
+            ["model"],
+            multiprocess_mode="livesum",  # over the live processes
+            registry=r,
+        )
 
         # Routing and compute
         self.route_decisions = Counter(
@@ -84,7 +98,11 @@ class Metrics:
             "dynfuse_batch_size", "Requests per micro-batch.", ["model"], buckets=BATCH_BUCKETS, registry=r
         )
         self.model_info = Gauge(
-            "dynfuse_model_info", "The served model (value 1).", ["model", "version", "backend", "device"], registry=r
+            "dynfuse_model_info",
+            "The served model (value 1).",
+            ["model", "version", "backend", "device"],
+            multiprocess_mode="max",  # 1 from every process, reported once
+            registry=r,
         )
 
         # Series that exist from the first scrape: Prometheus's rate() cannot see increments made
@@ -134,4 +152,13 @@ class Metrics:
         self.rejected.labels(self.model, reason).inc()
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        if not self.multiprocess:
+            return generate_latest(self.registry)
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)  # every process's files, summed
+        return generate_latest(registry)
+
+    def close(self) -> None:
+        """At process exit: drop this process's live gauges (its counters and histograms stay in the sums)."""
+        if self.multiprocess:
+            multiprocess.mark_process_dead(os.getpid())

@@ -1,23 +1,34 @@
 """``dynfuse serve``: uvicorn around ``create_app``, with a graceful SIGTERM (stop accepting, finish
-in-flight requests, exit 0)."""
+in-flight requests, exit 0).
+
+One process serves by default. Its Python (HTTP parsing, decoding, the pipeline's glue) runs under one
+GIL, so on a machine with more cores ``--workers N`` starts N processes on the same port, each with its
+own model, micro-batcher and a share of the cores for the runtime; prometheus_client's multiprocess
+mode sums their metrics. A worker gets its settings through the ``DYNFUSE_*`` environment.
+"""
 
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
+import tempfile
 
 import uvicorn
+from fastapi import FastAPI
 
 from export.store import StoreError, resolve
-from service.config import Settings
+from service.config import Settings, get_settings
 from service.main import create_app
+from service.metrics import MULTIPROCESS_DIR
 
 GRACEFUL_SHUTDOWN_S = 30
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
 def serve(settings: Settings) -> int:
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=settings.log_level.upper(), format=LOG_FORMAT)
     try:  # fail fast on the common mistake, before binding a port
         path = resolve(settings.store, settings.model, settings.model_version)
     except StoreError as error:
@@ -27,6 +38,8 @@ def serve(settings: Settings) -> int:
     runtime = f"{settings.backend}, {settings.device}"
     print(f"dynfuse: serving {path.parent.name} v{path.name} from {settings.store} ({runtime})")
     print(f"dynfuse: API docs at {base}/docs, readiness at {base}/readyz, metrics at {base}/metrics", flush=True)
+    if settings.workers > 1:
+        return _serve_workers(settings)
     config = uvicorn.Config(
         create_app(settings),
         host=settings.host,
@@ -40,3 +53,40 @@ def serve(settings: Settings) -> int:
     signal.signal(signal.SIGTERM, lambda *_: None)
     uvicorn.Server(config).run()
     return 0
+
+
+def _serve_workers(settings: Settings) -> int:
+    """N uvicorn worker processes on one socket; uvicorn's supervisor restarts a worker that dies, and
+    on SIGTERM stops them all gracefully."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    threads = settings.threads or max(1, cores // settings.workers)  # N runtimes on all cores would thrash
+    print(f"dynfuse: {settings.workers} worker processes, {threads} runtime thread(s) each", flush=True)
+    worker_settings = settings.model_copy(update={"threads": threads})
+    # A fresh directory per run: files left by an earlier run would be summed into this one's metrics.
+    with tempfile.TemporaryDirectory(prefix="dynfuse-metrics-") as metrics_dir:
+        os.environ.update(_environment(worker_settings))
+        os.environ[MULTIPROCESS_DIR] = metrics_dir
+        uvicorn.run(
+            "service.server:worker_app",
+            factory=True,
+            workers=settings.workers,
+            host=settings.host,
+            port=settings.port,
+            log_level=settings.log_level,
+            timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
+            access_log=False,
+        )
+    return 0
+
+
+def worker_app() -> FastAPI:
+    """The app of one worker process (uvicorn imports it there), configured from the environment."""
+    settings = get_settings()
+    logging.basicConfig(level=settings.log_level.upper(), format=LOG_FORMAT)
+    return create_app(settings)
+
+
+def _environment(settings: Settings) -> dict[str, str]:
+    """The settings as the ``DYNFUSE_*`` variables that rebuild them in a worker process."""
+    values = settings.model_dump(exclude_none=True)
+    return {f"DYNFUSE_{name.upper()}": str(value) for name, value in values.items()}
