@@ -261,19 +261,38 @@ def decoded_inputs(pipeline, samples: list[dict], route: str = "auto") -> list:
 
 
 # -- a real `dynfuse serve` in a subprocess ----------------------------------------------------------
-def proc_status(pid: int) -> dict:
-    """Resident memory now and at its peak (MiB), from /proc/<pid>/status."""
-    fields = {}
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        key, _, value = line.partition(":")
-        if key in ("VmRSS", "VmHWM"):
-            fields[key] = round(int(value.split()[0]) / 1024, 1)
-    return fields
+def server_processes(pid: int) -> tuple[int, ...]:
+    """The server and its worker processes (``dynfuse serve --workers N`` spawns N children)."""
+    children = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                children.append(int(entry.name))
+        except (OSError, IndexError, ValueError):
+            continue  # gone meanwhile
+    return (pid, *sorted(children))
 
 
-def cpu_seconds(pid: int) -> float:
-    stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(stat[11]) + int(stat[12])) / os.sysconf("SC_CLK_TCK")
+def proc_status(pids: tuple[int, ...]) -> dict:
+    """Resident memory now and at its peak (MiB), from /proc/<pid>/status, summed over the processes
+    (with several, the sum of their peaks bounds the peak of the whole from above)."""
+    fields = {"VmRSS": 0.0, "VmHWM": 0.0}
+    for pid in pids:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key in fields:
+                fields[key] += int(value.split()[0]) / 1024
+    return {key: round(value, 1) for key, value in fields.items()}
+
+
+def cpu_seconds(pids: tuple[int, ...]) -> float:
+    ticks = 0
+    for pid in pids:
+        stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        ticks += int(stat[11]) + int(stat[12])
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 def free_port() -> int:
@@ -284,9 +303,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(store: Path, log: Path) -> tuple[subprocess.Popen, str]:
+def start_server(store: Path, log: Path, workers: int = 1) -> tuple[subprocess.Popen, str]:
     port = free_port()
-    serve = ["serve", "--store", str(store), "--host", "127.0.0.1", "--port", str(port)]
+    serve = ["serve", "--store", str(store), "--host", "127.0.0.1", "--port", str(port), "--workers", str(workers)]
     command = [sys.executable, "-m", "service.cli", *serve]
     env = {**os.environ, "DYNFUSE_LOG_LEVEL": "warning", "PYTHONUNBUFFERED": "1"}
     process = subprocess.Popen(command, cwd=REPO, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)

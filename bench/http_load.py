@@ -39,6 +39,7 @@ from bench.common import (
     load_test_split,
     markdown_table,
     proc_status,
+    server_processes,
     spread,
     start_server,
     stop_server,
@@ -95,7 +96,7 @@ def in_process(store: Path, samples: list[dict], bodies: list[bytes]):
     return measure, settings.max_batch_size
 
 
-def run_load(generator: str, url: str, bodies: Path, concurrency: int, seconds: float, server_pid: int) -> dict:
+def run_load(generator: str, url: str, bodies: Path, concurrency: int, seconds: float, server: tuple[int, ...]) -> dict:
     """One bounded load level from a separate process; its JSON line plus CPU used by server and generator."""
     if generator == "wrk":
         lua = REPO / "bench" / "wrk_classify.lua"
@@ -105,9 +106,9 @@ def run_load(generator: str, url: str, bodies: Path, concurrency: int, seconds: 
         command += ["-c", str(concurrency), "-d", str(seconds), "--max-requests", "200000"]
     env = {**os.environ, "DYNFUSE_BENCH_BODIES": str(bodies)}
     children = resource.getrusage(resource.RUSAGE_CHILDREN)
-    server_cpu = cpu_seconds(server_pid)
+    server_cpu = cpu_seconds(server)
     batched, batches = batch_counters(url)
-    with CpuWatch((server_pid,)) as watch:
+    with CpuWatch(server) as watch:
         done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=seconds + 60)
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     batched_after, batches_after = batch_counters(url)
@@ -120,7 +121,7 @@ def run_load(generator: str, url: str, bodies: Path, concurrency: int, seconds: 
         "concurrency": concurrency,
         "requests_per_second": result["requests"] / wall,
         "error_count": sum(result["errors"].values()),
-        "server_cpu_cores": (cpu_seconds(server_pid) - server_cpu) / wall,
+        "server_cpu_cores": (cpu_seconds(server) - server_cpu) / wall,
         "generator_cpu_cores": (after.ru_utime + after.ru_stime - children.ru_utime - children.ru_stime) / wall,
         "foreign_cpu_share": watch.foreign_share,
         "mean_batch_size": (batched_after - batched) / max(batches_after - batches, 1),
@@ -158,7 +159,7 @@ def tables(result: dict) -> str:
             load_rows,
         ),
         markdown_table(
-            ["dynfuse serve memory", "VmRSS MiB", "VmHWM MiB"],
+            [f"dynfuse serve memory ({result['workers']} worker process(es), summed)", "VmRSS MiB", "VmHWM MiB"],
             [[when, m["VmRSS"], m["VmHWM"]] for when, m in memory.items()],
         ),
     ]
@@ -172,7 +173,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=15.0, help="length of each load level")
     parser.add_argument("--rounds", type=int, default=7, help="in-process rounds over the split")
     parser.add_argument("--generator", choices=("auto", "wrk", "python"), default="auto")
-    parser.add_argument("--no-profile", action="store_true")
+    parser.add_argument("--workers", type=int, default=1, help="dynfuse serve --workers (default 1)")
+    parser.add_argument("--no-profile", action="store_true", help="skip py-spy (always skipped with --workers > 1)")
     parser.add_argument("--max-wait", type=float, default=180.0, help="seconds to wait for a quiet machine")
     parser.add_argument("--out", type=Path, default=RESULTS / "http_load.json")
     args = parser.parse_args(argv)
@@ -193,24 +195,26 @@ def main(argv: list[str] | None = None) -> int:
     with CpuWatch() as watch:
         seconds = measure(args.rounds)  # the limit, while no server runs; again at the end, so drifts fall on both
     foreign = [watch.foreign_share]
-    process, base = start_server(args.store, work / "server.log")
+    process, base = start_server(args.store, work / "server.log", args.workers)
+    result["workers"] = args.workers
     try:
         time.sleep(2.0)
-        result["memory_mib"] = {"idle after start-up warm-up": proc_status(process.pid)}
+        server = server_processes(process.pid)
+        result["memory_mib"] = {"idle after start-up warm-up": proc_status(server)}
         url = f"{base}/v1/classify"
-        run_load(generator, url, bodies_file, 8, 3, process.pid)  # warm the HTTP path; not recorded
+        run_load(generator, url, bodies_file, 8, 3, server)  # warm the HTTP path; not recorded
         result["levels"] = []
         for concurrency in LEVELS:
-            level = run_load(generator, url, bodies_file, concurrency, args.seconds, process.pid)
+            level = run_load(generator, url, bodies_file, concurrency, args.seconds, server)
             result["levels"].append(level)
             print(
                 f"c={concurrency}: {level['requests_per_second']:,.0f} req/s, p99 {level['latency_ms']['p99']:.1f} ms"
             )
-        result["memory_mib"]["after the load levels"] = proc_status(process.pid)
-        if not args.no_profile:
-            load = lambda seconds: run_load(generator, url, bodies_file, 32, seconds, process.pid)  # noqa: E731
+        result["memory_mib"]["after the load levels"] = proc_status(server)
+        if not args.no_profile and args.workers == 1:
+            load = lambda seconds: run_load(generator, url, bodies_file, 32, seconds, server)  # noqa: E731
             result["profile"] = record_profile(process.pid, args.seconds, "", load)
-            result["memory_mib"]["after profiling (2 more levels at c=32)"] = proc_status(process.pid)
+            result["memory_mib"]["after profiling (2 more levels at c=32)"] = proc_status(server)
     finally:
         stop_server(process)
     log = (work / "server.log").read_text()

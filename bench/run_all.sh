@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Rerun the CPU benchmarks and refresh bench/results/ (figures 1-3; about 15 minutes on 2 cores).
+# Rerun the CPU benchmarks and refresh bench/results/ (figures 1-3; about 20 minutes on 2 cores).
 # Figure 4 needs a CUDA machine: python -m bench.gpu (see bench/BENCHMARKS.md); here it runs as a CPU smoke test.
 # Needs the default model (make build-default), wrk (apt-get install wrk; else a Python load generator
 # is used) and py-spy (pip install py-spy) for the profile.
@@ -16,5 +16,10 @@ export PATH
 for i in 2 3; do
     "$PYTHON" -m bench.realized_savings --out "bench/results/realized_savings_repeat$i.json"
     "$PYTHON" -m bench.http_load --no-profile --out "bench/results/http_load_repeat$i.json"
+done
+# The same load against `dynfuse serve --workers 2` (one process per core here).
+"$PYTHON" -m bench.http_load --no-profile --workers 2 --out bench/results/http_load_workers2.json
+for i in 2 3; do
+    "$PYTHON" -m bench.http_load --no-profile --workers 2 --out "bench/results/http_load_workers2_repeat$i.json"
 done
 "$PYTHON" -m bench.gpu --device cpu --quick --out bench/results/gpu_cpu_smoke.json
