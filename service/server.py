@@ -14,14 +14,16 @@ import os
 import signal
 import sys
 import tempfile
+from typing import TYPE_CHECKING
 
 import uvicorn
-from fastapi import FastAPI
 
 from export.store import StoreError, resolve
 from service.config import Settings, get_settings
-from service.main import create_app
 from service.metrics import MULTIPROCESS_DIR
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
 
 GRACEFUL_SHUTDOWN_S = 30
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -40,6 +42,8 @@ def serve(settings: Settings) -> int:
     print(f"dynfuse: API docs at {base}/docs, readiness at {base}/readyz, metrics at {base}/metrics", flush=True)
     if settings.workers > 1:
         return _serve_workers(settings)
+    from service.main import create_app  # here, not at the top: the supervisor of N workers never needs it
+
     config = uvicorn.Config(
         create_app(settings),
         host=settings.host,
@@ -81,6 +85,8 @@ def _serve_workers(settings: Settings) -> int:
 
 def worker_app() -> FastAPI:
     """The app of one worker process (uvicorn imports it there), configured from the environment."""
+    from service.main import create_app
+
     settings = get_settings()
     logging.basicConfig(level=settings.log_level.upper(), format=LOG_FORMAT)
     return create_app(settings)
