@@ -32,9 +32,10 @@ def test_serves_over_real_http_and_prints_where_the_docs_are(server_process, sam
     assert f"API docs at {base}/docs" in output
 
 
-def test_sigterm_finishes_in_flight_requests_then_exits_0(server_process, samples):
+@pytest.mark.parametrize("workers", [1, 2])
+def test_sigterm_finishes_in_flight_requests_then_exits_0(server_process, samples, workers):
     # A long batch delay keeps requests in flight when the signal arrives.
-    process, base = server_process(max_batch_delay_ms=800, max_batch_size=64)
+    process, base = server_process(max_batch_delay_ms=800, max_batch_size=64, workers=workers)
     pair = {"image": base64.b64encode(samples[0]["png"]).decode(), "text": samples[0]["text"]}
 
     def classify(_):
