@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import threading
 from pathlib import Path
 
 import pytest
@@ -105,6 +106,22 @@ def serve(tiny_store):
 
     yield start
     stack.close()
+
+
+@pytest.fixture
+def held_model_load(monkeypatch) -> threading.Event:
+    """Hold ``InferenceService.load`` until the returned event is set: the app is up, its model not yet."""
+    from service import inference
+
+    release = threading.Event()
+    real_load = inference.InferenceService.load
+
+    def held_load(settings, metrics):
+        release.wait(timeout=60)
+        return real_load(settings, metrics)
+
+    monkeypatch.setattr(inference.InferenceService, "load", staticmethod(held_load))
+    return release
 
 
 def free_port() -> int:

@@ -92,20 +92,7 @@ def test_a_burst_larger_than_the_queue_gets_200_or_503_and_none_is_lost(tiny_sto
     assert after.status_code == 200
 
 
-def test_requests_before_the_model_is_loaded_get_503_not_ready(tiny_store, samples, monkeypatch):
-    from service import inference
-
-    release = asyncio.Event()
-    real_load = inference.InferenceService.load
-
-    def slow_load(settings, metrics):
-        import time
-
-        while not release.is_set():
-            time.sleep(0.01)
-        return real_load(settings, metrics)
-
-    monkeypatch.setattr(inference.InferenceService, "load", staticmethod(slow_load))
+def test_requests_before_the_model_is_loaded_get_503_not_ready(tiny_store, samples, held_model_load):
 
     async def scenario():
         app = create_app(Settings(store=tiny_store))
@@ -115,7 +102,7 @@ def test_requests_before_the_model_is_loaded_get_503_not_ready(tiny_store, sampl
                 early = await client.post("/v1/classify", json={"text": "a red circle"})
                 ready_early = await client.get("/readyz")
                 alive_early = await client.get("/healthz")
-                release.set()
+                held_model_load.set()
                 for _ in range(600):
                     if (await client.get("/readyz")).status_code == 200:
                         break

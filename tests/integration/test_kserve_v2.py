@@ -500,22 +500,9 @@ def test_api_key_guards_infer_and_model_metadata_not_health(serve):
         assert client.get(open_path).status_code == 200, open_path
 
 
-def test_before_the_model_is_loaded_readiness_and_infer_are_503(tiny_store, monkeypatch):
-    from service import inference
+def test_before_the_model_is_loaded_readiness_and_infer_are_503(tiny_store, held_model_load):
     from service.config import Settings
     from service.main import create_app
-
-    release = asyncio.Event()
-    real_load = inference.InferenceService.load
-
-    def slow_load(settings, metrics):
-        import time
-
-        while not release.is_set():
-            time.sleep(0.01)
-        return real_load(settings, metrics)
-
-    monkeypatch.setattr(inference.InferenceService, "load", staticmethod(slow_load))
 
     async def scenario():
         app = create_app(Settings(store=tiny_store))
@@ -527,7 +514,7 @@ def test_before_the_model_is_loaded_readiness_and_infer_are_503(tiny_store, monk
                     for path in ("/v2/health/live", "/v2/health/ready", "/v2/models/shapes/ready", "/v2/models/x/ready")
                 }
                 early["infer"] = await client.post(INFER, **json_request(texts=["a"]))
-                release.set()
+                held_model_load.set()
                 for _ in range(600):
                     if (await client.get("/v2/health/ready")).status_code == 200:
                         break
