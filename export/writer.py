@@ -13,7 +13,6 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -30,6 +29,7 @@ from export.torchscript import TorchScriptComponent, export_torchscript
 from models.data.manifest import has_split, read_split
 from models.data.tensors import TensorSplit, load_pixels, tensorize
 from models.preprocess import ImagePreprocessing
+from models.staging import staging_dir
 from models.tokenizer import Tokenizer
 from models.training import load_run, rebuild_model, rebuild_routers
 
@@ -76,8 +76,7 @@ def export_run(
     components |= {f"router.{router_name}": module for router_name, module in routers.items()}
     checked = _check_samples(checkpoint, data_dir, log)  # (split, tensors, uint8 pixels) or None
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{version}.", dir=target.parent))
+    staging = staging_dir(target)
     try:
         real_inputs = _real_component_inputs(model, checked[1]) if checked is not None else None
         entries, parity = {}, {}

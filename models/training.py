@@ -18,7 +18,6 @@ import json
 import math
 import os
 import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -36,6 +35,7 @@ from models.evaluation import RoutingOutputs, evaluate_policies, find_row, forma
 from models.preprocess import ImagePreprocessing
 from models.registry import create_model
 from models.router import DualRouter
+from models.staging import staging_dir
 from models.tokenizer import Tokenizer
 
 CHECKPOINT = "checkpoint.pt"
@@ -315,8 +315,7 @@ def select_router(validation_rows: list[dict], routers: list[dict], tolerance: f
 
 def _write_run_dir(run_dir: Path, checkpoint: dict, summary: dict) -> None:
     """Write into a temporary sibling and rename, so a failed run leaves no half-written directory."""
-    run_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{run_dir.name}.", dir=run_dir.parent))
+    staging = staging_dir(run_dir)
     try:
         torch.save(checkpoint, staging / CHECKPOINT)
         (staging / SUMMARY).write_text(json.dumps(summary, indent=1, default=_json_default) + "\n")

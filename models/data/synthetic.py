@@ -31,6 +31,8 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 from tqdm import tqdm
 
+from models.staging import staging_dir
+
 GENERATOR_VERSION = 1  # bump when images or captions change, so data sets made by different versions can be told apart
 
 KINDS = ("text_sufficient", "image_needed", "noisy_image")
@@ -382,10 +384,7 @@ def generate(
     """
     out_dir = Path(out_dir)
     _check_target(out_dir, overwrite=overwrite)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    # Not tempfile.mkdtemp: its 0700 mode would survive the rename and lock other users out of the data.
-    staging = out_dir.parent / f".{out_dir.name}.partial-{uuid.uuid4().hex[:12]}"
-    staging.mkdir()
+    staging = staging_dir(out_dir)
     try:
         summary = _write_dataset(staging, config, progress=progress)
         _move_into_place(staging, out_dir, overwrite=overwrite)

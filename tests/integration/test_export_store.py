@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import stat
 import subprocess
 import sys
 
@@ -44,6 +46,14 @@ def test_model_json_lists_everything_serving_needs(tiny_store):
     assert parity["pipeline"]["label_agreement"] >= 0.999
     assert parity["pipeline"]["expert_agreement"] >= 0.999
     assert manifest["evaluation"]["summary"]["full_accuracy"] > 0
+
+
+def test_run_and_model_directories_get_the_usual_mode_not_0700(tiny_run, tiny_store):
+    # A store built as root must stay readable to a container's non-root user.
+    umask = os.umask(0)
+    os.umask(umask)
+    for directory in (tiny_run, tiny_store / "shapes" / "1"):
+        assert stat.S_IMODE(directory.stat().st_mode) == 0o777 & ~umask, directory
 
 
 def test_a_changed_byte_is_refused_naming_the_file(store_copy):
