@@ -11,12 +11,11 @@ from collections.abc import Callable
 
 import numpy as np
 
-from export.store import ComponentInfo
+from export.store import FORMATS, ComponentInfo
 from models.errors import DynfuseError
 
 Runner = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
-BACKENDS = ("onnx", "torchscript")
-DEVICES = ("cpu", "cuda")
+BACKENDS = FORMATS  # a backend runs the component files of its own format
 
 
 class BackendError(DynfuseError, RuntimeError):

@@ -13,7 +13,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from export.backends import create_backend
-from export.pipeline import DynamicPipeline
+from export.pipeline import DynamicPipeline, softmax
 from export.store import load_model
 from models.data.manifest import check_labels, load_image_rgb, read_split
 from models.evaluation import RoutingOutputs, evaluate_policies
@@ -57,9 +57,7 @@ def evaluate_store(
                 pipeline.route(tensors["text_features"], tensors["glimpse_features"], present, present, component)[0]
             )
         for expert in model.expert_names:
-            logits = pipeline.run_expert(expert, tensors)
-            exp = np.exp(logits - logits.max(axis=1, keepdims=True))
-            probs[expert].append(exp / exp.sum(axis=1, keepdims=True))
+            probs[expert].append(softmax(pipeline.run_expert(expert, tensors)))
 
     kinds = [s.kind for s in samples]
     outputs = RoutingOutputs(

@@ -160,7 +160,7 @@ class DynamicPipeline:
             started = time.perf_counter()
             logits = self.run_expert(expert, {name: tensors[name][members] for name in self._reads[expert]})
             seconds[expert] = time.perf_counter() - started
-            probabilities[members] = _softmax(logits)
+            probabilities[members] = softmax(logits)
 
         shared_madds = self._shared_madds(has_text, has_image)
         outputs = [
@@ -227,7 +227,8 @@ def _stack(items: list, present: np.ndarray, shape: tuple[int, ...], dtype) -> n
     return out
 
 
-def _softmax(logits: np.ndarray) -> np.ndarray:
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Row-wise softmax of (N, K) logits."""
     shifted = logits - logits.max(axis=1, keepdims=True)
     exp = np.exp(shifted)
     return exp / exp.sum(axis=1, keepdims=True)
