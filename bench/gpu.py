@@ -41,7 +41,6 @@ def synthetic_run(run_dir: Path, preset: str, seed: int) -> None:
     from models.costs import routing_costs
     from models.preprocess import ImagePreprocessing
     from models.registry import create_model
-    from models.router import DualRouter
     from models.tokenizer import Tokenizer
     from models.training import CHECKPOINT, RUN_FORMAT
 
@@ -50,7 +49,7 @@ def synthetic_run(run_dir: Path, preset: str, seed: int) -> None:
     model = create_model(model_name).eval()
     config = model.config
     tokenizer = Tokenizer(("<pad>", "<unk>", *(f"w{i}" for i in range(config.vocab_size - 2))), config.max_tokens)
-    router = DualRouter(config, glimpse_dim=model.image_glimpse.out_dim).eval()
+    router = model.new_router().eval()
     model.router.load_state_dict(router.state_dict())
     checkpoint = {
         "format": RUN_FORMAT,

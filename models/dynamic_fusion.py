@@ -77,7 +77,7 @@ class DynamicFusionModel(nn.Module):
         self.config = config
         self.text_encoder = TextEncoder(config)
         self.image_glimpse = ImageGlimpse(config)
-        self.router = DualRouter(config, glimpse_dim=self.image_glimpse.out_dim)
+        self.router = self.new_router()
         self.text_head = TextHead(config)
         self.image_encoder = ImageEncoder(config)
         self.image_head = ImageHead(config)
@@ -101,6 +101,10 @@ class DynamicFusionModel(nn.Module):
             "image": self.image_head(image_features),
             "late_fusion": self.fusion_head(text_features, image_features),
         }
+
+    def new_router(self) -> DualRouter:
+        """A freshly initialised router for this model's encoders (Stage II trains one per lambda)."""
+        return DualRouter(self.config, glimpse_dim=self.image_glimpse.out_dim)
 
     def glimpse_logits(self, image: torch.Tensor) -> torch.Tensor:
         return self.glimpse_probe(self.image_glimpse(image))

@@ -130,10 +130,6 @@ class ImageEncoder(nn.Module):
                 width_in = width
         self.blocks = nn.Sequential(*blocks)
 
-    @property
-    def out_dim(self) -> int:
-        return self.config.image_widths[-1]
-
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         x = self.blocks(self.stem(image))  # (B, C, h, w)
         return x.mean(dim=(2, 3))  # (B, C)

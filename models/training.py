@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from models.costs import routing_costs
 from models.data.manifest import check_labels, has_split, label_names, read_split
 from models.data.tensors import TensorSplit, load_pixels, tensorize
-from models.dynamic_fusion import DynamicFusionConfig, DynamicFusionModel
+from models.dynamic_fusion import PRESETS, DynamicFusionConfig, DynamicFusionModel
 from models.evaluation import RoutingOutputs, evaluate_policies, find_row, format_table, summarize
 from models.preprocess import ImagePreprocessing
 from models.registry import create_model
@@ -122,7 +122,7 @@ def train(data_dir: Path, run_dir: Path, config: TrainConfig, *, progress: bool 
     started = time.perf_counter()
     torch.manual_seed(config.seed)
     model_name = f"dynamic_fusion_{config.preset}"
-    base_config = create_model(model_name).config
+    base_config = DynamicFusionConfig(**PRESETS[config.preset])  # what the data needs: sizes, max tokens
     dataset = load_dataset(Path(data_dir), base_config, progress=progress, log=log)
     torch.manual_seed(config.seed)
     model: DynamicFusionModel = create_model(
@@ -248,7 +248,7 @@ def _expert_outputs(model: DynamicFusionModel, split: TensorSplit, batch_size: i
 def train_router(model: DynamicFusionModel, cache: dict, costs: dict, lam: float, config: TrainConfig) -> DualRouter:
     """Stage II for one lambda: straight-through hard gates, resource-aware loss, frozen experts."""
     torch.manual_seed(config.seed)
-    router = DualRouter(model.config, glimpse_dim=model.image_glimpse.out_dim)
+    router = model.new_router()
     optimizer = torch.optim.Adam(router.parameters(), lr=config.router_lr)
     relative_cost = torch.tensor([costs["path"][e.name] / costs["full"] for e in model.experts])  # (E,)
     penalty = cache["losses"] + lam * relative_cost  # (N, E): what choosing each expert costs this sample
@@ -354,7 +354,7 @@ def rebuild_model(checkpoint: dict) -> DynamicFusionModel:
 def rebuild_routers(checkpoint: dict, model: DynamicFusionModel) -> dict[str, DualRouter]:
     routers = {}
     for entry in checkpoint["routers"]:
-        router = DualRouter(model.config, glimpse_dim=model.image_glimpse.out_dim)
+        router = model.new_router()
         router.load_state_dict(entry["state_dict"])
         routers[entry["name"]] = router.eval()
     return routers

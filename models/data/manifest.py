@@ -59,7 +59,7 @@ def find_split_file(data_dir: Path, split: str) -> Path:
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
         raise ManifestError(f"{data_dir}: data directory not found; pass the directory that holds train.jsonl")
-    candidates = [data_dir / f"{alias}{MANIFEST_SUFFIX}" for alias in SPLIT_ALIASES.get(split, (split,))]
+    candidates = _split_candidates(data_dir, split)
     for candidate in candidates:
         if candidate.is_file():
             return candidate
@@ -72,7 +72,11 @@ def find_split_file(data_dir: Path, split: str) -> Path:
 
 def has_split(data_dir: Path, split: str) -> bool:
     """Whether ``data_dir`` has a manifest for ``split`` under any of its names."""
-    return any((Path(data_dir) / f"{alias}{MANIFEST_SUFFIX}").is_file() for alias in SPLIT_ALIASES.get(split, (split,)))
+    return any(candidate.is_file() for candidate in _split_candidates(Path(data_dir), split))
+
+
+def _split_candidates(data_dir: Path, split: str) -> list[Path]:
+    return [data_dir / f"{alias}{MANIFEST_SUFFIX}" for alias in SPLIT_ALIASES.get(split, (split,))]
 
 
 def read_split(data_dir: Path, split: str, **kwargs: Any) -> list[Sample]:
