@@ -25,7 +25,7 @@ from bench.common import REPO, RESULTS, markdown_table
 # Per-request hand-offs to other threads, recognised anywhere in the stack (they cost on the event loop).
 HANDOFFS = (
     (("solve_dependencies", "run_in_threadpool"), "sync dependencies -> AnyIO thread pool (FastAPI)"),
-    (("_prepare (service/api", "run_in_threadpool"), "image decode -> AnyIO thread pool (large images)"),
+    (("run_decoding (service/inference", "run_in_threadpool"), "image decode -> AnyIO thread pool (large images)"),
     (("ThreadPoolExecutor.submit",), "batch -> worker thread (run_in_executor)"),
 )
 # Otherwise the stage is decided by the innermost frame that matches one of these.

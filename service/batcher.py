@@ -58,10 +58,6 @@ class MicroBatcher:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dynfuse-batch")
         self._worker: asyncio.Task | None = None
 
-    @property
-    def queued(self) -> int:
-        return self._queue.qsize()
-
     def start(self) -> None:
         self._worker = asyncio.get_running_loop().create_task(self._run(), name="dynfuse-batcher")
 

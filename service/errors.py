@@ -73,8 +73,9 @@ class NotReady(ApiError):
         super().__init__(message, headers={"Retry-After": str(retry_after_s)})
 
 
-def error_body(request: Request, code: str, message: str) -> dict:
-    if request.url.path.startswith("/v2"):
+def error_body(path: str, code: str, message: str) -> dict:
+    """The error body for a request path: the KServe v2 shape under /v2, the /v1 shape elsewhere."""
+    if path.startswith("/v2"):
         return {"error": message}
     return {"error": {"code": code, "message": message}}
 
@@ -86,18 +87,21 @@ def install_error_handlers(app: FastAPI, on_rejected=None) -> None:
     async def _api_error(request: Request, error: ApiError) -> JSONResponse:
         if on_rejected is not None:
             on_rejected(error.reason)
-        return JSONResponse(error_body(request, error.code, error.message), error.status, headers=error.headers)
+        body = error_body(request.url.path, error.code, error.message)
+        return JSONResponse(body, error.status, headers=error.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
         if on_rejected is not None:
             on_rejected("invalid")
-        return JSONResponse(error_body(request, "invalid_input", describe_validation_errors(error.errors())), 422)
+        message = describe_validation_errors(error.errors())
+        return JSONResponse(error_body(request.url.path, "invalid_input", message), 422)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
         code = {404: "not_found", 405: "method_not_allowed"}.get(error.status_code, "http_error")
-        return JSONResponse(error_body(request, code, str(error.detail)), error.status_code, headers=error.headers)
+        body = error_body(request.url.path, code, str(error.detail))
+        return JSONResponse(body, error.status_code, headers=error.headers)
 
     @app.exception_handler(ClientDisconnect)
     async def _client_gone(request: Request, error: ClientDisconnect) -> Response:
@@ -109,7 +113,7 @@ def install_error_handlers(app: FastAPI, on_rejected=None) -> None:
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, error: Exception) -> JSONResponse:
         logger.exception("unhandled error on %s %s", request.method, request.url.path)
-        return JSONResponse(error_body(request, "internal_error", "internal server error"), 500)
+        return JSONResponse(error_body(request.url.path, "internal_error", "internal server error"), 500)
 
 
 def describe_validation_errors(errors: list[dict]) -> str:

@@ -9,6 +9,8 @@ import logging
 import time
 from dataclasses import dataclass
 
+from starlette.concurrency import run_in_threadpool
+
 from export.backends import create_backend
 from export.pipeline import AUTO, DynamicPipeline, PipelineInput, RouteError
 from export.store import StoredModel, load_model
@@ -21,9 +23,17 @@ from service.metrics import Metrics
 
 logger = logging.getLogger("dynfuse")
 
-# Decoding a big image takes milliseconds: routes do it in a worker thread so the event loop keeps
+# Decoding a big image takes milliseconds: that happens in a worker thread so the event loop keeps
 # serving. Small ones decode faster than the thread hop costs.
 INLINE_DECODE_BYTES = 64 * 1024
+
+
+async def run_decoding(image_bytes: int, fn, *args):
+    """``fn(*args)``, which decodes images of ``image_bytes`` in all: on the event loop when they are
+    small, in a worker thread when they are big."""
+    if image_bytes > INLINE_DECODE_BYTES:
+        return await run_in_threadpool(fn, *args)
+    return fn(*args)
 
 
 @dataclass
@@ -34,7 +44,6 @@ class ClientInput:
     text: str | None
     route: str = AUTO
     threshold: float | None = None
-    id: str | None = None
 
 
 class InferenceService:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import time
 
-from service.errors import PayloadTooLarge
+from service.errors import PayloadTooLarge, error_body
 from service.metrics import Metrics
 
 
@@ -82,8 +82,7 @@ def _header(scope, name: bytes) -> str | None:
 
 
 async def _send_error(scope, send, status: int, code: str, message: str) -> None:
-    body = {"error": message} if scope["path"].startswith("/v2") else {"error": {"code": code, "message": message}}
-    payload = json.dumps(body).encode()
+    payload = json.dumps(error_body(scope["path"], code, message)).encode()
     await send(
         {
             "type": "http.response.start",

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import math
 import time
 import uuid
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from starlette.datastructures import UploadFile
@@ -23,7 +21,7 @@ from service.errors import (
     UnsupportedMediaType,
     describe_validation_errors,
 )
-from service.inference import INLINE_DECODE_BYTES, ClientInput, InferenceService
+from service.inference import ClientInput, run_decoding
 from service.schemas import (
     ROUTE_DESCRIPTION,
     THRESHOLD_DESCRIPTION,
@@ -88,7 +86,7 @@ CLASSIFY_BODY = {
 async def classify(request: Request, service: ServiceDep, settings: SettingsDep) -> JSONResponse:
     started = time.perf_counter()
     client = await _read_classify_body(request, settings.max_text_chars)
-    item = await _prepare(service, client)
+    item = await run_decoding(len(client.image or b""), service.prepare, client)
     [result] = await service.classify([item])
     request_id = _request_id(request)
     return JSONResponse(service.render(result, request_id, started), headers={"X-Request-ID": request_id})
@@ -110,7 +108,7 @@ async def classify_batch(body: BatchClassifyRequest, service: ServiceDep, settin
         try:
             image = decode_base64(entry.image) if entry.image is not None else None
             client = ClientInput(image, entry.text, body.route, body.threshold)
-            items.append(await _prepare(service, client))
+            items.append(await run_decoding(len(client.image or b""), service.prepare, client))
         except ApiError as error:
             error.message = f"inputs[{position}]: {error.message}"
             raise
@@ -120,12 +118,6 @@ async def classify_batch(body: BatchClassifyRequest, service: ServiceDep, settin
         for position, (entry, result) in enumerate(zip(body.inputs, results, strict=True))
     ]
     return JSONResponse({"model": service.model.name, "model_version": service.model.version, "outputs": outputs})
-
-
-async def _prepare(service: InferenceService, client: ClientInput) -> PipelineInput:
-    if client.image is not None and len(client.image) > INLINE_DECODE_BYTES:
-        return await run_in_threadpool(service.prepare, client)
-    return service.prepare(client)
 
 
 async def _read_classify_body(request: Request, max_text_chars: int) -> ClientInput:
@@ -185,7 +177,7 @@ def _parse_threshold(value) -> float | None:
         threshold = float(value)
     except (TypeError, ValueError):
         raise InvalidInput(f"threshold: {value!r} is not a number in [0, 1]") from None
-    if not (0.0 <= threshold <= 1.0) or math.isnan(threshold):
+    if not 0.0 <= threshold <= 1.0:  # NaN fails it too
         raise InvalidInput(f"threshold: {threshold} is outside [0, 1]")
     return threshold
 

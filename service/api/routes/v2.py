@@ -40,7 +40,6 @@ from importlib import metadata
 
 import numpy as np
 from fastapi import APIRouter, Depends, Request
-from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response
 
 from export.pipeline import AUTO, PipelineInput, PipelineOutput
@@ -68,7 +67,7 @@ from service.api.v2_codec import (
 from service.config import Settings
 from service.decode import decode_base64
 from service.errors import ApiError, InvalidInput, NotFound, PayloadTooLarge
-from service.inference import INLINE_DECODE_BYTES, ClientInput, InferenceService
+from service.inference import ClientInput, InferenceService, run_decoding
 from service.schemas import ROUTE_DESCRIPTION, THRESHOLD_DESCRIPTION
 
 router = APIRouter(prefix="/v2", tags=["Open Inference Protocol (v2)"])
@@ -257,10 +256,7 @@ async def _infer(
         selected = select_outputs(decoded.request, list(OUTPUT_DATATYPES))
         images, texts = _rows(decoded, settings.max_batch_inputs)
         clients = [ClientInput(image, text, route, threshold) for image, text in zip(images, texts, strict=True)]
-        if sum(len(image) for image in images if image is not None) > INLINE_DECODE_BYTES:
-            items = await run_in_threadpool(_prepare, service, clients)
-        else:
-            items = _prepare(service, clients)
+        items = await run_decoding(sum(len(image) for image in images if image is not None), _prepare, service, clients)
         results = await service.classify(items)
     except ApiError as error:
         error.status = V2_STATUS.get(error.status, error.status)
