@@ -2,12 +2,10 @@
 # Rerun the CPU benchmarks and refresh bench/results/ (figures 1-3; about 20 minutes on 2 cores).
 # Figure 4 needs a CUDA machine: python -m bench.gpu (see bench/BENCHMARKS.md); here it runs as a CPU smoke test.
 # Needs the default model (make build-default), wrk (apt-get install wrk; else a Python load generator
-# is used) and py-spy (pip install py-spy) for the profile.
+# is used) and py-spy (.venv/bin/pip install -e '.[bench]') for the profile.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-.venv/bin/python}
-PATH="$(dirname "$PYTHON"):$PATH"  # py-spy from the venv
-export PATH
 "$PYTHON" -m bench.accuracy
 "$PYTHON" -m bench.realized_savings
 "$PYTHON" -m bench.ort_spin

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 import threading
 from pathlib import Path
 
@@ -16,7 +17,11 @@ MODEL_NAME = "shapes"
 
 
 def require_tool(name: str) -> str:
-    """A system tool a test needs: a failure under CI (which installs it), a skip elsewhere."""
+    """A tool a test needs, next to this Python (the venv's bin/, where pip puts hadolint) or on PATH:
+    a failure under CI (``.ci/run`` and ``make test`` install every one), a skip elsewhere."""
+    beside = Path(sys.executable).parent / name
+    if beside.is_file() and os.access(beside, os.X_OK):
+        return str(beside)
     path = shutil.which(name)
     if path is None:
         if os.environ.get("CI"):

@@ -1,15 +1,7 @@
 """The Grafana dashboard's PromQL, for tests that check it (tests/unit/test_ops_files.py) or run it
 against a real Prometheus (an integration test).
 
-tests/ is not a package, so import this module by path::
-
-    import importlib.util
-    from pathlib import Path
-
-    _path = Path(__file__).resolve().parents[1] / "dashboard_queries.py"   # from tests/<kind>/
-    _spec = importlib.util.spec_from_file_location("dashboard_queries", _path)
-    dashboard_queries = importlib.util.module_from_spec(_spec)
-    _spec.loader.exec_module(dashboard_queries)
+Import it as ``import dashboard_queries`` (pytest puts tests/, where conftest.py lives, on sys.path)::
 
     for title, expr in dashboard_queries.dashboard_queries():
         promql = dashboard_queries.render_expr(expr, model="shapes")

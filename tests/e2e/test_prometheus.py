@@ -9,14 +9,13 @@ port with a generated config that scrapes the service every second.
 from __future__ import annotations
 
 import base64
-import importlib.util
 import json
 import math
 import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
+import dashboard_queries as dq
 import httpx
 import pytest
 from conftest import MODEL_NAME, free_port, require_tool
@@ -26,17 +25,6 @@ pytestmark = pytest.mark.e2e
 SCRAPE_INTERVAL_S = 1
 TIMEOUT_S = 20  # for each wait: Prometheus ready, a scrape, the burst seen
 MAX_BODY_BYTES = 256 * 1024  # the service's limit here: one request goes over it
-
-
-def _load_dashboard_queries():
-    path = Path(__file__).resolve().parents[1] / "dashboard_queries.py"
-    spec = importlib.util.spec_from_file_location("dashboard_queries", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-dq = _load_dashboard_queries()
 
 
 # --- Prometheus ---------------------------------------------------------------------------------

@@ -9,17 +9,15 @@ developer's machine and fails it in CI (CI set), where .ci/run installs them.
 from __future__ import annotations
 
 import fnmatch
-import importlib.util
 import json
-import os
 import re
-import shutil
 import subprocess
-import sys
 from pathlib import Path
 
+import dashboard_queries as dq
 import pytest
 import yaml  # PyYAML: a dependency of uvicorn[standard]
+from conftest import require_tool
 
 REPO = Path(__file__).resolve().parents[2]
 DOCKERFILE = REPO / "Dockerfile"
@@ -28,32 +26,6 @@ COMPOSE = REPO / "docker-compose.yml"
 PROMETHEUS_CONFIG = REPO / "docker" / "prometheus" / "prometheus.yml"
 GRAFANA = REPO / "docker" / "grafana"
 STORE_PATH = "/opt/dynfuse/store"
-
-
-def _load_dashboard_queries():
-    path = REPO / "tests" / "dashboard_queries.py"
-    spec = importlib.util.spec_from_file_location("dashboard_queries", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-dq = _load_dashboard_queries()
-
-
-def _tool(name: str) -> str:
-    """Path of a command-line tool: next to this Python (the venv's bin/) or on PATH."""
-    beside = Path(sys.executable).parent / name
-    if beside.is_file() and os.access(beside, os.X_OK):
-        return str(beside)
-    found = shutil.which(name)
-    if found:
-        return found
-    message = f"{name} not found (next to {sys.executable} or on PATH)"
-    if os.environ.get("CI"):
-        pytest.fail(message + "; CI must install it (.ci/run, `make test`)")
-    pytest.skip(message)
-    return ""  # unreachable
 
 
 def _run(args: list[str], **kwargs) -> subprocess.CompletedProcess:
@@ -115,7 +87,7 @@ def _global_args() -> dict[str, str]:
 
 
 def test_hadolint_finds_no_errors():
-    hadolint = _tool("hadolint")
+    hadolint = require_tool("hadolint")
     result = _run([hadolint, "--no-color", "--failure-threshold", "error", str(DOCKERFILE)])
     assert result.returncode == 0, f"hadolint:\n{result.stdout}{result.stderr}"
 
@@ -262,7 +234,7 @@ def _compose() -> dict:
 
 
 def test_docker_compose_config_is_valid():
-    compose = _tool("docker-compose")
+    compose = require_tool("docker-compose")
     result = _run([compose, "-f", str(COMPOSE), "config", "-q"])
     assert result.returncode == 0, f"docker-compose config:\n{result.stdout}{result.stderr}"
 
@@ -320,7 +292,7 @@ def test_prometheus_config_scrapes_dynfuse_every_5s():
 
 
 def test_prometheus_config_passes_promtool():
-    promtool = _tool("promtool")
+    promtool = require_tool("promtool")
     result = _run([promtool, "check", "config", str(PROMETHEUS_CONFIG)])
     assert result.returncode == 0, f"promtool check config:\n{result.stdout}{result.stderr}"
 
@@ -443,7 +415,7 @@ def test_dashboard_queries_use_only_contract_metrics_and_the_model_variable():
 
 def test_dashboard_queries_parse_with_promtool(tmp_path):
     """promtool parses every query (as a recording rule), with $model replaced as Grafana would."""
-    promtool = _tool("promtool")
+    promtool = require_tool("promtool")
     rules = [
         {"record": f"dashboard:query_{n}", "expr": dq.render_expr(expr, "shapes|other")}
         for n, (_title, expr) in enumerate(dq.dashboard_queries())
