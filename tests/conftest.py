@@ -5,6 +5,9 @@ The tiny preset trains in seconds on 2 cores; everything that needs a real model
 
 from __future__ import annotations
 
+import base64
+import io
+import json
 import os
 import shutil
 import sys
@@ -12,6 +15,8 @@ import threading
 from pathlib import Path
 
 import pytest
+from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
 
 MODEL_NAME = "shapes"
 
@@ -30,8 +35,33 @@ def require_tool(name: str) -> str:
     return path
 
 
-def _quiet(*_args, **_kwargs) -> None:
-    return None
+def quiet(*_args, **_kwargs) -> None:
+    """A ``log`` that prints nothing."""
+    return
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def png_of_size(width: int, height: int) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (width, height), (120, 30, 30)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def scrape(client) -> dict[tuple[str, tuple], float]:
+    """Every sample of the client's /metrics as {(name, sorted labels): value}."""
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(client.get("/metrics").text)
+        for s in family.samples
+    }
+
+
+def value(samples, name: str, **labels) -> float:
+    """One sample of ``scrape``'s result; 0 when the series does not exist."""
+    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
 
 
 @pytest.fixture(scope="session")
@@ -48,7 +78,7 @@ def tiny_run(tiny_data, tmp_path_factory) -> Path:
     from models.training import TrainConfig, train
 
     run = tmp_path_factory.mktemp("tiny-run") / "run"
-    train(tiny_data, run, TrainConfig(preset="tiny", lambdas=(0.0, 0.3)), progress=False, log=_quiet)
+    train(tiny_data, run, TrainConfig(preset="tiny", lambdas=(0.0, 0.3)), progress=False, log=quiet)
     return run
 
 
@@ -58,7 +88,7 @@ def tiny_store(tiny_run, tmp_path_factory) -> Path:
     from export.writer import export_run
 
     store = tmp_path_factory.mktemp("tiny-store") / "store"
-    export_run(tiny_run, store, name=MODEL_NAME, progress=False, log=_quiet)
+    export_run(tiny_run, store, name=MODEL_NAME, progress=False, log=quiet)
     return store
 
 
@@ -66,6 +96,12 @@ def tiny_store(tiny_run, tmp_path_factory) -> Path:
 def store_copy(tiny_store, tmp_path) -> Path:
     """A private copy of the tiny store, free to tamper with."""
     return Path(shutil.copytree(tiny_store, tmp_path / "store"))
+
+
+@pytest.fixture
+def manifest(tiny_store) -> dict:
+    """The tiny store's model.json."""
+    return json.loads(next(tiny_store.glob("shapes/*/model.json")).read_text())
 
 
 @pytest.fixture(scope="session")

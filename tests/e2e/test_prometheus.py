@@ -8,7 +8,6 @@ port with a generated config that scrapes the service every second.
 
 from __future__ import annotations
 
-import base64
 import json
 import math
 import subprocess
@@ -18,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 import dashboard_queries as dq
 import httpx
 import pytest
-from conftest import MODEL_NAME, free_port, require_tool
+from conftest import MODEL_NAME, b64, free_port, require_tool
 
 pytestmark = pytest.mark.e2e
 
@@ -126,10 +125,6 @@ def prometheus(tmp_path):
 
 
 # --- the burst ----------------------------------------------------------------------------------
-
-
-def b64(data: bytes) -> str:
-    return base64.b64encode(data).decode()
 
 
 def burst(samples: list[dict]) -> list[dict]:

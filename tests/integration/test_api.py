@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-import base64
 import json
 
 import pytest
+from conftest import b64
 
 EXPERTS = {"text", "image", "late_fusion"}
-
-
-def b64(data: bytes) -> str:
-    return base64.b64encode(data).decode()
 
 
 @pytest.fixture

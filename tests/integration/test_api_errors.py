@@ -3,17 +3,11 @@ keeps answering good requests afterwards."""
 
 from __future__ import annotations
 
-import base64
-import io
 import struct
 import zlib
 
 import pytest
-from PIL import Image
-
-
-def b64(data: bytes) -> str:
-    return base64.b64encode(data).decode()
+from conftest import b64, png_of_size
 
 
 def png_claiming(width: int, height: int) -> bytes:
@@ -25,12 +19,6 @@ def png_claiming(width: int, height: int) -> bytes:
     header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
     idat = zlib.compress(b"\x00" * 64)
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
-
-
-def png_of_size(width: int, height: int) -> bytes:
-    buffer = io.BytesIO()
-    Image.new("RGB", (width, height), (120, 30, 30)).save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 @pytest.fixture

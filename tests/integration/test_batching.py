@@ -4,18 +4,14 @@ and a burst larger than the queue gets 200s and 503s, nothing lost and nothing h
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 
 import httpx
 import pytest
+from conftest import b64
 
 from service.config import Settings
 from service.main import create_app
-
-
-def b64(data: bytes) -> str:
-    return base64.b64encode(data).decode()
 
 
 @contextlib.asynccontextmanager

@@ -11,15 +11,12 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import quiet
 
 from export.backends import create_backend
 from export.pipeline import DynamicPipeline, PipelineInput
 from export.store import IntegrityError, ModelNotFoundError, list_store, load_model, sha256_file
 from export.writer import export_run
-
-
-def quiet(*_args):
-    return None
 
 
 def test_model_json_lists_everything_serving_needs(tiny_store):

@@ -5,9 +5,7 @@ runs in tests/e2e/test_kserve_tritonclient.py)."""
 from __future__ import annotations
 
 import asyncio
-import base64
 import gzip
-import io
 import json
 import struct
 import zlib
@@ -17,16 +15,11 @@ from importlib.metadata import version
 import httpx
 import numpy as np
 import pytest
-from PIL import Image
-from prometheus_client.parser import text_string_to_metric_families
+from conftest import b64, png_of_size, scrape, value
 
 INFER = "/v2/models/shapes/infer"
 OUTPUTS = ["label", "probabilities", "expert", "decided_by", "importance", "madds", "saved_ratio"]
 NUMPY = {"FP32": "<f4", "INT64": "<i8"}
-
-
-def b64(data: bytes) -> str:
-    return base64.b64encode(data).decode()
 
 
 def bytes_tensor(elements: list[bytes]) -> bytes:
@@ -293,12 +286,6 @@ def test_a_gzip_or_deflate_body_is_decompressed(client, samples):
 
 
 # -- errors ------------------------------------------------------------------------------------
-def png_of_size(width: int, height: int) -> bytes:
-    buffer = io.BytesIO()
-    Image.new("RGB", (width, height), (120, 30, 30)).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
 def raw_json(text: str, **headers) -> dict:
     return {"content": text.encode(), "headers": headers}
 
@@ -447,18 +434,6 @@ def test_each_bad_request_gets_400_or_413_with_the_spec_error_shape(serve, sampl
 
 
 # -- metrics, auth, readiness, docs ------------------------------------------------------------
-def scrape(client) -> dict[tuple[str, tuple], float]:
-    return {
-        (s.name, tuple(sorted(s.labels.items()))): s.value
-        for family in text_string_to_metric_families(client.get("/metrics").text)
-        for s in family.samples
-    }
-
-
-def value(samples, name: str, **labels) -> float:
-    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
-
-
 def test_metrics_count_v2_infers_like_v1(client, samples):
     png, text = samples[0]["png"], samples[0]["text"]
     responses = [

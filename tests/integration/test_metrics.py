@@ -2,29 +2,10 @@
 
 from __future__ import annotations
 
-import base64
 from collections import Counter
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
-
-
-def b64(data: bytes) -> str:
-    return base64.b64encode(data).decode()
-
-
-def scrape(client) -> dict[tuple[str, tuple], float]:
-    """Every sample of /metrics as {(name, sorted labels): value}."""
-    text = client.get("/metrics").text
-    return {
-        (s.name, tuple(sorted(s.labels.items()))): s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-    }
-
-
-def value(samples, name: str, **labels) -> float:
-    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+from conftest import b64, scrape, value
 
 
 def test_counters_equal_the_sums_of_the_responses(serve, samples):

@@ -6,13 +6,10 @@ import json
 
 import pytest
 import torch
+from conftest import quiet
 
 from models.data.manifest import ManifestError
 from models.training import CHECKPOINT, SUMMARY, TrainConfig, load_run, rebuild_model, rebuild_routers, train
-
-
-def quiet(*_args):
-    return None
 
 
 def test_the_run_directory_rebuilds_the_model_from_the_checkpoint_alone(tiny_run):
