@@ -224,7 +224,7 @@ def _check_samples(checkpoint: dict, data_dir: Path | None, log) -> tuple[str, T
     preprocessing = ImagePreprocessing.from_dict(checkpoint["preprocessing"])
     pixels = load_pixels(samples, preprocessing.image_size)
     tensors = tensorize(samples, pixels, tokenizer, preprocessing, checkpoint["labels"])
-    return split, tensors, np.rint(pixels * 255.0).astype(np.uint8)  # what the server's decoder hands on
+    return split, tensors, pixels
 
 
 @torch.no_grad()

@@ -28,7 +28,9 @@ class ImagePreprocessing:
 
     def normalize(self, pixels: np.ndarray) -> np.ndarray:
         """uint8 (N, S, S, 3) -> float32 (N, 3, S, S), in one vectorized pass over a batch.
-        The same arithmetic as training (``to_unit_array``, then the mean and std), so the same bits."""
+
+        Training and serving both normalize here, so a picture gives the same bits to both: x / 255 in
+        float32, minus the mean, over the std."""
         # A channel has 256 possible values: look them up in a table computed with the training
         # arithmetic. One gather instead of four full-size passes (broadcasting over a last axis of 3
         # cost ~2 ms per batch of 16 on the served path).
@@ -43,7 +45,7 @@ class ImagePreprocessing:
     def _table(self) -> np.ndarray:
         table = self.__dict__.get("_lookup")
         if table is None:
-            unit = np.arange(256, dtype=np.float32)[None, :] / np.float32(255.0)  # as to_unit_array
+            unit = np.arange(256, dtype=np.float32)[None, :] / np.float32(255.0)
             table = (unit - np.asarray(self.mean, np.float32)[:, None]) / np.asarray(self.std, np.float32)[:, None]
             object.__setattr__(self, "_lookup", table)  # frozen dataclass: a cache, not state
         return table
@@ -72,8 +74,3 @@ def to_pixels(image: Image.Image, size: int) -> np.ndarray:
     if image.size != (size, size):
         image = image.resize((size, size), Image.BILINEAR)
     return np.asarray(image, dtype=np.uint8)
-
-
-def to_unit_array(image: Image.Image, size: int) -> np.ndarray:
-    """RGB, resized to (size, size), as float32 in [0, 1] with shape (S, S, 3)."""
-    return to_pixels(image, size).astype(np.float32) / 255.0

@@ -102,7 +102,8 @@ def load_dataset(data_dir: Path, config: DynamicFusionConfig, *, progress: bool,
     pixels = {
         name: load_pixels(s, config.image_size, progress=progress, desc=f"{name} images") for name, s in samples.items()
     }
-    train_pixels = pixels["train"].reshape(-1, 3).astype(np.float64)
+    # The statistics of x / 255 in float32, as normalize computes it.
+    train_pixels = (pixels["train"].reshape(-1, 3).astype(np.float32) / np.float32(255.0)).astype(np.float64)
     mean = tuple(round(float(v), 6) for v in train_pixels.mean(0))
     std = tuple(round(max(float(v), 1e-3), 6) for v in train_pixels.std(0))
     preprocessing = ImagePreprocessing(config.image_size, mean, std)

@@ -9,7 +9,7 @@ import torch
 from tqdm.auto import tqdm
 
 from models.data.manifest import Sample, load_image_rgb
-from models.preprocess import ImagePreprocessing, to_unit_array
+from models.preprocess import ImagePreprocessing, to_pixels
 from models.tokenizer import Tokenizer
 
 
@@ -26,10 +26,11 @@ class TensorSplit:
 
 
 def load_pixels(samples: list[Sample], image_size: int, *, progress: bool = False, desc: str = "images") -> np.ndarray:
-    """Every sample's picture as float32 in [0, 1], shape (N, S, S, 3). Errors name the manifest line."""
-    pixels = np.empty((len(samples), image_size, image_size, 3), dtype=np.float32)
+    """Every sample's picture resized, as uint8 of shape (N, S, S, 3), what the server's decoder hands on.
+    Errors name the manifest line."""
+    pixels = np.empty((len(samples), image_size, image_size, 3), dtype=np.uint8)
     for i, sample in enumerate(tqdm(samples, desc=desc, disable=not progress, leave=False)):
-        pixels[i] = to_unit_array(load_image_rgb(sample), image_size)
+        pixels[i] = to_pixels(load_image_rgb(sample), image_size)
     return pixels
 
 
@@ -40,13 +41,11 @@ def tensorize(
     preprocessing: ImagePreprocessing,
     labels: list[str],
 ) -> TensorSplit:
-    # Same arithmetic as ImagePreprocessing.__call__, on the whole split at once.
-    normalized = (pixels - np.asarray(preprocessing.mean, np.float32)) / np.asarray(preprocessing.std, np.float32)
     label_index = {label: i for i, label in enumerate(labels)}
     kinds = [s.kind for s in samples]
     return TensorSplit(
         token_ids=torch.tensor([tokenizer.encode(s.text) for s in samples], dtype=torch.int64),
-        images=torch.from_numpy(np.ascontiguousarray(normalized.transpose(0, 3, 1, 2))),
+        images=torch.from_numpy(preprocessing.normalize(pixels)),  # exactly as the server normalizes
         labels=torch.tensor([label_index[s.label] if s.label is not None else -1 for s in samples], dtype=torch.int64),
         ids=[s.id for s in samples],
         kinds=kinds if all(k is not None for k in kinds) else None,

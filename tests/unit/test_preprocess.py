@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-from models.preprocess import ImagePreprocessing, to_unit_array
+from models.preprocess import ImagePreprocessing, to_pixels
 
 
 def test_batch_normalization_equals_the_training_arithmetic_exactly():
@@ -24,6 +24,6 @@ def test_one_picture_resized_and_normalized_like_training():
     preprocessing = ImagePreprocessing(16, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
     picture = Image.fromarray(np.random.default_rng(1).integers(0, 256, (40, 24, 3), dtype=np.uint8))
 
-    expected = ((to_unit_array(picture, 16) - 0.5) / np.float32(0.25)).transpose(2, 0, 1)
+    expected = ((to_pixels(picture, 16).astype(np.float32) / 255.0 - 0.5) / np.float32(0.25)).transpose(2, 0, 1)
     assert np.array_equal(preprocessing(picture), expected)
     assert preprocessing.pixels(picture).shape == (16, 16, 3)
