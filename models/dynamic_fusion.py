@@ -94,8 +94,10 @@ class DynamicFusionModel(nn.Module):
 
     def expert_logits(self, token_ids: torch.Tensor, image: torch.Tensor) -> dict[str, torch.Tensor]:
         """Every expert's logits on a batch with both modalities (training and evaluation)."""
-        text_features = self.text_encoder(token_ids)  # (B, Dt)
-        image_features = self.image_encoder(image)  # (B, Di)
+        return self.heads(self.text_encoder(token_ids), self.image_encoder(image))
+
+    def heads(self, text_features: torch.Tensor, image_features: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Every expert's logits from the encoders' features (B, Dt) and (B, Di)."""
         return {
             "text": self.text_head(text_features),
             "image": self.image_head(image_features),

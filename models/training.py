@@ -233,9 +233,10 @@ def _expert_outputs(model: DynamicFusionModel, split: TensorSplit, batch_size: i
     for start in range(0, len(split), batch_size):
         tokens = split.token_ids[start : start + batch_size]
         images = split.images[start : start + batch_size]
-        parts["text_features"].append(model.text_encoder(tokens))
+        text_features = model.text_encoder(tokens)
+        parts["text_features"].append(text_features)
         parts["glimpse_features"].append(model.image_glimpse(images))
-        parts["logits"].append(model.expert_logits(tokens, images))
+        parts["logits"].append(model.heads(text_features, model.image_encoder(images)))
     logits = {e.name: torch.cat([p[e.name] for p in parts["logits"]]) for e in model.experts}
     losses = torch.stack([F.cross_entropy(logits[e.name], split.labels, reduction="none") for e in model.experts], 1)
     return {
