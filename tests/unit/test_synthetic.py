@@ -11,28 +11,36 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from models.data import synthetic
 from models.data.manifest import Sample, load_image_rgb, read_split
 from models.data.synthetic import (
     CLEAR_TEMPLATES,
     COLOUR_ONLY_TEMPLATES,
+    COLOUR_QUERY_TEMPLATES,
     COLOUR_WORDS,
     COLOURS,
     GENERIC_CAPTIONS,
     KINDS,
     LABELS,
     NOISY_TEMPLATES,
+    OOD_COLOUR_WORDS,
+    OOD_SHAPE_WORDS,
+    POSITION_TEMPLATES,
     SHAPE_ONLY_TEMPLATES,
+    SHAPE_QUERY_TEMPLATES,
     SHAPE_WORDS,
     SHAPES,
+    VARIANTS,
     OutputExistsError,
     SynthConfig,
     generate,
     render_image,
+    variant_of,
+    writer,
 )
+from models.tokenizer import split_words
 
-SMALL = SynthConfig(size=240, seed=3, image_size=32)
-SPLIT_SIZES = {"train": 168, "val": 36, "test": 36}  # 240 x (0.7, 0.15, 0.15)
+SMALL = SynthConfig(size=480, seed=3, image_size=32)
+SPLIT_SIZES = {"train": 336, "val": 72, "test": 72, "test_ood": 72}  # 480 x (0.7, 0.15, 0.15), test_ood = test
 TINY = SynthConfig(size=60, seed=7, image_size=32)
 
 
@@ -82,7 +90,7 @@ def test_same_seed_gives_byte_identical_files(tmp_path: Path) -> None:
     generate(tmp_path / "a", TINY, progress=False)
     generate(tmp_path / "b", TINY, progress=False)
     first, second = _file_hashes(tmp_path / "a"), _file_hashes(tmp_path / "b")
-    assert len(first) == TINY.size + 4  # every image, three manifests, synth.json
+    assert len(first) == TINY.size + 9 + 5  # every image (test_ood's 9 too), four manifests, synth.json
     assert first == second
 
 
@@ -97,7 +105,7 @@ def test_different_seed_gives_different_data(tmp_path: Path) -> None:
 
 def test_images_do_not_depend_on_generation_order(dataset: Path, samples: dict[str, list[Sample]]) -> None:
     """Each image is a pure function of (seed, index, label, kind), so it can be re-rendered on its own."""
-    for sample in samples["test"][:10]:
+    for sample in samples["test"][:10] + samples["test_ood"][:10]:
         again = render_image(SMALL.seed, int(sample.id), sample.label, sample.kind, SMALL.image_size)
         assert np.array_equal(np.asarray(load_image_rgb(sample)), again)
 
@@ -108,14 +116,17 @@ def test_images_do_not_depend_on_generation_order(dataset: Path, samples: dict[s
 def test_synth_json_describes_the_output(dataset: Path, samples: dict[str, list[Sample]]) -> None:
     summary = json.loads((dataset / "synth.json").read_text())
     assert summary["config"] == {
-        "size": 240,
+        "size": 480,
         "seed": 3,
         "image_size": 32,
-        "mix": {"text_sufficient": 0.5, "image_needed": 0.35, "noisy_image": 0.15},
+        "mix": {"text_sufficient": 0.3, "image_needed": 0.15, "noisy_image": 0.1, "image_decides": 0.25,
+                "cross_modal": 0.2},
         "splits": {"train": 0.7, "val": 0.15, "test": 0.15},
-    }
+        "ood_size": 72,
+    }  # fmt: skip
     assert summary["labels"] == list(LABELS) == sorted(LABELS)
     assert len(LABELS) == 12
+    assert summary["kinds"] == list(KINDS)
     for split, split_samples in samples.items():
         kinds = Counter(s.kind for s in split_samples)
         assert summary["counts"][split] == {"total": SPLIT_SIZES[split], **{kind: kinds[kind] for kind in KINDS}}
@@ -129,9 +140,14 @@ def test_realized_mix_per_split_equals_the_request(samples: dict[str, list[Sampl
             assert abs(kinds[kind] - fraction * SPLIT_SIZES[split]) < 1, (split, kind, kinds)
 
 
-def test_custom_mix_is_honoured(tmp_path: Path) -> None:
-    summary = generate(tmp_path / "d", SynthConfig(size=100, image_size=16, mix=(0.2, 0.2, 0.6)), progress=False)
-    assert summary["counts"]["train"] == {"total": 70, "text_sufficient": 14, "image_needed": 14, "noisy_image": 42}
+def test_custom_mix_and_ood_size_are_honoured(tmp_path: Path) -> None:
+    config = SynthConfig(size=100, image_size=16, mix=(0.2, 0.2, 0.6, 0.0, 0.0), ood_size=0)
+    summary = generate(tmp_path / "d", config, progress=False)
+    assert summary["counts"]["train"] == {
+        "total": 70, "text_sufficient": 14, "image_needed": 14, "noisy_image": 42, "image_decides": 0, "cross_modal": 0
+    }  # fmt: skip
+    assert "test_ood" not in summary["counts"]
+    assert not (tmp_path / "d" / "test_ood.jsonl").exists()
     kinds = Counter(s.kind for s in read_split(tmp_path / "d", "train"))
     assert kinds == {"text_sufficient": 14, "image_needed": 14, "noisy_image": 42}
 
@@ -148,10 +164,20 @@ def test_labels_are_valid_and_balanced_within_each_kind(samples: dict[str, list[
 
 def test_ids_are_unique_and_name_their_image(dataset: Path, samples: dict[str, list[Sample]]) -> None:
     everything = [s for split in samples.values() for s in split]
-    assert sorted(int(s.id) for s in everything) == list(range(SMALL.size))
+    assert sorted(int(s.id) for s in everything) == list(range(SMALL.size + SPLIT_SIZES["test_ood"]))
     assert all(s.image_path == (dataset / "img" / f"{s.id}.png").resolve() for s in everything)
     first_line = (dataset / "train.jsonl").read_text().splitlines()[0]
-    assert list(json.loads(first_line)) == ["id", "img", "text", "label", "kind"]
+    assert list(json.loads(first_line)) == ["id", "img", "text", "label", "kind", "variant"]
+
+
+def test_every_kind_shows_each_of_its_variants(dataset: Path) -> None:
+    seen: dict[str, Counter] = {kind: Counter() for kind in KINDS}
+    for split in SPLIT_SIZES:
+        for line in (dataset / f"{split}.jsonl").read_text().splitlines():
+            record = json.loads(line)
+            seen[record["kind"]][record["variant"]] += 1
+    for kind, variants in seen.items():
+        assert set(variants) == set(VARIANTS[kind]), (kind, variants)
 
 
 def test_every_image_decodes_at_the_configured_size(samples: dict[str, list[Sample]]) -> None:
@@ -168,22 +194,25 @@ def test_caption_tables_keep_class_words_where_they_belong() -> None:
         assert _class_words(template.format(c="", s="")) == (set(), set()), template
     for caption in GENERIC_CAPTIONS:
         assert _class_words(caption) == (set(), set()), caption
-    for template in COLOUR_ONLY_TEMPLATES:
+    for template in COLOUR_ONLY_TEMPLATES + COLOUR_QUERY_TEMPLATES:
         assert _class_words(template.format(c="red"))[1] == set(), template
-    for template in SHAPE_ONLY_TEMPLATES:
+    for template in SHAPE_ONLY_TEMPLATES + SHAPE_QUERY_TEMPLATES:
         assert _class_words(template.format(s="circle"))[0] == set(), template
+    for template in POSITION_TEMPLATES:
+        assert _class_words(template.format(at="on the left", most="leftmost")) == (set(), set()), template
 
 
 def test_clear_captions_name_their_class(samples: dict[str, list[Sample]]) -> None:
-    clear = _all(samples, "text_sufficient", "noisy_image")
-    assert len(clear) == 120 + 35
+    clear = [s for split in ("train", "val", "test") for s in samples[split] if s.kind in ("text_sufficient",
+             "noisy_image")]  # fmt: skip
+    assert len(clear) == 145 + 48
     for sample in clear:
         colour, shape = sample.label.split("_")
         assert _class_words(sample.text) == ({colour}, {shape}), (sample.label, sample.text)
 
 
 def test_vague_captions_never_name_the_whole_class(samples: dict[str, list[Sample]]) -> None:
-    vague = _all(samples, "image_needed")
+    vague = [s for split in ("train", "val", "test") for s in samples[split] if s.kind == "image_needed"]
     styles = Counter()
     for sample in vague:
         colour, shape = sample.label.split("_")
@@ -197,11 +226,36 @@ def test_vague_captions_never_name_the_whole_class(samples: dict[str, list[Sampl
         else:
             assert named == (set(), {shape}), (sample.label, sample.text)
             styles["shape only"] += 1
-    # about half generic, a quarter each partial (85 samples: a loose band, the seed is fixed)
-    assert len(vague) == 85
-    assert 0.35 < styles["generic"] / len(vague) < 0.65, styles
-    assert styles["colour only"] >= 10, styles
-    assert styles["shape only"] >= 10, styles
+    # about half generic, a quarter each partial (72 samples: a loose band, the seed is fixed)
+    assert len(vague) == 72
+    assert 0.3 < styles["generic"] / len(vague) < 0.7, styles
+    assert styles["colour only"] >= 8, styles
+    assert styles["shape only"] >= 8, styles
+
+
+def test_image_decides_captions_say_nothing(samples: dict[str, list[Sample]]) -> None:
+    decides = [s for split in ("train", "val", "test") for s in samples[split] if s.kind == "image_decides"]
+    assert len(decides) == 120
+    assert all(s.text in GENERIC_CAPTIONS for s in decides)
+
+
+def test_cross_modal_captions_point_at_one_object_and_never_name_its_class(samples: dict[str, list[Sample]]) -> None:
+    pointing = [s for split in ("train", "val", "test") for s in samples[split] if s.kind == "cross_modal"]
+    assert len(pointing) == 95
+    for sample in pointing:
+        colour, shape = sample.label.split("_")
+        named = _class_words(sample.text)
+        assert named in ((set(), set()), ({colour}, set()), (set(), {shape})), (sample.label, sample.text)
+
+
+def test_held_out_captions_use_words_training_never_saw(samples: dict[str, list[Sample]]) -> None:
+    training_words = {w for split in ("train", "val", "test") for s in samples[split] for w in split_words(s.text)}
+    held_out_synonyms = {w for words in (*OOD_COLOUR_WORDS.values(), *OOD_SHAPE_WORDS.values()) for w in words}
+    assert not held_out_synonyms & training_words
+    ood_texts = {s.text for s in samples["test_ood"]}
+    assert not ood_texts & {s.text for split in ("train", "val", "test") for s in samples[split]}
+    unseen = [s for s in samples["test_ood"] if set(split_words(s.text)) - training_words]
+    assert len(unseen) / len(samples["test_ood"]) > 0.5  # most held-out captions carry a word never trained on
 
 
 # ---- images ----
@@ -212,13 +266,16 @@ def _roughness(pixels: np.ndarray) -> float:
     return float(np.abs(np.diff(pixels, axis=1)).mean())
 
 
+def _colour_mask(pixels: np.ndarray, colour: str) -> np.ndarray:
+    """Pixels whose channel of ``colour`` stands 80+ above both others (class colours do; backgrounds and the
+    grey clutter never)."""
+    channel = COLOURS.index(colour)
+    others = np.delete(pixels, channel, axis=2).max(axis=2)
+    return pixels[:, :, channel] - others > 80
+
+
 def _dominant_colour(pixels: np.ndarray) -> str:
-    """The colour whose channel most often stands 80+ above both others (class colours do; the background never)."""
-    counts = []
-    for channel in range(3):
-        others = np.delete(pixels, channel, axis=2).max(axis=2)
-        counts.append(int((pixels[:, :, channel] - others > 80).sum()))
-    return COLOURS[int(np.argmax(counts))]
+    return COLOURS[int(np.argmax([_colour_mask(pixels, c).sum() for c in COLOURS]))]
 
 
 def test_clean_images_are_smooth_and_show_their_colour(samples: dict[str, list[Sample]]) -> None:
@@ -230,11 +287,44 @@ def test_clean_images_are_smooth_and_show_their_colour(samples: dict[str, list[S
 
 def test_noisy_images_are_heavily_corrupted(samples: dict[str, list[Sample]]) -> None:
     noisy = _all(samples, "noisy_image")
-    assert len(noisy) == 35
+    assert len(noisy) == 48 + 7
     assert min(_roughness(_pixels(s)) for s in noisy) > 40
     # channels are permuted uniformly, so the visible colour matches the label only about a third of the time
     agree = sum(_dominant_colour(_pixels(s)) == s.label.split("_")[0] for s in noisy)
     assert agree / len(noisy) < 0.6, agree
+
+
+def test_image_decides_pictures_are_one_large_object_or_one_small_object_in_clutter() -> None:
+    side = 64
+    for index in range(40):
+        for label in ("red_circle", "blue_cross"):
+            pixels = render_image(5, index, label, "image_decides", side).astype(np.int16)
+            colour = label.split("_")[0]
+            area = _colour_mask(pixels, colour).mean()
+            others = [_colour_mask(pixels, c).mean() for c in COLOURS if c != colour]
+            variant = variant_of(5, index, "image_decides")
+            assert max(others) < 0.002, (index, label)  # only one class-coloured object, whatever the clutter
+            if variant == "easy":
+                assert area > 0.08, (index, label, area)
+                assert _roughness(pixels) < 20, (index, label)
+            else:
+                assert 0.003 < area < 0.05, (index, label, area)
+
+
+def test_cross_modal_pictures_hold_several_objects_of_different_colours() -> None:
+    side = 64
+    for index in range(40):
+        pixels = render_image(5, index, "green_square", "cross_modal", side).astype(np.int16)
+        shown = [c for c in COLOURS if _colour_mask(pixels, c).mean() > 0.01]
+        assert "green" in shown, (index, shown)
+        assert len(shown) >= 2, (index, shown)
+        variant = variant_of(5, index, "cross_modal")
+        if variant in ("left", "right", "top", "bottom"):  # the target sits at the end of the row the caption names
+            axis = 1 if variant in ("left", "right") else 0
+            centres = {c: np.nonzero(_colour_mask(pixels, c))[axis].mean() for c in shown}
+            target = centres.pop("green")
+            expected_first = variant in ("left", "top")
+            assert all((target < other) == expected_first for other in centres.values()), (index, variant, centres)
 
 
 def test_every_shape_renders_in_every_colour() -> None:
@@ -248,7 +338,7 @@ def test_every_shape_renders_in_every_colour() -> None:
 
 
 def _failing_after(calls: int, monkeypatch: pytest.MonkeyPatch) -> None:
-    real_save = synthetic._save_png
+    real_save = writer.save_png
     seen = {"calls": 0}
 
     def save(pixels: np.ndarray, path: Path) -> None:
@@ -257,7 +347,7 @@ def _failing_after(calls: int, monkeypatch: pytest.MonkeyPatch) -> None:
             raise OSError("disk full")
         real_save(pixels, path)
 
-    monkeypatch.setattr(synthetic, "_save_png", save)
+    monkeypatch.setattr(writer, "save_png", save)
 
 
 def test_failure_leaves_no_output(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -283,7 +373,7 @@ def test_existing_output_is_refused_unless_overwrite(tmp_path: Path) -> None:
     with pytest.raises(OutputExistsError, match="not empty.*overwrite=True") as excinfo:
         generate(out, TINY, progress=False)
     assert isinstance(excinfo.value, FileExistsError)
-    generate(out, SynthConfig(size=48, seed=8, image_size=32), progress=False, overwrite=True)
+    generate(out, SynthConfig(size=48, seed=8, image_size=32, ood_size=0), progress=False, overwrite=True)
     assert json.loads((out / "synth.json").read_text())["config"]["seed"] == 8
     assert len(list((out / "img").iterdir())) == 48  # the old 60 images are gone, not merged
     assert [p.name for p in tmp_path.iterdir()] == ["data"]
@@ -301,10 +391,12 @@ def test_empty_existing_directory_is_filled(tmp_path: Path) -> None:
         ({"size": 10}, "size must be an integer >= 36"),
         ({"seed": -1}, "seed must be a non-negative integer"),
         ({"image_size": 8}, "image_size must be an integer >= 16"),
-        ({"mix": (0.5, 0.5, 0.5)}, "mix fractions .* must sum to 1"),
-        ({"mix": (1.2, -0.2, 0.0)}, "mix fractions must be finite and non-negative"),
+        ({"mix": (0.5, 0.5, 0.5, 0.0, 0.0)}, "mix fractions .* must sum to 1"),
+        ({"mix": (1.2, -0.2, 0.0, 0.0, 0.0)}, "mix fractions must be finite and non-negative"),
+        ({"mix": (0.5, 0.35, 0.15)}, "mix needs 5 fractions .*text_sufficient.*cross_modal"),
         ({"splits": (0.7, 0.3)}, "splits needs 3 fractions"),
         ({"size": 40, "splits": (0.99, 0.01, 0.0)}, "leave the val split empty"),
+        ({"ood_size": -3}, "ood_size must be a non-negative integer"),
     ],
 )
 def test_bad_config_says_what_to_fix(fields: dict, message: str) -> None:
@@ -313,4 +405,4 @@ def test_bad_config_says_what_to_fix(fields: dict, message: str) -> None:
 
 
 def test_config_normalizes_sequences() -> None:
-    assert SynthConfig(mix=[0.5, 0.35, 0.15], splits=[0.7, 0.15, 0.15]) == SynthConfig()
+    assert SynthConfig(mix=[0.3, 0.15, 0.1, 0.25, 0.2], splits=[0.7, 0.15, 0.15]) == SynthConfig()
