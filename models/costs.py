@@ -2,7 +2,8 @@
 
 A request's cost is the shared encoders it ran, the router and its expert's own components, each
 counted once; ``madds_full`` is the static full model (the encoders the full expert needs and its
-components, no glimpse or router).
+components, no glimpse or router). The full expert is the most accurate one on validation, so it is
+known only after Stage I.
 """
 
 from __future__ import annotations
@@ -28,22 +29,26 @@ def component_madds(components: dict[str, nn.Module]) -> dict[str, int]:
     return {name: count_madds(module) for name, module in components.items()}
 
 
-def routing_costs(model: nn.Module) -> dict:
-    """Measured MAdds of a dynamic fusion model: per component, per routed path, per static expert, full.
+def routing_costs(model: nn.Module, full_expert: str | None = None) -> dict:
+    """Measured MAdds of a dynamic fusion model: per component, per routed path, per static expert, and
+    ``full`` (the static ``full_expert``) when it is given.
 
     ``path``: a request with both modalities taking that expert (shared encoders + router + its components).
     ``static``: the expert as a model of its own (what its components need, no glimpse, no router).
     """
     components = model.components
     madds = component_madds(components)
-    producers = {out: name for name, module in components.items() for out in module.output_names}
+    producers = {out: name for name, module in components.items() for out in module.output_names if out != "logits"}
     inputs_of = {name: module.input_names for name, module in components.items()}
     shared = sum(madds[name] for name in model.shared_encoders.values()) + madds["router"]
     path = {e.name: shared + sum(madds[c] for c in e.components) for e in model.experts}
     static = {
         e.name: sum(madds[c] for c in static_components(e.components, producers, inputs_of)) for e in model.experts
     }
-    return {"components": madds, "path": path, "static": static, "full": static[model.full_expert]}
+    costs = {"components": madds, "path": path, "static": static}
+    if full_expert is not None:
+        costs["full"] = static[full_expert]
+    return costs
 
 
 def static_components(

@@ -1,37 +1,33 @@
-"""The dynamic fusion family: shared encoders, three experts and a dual router, with presets.
+"""The dynamic fusion family: shared encoders, a cost ladder of experts and a dual router, with presets.
 
-Components (each exported on its own, see ``COMPONENT_NAMES``):
-    text_encoder   token_ids -> text_features          shared: runs for every request with text
-    image_glimpse  image -> glimpse_features           shared: runs for every request with an image
-    router         text/glimpse features -> expert_scores, importance
-    text_head      text_features -> logits             expert "text"
-    image_encoder  image -> image_features             experts "image" and "late_fusion"
-    image_head     image_features -> logits            expert "image"
-    fusion_head    text_features, image_features -> logits    expert "late_fusion" (the full path)
+Components (each exported on its own):
+    text_encoder    token_ids -> text_tokens, text_features     shared: runs for every request with text
+    image_glimpse   image -> glimpse_features                   shared: runs for every request with an image
+    router          text/glimpse features -> expert_scores, importance
+    image_trunk     image -> image_mid                          the CNN's first levels, run only inside experts
+    image_encoder   image_mid -> image_features, image_map      the CNN's last levels   that use them
+    ...             each expert family's own components (models/experts/), e.g. text_head, image_lite, mi2p
 
-Training (models/training.py) uses ``expert_logits`` for Stage I and one router per lambda for Stage II.
+The experts are chosen by name (``config.experts``), each built by its registered family from its own config
+(``config.expert_configs[name]``). Which one is the full path is decided after Stage I: the most accurate on
+validation (models/training.py).
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 
 import torch
 from torch import nn
 
-from models.encoders import ImageEncoder, ImageGlimpse, TextEncoder
-from models.experts import ExpertSpec, FusionHead, ImageHead, TextHead
+from models.encoders import ImageEncoder, ImageGlimpse, ImageTrunk, TextEncoder
+from models.experts import ExpertParts, build_expert, family_config
 from models.registry import register_model
 from models.router import DualRouter
 
-EXPERTS = (
-    ExpertSpec("text", modalities=("text",), components=("text_head",)),
-    ExpertSpec("image", modalities=("image",), components=("image_encoder", "image_head")),
-    ExpertSpec("late_fusion", modalities=("text", "image"), components=("image_encoder", "fusion_head")),
-)
-FULL_EXPERT = "late_fusion"
 SHARED_ENCODERS = {"text": "text_encoder", "image": "image_glimpse"}  # modality -> component run for every request
-COMPONENT_NAMES = ("text_encoder", "image_glimpse", "router", "text_head", "image_encoder", "image_head", "fusion_head")
+IMAGE_CNN = ("image_trunk", "image_encoder")  # the CNN's two components, built when an expert's chain names them
+DEFAULT_EXPERTS = ("text", "image_lite", "image", "late_fusion", "mi2p", "muse")
 
 
 @dataclass
@@ -51,19 +47,27 @@ class DynamicFusionConfig:
     image_widths: tuple[int, ...] = (32, 64)  # width of each CNN stage
     image_blocks: tuple[int, ...] = (1, 1)  # residual blocks per stage
     image_strides: tuple[int, ...] = (2, 2)  # first-block stride per stage
-    fusion_hidden: int = 128  # late-fusion MLP width
+    image_split: int = 1  # the CNN levels 0..image_split (0: the stem) form the shared trunk; MI2P injects after it
     router_hidden: int = 32  # hidden width of each modality's router
-    dropout: float = 0.1  # in the heads, while training
-    experts: tuple[str, ...] = tuple(e.name for e in EXPERTS)  # router output order
+    experts: tuple[str, ...] = DEFAULT_EXPERTS  # the cost ladder, in the router's output order
+    expert_configs: dict = field(default_factory=dict)  # family name -> overrides of its dataclass config
 
     def __post_init__(self) -> None:
-        # JSON round trips turn tuples into lists; keep the dataclass hashable and comparable.
+        # JSON round trips turn tuples into lists; keep the dataclass comparable.
         for f in fields(self):
             value = getattr(self, f.name)
             if isinstance(value, list):
                 setattr(self, f.name, tuple(value))
         stages = (len(self.image_widths), len(self.image_blocks), len(self.image_strides))
         assert len(set(stages)) == 1, f"image_widths/blocks/strides must have one entry per stage, got {stages}"
+        assert 0 <= self.image_split < stages[0], f"image_split {self.image_split}: the CNN has levels 0..{stages[0]}"
+        unused = set(self.expert_configs) - set(self.experts)
+        assert not unused, f"expert_configs for experts the model does not have: {sorted(unused)}"
+        # Every family's config resolved in full, so a checkpoint rebuilds the same model even if a family's
+        # defaults change later.
+        self.expert_configs = {
+            name: asdict(family_config(name, self.expert_configs.get(name))) for name in self.experts
+        }
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -77,93 +81,151 @@ class DynamicFusionModel(nn.Module):
         self.config = config
         self.text_encoder = TextEncoder(config)
         self.image_glimpse = ImageGlimpse(config)
+        parts: list[ExpertParts] = [
+            build_expert(name, config, config.expert_configs.get(name)) for name in config.experts
+        ]
+        self.experts = tuple(p.spec for p in parts)
+        used = {name for spec in self.experts for name in spec.components}
+        self.image_trunk = ImageTrunk(config) if "image_trunk" in used else None
+        self.image_encoder = ImageEncoder(config) if "image_encoder" in used else None
+        self.expert_components = nn.ModuleDict({name: m for p in parts for name, m in p.components.items()})
         self.router = self.new_router()
-        self.text_head = TextHead(config)
-        self.image_encoder = ImageEncoder(config)
-        self.image_head = ImageHead(config)
-        self.fusion_head = FusionHead(config)
-        # Stage I only: teaches the glimpse to see what matters; never exported or served.
-        self.glimpse_probe = nn.Linear(self.image_glimpse.out_dim, config.num_classes)
-        self.experts = EXPERTS
-        self.full_expert = FULL_EXPERT
-        self.shared_encoders = SHARED_ENCODERS
+        # Stage I only, never exported or served: the glimpse's probe (it teaches the glimpse to see what matters)
+        # and the families' own training-time modules (MuSE's regularizers).
+        self.training_modules = nn.ModuleDict(
+            {"glimpse_probe": nn.Linear(self.image_glimpse.out_dim, config.num_classes)}
+            | {name: m for p in parts for name, m in p.training_modules.items()}
+        )
+        self._auxiliary_losses = [p.auxiliary_loss for p in parts if p.auxiliary_loss is not None]
+        self.shared_encoders = dict(SHARED_ENCODERS)
 
     @property
     def components(self) -> dict[str, nn.Module]:
-        return {name: getattr(self, name) for name in COMPONENT_NAMES}
+        shared = {"text_encoder": self.text_encoder, "image_glimpse": self.image_glimpse, "router": self.router}
+        cnn = {name: getattr(self, name) for name in IMAGE_CNN if getattr(self, name) is not None}
+        return shared | cnn | dict(self.expert_components.items())
 
-    def expert_logits(self, token_ids: torch.Tensor, image: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Every expert's logits on a batch with both modalities (training and evaluation)."""
-        return self.heads(self.text_encoder(token_ids), self.image_encoder(image))
-
-    def heads(self, text_features: torch.Tensor, image_features: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Every expert's logits from the encoders' features (B, Dt) and (B, Di)."""
-        return {
-            "text": self.text_head(text_features),
-            "image": self.image_head(image_features),
-            "late_fusion": self.fusion_head(text_features, image_features),
-        }
+    def expert(self, name: str):
+        return next(e for e in self.experts if e.name == name)
 
     def new_router(self) -> DualRouter:
         """A freshly initialised router for this model's encoders (Stage II trains one per lambda)."""
         return DualRouter(self.config, glimpse_dim=self.image_glimpse.out_dim)
 
+    # -- running experts the way the pipeline does: components by name, each at most once per batch -----------
+    def run_components(self, names, tensors: dict[str, torch.Tensor], done: dict[str, dict]) -> dict:
+        """``tensors`` plus the outputs of ``names`` run in order; ``done`` memoizes components across calls."""
+        available = dict(tensors)
+        components = self.components
+        for name in names:
+            if name not in done:
+                module = components[name]
+                outputs = module(*(available[i] for i in module.input_names))
+                outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+                done[name] = dict(zip(module.output_names, outputs, strict=True))
+            available.update(done[name])
+        return available
+
+    def forward_experts(self, token_ids: torch.Tensor, image: torch.Tensor) -> tuple[dict[str, torch.Tensor], dict]:
+        """Every expert's logits on a batch with both modalities, and every tensor computed on the way."""
+        done: dict[str, dict] = {}
+        tensors = self.run_components(["text_encoder"], {"token_ids": token_ids, "image": image}, done)
+        logits = {}
+        for expert in self.experts:
+            available = self.run_components(expert.components, tensors, done)
+            logits[expert.name] = available["logits"]
+        for outputs in done.values():
+            tensors |= {k: v for k, v in outputs.items() if k != "logits"}
+        return logits, tensors
+
+    def expert_logits(self, token_ids: torch.Tensor, image: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.forward_experts(token_ids, image)[0]
+
+    def auxiliary_loss(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Stage I's extra terms: the glimpse probe's cross-entropy is added by training; this is the families'."""
+        total = tensors["image"].new_zeros(())
+        for loss in self._auxiliary_losses:
+            total = total + loss(tensors)
+        return total
+
     def glimpse_logits(self, image: torch.Tensor) -> torch.Tensor:
-        return self.glimpse_probe(self.image_glimpse(image))
+        return self.training_modules["glimpse_probe"](self.image_glimpse(image))
 
     def route(self, token_ids: torch.Tensor, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Router scores (B, N) and importance (B, 2) for a batch with both modalities."""
         present = torch.ones(token_ids.shape[0])
-        return self.router(self.text_encoder(token_ids), self.image_glimpse(image), present, present)
-
-
-def _preset(**values) -> dict:
-    return values
+        text_features = self.text_encoder(token_ids)[1]
+        return self.router(text_features, self.image_glimpse(image), present, present)
 
 
 PRESETS = {
     # Seconds to train: unit and integration tests.
-    "tiny": _preset(
-        image_size=32,
-        text_embed_dim=16,
-        text_dim=32,
-        glimpse_size=8,
-        glimpse_channels=(4, 8),
-        image_stem=8,
-        image_widths=(16,),
-        image_blocks=(1,),
-        image_strides=(2,),
-        fusion_hidden=32,
-        router_hidden=16,
-    ),
+    "tiny": {
+        "image_size": 32,
+        "text_embed_dim": 16,
+        "text_dim": 32,
+        "glimpse_size": 8,
+        "glimpse_channels": (4, 8),
+        "image_stem": 8,
+        "image_widths": (16,),
+        "image_blocks": (1,),
+        "image_strides": (2,),
+        "image_split": 0,
+        "router_hidden": 16,
+        "expert_configs": {
+            "image": {"hidden": 32},
+            "late_fusion": {"hidden": 32},
+            "image_lite": {"channels": (4, 8, 8), "strides": (2, 2, 1)},
+            "mi2p": {"inject_at": (0,), "hidden": 32},
+            "muse": {"dim": 16, "heads": 2, "layers": 2, "exchange_start": 2, "exchange_end": 2},
+        },
+    },
     # The embedded default model: a few minutes on 2 CPU cores.
-    "default": _preset(),
+    "default": {},
     # ResNet-18 at 224x224 for GPU benchmarks.
-    "large": _preset(
-        image_size=224,
-        max_tokens=32,
-        text_embed_dim=128,
-        text_dim=256,
-        text_layers=2,
-        glimpse_size=28,
-        glimpse_channels=(16, 32),
-        image_stem=64,
-        image_stem_kernel=7,
-        image_stem_pool=True,
-        image_widths=(64, 128, 256, 512),
-        image_blocks=(2, 2, 2, 2),
-        image_strides=(1, 2, 2, 2),
-        fusion_hidden=512,
-        router_hidden=64,
-    ),
+    "large": {
+        "image_size": 224,
+        "max_tokens": 32,
+        "text_embed_dim": 128,
+        "text_dim": 256,
+        "text_layers": 2,
+        "glimpse_size": 28,
+        "glimpse_channels": (16, 32),
+        "image_stem": 64,
+        "image_stem_kernel": 7,
+        "image_stem_pool": True,
+        "image_widths": (64, 128, 256, 512),
+        "image_blocks": (2, 2, 2, 2),
+        "image_strides": (1, 2, 2, 2),
+        "image_split": 2,
+        "router_hidden": 64,
+        "expert_configs": {
+            "image": {"hidden": 512},
+            "late_fusion": {"hidden": 512},
+            "image_lite": {"downsample": 4, "channels": (32, 64, 128), "strides": (2, 2, 2)},
+            "mi2p": {"inject_at": (2, 3), "heads": 4, "key_dim": 16, "hidden": 512},
+            "muse": {"dim": 256, "heads": 8, "layers": 6, "exchange_start": 2, "exchange_end": 4},
+        },
+    },
 }
 
 
-def _build(preset: str, overrides: dict) -> DynamicFusionModel:
+def preset_config(preset: str, **overrides) -> DynamicFusionConfig:
+    """A preset's config with ``overrides``; ``expert_configs`` overrides merge per family."""
     unknown = set(overrides) - {f.name for f in fields(DynamicFusionConfig)}
     if unknown:
         raise TypeError(f"unknown config fields {sorted(unknown)} for the dynamic_fusion family")
-    return DynamicFusionModel(DynamicFusionConfig(**{**PRESETS[preset], **overrides}))
+    values = {**PRESETS[preset], **overrides}
+    families = dict(PRESETS[preset].get("expert_configs", {}))
+    for name, family_overrides in overrides.get("expert_configs", {}).items():
+        families[name] = {**families.get(name, {}), **family_overrides}
+    experts = values.get("experts", DEFAULT_EXPERTS)
+    values["expert_configs"] = {name: cfg for name, cfg in families.items() if name in experts}
+    return DynamicFusionConfig(**values)
+
+
+def _build(preset: str, overrides: dict) -> DynamicFusionModel:
+    return DynamicFusionModel(preset_config(preset, **overrides))
 
 
 @register_model

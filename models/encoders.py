@@ -1,4 +1,5 @@
-"""Encoders: the text encoder, the image glimpse (the router's cheap look at the picture) and the CNN image encoder.
+"""Shared encoders: the text encoder, the image glimpse (the router's cheap look at the picture) and the CNN
+(the expensive trunk that several image experts read, in two components: ``ImageTrunk`` then ``ImageEncoder``).
 
 Every component module declares ``input_names`` / ``output_names`` and can make ``example_inputs``;
 export and cost counting need nothing else to handle it on its own.
@@ -18,11 +19,24 @@ if TYPE_CHECKING:
     from models.dynamic_fusion import DynamicFusionConfig
 
 
+def token_mask(token_ids: torch.Tensor) -> torch.Tensor:
+    """(B, T) float: 1 for a word, 0 for padding."""
+    return (token_ids != PAD_ID).to(torch.float32)
+
+
+def masked_mean(tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean over the words of (B, T, D) tokens; an empty text gives zeros."""
+    return (tokens * mask[:, :, None]).sum(1) / mask.sum(1, keepdim=True).clamp(min=1.0)  # (B, D)
+
+
 class TextEncoder(nn.Module):
-    """Token ids -> one feature vector: embedding, 1-D convolutions, masked mean pooling."""
+    """Token ids -> per-word features and one pooled vector: embedding, 1-D convolutions, masked mean.
+
+    The pooled vector feeds the router and the cheap heads; the per-word features feed the experts in which
+    text and image attend to each other (MI2P, MuSE)."""
 
     input_names = ("token_ids",)
-    output_names = ("text_features",)
+    output_names = ("text_tokens", "text_features")
 
     def __init__(self, config: DynamicFusionConfig):
         super().__init__()
@@ -35,16 +49,19 @@ class TextEncoder(nn.Module):
         )
         self.norm = nn.LayerNorm(config.text_dim)
 
-    def forward(self, token_ids: torch.Tensor) -> torch.Tensor:
-        mask = (token_ids != PAD_ID).unsqueeze(1).to(torch.float32)  # (B, 1, T)
+    def forward(self, token_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        mask = token_mask(token_ids)  # (B, T)
         x = self.embedding(token_ids).transpose(1, 2)  # (B, E, T)
         for conv in self.convs:
-            x = F.relu(conv(x * mask))  # (B, D, T); padded positions never leak into neighbours
-        pooled = (x * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)  # (B, D); empty text -> zeros before the norm
-        return self.norm(pooled)
+            x = F.relu(conv(x * mask[:, None, :]))  # (B, D, T); padded positions never leak into neighbours
+        tokens = self.norm(x.transpose(1, 2)) * mask[:, :, None]  # (B, T, D), zeros at padding
+        pooled = self.norm(masked_mean(x.transpose(1, 2), mask))  # (B, D); empty text -> the norm of zeros
+        return tokens, pooled
 
     def example_inputs(self, batch_size: int) -> tuple[torch.Tensor, ...]:
-        return (torch.randint(0, self.config.vocab_size, (batch_size, self.config.max_tokens)),)
+        token_ids = torch.randint(2, self.config.vocab_size, (batch_size, self.config.max_tokens))
+        lengths = torch.randint(1, self.config.max_tokens + 1, (batch_size, 1))
+        return (token_ids * (torch.arange(self.config.max_tokens)[None, :] < lengths),)  # right-padded, as served
 
 
 class ImageGlimpse(nn.Module):
@@ -104,35 +121,81 @@ class BasicBlock(nn.Module):
         return F.relu(out + self.shortcut(x))
 
 
-class ImageEncoder(nn.Module):
-    """A ResNet-style CNN; the ``large`` preset is ResNet-18 at 224x224. The expensive part of the full path."""
+def cnn_levels(config: DynamicFusionConfig) -> nn.ModuleList:
+    """The ResNet-style trunk as a list of levels: the stem, then one entry per stage. MI2P injects text between
+    levels, so it builds the same trunk and walks it level by level."""
+    kernel = config.image_stem_kernel
+    stem: list[nn.Module] = [
+        nn.Conv2d(3, config.image_stem, kernel, stride=2, padding=kernel // 2, bias=False),
+        nn.BatchNorm2d(config.image_stem),
+        nn.ReLU(),
+    ]
+    if config.image_stem_pool:
+        stem.append(nn.MaxPool2d(3, stride=2, padding=1))
+    levels: list[nn.Module] = [nn.Sequential(*stem)]
+    width_in = config.image_stem
+    for width, depth, stride in zip(config.image_widths, config.image_blocks, config.image_strides, strict=True):
+        blocks = []
+        for i in range(depth):
+            blocks.append(BasicBlock(width_in, width, stride if i == 0 else 1))
+            width_in = width
+        levels.append(nn.Sequential(*blocks))
+    return nn.ModuleList(levels)
+
+
+def level_shapes(config: DynamicFusionConfig) -> list[tuple[int, int]]:
+    """(channels, side) of the feature map after each level of ``cnn_levels``."""
+    side = -(-config.image_size // 2)  # the stem's stride 2 (ceil, as a padded convolution rounds)
+    if config.image_stem_pool:
+        side = -(-side // 2)
+    shapes = [(config.image_stem, side)]
+    for width, stride in zip(config.image_widths, config.image_strides, strict=True):
+        side = -(-side // stride)
+        shapes.append((width, side))
+    return shapes
+
+
+class ImageTrunk(nn.Module):
+    """The CNN's first levels (the stem and the stages up to ``config.image_split``), shared by every expert that
+    reads the image at full resolution: the image and late-fusion heads and MuSE go on through ``ImageEncoder``,
+    MI2P injects text right here and runs its own copy of the later stages."""
 
     input_names = ("image",)
-    output_names = ("image_features",)
+    output_names = ("image_mid",)
 
     def __init__(self, config: DynamicFusionConfig):
         super().__init__()
         self.config = config
-        kernel = config.image_stem_kernel
-        stem: list[nn.Module] = [
-            nn.Conv2d(3, config.image_stem, kernel, stride=2, padding=kernel // 2, bias=False),
-            nn.BatchNorm2d(config.image_stem),
-            nn.ReLU(),
-        ]
-        if config.image_stem_pool:
-            stem.append(nn.MaxPool2d(3, stride=2, padding=1))
-        self.stem = nn.Sequential(*stem)
-        blocks: list[nn.Module] = []
-        width_in = config.image_stem
-        for width, depth, stride in zip(config.image_widths, config.image_blocks, config.image_strides, strict=True):
-            for i in range(depth):
-                blocks.append(BasicBlock(width_in, width, stride if i == 0 else 1))
-                width_in = width
-        self.blocks = nn.Sequential(*blocks)
+        self.levels = cnn_levels(config)[: config.image_split + 1]
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
-        x = self.blocks(self.stem(image))  # (B, C, h, w)
-        return x.mean(dim=(2, 3))  # (B, C)
+        x = image
+        for level in self.levels:
+            x = level(x)
+        return x  # (B, C, h, w)
 
     def example_inputs(self, batch_size: int) -> tuple[torch.Tensor, ...]:
         return (torch.randn(batch_size, 3, self.config.image_size, self.config.image_size),)
+
+
+class ImageEncoder(nn.Module):
+    """The CNN's later levels, after the trunk; the two together are a ResNet-style CNN (``large``: ResNet-18 at
+    224x224). The image and late-fusion heads read its pooled features, MuSE its last feature map as patches."""
+
+    input_names = ("image_mid",)
+    output_names = ("image_features", "image_map")
+
+    def __init__(self, config: DynamicFusionConfig):
+        super().__init__()
+        self.config = config
+        self.levels = cnn_levels(config)[config.image_split + 1 :]
+
+    def forward(self, image_mid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = image_mid
+        for level in self.levels:
+            x = level(x)  # (B, C, h, w)
+        return x.mean(dim=(2, 3)), x  # (B, C), (B, C, h, w)
+
+    def example_inputs(self, batch_size: int) -> tuple[torch.Tensor, ...]:
+        channels, side = level_shapes(self.config)[self.config.image_split]
+        return (torch.relu(torch.randn(batch_size, channels, side, side)),)

@@ -4,7 +4,7 @@ Each modality has its own small router giving a sigmoid weight per expert (sever
 weighted high at once). MWF turns the spread of each router's weights into that modality's
 importance (a decisive router has spread-out weights, an unsure one flat weights) and fuses the two
 weight vectors with those importances. The served expert is the argmax of the fused weights; the
-response reports them normalized to sum to one, and the importances as they are.
+response reports a softmax of their log-odds (same order, sums to one), and the importances as they are.
 """
 
 from __future__ import annotations
@@ -109,19 +109,28 @@ class DualRouter(nn.Module):
         gate_logits, importance = self.gate_logits(text_features, glimpse_features, text_present, image_present)
         return F.softmax(gate_logits, dim=1), importance  # scores (B, N) sum to 1; argmax = argmax of fused
 
+    def router_logits(self, text_features: torch.Tensor, glimpse_features: torch.Tensor):
+        """Each modality's router before its sigmoid: (B, N) text, (B, N) image."""
+        return self.text_router(text_features), self.image_router(glimpse_features)
+
     def gate_logits(self, text_features, glimpse_features, text_present, image_present):
-        """log(omega_fused) (B, N) and importance (B, 2). The log is formed from the sigmoids' logits, so it
-        stays finite when a router pushes every weight towards 0 (only their ratios decide the route)."""
-        logits_text = self.text_router(text_features)  # (B, N)
-        logits_image = self.image_router(glimpse_features)
+        """logit(omega_fused) (B, N) and importance (B, 2).
+
+        The gate is the log-odds of the fused weight, log(omega_fused / (1 - omega_fused)): the same order as
+        the fused weights (so the served expert is still their argmax), but unbounded. Sigmoid weights saturate
+        at 1, and two experts both weighted ~1 would tie for good in log(omega_fused); in log-odds they stay
+        apart and keep their gradients. Both halves are formed from the routers' logits, so they stay finite
+        however far a router pushes its weights."""
+        logits_text, logits_image = self.router_logits(text_features, glimpse_features)  # (B, N) each
         importance = modality_importance(
             torch.sigmoid(logits_text), torch.sigmoid(logits_image), text_present, image_present
         )
         log_importance = torch.log(importance.clamp_min(1e-30))  # an absent modality: weight ~0, not -inf
-        gate_logits = _log_add_exp(
-            log_importance[:, :1] + _log_sigmoid(logits_text), log_importance[:, 1:] + _log_sigmoid(logits_image)
-        )
-        return gate_logits, importance
+        log_text, log_image = log_importance[:, :1], log_importance[:, 1:]
+        log_fused = _log_add_exp(log_text + _log_sigmoid(logits_text), log_image + _log_sigmoid(logits_image))
+        # 1 - omega_fused = I_text * sigmoid(-l_text) + I_image * sigmoid(-l_image): the importances sum to 1.
+        log_rest = _log_add_exp(log_text + _log_sigmoid(-logits_text), log_image + _log_sigmoid(-logits_image))
+        return log_fused - log_rest, importance
 
     def example_inputs(self, batch_size: int) -> tuple[torch.Tensor, ...]:
         # Separate tensors with mixed patterns: one object passed twice would make the exporter fuse

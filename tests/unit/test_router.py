@@ -52,7 +52,7 @@ def router() -> DualRouter:
     return router.eval()
 
 
-def test_scores_are_the_normalized_fused_weights(router):
+def test_scores_are_a_softmax_of_the_fused_weights_log_odds(router):
     text_features, glimpse_features, text_present, image_present = router.example_inputs(9)
     with torch.no_grad():
         scores, importance = router(text_features, glimpse_features, text_present, image_present)
@@ -61,8 +61,23 @@ def test_scores_are_the_normalized_fused_weights(router):
         fused, reference_importance = modal_weight_fusion(omega_text, omega_image, text_present, image_present)
 
     torch.testing.assert_close(importance, reference_importance)
-    torch.testing.assert_close(scores, fused / fused.sum(1, keepdim=True), atol=1e-6, rtol=1e-5)
+    log_odds = torch.log(fused / (1 - fused))
+    torch.testing.assert_close(scores, torch.softmax(log_odds, dim=1), atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(scores.sum(1), torch.ones(9))
+    assert torch.equal(scores.argmax(1), fused.argmax(1))  # the served expert is the fused weights' argmax
+
+
+def test_two_saturated_weights_stay_apart_in_the_gate(router):
+    """Sigmoid weights of 1 - 1e-9 and 1 - 1e-6 tie as log(omega); their log-odds keep them apart."""
+    text_features, glimpse_features, _, _ = router.example_inputs(1)
+    ones = torch.ones(1)
+    for layer, logits in ((router.text_router[-1], [20.0, 14.0, -5.0]), (router.image_router[-1], [0.0, 0.0, 0.0])):
+        torch.nn.init.zeros_(layer.weight)
+        with torch.no_grad():
+            layer.bias.copy_(torch.tensor(logits + [-5.0] * (layer.bias.numel() - 3)))
+    with torch.no_grad():
+        gate_logits, _ = router.gate_logits(text_features, glimpse_features, ones, torch.zeros(1))
+    assert float(gate_logits[0, 0] - gate_logits[0, 1]) == pytest.approx(6.0, abs=1e-3)
 
 
 def test_scores_stay_finite_when_every_weight_underflows(router):

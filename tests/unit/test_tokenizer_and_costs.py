@@ -40,19 +40,31 @@ def test_madds_come_from_the_counter():
 
 
 def test_routing_costs_add_up():
-    costs = routing_costs(create_model("dynamic_fusion_default"))
+    costs = routing_costs(create_model("dynamic_fusion_default"), full_expert="mi2p")
     c = costs["components"]
     shared = c["text_encoder"] + c["image_glimpse"] + c["router"]
+    cnn = c["image_trunk"] + c["image_encoder"]
     assert costs["path"]["text"] == shared + c["text_head"]
-    assert costs["path"]["late_fusion"] == shared + c["image_encoder"] + c["fusion_head"]
-    assert costs["full"] == costs["static"]["late_fusion"] == c["text_encoder"] + c["image_encoder"] + c["fusion_head"]
+    assert costs["path"]["image_lite"] == shared + c["image_lite"]
+    assert costs["path"]["late_fusion"] == shared + cnn + c["fusion_head"]
+    assert costs["path"]["mi2p"] == shared + c["image_trunk"] + c["mi2p"]  # its own later stages, not the encoder's
+    assert costs["path"]["muse"] == shared + cnn + c["muse"]
+    assert costs["full"] == costs["static"]["mi2p"] == c["text_encoder"] + c["image_trunk"] + c["mi2p"]
     assert costs["static"]["text"] == c["text_encoder"] + c["text_head"]
+    assert costs["static"]["image"] == cnn + c["image_head"]  # no text encoder: the image expert reads no text
     # The router and its glimpse must stay cheap next to the full model (DESIGN: <= 5%).
     assert (c["router"] + c["image_glimpse"]) / costs["full"] <= 0.05
 
 
+def test_the_full_path_is_known_only_once_it_is_chosen():
+    costs = routing_costs(create_model("dynamic_fusion_tiny"))
+    assert "full" not in costs
+    assert routing_costs(create_model("dynamic_fusion_tiny"), "muse")["full"] == costs["static"]["muse"]
+
+
 @pytest.mark.parametrize("preset", ["default", "large"])
-def test_the_image_encoder_dominates_the_full_path(preset):
-    costs = routing_costs(create_model(f"dynamic_fusion_{preset}"))
-    assert costs["components"]["image_encoder"] / costs["full"] > 0.85
+def test_the_cnn_dominates_the_image_paths(preset):
+    costs = routing_costs(create_model(f"dynamic_fusion_{preset}"), full_expert="late_fusion")
+    c = costs["components"]
+    assert (c["image_trunk"] + c["image_encoder"]) / costs["full"] > 0.85
     assert costs["path"]["text"] / costs["full"] < 0.1
