@@ -33,6 +33,7 @@ class RoutingOutputs:
     madds_full: int  # the static full model
     full_expert: str
     kinds: list[str] | None = None  # optional per-sample category, for a per-kind breakdown
+    router_importance: dict[str, np.ndarray] | None = None  # router name -> (N, 2) text, image importance
     extra: dict = field(default_factory=dict)
 
 
@@ -55,9 +56,12 @@ def evaluate_policies(outputs: RoutingOutputs, thresholds=DEFAULT_THRESHOLDS) ->
         return _row(policy, outputs, correct[:, index], madds, np.full(n, index), expert=expert)
 
     rows = [static_row("full", outputs.full_expert), static_row("cheap", cheapest)]
-    rows += [static_row(f"static:{e}", e) for e in experts if e not in (outputs.full_expert, cheapest)]
+    rows += [static_row(f"static:{e}", e) for e in experts]  # every expert alone, full and cheap included
     default_scores = outputs.router_scores[outputs.default_router]
-    rows.append(routed_row("auto", decide_routes(default_scores, full_index)[0], router=outputs.default_router))
+    auto = routed_row("auto", decide_routes(default_scores, full_index)[0], router=outputs.default_router)
+    if outputs.router_importance is not None:
+        auto["importance"] = importance_summary(outputs.router_importance[outputs.default_router], outputs.kinds)
+    rows.append(auto)
     rows.append(routed_row("oracle", oracle_routes(correct, path_madds, full_index)))
     for threshold in thresholds:
         choice, _ = decide_routes(default_scores, full_index, thresholds=np.full(n, threshold))
@@ -82,6 +86,21 @@ def _row(policy, outputs: RoutingOutputs, correct, madds, choice, **extra) -> di
         kinds = np.asarray(outputs.kinds)
         row["accuracy_by_kind"] = {k: float(correct[kinds == k].mean()) for k in sorted(set(outputs.kinds))}
     return row
+
+
+def importance_summary(importance: np.ndarray, kinds: list[str] | None) -> dict:
+    """The image importance's distribution (text = 1 - image): mean and quartiles, overall and per kind."""
+
+    def describe(values: np.ndarray) -> dict:
+        q1, median, q3 = np.quantile(values, [0.25, 0.5, 0.75]) if len(values) else (np.nan,) * 3
+        return {"mean": float(values.mean()), "q1": float(q1), "median": float(median), "q3": float(q3)}
+
+    image = importance[:, 1]
+    summary = {"image": describe(image)}
+    if kinds is not None:
+        kinds_array = np.asarray(kinds)
+        summary["image_by_kind"] = {k: describe(image[kinds_array == k]) for k in sorted(set(kinds))}
+    return summary
 
 
 def find_row(rows: list[dict], policy: str) -> dict:

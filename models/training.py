@@ -1,8 +1,9 @@
 """Two-stage training, DynMM's way, with a lambda sweep over one set of experts.
 
-Stage I trains every expert (and the shared encoders) at once, so no branch starves. Stage II
-freezes them and trains one router per lambda with straight-through hard gates over a tempered
-softmax of the router's scores and the resource-aware loss
+Stage I trains every expert (and the shared encoders) at once, so no branch starves; the most
+accurate expert on validation becomes the full path. Stage II freezes them and trains one router
+per lambda with straight-through hard gates over a tempered softmax of the router's scores and the
+resource-aware loss
 
     L = sum_i g_i * (CE(E_i(x), y) + lambda * C(E_i) / C(full))
 
@@ -30,38 +31,54 @@ from tqdm.auto import tqdm
 from models.costs import routing_costs
 from models.data.manifest import check_labels, has_split, label_names, read_split
 from models.data.tensors import TensorSplit, load_pixels, tensorize
-from models.dynamic_fusion import PRESETS, DynamicFusionConfig, DynamicFusionModel
+from models.dynamic_fusion import DynamicFusionModel, preset_config
 from models.evaluation import RoutingOutputs, evaluate_policies, find_row, format_table, summarize
 from models.preprocess import ImagePreprocessing
 from models.registry import create_model
 from models.router import DualRouter
 from models.staging import staging_dir
-from models.tokenizer import Tokenizer
+from models.tokenizer import PAD_ID, UNK_ID, Tokenizer
 
 CHECKPOINT = "checkpoint.pt"
 SUMMARY = "summary.json"
-RUN_FORMAT = "dynfuse-run/1"
+RUN_FORMAT = "dynfuse-run/2"
 
-STAGE1_EPOCHS = {"tiny": 20, "default": 10, "large": 20}
+STAGE1_EPOCHS = {"tiny": 20, "default": 14, "large": 20}
+# Evaluated in this order: test and test_ood (captions from a held-out family, models/data/synthetic) when present.
+EVALUATED_SPLITS = ("val", "test", "test_ood")
 
 
 @dataclass
 class TrainConfig:
     preset: str = "default"  # tiny | default | large (models/dynamic_fusion.py PRESETS)
-    lambdas: tuple[float, ...] = (0.0, 0.01, 0.03, 0.1, 0.3, 1.0)  # one router per value
+    lambdas: tuple[float, ...] = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8)  # one router per value
     seed: int = 0
     stage1_epochs: int | None = None  # None: the preset's STAGE1_EPOCHS
     stage2_epochs: int = 100  # cheap: the routers train on cached features and losses
     batch_size: int = 64
-    lr: float = 3e-3  # Stage I, AdamW with a cosine schedule
+    lr: float = 3e-3  # Stage I, AdamW with a one-cycle schedule
     weight_decay: float = 1e-4
+    # Stage I replaces this share of the words with <unk>, so the text paths and the router have seen unknown
+    # words before a request brings some: without it, <unk>'s embedding is never trained.
+    word_dropout: float = 0.1
+    # Stage I shifts each image by up to this many pixels (image_size / 16 when None): the experts memorized
+    # the training images without it, and every routing figure suffers from an expert that looks better than it is.
+    max_shift: int | None = None
     router_lr: float = 3e-3  # Stage II, Adam (1e-2 collapsed some routers onto one expert)
+    # Stage II's two supervised terms beside DynMM's loss (see train_router): the fused gate towards each sample's
+    # best expert, and each modality's router on its own towards it.
+    best_expert_weight: float = 1.0
+    router_alone_weight: float = 1.0
+    router_folds: int = 2  # the validation split is cross-fitted in this many folds to choose the served router
     temperature: float = 1.0  # of the gate's softmax at the end of Stage II (the authors' code: 1)
     temperature_start: float = 1.0  # annealed linearly to `temperature`; > 1 keeps every expert's gradient alive early
     gumbel: bool = False  # add Gumbel noise to the gate logits (the paper's option; the authors' code: off)
     # The served router: the cheapest on validation whose accuracy is within this of the full expert's.
     select_tolerance: float = 0.005
     threads: int | None = None  # torch intra-op threads; None: all cores
+    model_overrides: dict = field(
+        default_factory=dict
+    )  # config fields over the preset's, e.g. experts or expert_configs
 
     def __post_init__(self) -> None:
         self.lambdas = tuple(float(v) for v in self.lambdas)
@@ -71,6 +88,8 @@ class TrainConfig:
             raise ValueError(f"lambdas must be finite and >= 0, got {self.lambdas}")
         if self.preset not in STAGE1_EPOCHS:
             raise ValueError(f"unknown preset {self.preset!r}; choose one of {', '.join(STAGE1_EPOCHS)}")
+        if not 0.0 <= self.word_dropout < 1.0:
+            raise ValueError(f"word_dropout must be in [0, 1), got {self.word_dropout}")
 
     @property
     def epochs(self) -> int:
@@ -85,28 +104,29 @@ class Dataset:
     splits: dict[str, TensorSplit] = field(default_factory=dict)
 
 
-def load_dataset(data_dir: Path, config: DynamicFusionConfig, *, progress: bool, log=print) -> Dataset:
-    """Read train/val (and a labelled test split when present); tokenizer and image statistics come from train."""
+def load_dataset(data_dir: Path, image_size: int, max_tokens: int, *, progress: bool, log=print) -> Dataset:
+    """Read train/val, and test and test_ood when they are there and labelled; the tokenizer and the image
+    statistics come from train alone."""
     samples = {"train": read_split(data_dir, "train"), "val": read_split(data_dir, "val")}
-    if has_split(data_dir, "test"):
-        test = read_split(data_dir, "test", require_label=False)
-        if all(s.label is not None for s in test):
-            samples["test"] = test
+    for split in EVALUATED_SPLITS[1:]:
+        if not has_split(data_dir, split):
+            continue
+        evaluated = read_split(data_dir, split, require_label=False)
+        if all(s.label is not None for s in evaluated):
+            samples[split] = evaluated
         else:  # Hateful Memes ships its test split without labels
-            log("the test split has no labels: figures are reported on the validation split")
+            log(f"the {split} split has no labels: it is not evaluated")
     labels = label_names(samples["train"])
-    for split in ("val", "test"):
-        if split in samples:
+    for split in samples:
+        if split != "train":
             check_labels(samples[split], labels)
-    tokenizer = Tokenizer.build((s.text for s in samples["train"]), max_tokens=config.max_tokens)
-    pixels = {
-        name: load_pixels(s, config.image_size, progress=progress, desc=f"{name} images") for name, s in samples.items()
-    }
+    tokenizer = Tokenizer.build((s.text for s in samples["train"]), max_tokens=max_tokens)
+    pixels = {name: load_pixels(s, image_size, progress=progress, desc=f"{name} images") for name, s in samples.items()}
     # The statistics of x / 255 in float32, as normalize computes it.
     train_pixels = (pixels["train"].reshape(-1, 3).astype(np.float32) / np.float32(255.0)).astype(np.float64)
     mean = tuple(round(float(v), 6) for v in train_pixels.mean(0))
     std = tuple(round(max(float(v), 1e-3), 6) for v in train_pixels.std(0))
-    preprocessing = ImagePreprocessing(config.image_size, mean, std)
+    preprocessing = ImagePreprocessing(image_size, mean, std)
     dataset = Dataset(labels, tokenizer, preprocessing)
     for name, split_samples in samples.items():
         dataset.splits[name] = tensorize(split_samples, pixels[name], tokenizer, preprocessing, labels)
@@ -121,36 +141,48 @@ def train(data_dir: Path, run_dir: Path, config: TrainConfig, *, progress: bool 
     if config.threads:
         torch.set_num_threads(config.threads)
     started = time.perf_counter()
-    torch.manual_seed(config.seed)
     model_name = f"dynamic_fusion_{config.preset}"
-    base_config = DynamicFusionConfig(**PRESETS[config.preset])  # what the data needs: sizes, max tokens
-    dataset = load_dataset(Path(data_dir), base_config, progress=progress, log=log)
+    base = preset_config(config.preset, **config.model_overrides)  # what the data needs: sizes, max tokens
+    dataset = load_dataset(Path(data_dir), base.image_size, base.max_tokens, progress=progress, log=log)
     torch.manual_seed(config.seed)
     model: DynamicFusionModel = create_model(
-        model_name, num_classes=len(dataset.labels), vocab_size=dataset.tokenizer.vocab_size
+        model_name, **config.model_overrides, num_classes=len(dataset.labels), vocab_size=dataset.tokenizer.vocab_size
     )
-    costs = routing_costs(model)
     log(
         f"{model_name}: {sum(p.numel() for p in model.parameters()):,} parameters, "
-        f"{len(dataset.labels)} classes, vocabulary {dataset.tokenizer.vocab_size}, "
+        f"experts {', '.join(e.name for e in model.experts)}, {len(dataset.labels)} classes, "
+        f"vocabulary {dataset.tokenizer.vocab_size}, "
         + ", ".join(f"{name} {len(split)}" for name, split in dataset.splits.items())
     )
 
     history = train_experts(model, dataset.splits["train"], dataset.splits["val"], config, progress=progress)
-    cache = {name: _expert_outputs(model, split) for name, split in dataset.splits.items()}
-    routers = []
+    cache = {name: expert_outputs(model, split) for name, split in dataset.splits.items() if name != "train"}
+    full_expert = choose_full_expert(model, cache["val"], dataset.splits["val"])
+    costs = routing_costs(model, full_expert)
+    log(f"full path: {full_expert} (the most accurate expert on validation), {costs['full']:,} MAdds")
+    # Stage II learns from the experts' outputs on the validation split, which they never trained on: on their
+    # own training split they look far better than they are (a small CNN recalls images it has seen), and a
+    # router taught there sends hard inputs to cheap experts. The served router is chosen on validation too,
+    # from routes made by routers that did not see the sample (cross-fitting), so its figures are honest.
+    routers, validation_routes = [], {}
     for lam in tqdm(config.lambdas, desc="stage II (routers)", disable=not progress):
-        router = train_router(model, cache["train"], costs, lam, config)
-        routers.append({"name": f"lambda_{lam:g}", "lambda": lam, "router": router})
+        name = f"lambda_{lam:g}"
+        validation_routes[name] = cross_fitted_routes(model, cache["val"], costs, lam, config)
+        routers.append({"name": name, "lambda": lam, "router": train_router(model, cache["val"], costs, lam, config)})
 
-    validation = _evaluate(model, dataset, cache, routers, costs, "val", default_router=routers[0]["name"])
+    context = {"model": model, "dataset": dataset, "routers": routers, "costs": costs, "full_expert": full_expert}
+    validation = _evaluate(**context, outputs=cache["val"], routes=validation_routes, split="val")
     default_router = select_router(validation, routers, config.select_tolerance)
-    validation = _evaluate(model, dataset, cache, routers, costs, "val", default_router=default_router)
     model.router.load_state_dict(next(r for r in routers if r["name"] == default_router)["router"].state_dict())
-    evaluation = {"default_router": default_router, "val": validation}
-    if "test" in dataset.splits:
-        evaluation["test"] = _evaluate(model, dataset, cache, routers, costs, "test", default_router=default_router)
-    headline = evaluation.get("test", validation)
+    evaluation = {"val": _evaluate(**context, outputs=cache["val"], routes=validation_routes, split="val",
+                                   default_router=default_router)}  # fmt: skip
+    for split in EVALUATED_SPLITS[1:]:
+        if split in dataset.splits:
+            routes = {r["name"]: route(r["router"], cache[split]) for r in routers}
+            evaluation[split] = _evaluate(**context, outputs=cache[split], routes=routes, split=split,
+                                          default_router=default_router)  # fmt: skip
+    headline = evaluation.get("test", evaluation["val"])
+    evaluation["default_router"] = default_router
     evaluation["summary"] = summarize(headline)
 
     elapsed = time.perf_counter() - started
@@ -167,7 +199,7 @@ def train(data_dir: Path, run_dir: Path, config: TrainConfig, *, progress: bool 
         "tokenizer": dataset.tokenizer.to_dict(),
         "preprocessing": dataset.preprocessing.to_dict(),
         "experts": [e.to_dict() for e in model.experts],
-        "full_expert": model.full_expert,
+        "full_expert": full_expert,
         "shared_encoders": dict(model.shared_encoders),
         "madds": costs,
         "train_config": asdict(config),
@@ -187,7 +219,8 @@ def train(data_dir: Path, run_dir: Path, config: TrainConfig, *, progress: bool 
 def train_experts(
     model: DynamicFusionModel, train: TensorSplit, val: TensorSplit, config: TrainConfig, *, progress: bool
 ):
-    """Stage I: every expert, the shared encoders and the glimpse probe, one summed cross-entropy."""
+    """Stage I: every expert, the shared encoders, the glimpse probe and the families' own regularizers, one
+    summed loss."""
     params = [p for name, p in model.named_parameters() if not name.startswith("router.")]
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     steps_per_epoch = math.ceil(len(train) / config.batch_size)
@@ -195,6 +228,7 @@ def train_experts(
         optimizer, max_lr=config.lr, total_steps=config.epochs * steps_per_epoch, pct_start=0.15
     )
     generator = torch.Generator().manual_seed(config.seed)
+    max_shift = config.max_shift if config.max_shift is not None else train.images.shape[-1] // 16
     history = []
     epochs = tqdm(range(config.epochs), desc="stage I (experts)", disable=not progress)
     for epoch in epochs:
@@ -203,40 +237,66 @@ def train_experts(
         total = 0.0
         batches = tqdm(order.split(config.batch_size), desc=f"epoch {epoch + 1}", leave=False, disable=not progress)
         for index in batches:
-            tokens, images, labels = train.token_ids[index], train.images[index], train.labels[index]
-            logits = model.expert_logits(tokens, images)
+            tokens = drop_words(train.token_ids[index], config.word_dropout, generator)
+            images = shift_images(train.images[index], max_shift, generator)
+            labels = train.labels[index]
+            logits, tensors = model.forward_experts(tokens, images)
             loss = sum(F.cross_entropy(out, labels) for out in logits.values())
-            loss = loss + F.cross_entropy(model.glimpse_logits(images), labels)
+            loss = loss + F.cross_entropy(model.glimpse_logits(images), labels) + model.auxiliary_loss(tensors)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             scheduler.step()
             total += loss.item() * len(index)
-        accuracy = {name: float(acc) for name, acc in _expert_accuracy(model, val).items()}
+        accuracy = expert_accuracy(expert_outputs(model, val), val)
         history.append({"stage": 1, "epoch": epoch + 1, "loss": total / len(train), "val_accuracy": accuracy})
         epochs.set_postfix(loss=f"{total / len(train):.3f}", **{k: f"{v:.3f}" for k, v in accuracy.items()})
     model.eval()
     return history
 
 
-@torch.no_grad()
-def _expert_accuracy(model: DynamicFusionModel, split: TensorSplit) -> dict[str, float]:
-    outputs = _expert_outputs(model, split)
-    return {e: float((outputs["logits"][e].argmax(1) == split.labels).float().mean()) for e in outputs["logits"]}
+def drop_words(token_ids: torch.Tensor, rate: float, generator: torch.Generator) -> torch.Tensor:
+    """Each word (not padding) becomes <unk> with probability ``rate``."""
+    if rate == 0:
+        return token_ids
+    dropped = (torch.rand(token_ids.shape, generator=generator) < rate) & (token_ids != PAD_ID)
+    return torch.where(dropped, torch.full_like(token_ids, UNK_ID), token_ids)
+
+
+def shift_images(images: torch.Tensor, max_shift: int, generator: torch.Generator) -> torch.Tensor:
+    """Each image moved by up to ``max_shift`` pixels each way, its border repeated into the gap. A few pixels
+    keep every label true: the objects stay whole and in the same order from left to right and top to bottom."""
+    if max_shift == 0:
+        return images
+    side = images.shape[-1]
+    padded = F.pad(images, (max_shift,) * 4, mode="replicate")  # (B, 3, S + 2m, S + 2m)
+    offsets = torch.randint(0, 2 * max_shift + 1, (images.shape[0], 2), generator=generator).tolist()
+    return torch.stack([padded[i, :, y : y + side, x : x + side] for i, (y, x) in enumerate(offsets)])
+
+
+def expert_accuracy(outputs: dict, split: TensorSplit) -> dict[str, float]:
+    return {e: float((logits.argmax(1) == split.labels).float().mean()) for e, logits in outputs["logits"].items()}
+
+
+def choose_full_expert(model: DynamicFusionModel, val_outputs: dict, val: TensorSplit) -> str:
+    """The full path: the most accurate expert on validation; among equals, the cheapest."""
+    accuracy = expert_accuracy(val_outputs, val)
+    static = routing_costs(model)["static"]
+    return max(model.experts, key=lambda e: (round(accuracy[e.name], 6), -static[e.name])).name
 
 
 @torch.no_grad()
-def _expert_outputs(model: DynamicFusionModel, split: TensorSplit, batch_size: int = 256) -> dict:
+def expert_outputs(model: DynamicFusionModel, split: TensorSplit, batch_size: int = 256) -> dict:
     """Frozen-model outputs Stage II and evaluation need: features, each expert's logits and losses."""
     model.eval()
     parts: dict[str, list] = {"text_features": [], "glimpse_features": [], "logits": []}
     for start in range(0, len(split), batch_size):
         tokens = split.token_ids[start : start + batch_size]
         images = split.images[start : start + batch_size]
-        text_features = model.text_encoder(tokens)
-        parts["text_features"].append(text_features)
+        logits, tensors = model.forward_experts(tokens, images)
+        parts["text_features"].append(tensors["text_features"])
         parts["glimpse_features"].append(model.image_glimpse(images))
-        parts["logits"].append(model.heads(text_features, model.image_encoder(images)))
+        parts["logits"].append(logits)
     logits = {e.name: torch.cat([p[e.name] for p in parts["logits"]]) for e in model.experts}
     losses = torch.stack([F.cross_entropy(logits[e.name], split.labels, reduction="none") for e in model.experts], 1)
     return {
@@ -248,12 +308,24 @@ def _expert_outputs(model: DynamicFusionModel, split: TensorSplit, batch_size: i
 
 
 def train_router(model: DynamicFusionModel, cache: dict, costs: dict, lam: float, config: TrainConfig) -> DualRouter:
-    """Stage II for one lambda: straight-through hard gates, resource-aware loss, frozen experts."""
+    """Stage II for one lambda: the resource-aware loss with straight-through hard gates, frozen experts.
+
+    Each sample's penalty for expert i is CE(E_i(x), y) + lambda * C(E_i) / C(full); DynMM's loss is the penalty
+    of the expert the hard gate picks, with the gradient of the tempered softmax. Alone, that gate commits
+    early: once its softmax is nearly one-hot, the experts it does not pick get no gradient, and a router that
+    first favoured a strong expert for every input keeps doing so even where a cheap one is as good. Two
+    supervised terms keep every expert in play: the fused gate's cross-entropy towards the sample's best
+    expert (the one of least penalty), and each modality's router on its own towards the same target (a
+    per-expert sigmoid, as DRDF's routers are). The second is what lets each router's weights say what its
+    own modality can tell, and so what makes MWF's importance mean something.
+    """
     torch.manual_seed(config.seed)
     router = model.new_router()
     optimizer = torch.optim.Adam(router.parameters(), lr=config.router_lr)
     relative_cost = torch.tensor([costs["path"][e.name] / costs["full"] for e in model.experts])  # (E,)
     penalty = cache["losses"] + lam * relative_cost  # (N, E): what choosing each expert costs this sample
+    best = penalty.argmin(dim=1)  # (N,)
+    best_one_hot = F.one_hot(best, penalty.shape[1]).to(penalty.dtype)
     n = penalty.shape[0]
     present = torch.ones(n)
     generator = torch.Generator().manual_seed(config.seed)
@@ -261,9 +333,8 @@ def train_router(model: DynamicFusionModel, cache: dict, costs: dict, lam: float
         progress = epoch / max(config.stage2_epochs - 1, 1)
         temperature = config.temperature_start + (config.temperature - config.temperature_start) * progress
         for index in torch.randperm(n, generator=generator).split(max(config.batch_size, 128)):
-            gate_logits, _ = router.gate_logits(
-                cache["text_features"][index], cache["glimpse_features"][index], present[index], present[index]
-            )  # (B, E)
+            text_features, glimpse_features = cache["text_features"][index], cache["glimpse_features"][index]
+            gate_logits, _ = router.gate_logits(text_features, glimpse_features, present[index], present[index])
             if config.gumbel:
                 uniform = torch.rand(gate_logits.shape, generator=generator).clamp(1e-9, 1 - 1e-9)
                 gate_logits = gate_logits - torch.log(-torch.log(uniform))
@@ -271,6 +342,12 @@ def train_router(model: DynamicFusionModel, cache: dict, costs: dict, lam: float
             hard = F.one_hot(soft.argmax(1), soft.shape[1]).to(soft.dtype)
             gate = hard - soft.detach() + soft  # forward: one-hot; backward: the soft gate's gradient
             loss = (gate * penalty[index]).sum(1).mean()
+            loss = loss + config.best_expert_weight * F.cross_entropy(gate_logits, best[index])
+            alone = sum(
+                F.binary_cross_entropy_with_logits(logits, best_one_hot[index])
+                for logits in router.router_logits(text_features, glimpse_features)
+            )
+            loss = loss + config.router_alone_weight * alone
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -278,28 +355,60 @@ def train_router(model: DynamicFusionModel, cache: dict, costs: dict, lam: float
     return router
 
 
+def cross_fitted_routes(model, cache: dict, costs: dict, lam: float, config: TrainConfig) -> dict:
+    """Routes for every sample of ``cache`` from routers trained on the other folds: honest validation figures."""
+    n = cache["losses"].shape[0]
+    folds = torch.randperm(n, generator=torch.Generator().manual_seed(config.seed)) % max(
+        1, min(config.router_folds, n)
+    )
+    scores = torch.zeros(n, len(model.experts))
+    importance = torch.zeros(n, 2)
+    for fold in folds.unique():
+        held_out = folds == fold
+        train_part = {k: _rows(v, ~held_out) for k, v in cache.items()}
+        router = train_router(model, train_part, costs, lam, config) if (~held_out).any() else model.new_router()
+        routes = route(router, {k: _rows(v, held_out) for k, v in cache.items()})
+        scores[held_out], importance[held_out] = routes["scores"], routes["importance"]
+    return {"scores": scores, "importance": importance}
+
+
+def _rows(value, mask: torch.Tensor):
+    return {k: v[mask] for k, v in value.items()} if isinstance(value, dict) else value[mask]
+
+
 @torch.no_grad()
+def route(router: DualRouter, outputs: dict) -> dict:
+    """The router's scores (N, E) and importance (N, 2) on cached features, both modalities present."""
+    present = torch.ones(outputs["text_features"].shape[0])
+    scores, importance = router(outputs["text_features"], outputs["glimpse_features"], present, present)
+    return {"scores": scores, "importance": importance}
+
+
 def _evaluate(
-    model, dataset: Dataset, cache: dict, routers: list[dict], costs: dict, split: str, *, default_router: str
-):
-    outputs = cache[split]
-    n = len(dataset.splits[split])
-    present = torch.ones(n)
-    scores = {
-        r["name"]: r["router"](outputs["text_features"], outputs["glimpse_features"], present, present)[0].numpy()
-        for r in routers
-    }
+    *,
+    model,
+    dataset: Dataset,
+    routers: list[dict],
+    costs: dict,
+    full_expert: str,
+    outputs: dict,
+    routes: dict,
+    split: str,
+    default_router: str | None = None,
+) -> list[dict]:
+    """The policy table of one split; ``routes`` holds each router's scores and importance on it."""
     routing = RoutingOutputs(
         labels=dataset.splits[split].labels.numpy(),
         expert_probs={e: F.softmax(v, dim=1).numpy() for e, v in outputs["logits"].items()},
-        router_scores=scores,
+        router_scores={name: r["scores"].numpy() for name, r in routes.items()},
+        router_importance={name: r["importance"].numpy() for name, r in routes.items()},
         routers=[{"name": r["name"], "lambda": r["lambda"]} for r in routers],
-        default_router=default_router,
+        default_router=default_router or routers[0]["name"],
         experts=[e.name for e in model.experts],
         path_madds=costs["path"],
         static_madds=costs["static"],
         madds_full=costs["full"],
-        full_expert=model.full_expert,
+        full_expert=full_expert,
         kinds=dataset.splits[split].kinds,
     )
     return evaluate_policies(routing)

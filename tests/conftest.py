@@ -20,6 +20,11 @@ from prometheus_client.parser import text_string_to_metric_families
 
 MODEL_NAME = "shapes"
 
+# Servers and other test processes share the cores with the suite's own training. torch's OpenMP threads
+# spin-wait for each other, and beside another busy process they stall: a training step that takes 0.4 s
+# on one thread took 3 s on two. One thread trains the tiny preset in seconds whatever else runs.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 
 def require_tool(name: str) -> str:
     """A tool a test needs, next to this Python (the venv's bin/, where pip puts hadolint) or on PATH:

@@ -22,10 +22,16 @@ def test_the_run_directory_rebuilds_the_model_from_the_checkpoint_alone(tiny_run
     assert checkpoint["labels"] == sorted(checkpoint["labels"])
     assert len(checkpoint["labels"]) == 12
     assert checkpoint["tokenizer"]["vocab"][:2] == ["<pad>", "<unk>"]
-    assert checkpoint["madds"]["full"] == checkpoint["madds"]["static"]["late_fusion"]
+    # The full path is the most accurate expert on validation, and madds_full is that expert as a static model.
+    full = checkpoint["full_expert"]
+    validation = {row["policy"]: row for row in checkpoint["evaluation"]["val"]}
+    static_accuracy = {e: validation[f"static:{e}"]["accuracy"] for e in validation["auto"]["route_mix"]}
+    assert static_accuracy[full] == max(static_accuracy.values())
+    assert checkpoint["madds"]["full"] == checkpoint["madds"]["static"][full]
     summary = json.loads((tiny_run / SUMMARY).read_text())
     policies = {row["policy"] for row in summary["evaluation"]["test"]}
     assert {"full", "cheap", "auto", "oracle", "lambda=0", "lambda=0.3"} <= policies
+    assert {row["policy"] for row in summary["evaluation"]["test_ood"]} == policies  # the held-out captions too
     assert [h["stage"] for h in summary["history"]] == [1] * TrainConfig(preset="tiny").epochs
     # Stage I learned something: the full expert beats chance (1/12) by far on the tiny data.
     assert summary["evaluation"]["summary"]["full_accuracy"] > 0.5
