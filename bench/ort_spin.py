@@ -5,7 +5,7 @@ threads spin for a while after each run. The pipeline calls several sessions bac
 2-core machine the spinning threads of one session take the cores the next session (or the server's
 event loop) needs. This runs the in-process pipeline over the test split with spinning on (ONNX
 Runtime's default, served until 2026-11-23) and off (served now), interleaved round by round, at the
-serving batch size and with a batch of 1, for route=auto and route=late_fusion.
+serving batch size and with a batch of 1, for route=auto and the full expert forced.
 
     python -m bench.ort_spin [--rounds 7]
 """
@@ -59,7 +59,8 @@ def main(argv: list[str] | None = None) -> int:
         pipelines[name] = DynamicPipeline(model, backend)
         pipelines[name].warmup(batch_sizes=(1, settings.max_batch_size))
     auto = decoded_inputs(pipelines["no spinning (served)"], load_test_split(args.data))
-    routes = {"auto": auto, "late_fusion": [dataclasses.replace(x, route="late_fusion") for x in auto]}
+    full = model.full_expert
+    routes = {"auto": auto, full: [dataclasses.replace(x, route=full) for x in auto]}
     cases = [(route, size) for route in routes for size in (settings.max_batch_size, 1)]
 
     quiet = wait_for_quiet(max_wait_s=args.max_wait)

@@ -1,10 +1,12 @@
--- wrk script: POST /v1/classify with real test-split bodies (one JSON body per line of the file named by
--- DYNFUSE_BENCH_BODIES), rotating, and one JSON line of results at the end (latencies in microseconds).
+-- wrk script: POST real test-split bodies (one JSON body per line of the file named by DYNFUSE_BENCH_BODIES),
+-- rotating, to DYNFUSE_BENCH_PATH (default /v1/classify), and one JSON line of results at the end (latencies
+-- in microseconds).
 local bodies = {}
 for line in io.lines(os.getenv("DYNFUSE_BENCH_BODIES")) do
   bodies[#bodies + 1] = line
 end
 local headers = { ["Content-Type"] = "application/json" }
+local path = os.getenv("DYNFUSE_BENCH_PATH") or "/v1/classify"
 local next_body = 0
 
 function init(args)
@@ -13,7 +15,7 @@ end
 
 function request()
   next_body = next_body % #bodies + 1
-  return wrk.format("POST", "/v1/classify", headers, bodies[next_body])
+  return wrk.format("POST", path, headers, bodies[next_body])
 end
 
 function done(summary, latency, requests)

@@ -48,7 +48,7 @@ def evaluate_store(
         tensors = {
             "token_ids": token_ids,
             "image": images,
-            "text_features": pipeline.encode_text(token_ids),
+            **pipeline.encode_text(token_ids),
             "glimpse_features": pipeline.encode_glimpse(images),
         }
         present = np.ones(len(batch), dtype=bool)

@@ -58,7 +58,8 @@ class DynamicPipeline:
         self.labels = np.asarray(model.labels)
         self._text_encoder = model.shared_encoders["text"]
         self._glimpse = model.shared_encoders["image"]
-        self._text_dim = model.components[self._text_encoder].outputs[0].shape[-1]
+        # The shared encoders' outputs, with their per-sample shapes: zeros stand in for a missing modality.
+        self._text_outputs = {t.name: t.shape[1:] for t in model.components[self._text_encoder].outputs}
         self._glimpse_dim = model.components[self._glimpse].outputs[0].shape[-1]
         self._needs = np.array([[m in e.modalities for m in ("text", "image")] for e in model.experts])  # (E, 2)
         # The batch tensors each expert reads: its sub-batch slices only those (copying images for the
@@ -95,8 +96,9 @@ class DynamicPipeline:
             raise RouteError(f"route {route!r} needs {' and '.join(lacking)}, which the request does not carry")
 
     # -- the stages ----------------------------------------------------------------------------
-    def encode_text(self, token_ids: np.ndarray) -> np.ndarray:
-        return self.runner(self._text_encoder)({"token_ids": token_ids})["text_features"]
+    def encode_text(self, token_ids: np.ndarray) -> dict[str, np.ndarray]:
+        """The text encoder's outputs: the pooled ``text_features`` and the per-word ``text_tokens``."""
+        return self.runner(self._text_encoder)({"token_ids": token_ids})
 
     def encode_glimpse(self, images: np.ndarray) -> np.ndarray:
         return self.runner(self._glimpse)({"image": images})["glimpse_features"]
@@ -136,11 +138,12 @@ class DynamicPipeline:
             "image": self.images_tensor(
                 _stack([x.image for x in inputs], has_image, _pixel_shape(self.model), np.uint8)
             ),
-            "text_features": np.zeros((n, self._text_dim), np.float32),
+            **{name: np.zeros((n, *shape), np.float32) for name, shape in self._text_outputs.items()},
             "glimpse_features": np.zeros((n, self._glimpse_dim), np.float32),
         }
         if has_text.any():
-            tensors["text_features"][has_text] = self.encode_text(tensors["token_ids"][has_text])
+            for name, value in self.encode_text(tensors["token_ids"][has_text]).items():
+                tensors[name][has_text] = value
         if has_image.any():
             tensors["glimpse_features"][has_image] = self.encode_glimpse(tensors["image"][has_image])
         scores, importance = self.route(tensors["text_features"], tensors["glimpse_features"], has_text, has_image)

@@ -196,6 +196,8 @@ def _manifest(checkpoint: dict, name: str, version: str, entries: dict, parity: 
             "summary": evaluation["summary"],
             "split": "test" if "test" in evaluation else "val",
             "policies": [_compact(row) for row in evaluation.get("test", evaluation["val"])],
+            # Captions from a held-out family (the synthetic benchmark's test_ood), when the data had them.
+            **({"test_ood": [_compact(row) for row in evaluation["test_ood"]]} if "test_ood" in evaluation else {}),
         },
         "training": {
             "train_config": checkpoint["train_config"],
@@ -208,7 +210,7 @@ def _manifest(checkpoint: dict, name: str, version: str, entries: dict, parity: 
 
 
 def _compact(row: dict) -> dict:
-    keep = ("policy", "accuracy", "madds_per_sample", "saved_ratio", "route_mix", "accuracy_by_kind")
+    keep = ("policy", "accuracy", "madds_per_sample", "saved_ratio", "route_mix", "accuracy_by_kind", "importance")
     return {k: row[k] for k in keep if k in row}
 
 
@@ -229,16 +231,15 @@ def _check_samples(checkpoint: dict, data_dir: Path | None, log) -> tuple[str, T
 
 @torch.no_grad()
 def _real_component_inputs(model, samples: TensorSplit, limit: int = 256) -> dict[str, torch.Tensor]:
+    """Every tensor a component may read, computed from real samples the way the pipeline computes them."""
     token_ids, images = samples.token_ids[:limit], samples.images[:limit]
     rows = torch.arange(len(token_ids))
     text_present = (rows % 4 != 3).to(torch.float32)  # every combination of present and missing modalities
     image_present = (rows % 4 != 2).to(torch.float32)
-    return {
-        "token_ids": token_ids,
-        "image": images,
-        "text_features": model.text_encoder(token_ids) * text_present[:, None],  # zeros when absent, as served
+    _, tensors = model.forward_experts(token_ids, images)
+    return tensors | {
+        "text_features": tensors["text_features"] * text_present[:, None],  # zeros when absent, as served
         "glimpse_features": model.image_glimpse(images) * image_present[:, None],
-        "image_features": model.image_encoder(images),
         "text_present": text_present,
         "image_present": image_present,
     }

@@ -23,9 +23,10 @@ def _floats(text: str) -> tuple[float, ...]:
 def cmd_data_synth(args) -> int:
     from models.data.synthetic import SynthConfig, generate
 
-    config = SynthConfig(
-        size=args.size, seed=args.seed, image_size=args.image_size, **({"mix": args.mix} if args.mix else {})
-    )
+    options = {"mix": args.mix} if args.mix else {}
+    if args.ood_size is not None:
+        options["ood_size"] = args.ood_size
+    config = SynthConfig(size=args.size, seed=args.seed, image_size=args.image_size, **options)
     summary = generate(Path(args.out), config, progress=not args.quiet, overwrite=args.force)
     print(f"wrote {config.size} samples to {args.out}: {json.dumps(summary.get('counts', {}))}")
     return 0
@@ -141,11 +142,17 @@ def build_parser() -> argparse.ArgumentParser:
     data = sub.add_parser("data", help="data sets").add_subparsers(dest="data_command", required=True)
     synth = data.add_parser("synth", help="write the synthetic benchmark (PNG images + train/val/test.jsonl)")
     synth.add_argument("--out", required=True, help="output directory (must not exist or be empty)")
-    synth.add_argument("--size", type=int, default=8000, help="number of samples (default 8000)")
+    synth.add_argument("--size", type=int, default=8000, help="samples in train, val and test (default 8000)")
     synth.add_argument("--seed", type=int, default=0)
     synth.add_argument("--image-size", type=int, default=64, help="image side in pixels (default 64)")
     synth.add_argument(
-        "--mix", type=_floats, help="fractions text_sufficient,image_needed,noisy_image (default 0.5,0.35,0.15)"
+        "--mix",
+        type=_floats,
+        help="fractions of text_sufficient,image_needed,noisy_image,image_decides,cross_modal "
+        "(default 0.3,0.15,0.1,0.25,0.2)",
+    )
+    synth.add_argument(
+        "--ood-size", type=int, help="samples in test_ood, captions from a held-out family (default: as test; 0: none)"
     )
     synth.add_argument("--force", action="store_true", help="replace a non-empty output directory")
     synth.set_defaults(func=cmd_data_synth)

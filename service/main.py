@@ -26,9 +26,10 @@ from service.middleware import BodySizeLimit, RequestMetrics
 logger = logging.getLogger("dynfuse")
 
 DESCRIPTION = """
-Dynamic multimodal fusion: each image-text request is routed to ONE expert path (text only, image
-only, or full late fusion) and only that path runs. Every response says which path ran and why,
-how important each modality was, and the compute it used against the full model.
+Dynamic multimodal fusion: each image-text request is routed to ONE expert path of a cost ladder (text
+only, a cheap look at the image, the full image encoder, late fusion, and cross-modal experts: MI2P and
+MuSE) and only that path runs. Every response says which path ran and why, how important each modality
+was, and the compute it used against the full path (the model's most accurate expert).
 """
 
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict, Field
 
 ROUTE_DESCRIPTION = (
-    "'auto' lets the router decide; an expert's name (e.g. 'text', 'image', 'late_fusion') forces that path."
+    "'auto' lets the router decide; an expert's name (e.g. 'text', 'image_lite', 'mi2p'; GET /v1/models/{name} "
+    "lists them) forces that path."
 )
 THRESHOLD_DESCRIPTION = (
     "Serving-time knob along the accuracy/compute curve: when the router picks a path cheaper than the full "

@@ -7,7 +7,7 @@ import json
 import pytest
 from conftest import b64
 
-EXPERTS = {"text", "image", "late_fusion"}
+EXPERTS = {"text", "image_lite", "image", "late_fusion", "mi2p", "muse"}
 
 
 @pytest.fixture
@@ -102,7 +102,8 @@ def test_a_forced_route_runs_that_expert(client, samples, manifest, expert):
     assert body["compute"]["madds"] == path
 
 
-def test_threshold_zero_is_the_router_and_one_is_always_the_full_path(client, samples):
+def test_threshold_zero_is_the_router_and_one_is_always_the_full_path(client, samples, manifest):
+    full = manifest["full_expert"]
     for sample in samples[:12]:
         pair = {"image": b64(sample["png"]), "text": sample["text"]}
         auto = client.post("/v1/classify", json=pair).json()
@@ -110,8 +111,8 @@ def test_threshold_zero_is_the_router_and_one_is_always_the_full_path(client, sa
         one = client.post("/v1/classify", json=pair | {"threshold": 1.0}).json()
 
         assert zero["route"] == auto["route"]
-        assert one["route"]["expert"] == "late_fusion"
-        expected = "router" if auto["route"]["expert"] == "late_fusion" else "threshold"
+        assert one["route"]["expert"] == full
+        expected = "router" if auto["route"]["expert"] == full else "threshold"
         assert one["route"]["decided_by"] == expected
 
 
@@ -137,9 +138,13 @@ def test_models_endpoints_describe_experts_and_router(client, manifest):
     assert one["labels"] == manifest["labels"]
     assert {e["name"]: e["modalities"] for e in one["experts"]} == {
         "text": ["text"],
+        "image_lite": ["image"],
         "image": ["image"],
         "late_fusion": ["text", "image"],
+        "mi2p": ["text", "image"],
+        "muse": ["text", "image"],
     }
+    assert one["full_expert"] == manifest["full_expert"] in EXPERTS
     assert one["router"]["component"] == manifest["router"]["component"]
     assert one["madds_full"] == manifest["madds_full"]
     assert (one["backend"], one["device"]) == ("onnx", "cpu")

@@ -25,8 +25,8 @@ def test_model_json_lists_everything_serving_needs(tiny_store):
     assert manifest["labels"]
     assert manifest["preprocessing"]["image_size"] == 32
     assert set(manifest["components"]) == {
-        "text_encoder", "image_glimpse", "text_head", "image_encoder", "image_head", "fusion_head",
-        "router.lambda_0", "router.lambda_0.3",
+        "text_encoder", "image_glimpse", "image_trunk", "image_encoder", "text_head", "image_lite", "image_head",
+        "fusion_head", "mi2p", "muse", "router.lambda_0", "router.lambda_0.3",
     }  # fmt: skip
     for name, component in manifest["components"].items():
         assert component["madds"] > 0, name
@@ -34,9 +34,11 @@ def test_model_json_lists_everything_serving_needs(tiny_store):
         for entry in component["files"].values():
             assert sha256_file(tiny_store / "shapes" / "1" / entry["file"]) == entry["sha256"]
     assert {e["name"]: e["modalities"] for e in manifest["experts"]} == {
-        "text": ["text"], "image": ["image"], "late_fusion": ["text", "image"],
+        "text": ["text"], "image_lite": ["image"], "image": ["image"], "late_fusion": ["text", "image"],
+        "mi2p": ["text", "image"], "muse": ["text", "image"],
     }  # fmt: skip
-    assert manifest["madds_full"] == next(e["static_madds"] for e in manifest["experts"] if e["name"] == "late_fusion")
+    full = manifest["full_expert"]  # the most accurate expert on validation; madds_full is it as a static model
+    assert manifest["madds_full"] == next(e["static_madds"] for e in manifest["experts"] if e["name"] == full)
     assert manifest["router"]["component"] in manifest["components"]
     parity = manifest["parity"]
     assert max(v for formats in parity["components"].values() for v in formats.values()) <= parity["tolerance"]
@@ -122,7 +124,7 @@ def test_the_pipeline_runs_each_expert_only_on_its_sub_batch(tiny_store, samples
 
     pipeline = DynamicPipeline(load_model(tiny_store), create_backend("onnx"))
     calls = {}
-    for name in ("text_encoder", "image_glimpse", "image_encoder", "text_head", "fusion_head", "image_head"):
+    for name in ("text_encoder", "image_glimpse", "image_trunk", "image_encoder", "text_head", "mi2p", "image_head"):
         runner = pipeline.runner(name)
 
         def counting(inputs, name=name, runner=runner):
@@ -135,22 +137,23 @@ def test_the_pipeline_runs_each_expert_only_on_its_sub_batch(tiny_store, samples
     inputs = [
         PipelineInput(tokens, image, route="text"),
         PipelineInput(tokens, image, route="text"),
-        PipelineInput(tokens, image, route="late_fusion"),
-        PipelineInput(None, image),  # image expert
-        PipelineInput(tokens, None),  # text expert
+        PipelineInput(tokens, image, route="mi2p"),
+        PipelineInput(None, image, route="image"),
+        PipelineInput(tokens, None),  # the text expert: the only one that needs no image
     ]
     outputs, seconds = pipeline.predict(inputs)
 
-    assert [o.expert for o in outputs] == ["text", "text", "late_fusion", "image", "text"]
+    assert [o.expert for o in outputs] == ["text", "text", "mi2p", "image", "text"]
     assert calls == {
-        "text_encoder": 4,
-        "image_glimpse": 4,
+        "text_encoder": 4,  # every request with text
+        "image_glimpse": 4,  # every request with an image
         "text_head": 3,
-        "image_encoder": 2,
-        "fusion_head": 1,
+        "image_trunk": 2,  # shared by mi2p and image, run for their requests only
+        "mi2p": 1,
+        "image_encoder": 1,
         "image_head": 1,
     }
-    assert set(seconds) == {"text", "late_fusion", "image"}
+    assert set(seconds) == {"text", "mi2p", "image"}
 
 
 def test_export_refuses_a_component_that_disagrees_with_eager(tiny_run, tmp_path, monkeypatch):

@@ -1,0 +1,173 @@
+"""Figure 2b: realized savings over HTTP. A real ``dynfuse serve`` answers ``/v1/classify/batch`` calls of 32
+test-split pairs with ``route=auto`` and with the full expert forced, the two alternating in rounds of the same
+length within one run; time saved per sample over MAdds saved per sample.
+
+Throughput comes from wrk (bench/wrk_classify.lua, at a small concurrency so the batcher stays fed), the MAdds
+from the server's own counters (dynfuse_compute_madds_total over the predictions of each round), so both sides
+of the ratio are measured, not computed.
+
+    python -m bench.http_savings [--rounds 6] [--seconds 8] [--concurrency 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import shutil
+import statistics
+import subprocess
+import tempfile
+import urllib.request
+from pathlib import Path
+
+from bench.common import (
+    DEFAULT_DATA,
+    DEFAULT_STORE,
+    REPO,
+    RESULTS,
+    CpuWatch,
+    chunks,
+    load_test_split,
+    markdown_table,
+    spread,
+    start_server,
+    stop_server,
+    wait_for_quiet,
+    write_result,
+)
+
+GOAL_RATIO = 0.5  # time saved per sample over MAdds saved per sample
+BATCH = 32  # pairs per /v1/classify/batch call
+
+
+def counters(base: str) -> dict[str, float]:
+    """MAdds executed and predictions made so far, from the server's /metrics."""
+    with urllib.request.urlopen(f"{base}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    totals = {"madds": 0.0, "predictions": 0.0}
+    for line in text.splitlines():
+        if line.startswith("dynfuse_compute_madds_total{"):
+            totals["madds"] += float(line.rsplit(" ", 1)[1])
+        elif line.startswith("dynfuse_route_decisions_total{"):
+            totals["predictions"] += float(line.rsplit(" ", 1)[1])
+    return totals
+
+
+def wrk(base: str, bodies: Path, concurrency: int, seconds: float) -> dict:
+    lua = REPO / "bench" / "wrk_classify.lua"
+    command = ["wrk", "-t1", f"-c{concurrency}", f"-d{seconds:g}s", "--timeout", "30s", "-s", str(lua), base]
+    env = {"DYNFUSE_BENCH_BODIES": str(bodies), "DYNFUSE_BENCH_PATH": "/v1/classify/batch", "PATH": "/usr/bin:/bin"}
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=seconds + 60)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("JSON ")]
+    if done.returncode != 0 or not lines:
+        raise RuntimeError(f"wrk failed ({done.returncode}): {done.stdout[-1000:]} {done.stderr[-1000:]}")
+    return json.loads(lines[-1][5:])
+
+
+def one_round(base: str, bodies: Path, concurrency: int, seconds: float) -> dict:
+    before = counters(base)
+    load = wrk(base, bodies, concurrency, seconds)
+    after = counters(base)
+    predictions = after["predictions"] - before["predictions"]
+    errors = sum(load["errors"].values())
+    return {
+        "samples_per_second": BATCH * load["requests"] / load["duration_s"],
+        "madds_per_sample": (after["madds"] - before["madds"]) / max(predictions, 1),
+        "predictions": predictions,
+        "errors": errors,
+        "latency_ms": load["latency_ms"],
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--store", type=Path, default=DEFAULT_STORE)
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    parser.add_argument("--rounds", type=int, default=6, help="A/B rounds (each policy once per round)")
+    parser.add_argument("--seconds", type=float, default=8.0, help="length of each policy's load in a round")
+    parser.add_argument("--concurrency", type=int, default=4, help="batch calls in flight")
+    parser.add_argument("--max-wait", type=float, default=180.0, help="seconds to wait for a quiet machine")
+    parser.add_argument("--out", type=Path, default=RESULTS / "http_savings.json")
+    args = parser.parse_args(argv)
+    if not shutil.which("wrk"):
+        raise SystemExit("wrk is needed: apt-get install wrk")
+
+    from export.store import load_model
+
+    full = load_model(args.store).full_expert
+    samples = load_test_split(args.data)
+    work = Path(tempfile.mkdtemp(prefix="dynfuse-bench-"))
+    files = {}
+    for route in ("auto", full):
+        lines = []
+        for batch in chunks(samples, BATCH):
+            if len(batch) == BATCH:
+                inputs = [
+                    {"id": s["id"], "image": base64.b64encode(s["png"]).decode(), "text": s["text"]} for s in batch
+                ]
+                lines.append(json.dumps({"inputs": inputs, "route": route}))
+        files[route] = work / f"{route}.jsonl"
+        files[route].write_text("\n".join(lines) + "\n")
+    print(f"{len(lines)} batch bodies of {BATCH} test-split pairs per policy; full expert: {full}")
+
+    quiet = wait_for_quiet(max_wait_s=args.max_wait)
+    process, base = start_server(args.store, work / "server.log")
+    rounds = {"auto": [], full: []}
+    try:
+        wrk(base, files["auto"], args.concurrency, 3)  # warm the HTTP path; not recorded
+        with CpuWatch((process.pid,)) as watch:
+            for index in range(args.rounds):
+                order = ["auto", full] if index % 2 == 0 else [full, "auto"]
+                for route in order:
+                    rounds[route].append(one_round(base, files[route], args.concurrency, args.seconds))
+    finally:
+        stop_server(process)
+        shutil.rmtree(work, ignore_errors=True)
+
+    time_saved = [
+        1.0 - f["samples_per_second"] / a["samples_per_second"]
+        for a, f in zip(rounds["auto"], rounds[full], strict=True)
+    ]
+    madds_saved = 1.0 - statistics.median(r["madds_per_sample"] for r in rounds["auto"]) / statistics.median(
+        r["madds_per_sample"] for r in rounds[full]
+    )
+    ratio = statistics.median(time_saved) / madds_saved
+    rows = [
+        [
+            route,
+            f"{statistics.median(r['samples_per_second'] for r in runs):,.0f}",
+            f"{statistics.median(r['madds_per_sample'] for r in runs):,.0f}",
+            f"{statistics.median(r['latency_ms']['p99'] for r in runs):.0f}",
+            sum(r["errors"] for r in runs),
+        ]
+        for route, runs in rounds.items()
+    ]
+    print(markdown_table(["route", "samples/s (median)", "MAdds/sample", "p99 ms per call", "errors"], rows))
+    print(
+        f"\nMAdds saved {madds_saved:.1%}, time saved {statistics.median(time_saved):.1%} "
+        f"(rounds {min(time_saved):.1%}..{max(time_saved):.1%}): ratio {ratio:.2f} (goal >= {GOAL_RATIO}); "
+        f"other processes used {watch.foreign_share:.0%} of the CPU"
+    )
+    write_result(
+        args.out,
+        {
+            "figure": "realized savings over HTTP",
+            "full_expert": full,
+            "batch": BATCH,
+            "concurrency": args.concurrency,
+            "seconds_per_round": args.seconds,
+            "foreign_cpu_share_before": quiet,
+            "foreign_cpu_share": watch.foreign_share,
+            "rounds": rounds,
+            "madds_saved": madds_saved,
+            "time_saved": spread(time_saved),
+            "time_saved_over_madds_saved": ratio,
+            "goal": {"ratio_at_least": GOAL_RATIO, "met": ratio >= GOAL_RATIO},
+        },
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
