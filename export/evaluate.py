@@ -40,22 +40,23 @@ def evaluate_store(
 
     probs: dict[str, list[np.ndarray]] = {e: [] for e in model.expert_names}
     scores: dict[str, list[np.ndarray]] = {component: [] for component, _ in routers}
+    importance: dict[str, list[np.ndarray]] = {component: [] for component, _ in routers}
     batches = range(0, len(samples), batch_size)
     for start in tqdm(batches, desc=f"evaluate {split}", disable=not progress):
         batch = samples[start : start + batch_size]
         token_ids = np.stack([pipeline.prepare_text(s.text) for s in batch])
-        images = pipeline.images_tensor(np.stack([pipeline.prepare_image(load_image_rgb(s)) for s in batch]))
+        pixels = np.stack([pipeline.prepare_image(load_image_rgb(s)) for s in batch])
         tensors = {
             "token_ids": token_ids,
-            "image": images,
+            "image": pipeline.images_tensor(pixels),
             **pipeline.encode_text(token_ids),
-            "glimpse_features": pipeline.encode_glimpse(images),
+            "glimpse_features": pipeline.encode_glimpse(pixels),
         }
         present = np.ones(len(batch), dtype=bool)
         for component, _ in routers:
-            scores[component].append(
-                pipeline.route(tensors["text_features"], tensors["glimpse_features"], present, present, component)[0]
-            )
+            routed = pipeline.route(tensors["text_features"], tensors["glimpse_features"], present, present, component)
+            scores[component].append(routed[0])
+            importance[component].append(routed[1])
         for expert in model.expert_names:
             probs[expert].append(softmax(pipeline.run_expert(expert, tensors)))
 
@@ -64,6 +65,7 @@ def evaluate_store(
         labels=np.array([label_index[s.label] for s in samples]),
         expert_probs={e: np.concatenate(p) for e, p in probs.items()},
         router_scores={c: np.concatenate(s) for c, s in scores.items()},
+        router_importance={c: np.concatenate(i) for c, i in importance.items()},
         routers=[{"name": c, "lambda": lam} for c, lam in routers],
         default_router=model.router,
         experts=list(model.expert_names),

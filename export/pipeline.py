@@ -2,8 +2,11 @@
 
 NumPy, Pillow and a backend only (no torch for ONNX). On a batch it runs the text encoder on the
 requests that have text, the glimpse on those with an image, the router on all, decides one expert
-per request (models/policy.py), then runs each chosen expert once on its own sub-batch: the image
-encoder runs only inside experts that use it, and only for the requests routed there.
+per request (models/policy.py), then runs the chosen experts: every component once, on the requests
+routed to an expert whose chain has it. A component several experts share (the CNN's trunk) runs
+once on the union of their requests instead of once per expert; the image encoder never runs for a
+request routed to an expert that does not use it, and the full-resolution image is normalized only
+for the requests whose expert reads it.
 """
 
 from __future__ import annotations
@@ -61,10 +64,15 @@ class DynamicPipeline:
         # The shared encoders' outputs, with their per-sample shapes: zeros stand in for a missing modality.
         self._text_outputs = {t.name: t.shape[1:] for t in model.components[self._text_encoder].outputs}
         self._glimpse_dim = model.components[self._glimpse].outputs[0].shape[-1]
+        self._glimpse_side = model.components[self._glimpse].inputs[0].shape[-1]
         self._needs = np.array([[m in e.modalities for m in ("text", "image")] for e in model.experts])  # (E, 2)
-        # The batch tensors each expert reads: its sub-batch slices only those (copying images for the
-        # text expert would cost more than the expert itself).
-        self._reads = {e.name: _external_inputs(model, e.components) for e in model.experts}
+        self._chains = {e.name: e.components for e in model.experts}
+        self._inputs = {name: tuple(t.name for t in info.inputs) for name, info in model.components.items()}
+        # Every expert component in an order that runs producers first: chains are ordered, so the order of
+        # first appearance over all chains is one.
+        self._component_order = tuple(dict.fromkeys(c for e in model.experts for c in e.components))
+        finals = [e.components[-1] for e in model.experts]
+        assert len(set(finals)) == len(finals), f"two experts end in the same component: {finals}"
 
     def runner(self, component: str) -> Runner:
         """The loaded component (loaded on first use: evaluation asks for routers the server never runs)."""
@@ -100,8 +108,10 @@ class DynamicPipeline:
         """The text encoder's outputs: the pooled ``text_features`` and the per-word ``text_tokens``."""
         return self.runner(self._text_encoder)({"token_ids": token_ids})
 
-    def encode_glimpse(self, images: np.ndarray) -> np.ndarray:
-        return self.runner(self._glimpse)({"image": images})["glimpse_features"]
+    def encode_glimpse(self, pixels: np.ndarray) -> np.ndarray:
+        """The glimpse's features of uint8 (N, S, S, 3) pixels, from their thumbnails."""
+        thumbnails = self.model.preprocessing.thumbnail(pixels, self._glimpse_side)
+        return self.runner(self._glimpse)({"thumbnail": thumbnails})["glimpse_features"]
 
     def route(self, text_features, glimpse_features, text_present, image_present, router: str | None = None):
         """Router scores (N, E) and modality importance (N, 2)."""
@@ -133,11 +143,9 @@ class DynamicPipeline:
         for x in inputs:
             self.check_route(x.route, x.token_ids is not None, x.image is not None)
 
+        pixels = _stack([x.image for x in inputs], has_image, _pixel_shape(self.model), np.uint8)
         tensors = {
             "token_ids": _stack([x.token_ids for x in inputs], has_text, (self.model.tokenizer.max_tokens,), np.int64),
-            "image": self.images_tensor(
-                _stack([x.image for x in inputs], has_image, _pixel_shape(self.model), np.uint8)
-            ),
             **{name: np.zeros((n, *shape), np.float32) for name, shape in self._text_outputs.items()},
             "glimpse_features": np.zeros((n, self._glimpse_dim), np.float32),
         }
@@ -145,7 +153,7 @@ class DynamicPipeline:
             for name, value in self.encode_text(tensors["token_ids"][has_text]).items():
                 tensors[name][has_text] = value
         if has_image.any():
-            tensors["glimpse_features"][has_image] = self.encode_glimpse(tensors["image"][has_image])
+            tensors["glimpse_features"][has_image] = self.encode_glimpse(pixels[has_image])
         scores, importance = self.route(tensors["text_features"], tensors["glimpse_features"], has_text, has_image)
 
         eligible = (~self._needs[None, :, 0] | has_text[:, None]) & (~self._needs[None, :, 1] | has_image[:, None])
@@ -155,16 +163,7 @@ class DynamicPipeline:
             scores, self.full_index, forced=forced, thresholds=thresholds, eligible=eligible
         )
 
-        probabilities = np.empty((n, len(self.labels)), np.float32)
-        seconds: dict[str, float] = {}
-        for expert_index in np.unique(choice):
-            members = np.flatnonzero(choice == expert_index)
-            expert = self.experts[expert_index]
-            started = time.perf_counter()
-            logits = self.run_expert(expert, {name: tensors[name][members] for name in self._reads[expert]})
-            seconds[expert] = time.perf_counter() - started
-            probabilities[members] = softmax(logits)
-
+        probabilities, seconds = self._run_experts(choice, tensors, pixels)
         shared_madds = self._shared_madds(has_text, has_image)
         outputs = [
             PipelineOutput(
@@ -180,6 +179,52 @@ class DynamicPipeline:
         ]
         assert len(outputs) == n, f"pipeline produced {len(outputs)} outputs for {n} inputs"
         return outputs, seconds
+
+    def _run_experts(self, choice: np.ndarray, tensors: dict, pixels: np.ndarray) -> tuple[np.ndarray, dict]:
+        """Probabilities (n, K) from each request's chosen expert, and the seconds each expert took.
+
+        Each component runs once, on the requests of every chosen expert whose chain has it; a component's
+        time is shared among those experts in proportion to their requests. What a component produces is
+        kept for its own rows only: a consumer's rows are always among its producer's."""
+        n = len(choice)
+        members = {self.experts[i]: np.flatnonzero(choice == i) for i in np.unique(choice)}
+        rows_of: dict[str, np.ndarray] = {}
+        for expert, rows in members.items():
+            for component in self._chains[expert]:
+                rows_of[component] = np.union1d(rows_of.get(component, rows), rows)
+        produced: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # tensor -> (its rows, its values for them)
+        image_rows = [rows_of[c] for c in rows_of if "image" in self._input_names(c)]
+        if image_rows:  # normalized at full resolution only for the requests whose expert reads the image
+            rows = np.unique(np.concatenate(image_rows))
+            produced["image"] = (rows, self.images_tensor(pixels[rows]))
+
+        def gather(name: str, rows: np.ndarray) -> np.ndarray:
+            if name not in produced:
+                return tensors[name][rows]
+            source_rows, values = produced[name]
+            return values if len(source_rows) == len(rows) else values[np.searchsorted(source_rows, rows)]
+
+        probabilities = np.empty((n, len(self.labels)), np.float32)
+        seconds = dict.fromkeys(members, 0.0)
+        for component in self._component_order:
+            rows = rows_of.get(component)
+            if rows is None:
+                continue
+            started = time.perf_counter()
+            outputs = self.runner(component)({name: gather(name, rows) for name in self._input_names(component)})
+            elapsed = time.perf_counter() - started
+            for expert, expert_rows in members.items():
+                if component in self._chains[expert]:
+                    seconds[expert] += elapsed * len(expert_rows) / len(rows)
+            for name, value in outputs.items():
+                if name == "logits":  # an expert's last component: its rows are that expert's requests
+                    probabilities[rows] = softmax(value)
+                else:
+                    produced[name] = (rows, value)
+        return probabilities, seconds
+
+    def _input_names(self, component: str) -> tuple[str, ...]:
+        return self._inputs[component]
 
     def _shared_madds(self, has_text: np.ndarray, has_image: np.ndarray) -> np.ndarray:
         components = self.model.components
@@ -204,17 +249,6 @@ class DynamicPipeline:
                     for _ in range(batch_size)
                 ]
                 self.predict(inputs)
-
-
-def _external_inputs(model: StoredModel, components: tuple[str, ...]) -> tuple[str, ...]:
-    """Inputs of a chain of components that no earlier component of the chain produces."""
-    produced: set[str] = set()
-    needed: list[str] = []
-    for name in components:
-        info = model.components[name]
-        needed += [t.name for t in info.inputs if t.name not in produced and t.name not in needed]
-        produced |= {t.name for t in info.outputs}
-    return tuple(needed)
 
 
 def _pixel_shape(model: StoredModel) -> tuple[int, int, int]:

@@ -24,6 +24,7 @@ from export.backends import create_backend
 from export.onnx import OnnxComponent, export_onnx
 from export.parity import TOLERANCE, ParityError, check_parity, max_abs_difference
 from export.pipeline import DynamicPipeline, PipelineInput
+from models.encoders import thumbnail
 from export.store import FORMATS, MANIFEST, MODEL_FORMAT, list_store, load_model_dir, sha256_file
 from export.torchscript import TorchScriptComponent, export_torchscript
 from models.data.manifest import has_split, read_split
@@ -239,7 +240,8 @@ def _real_component_inputs(model, samples: TensorSplit, limit: int = 256) -> dic
     _, tensors = model.forward_experts(token_ids, images)
     return tensors | {
         "text_features": tensors["text_features"] * text_present[:, None],  # zeros when absent, as served
-        "glimpse_features": model.image_glimpse(images) * image_present[:, None],
+        "thumbnail": thumbnail(images, model.config.glimpse_size),
+        "glimpse_features": model.glimpse(images) * image_present[:, None],
         "text_present": text_present,
         "image_present": image_present,
     }

@@ -2,7 +2,7 @@
 
 Components (each exported on its own):
     text_encoder    token_ids -> text_tokens, text_features     shared: runs for every request with text
-    image_glimpse   image -> glimpse_features                   shared: runs for every request with an image
+    image_glimpse   thumbnail -> glimpse_features               shared: runs for every request with an image
     router          text/glimpse features -> expert_scores, importance
     image_trunk     image -> image_mid                          the CNN's first levels, run only inside experts
     image_encoder   image_mid -> image_features, image_map      the CNN's last levels   that use them
@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, field, fields
 import torch
 from torch import nn
 
-from models.encoders import ImageEncoder, ImageGlimpse, ImageTrunk, TextEncoder
+from models.encoders import ImageEncoder, ImageGlimpse, ImageTrunk, TextEncoder, thumbnail
 from models.experts import ExpertParts, build_expert, family_config
 from models.registry import register_model
 from models.router import DualRouter
@@ -148,14 +148,18 @@ class DynamicFusionModel(nn.Module):
             total = total + loss(tensors)
         return total
 
+    def glimpse(self, image: torch.Tensor) -> torch.Tensor:
+        """The glimpse's features of normalized full-resolution images (B, Dg), through their thumbnails."""
+        return self.image_glimpse(thumbnail(image, self.config.glimpse_size))
+
     def glimpse_logits(self, image: torch.Tensor) -> torch.Tensor:
-        return self.training_modules["glimpse_probe"](self.image_glimpse(image))
+        return self.training_modules["glimpse_probe"](self.glimpse(image))
 
     def route(self, token_ids: torch.Tensor, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Router scores (B, N) and importance (B, 2) for a batch with both modalities."""
         present = torch.ones(token_ids.shape[0])
         text_features = self.text_encoder(token_ids)[1]
-        return self.router(text_features, self.image_glimpse(image), present, present)
+        return self.router(text_features, self.glimpse(image), present, present)
 
 
 PRESETS = {

@@ -64,20 +64,27 @@ class TextEncoder(nn.Module):
         return (token_ids * (torch.arange(self.config.max_tokens)[None, :] < lengths),)  # right-padded, as served
 
 
-class ImageGlimpse(nn.Module):
-    """A thumbnail and two small convolutions: enough for the router to judge the picture, at ~1% of the encoder."""
+def thumbnail(image: torch.Tensor, side: int) -> torch.Tensor:
+    """The glimpse's input: the normalized image averaged down to side x side, (B, 3, side, side). Serving
+    computes the same from the decoded pixels (ImagePreprocessing.thumbnail), so no request pays for
+    normalizing its full-resolution image unless its expert reads it."""
+    factor = image.shape[-1] // side
+    assert factor * side == image.shape[-1], f"image side {image.shape[-1]} is not a multiple of {side}"
+    return F.avg_pool2d(image, factor) if factor > 1 else image
 
-    input_names = ("image",)
+
+class ImageGlimpse(nn.Module):
+    """Two small convolutions over a thumbnail: enough for the router to judge the picture, at ~1% of the encoder."""
+
+    input_names = ("thumbnail",)
     output_names = ("glimpse_features",)
 
     def __init__(self, config: DynamicFusionConfig):
         super().__init__()
         self.config = config
-        factor = config.image_size // config.glimpse_size
-        assert factor * config.glimpse_size == config.image_size, (
+        assert config.image_size % config.glimpse_size == 0, (
             f"image_size {config.image_size} must be a multiple of glimpse_size {config.glimpse_size}"
         )
-        self.thumbnail = nn.AvgPool2d(factor) if factor > 1 else nn.Identity()
         layers: list[nn.Module] = []
         width_in = 3
         for i, width in enumerate(config.glimpse_channels):
@@ -89,15 +96,15 @@ class ImageGlimpse(nn.Module):
     def out_dim(self) -> int:
         return 2 * self.config.glimpse_channels[-1]
 
-    def forward(self, image: torch.Tensor) -> torch.Tensor:
-        x = self.convs(self.thumbnail(image))  # (B, C, g, g)
+    def forward(self, thumbnail: torch.Tensor) -> torch.Tensor:
+        x = self.convs(thumbnail)  # (B, C, g, g)
         # Mean and spread of each channel: the spread is what tells a clean picture from a corrupted one.
         mean = x.mean(dim=(2, 3))
         spread = (x - mean[:, :, None, None]).square().mean(dim=(2, 3)).add(1e-6).sqrt()
         return torch.cat([mean, spread], dim=1)  # (B, 2C)
 
     def example_inputs(self, batch_size: int) -> tuple[torch.Tensor, ...]:
-        return (torch.randn(batch_size, 3, self.config.image_size, self.config.image_size),)
+        return (torch.randn(batch_size, 3, self.config.glimpse_size, self.config.glimpse_size),)
 
 
 class BasicBlock(nn.Module):

@@ -295,7 +295,7 @@ def expert_outputs(model: DynamicFusionModel, split: TensorSplit, batch_size: in
         images = split.images[start : start + batch_size]
         logits, tensors = model.forward_experts(tokens, images)
         parts["text_features"].append(tensors["text_features"])
-        parts["glimpse_features"].append(model.image_glimpse(images))
+        parts["glimpse_features"].append(model.glimpse(images))
         parts["logits"].append(logits)
     logits = {e.name: torch.cat([p[e.name] for p in parts["logits"]]) for e in model.experts}
     losses = torch.stack([F.cross_entropy(logits[e.name], split.labels, reduction="none") for e in model.experts], 1)

@@ -108,6 +108,12 @@ def exchange(
     return tokens + chosen[:, :, None] * other_mean[:, None, :]
 
 
+def _padded(tokens: torch.Tensor, length: int) -> torch.Tensor:
+    """(B, N, ...) zero-padded along N to ``length``."""
+    missing = length - tokens.shape[1]
+    return tokens if missing == 0 else F.pad(tokens, (0, 0) * (tokens.dim() - 2) + (0, missing))
+
+
 class MuseExpert(nn.Module):
     input_names = ("image_map", "text_tokens", "token_ids")
     output_names = ("logits",)
@@ -138,28 +144,35 @@ class MuseExpert(nn.Module):
         return self.image_proj(patches) + self.image_pos, self.text_proj(text_tokens) + self.text_pos
 
     def forward(self, image_map: torch.Tensor, text_tokens: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
-        text_valid = token_mask(token_ids)  # (B, T)
-        image_embedding, text_embedding = self.embed(image_map, text_tokens)
-        batch = image_map.shape[0]
-        image = torch.cat([self.cls_image.expand(batch, 1, -1), image_embedding], dim=1)  # (B, 1+P, d)
-        text = torch.cat([self.cls_text.expand(batch, 1, -1), text_embedding], dim=1)  # (B, 1+T, d)
-        image_valid = torch.ones_like(image[:, 1:, 0])  # (B, P)
-        image_bias = torch.zeros_like(image[:, :, 0])  # (B, 1+P)
-        text_bias = torch.cat([torch.zeros_like(text_valid[:, :1]), (1.0 - text_valid) * MASKED], dim=1)
+        image_embedding, text_embedding = self.embed(image_map, text_tokens)  # (B, P, d), (B, T, d)
+        batch = image_embedding.shape[0]
+        length = max(image_embedding.shape[1], text_embedding.shape[1])
+        # The two modalities' encoders share their parameters, so both sequences go through each layer as one
+        # batch (the shorter one padded, the padding masked): the same results at half the operator calls.
+        image_valid = _padded(torch.ones_like(image_embedding[:, :, 0]), length)  # (B, L)
+        text_valid = _padded(token_mask(token_ids), length)
+        image = torch.cat([self.cls_image.expand(batch, 1, -1), _padded(image_embedding, length)], dim=1)
+        text = torch.cat([self.cls_text.expand(batch, 1, -1), _padded(text_embedding, length)], dim=1)
+        x = torch.cat([image, text], dim=0)  # (2B, 1+L, d): images first, then texts
+        valid = torch.cat([image_valid, text_valid], dim=0)  # (2B, L)
+        key_bias = torch.cat([torch.zeros_like(valid[:, :1]), (1.0 - valid) * MASKED], dim=1)  # CLS always attended
         config = self.config
         for number, layer in enumerate(self.layers, start=1):
-            image, image_attention = layer.attend(image, image_bias)
-            text, text_attention = layer.attend(text, text_bias)
+            x, attention = layer.attend(x, key_bias)  # attention: (2B, L), CLS -> each other token
             if config.exchange_start <= number <= config.exchange_end:
-                image_mean = image[:, 1:].mean(dim=1)  # (B, d), both means from before either exchange
+                image, text = x[:batch], x[batch:]
+                image_mean = masked_mean(image[:, 1:], image_valid)  # (B, d), both means from before either exchange
                 text_mean = masked_mean(text[:, 1:], text_valid)
                 ratio = config.exchange_ratio
-                image = torch.cat(
-                    [image[:, :1], exchange(image[:, 1:], image_attention, image_valid, text_mean, ratio)], 1
+                image_tokens = exchange(image[:, 1:], attention[:batch], image_valid, text_mean, ratio)
+                text_tokens_ = exchange(text[:, 1:], attention[batch:], text_valid, image_mean, ratio)
+                x = torch.cat(
+                    [torch.cat([image[:, :1], image_tokens], dim=1), torch.cat([text[:, :1], text_tokens_], dim=1)],
+                    dim=0,
                 )
-                text = torch.cat([text[:, :1], exchange(text[:, 1:], text_attention, text_valid, image_mean, ratio)], 1)
-            image, text = layer.feed_forward(image), layer.feed_forward(text)
-        return self.classifier(torch.cat([self.norm(text[:, 0]), self.norm(image[:, 0])], dim=1))  # (B, K)
+            x = layer.feed_forward(x)
+        image_cls, text_cls = x[:batch, 0], x[batch:, 0]
+        return self.classifier(torch.cat([self.norm(text_cls), self.norm(image_cls)], dim=1))  # (B, K)
 
     def example_inputs(self, batch_size: int) -> tuple[torch.Tensor, ...]:
         model = self.model_config
