@@ -166,6 +166,8 @@ def _listed_files(manifest: dict) -> dict[str, str]:
     for component in manifest["components"].values():
         for entry in component["files"].values():
             files[entry["file"]] = entry["sha256"]
+    for example in manifest.get("examples", []):  # the playground's image-text pairs (export/examples.py)
+        files[example["file"]] = example["sha256"]
     return files
 
 

@@ -21,6 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from export.backends import create_backend
+from export.examples import write_examples
 from export.onnx import OnnxComponent, export_onnx
 from export.parity import TOLERANCE, ParityError, check_parity, max_abs_difference
 from export.pipeline import DynamicPipeline, PipelineInput
@@ -88,6 +89,7 @@ def export_run(
         Tokenizer.from_dict(checkpoint["tokenizer"]).save(staging / TOKENIZER_FILE)
         files = {TOKENIZER_FILE: {"sha256": sha256_file(staging / TOKENIZER_FILE)}}
         manifest = _manifest(checkpoint, name, version, entries, parity, files)
+        manifest["examples"] = write_examples(data_dir or checkpoint["data"]["dir"], staging, log=log)
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
         if checked is not None:
             agreement = _pipeline_agreement(model, staging, *checked, backend=formats[0])
