@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from urllib.parse import quote
 
 from starlette.concurrency import run_in_threadpool
 
@@ -161,4 +162,11 @@ class InferenceService:
             "device": self.pipeline.backend.device,
             "preprocessing": manifest["preprocessing"],
             "evaluation": manifest.get("evaluation", {}).get("summary", {}),
+            "examples": [
+                {
+                    **{k: e.get(k) for k in ("id", "kind", "text", "label")},
+                    "image_url": f"/v1/models/{quote(self.model.name)}/examples/{quote(e['id'], safe='')}",
+                }
+                for e in manifest.get("examples", [])
+            ],
         }

@@ -94,6 +94,14 @@ class ExpertDescription(BaseModel):
     )
 
 
+class ExampleDescription(BaseModel):
+    id: str = Field(..., description="The sample's id in the data set it was taken from.")
+    kind: str | None = Field(None, description="Its case kind (e.g. text_sufficient), when the data set has kinds.")
+    text: str = Field(..., description="The paired text.")
+    label: str | None = Field(None, description="The true label, when the data set has one.")
+    image_url: str = Field(..., description="Where the image file is served (GET, same API key as this call).")
+
+
 class ModelDescription(BaseModel):
     name: str
     version: str
@@ -106,6 +114,9 @@ class ModelDescription(BaseModel):
     device: str
     preprocessing: dict
     evaluation: dict = Field(..., description="Figures measured at training time (accuracy, compute saved).")
+    examples: list[ExampleDescription] = Field(
+        default_factory=list, description="Image-text pairs shipped with the model, a few per case kind."
+    )
 
 
 class ModelList(BaseModel):
