@@ -16,7 +16,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from export.store import StoreError, resolve
-from service.api.routes import classify, health, models, v2
+from service.api.routes import classify, docs, health, models, v2
 from service.config import Settings, get_settings
 from service.errors import install_error_handlers
 from service.inference import InferenceService
@@ -51,7 +51,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 await app.state.service.batcher.stop()
             metrics.close()
 
-    app = FastAPI(title="dynfuse", version="1", description=DESCRIPTION, lifespan=lifespan)
+    # docs_url/redoc_url None: FastAPI's pages load their scripts from a CDN; routes/docs.py serves them offline.
+    app = FastAPI(
+        title="dynfuse", version="1", description=DESCRIPTION, lifespan=lifespan, docs_url=None, redoc_url=None
+    )
     app.state.settings = settings
     app.state.metrics = metrics
     app.state.service = None
@@ -63,6 +66,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(classify.router)
     app.include_router(models.router)
     app.include_router(v2.router)
+    app.include_router(docs.router)
+    app.mount(docs.ASSETS_URL, docs.assets(), name="docs-assets")
     return app
 
 
