@@ -16,7 +16,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from export.store import StoreError, resolve
-from service.api.routes import classify, docs, health, models, v2
+from service.api.routes import classify, docs, health, models, playground, v2
 from service.config import Settings, get_settings
 from service.errors import install_error_handlers
 from service.inference import InferenceService
@@ -67,7 +67,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(models.router)
     app.include_router(v2.router)
     app.include_router(docs.router)
+    app.include_router(playground.router)
     app.mount(docs.ASSETS_URL, docs.assets(), name="docs-assets")
+    app.mount(playground.STATIC_URL, playground.static_files(), name="static")
     return app
 
 
