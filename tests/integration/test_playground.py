@@ -84,6 +84,7 @@ def test_docs_load_their_assets_from_this_server(client, page):
         assert len(response.content) > 1000, asset
     assert "/openapi.json" in html
     assert "fonts.googleapis" not in html
+    assert "default-src 'self'" in client.get(page).headers["content-security-policy"]
 
 
 def test_the_docs_pages_are_not_in_the_api_schema(client):
