@@ -178,48 +178,44 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture
-def server_process(tiny_store):
-    """``start(**env)`` -> (process, base_url): a real ``dynfuse serve`` on a free loopback port, ready.
-    Every process is killed at teardown if the test has not stopped it."""
+def launch_server(store: Path, started: list, **env) -> tuple:
+    """A real ``dynfuse serve`` on a free loopback port, ready: (process, base_url). The process is appended
+    to ``started``, whose owner kills what is still running (``stop_servers``)."""
     import subprocess
-    import sys
     import time
 
     import httpx
 
-    started = []
+    port = free_port()
+    variables = {**os.environ, "PYTHONUNBUFFERED": "1", **{f"DYNFUSE_{k.upper()}": str(v) for k, v in env.items()}}
+    command = [sys.executable, "-m", "service.cli", "serve", "--store", str(store), "--port", str(port)]
+    process = subprocess.Popen(command, env=variables, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    started.append(process)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(f"dynfuse serve exited {process.returncode}: {process.stdout.read()}")
+        try:
+            if httpx.get(f"{base}/readyz", timeout=1).status_code == 200:
+                return process, base
+        except httpx.TransportError:
+            pass
+        time.sleep(0.1)
+    raise AssertionError("dynfuse serve did not become ready in 60 s")
 
-    def start(store=None, **env):
-        port = free_port()
-        variables = {**os.environ, "PYTHONUNBUFFERED": "1", **{f"DYNFUSE_{k.upper()}": str(v) for k, v in env.items()}}
-        command = [
-            sys.executable,
-            "-m",
-            "service.cli",
-            "serve",
-            "--store",
-            str(store or tiny_store),
-            "--port",
-            str(port),
-        ]
-        process = subprocess.Popen(command, env=variables, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        started.append(process)
-        base = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            if process.poll() is not None:
-                raise AssertionError(f"dynfuse serve exited {process.returncode}: {process.stdout.read()}")
-            try:
-                if httpx.get(f"{base}/readyz", timeout=1).status_code == 200:
-                    return process, base
-            except httpx.TransportError:
-                pass
-            time.sleep(0.1)
-        raise AssertionError("dynfuse serve did not become ready in 60 s")
 
-    yield start
+def stop_servers(started: list) -> None:
     for process in started:
         if process.poll() is None:
             process.kill()
             process.wait(timeout=10)
+
+
+@pytest.fixture
+def server_process(tiny_store):
+    """``start(**env)`` -> (process, base_url): a real ``dynfuse serve`` on a free loopback port, ready.
+    Every process is killed at teardown if the test has not stopped it."""
+    started = []
+    yield lambda store=None, **env: launch_server(store or tiny_store, started, **env)
+    stop_servers(started)
