@@ -37,6 +37,7 @@ async function loadModel(name) {
   $("banner").hidden = true;
   $("key-form").hidden = true;
   showModel(state.model);
+  setButtons(true);
 }
 
 function modelUnavailable(error) {
@@ -118,6 +119,7 @@ function askForKey(error) {
   const form = $("key-form");
   const first = form.hidden;
   form.hidden = false;
+  $("model-info").textContent = "Waiting for an API key…";
   $("key-reason").textContent = "This server asks for an API key (sent as Authorization: Bearer).";
   $("key-error").hidden = first && !api.key;
   $("key-error").textContent = `${error.status} ${error.message}`;
@@ -248,14 +250,17 @@ async function compare() {
   });
 }
 
+function setButtons(enabled) {
+  for (const id of ["classify-button", "compare-button"]) $(id).disabled = !enabled;
+}
+
 async function busy(work) {
-  const buttons = [$("classify-button"), $("compare-button")];
-  buttons.forEach((button) => (button.disabled = true));
+  setButtons(false);
   $("result").setAttribute("aria-busy", "true");
   try {
     await work();
   } finally {
-    buttons.forEach((button) => (button.disabled = false));
+    setButtons(true);
     $("result").removeAttribute("aria-busy");
   }
 }
@@ -268,6 +273,9 @@ function showError(error) {
   $("error-code").textContent = known ? error.code : "";
   $("error-message").textContent = error.message;
   $("error").hidden = false;
+  // The answer and the comparison on screen belong to an earlier input: not to be read as this one's.
+  $("result-cards").hidden = true;
+  $("compare").hidden = true;
   if (status === 401) askForKey(error);
   announce(`Error: ${error.message}`);
 }
