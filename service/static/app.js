@@ -69,7 +69,7 @@ function showModel(model) {
     ...points.map((point) =>
       el("option", { value: point.name, selected: Boolean(point.default), text: pointLabel(point) })),
   );
-  updateThreshold();
+  updateRouterOptions();
 
   const examples = model.examples || [];
   $("examples-section").hidden = examples.length === 0;
@@ -106,12 +106,19 @@ function pointLabel(point) {
   return figures.length ? `${point.name} (${figures.join(", ")})` : point.name;
 }
 
-// The threshold moves the router's own decision: it means nothing when the route is forced.
-function updateThreshold() {
+// The threshold moves the router's own decision and an operating point picks the router: neither
+// means anything when the request forces an expert.
+const routerDecides = (route) => route === "auto" || route === "soft";
+
+function updateRouterOptions() {
   const route = $("route-select").value;
-  const applies = route === "auto" || route === "";
-  $("threshold-input").disabled = !applies;
-  $("threshold-field").classList.toggle("is-disabled", !applies);
+  enable($("threshold-field"), $("threshold-input"), route === "auto");
+  enable($("op-field"), $("op-select"), routerDecides(route));
+}
+
+function enable(field, control, applies) {
+  control.disabled = !applies;
+  field.classList.toggle("is-disabled", !applies);
 }
 
 // -- the API key ----------------------------------------------------------------------------------
@@ -217,8 +224,8 @@ function fields(route) {
     image: state.image,
     text: $("text-input").value,
     route: chosen,
-    threshold: chosen === "auto" && !$("threshold-input").disabled ? $("threshold-input").value.trim() : null,
-    operating_point: $("op-field").hidden ? null : $("op-select").value,
+    threshold: chosen === "auto" ? $("threshold-input").value.trim() : null,
+    operating_point: !$("op-field").hidden && routerDecides(chosen) ? $("op-select").value : null,
     model: state.models.length > 1 ? state.model.name : null, // one model: the server's default
   };
 }
@@ -297,7 +304,7 @@ function announce(text) {
 wireImageInput();
 $("classify-form").addEventListener("submit", classify);
 $("compare-button").addEventListener("click", compare);
-$("route-select").addEventListener("change", updateThreshold);
+$("route-select").addEventListener("change", updateRouterOptions);
 $("key-form").addEventListener("submit", useKey);
 $("text-input").addEventListener("input", () => (state.expected = null));
 loadModel();

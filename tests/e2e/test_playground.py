@@ -229,6 +229,24 @@ def test_compare_runs_every_expert_and_marks_the_routers_choice(browser, base, s
     assert f"The router chose {auto['route']['expert']}" in by_id(browser, "compare-summary").text
 
 
+def test_compare_without_an_image_says_why_the_image_experts_cannot_run(browser, base, samples):
+    open_playground(browser, base)
+    fill(browser, None, samples[0]["text"])
+    by_id(browser, "compare-button").click()
+    wait(browser, lambda d: select(d, "#compare-rows tr"), "the compare table never filled")
+
+    for row in select(browser, "#compare-rows tr"):
+        expert = row.get_attribute("data-expert")
+        answer = api_classify(base, None, samples[0]["text"], route=expert)
+        cells = [cell.text for cell in row.find_elements("css selector", "td")]
+        if answer.status_code == 200:
+            assert cells[0] == answer.json()["label"]
+        else:  # an expert that needs the image: the API's 422, in the row
+            assert answer.status_code == 422
+            assert cells == [f"422 {answer.json()['error']['message']}"]
+    assert by_id(browser, "compare-rows").find_elements("css selector", "td.error-text")
+
+
 def test_a_file_that_is_not_an_image_shows_the_apis_415_message(browser, base, tmp_path):
     notes = tmp_path / "notes.txt"
     notes.write_bytes(b"these are notes, not pixels\n")
@@ -345,7 +363,11 @@ def test_routes_operating_points_and_soft_weights_are_shown_when_the_model_has_t
 
         fill(browser, None, samples[0]["text"])
         points[1].click()
+        select(browser, f'#route-select option[value="{experts[0]}"]')[0].click()
+        assert not by_id(browser, "op-select").is_enabled()  # a forced expert: no router to pick
         select(browser, '#route-select option[value="soft"]')[0].click()
+        assert by_id(browser, "op-select").is_enabled()
+        assert not by_id(browser, "threshold-input").is_enabled()  # the threshold is the auto router's
         classify_on_page(browser)
 
         assert browser.execute_script("return window.sentForms.at(-1)") == {
