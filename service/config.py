@@ -34,6 +34,13 @@ class Settings(BaseSettings):
     max_batch_delay_ms: float = Field(2.0, ge=0, le=1000, description="Longest wait for a batch to fill.")
     max_queue: int = Field(256, ge=1, description="Requests waiting beyond this are answered 503.")
     retry_after_s: int = Field(1, ge=1, description="Retry-After sent with a 503.")
+    decode_threads: int = Field(
+        2,
+        ge=1,
+        le=64,
+        description="Threads that decode big images (small ones decode on the event loop); each holds at most one "
+        "decoded image of up to max_image_pixels.",
+    )
 
     max_body_bytes: int = Field(10 * MIB, ge=1024, description="Larger request bodies are answered 413.")
     max_image_pixels: int = Field(4096 * 4096, ge=1, description="Larger images (width x height) are answered 413.")

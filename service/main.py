@@ -47,7 +47,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             if not loader.done():
                 loader.cancel()
             if app.state.service is not None:
-                await app.state.service.batcher.stop()
+                await app.state.service.stop()
             metrics.close()
 
     app = FastAPI(title="dynfuse", version="1", description=DESCRIPTION, lifespan=lifespan)

@@ -21,7 +21,7 @@ from service.errors import (
     UnsupportedMediaType,
     describe_validation_errors,
 )
-from service.inference import ClientInput, run_decoding
+from service.inference import ClientInput
 from service.schemas import (
     ROUTE_DESCRIPTION,
     THRESHOLD_DESCRIPTION,
@@ -86,7 +86,7 @@ CLASSIFY_BODY = {
 async def classify(request: Request, service: ServiceDep, settings: SettingsDep) -> JSONResponse:
     started = time.perf_counter()
     client = await _read_classify_body(request, settings.max_text_chars)
-    item = await run_decoding(len(client.image or b""), service.prepare, client)
+    item = await service.prepare(client)
     [result] = await service.classify([item])
     request_id = _request_id(request)
     return JSONResponse(service.render(result, request_id, started), headers={"X-Request-ID": request_id})
@@ -108,7 +108,7 @@ async def classify_batch(body: BatchClassifyRequest, service: ServiceDep, settin
         try:
             image = decode_base64(entry.image) if entry.image is not None else None
             client = ClientInput(image, entry.text, body.route, body.threshold)
-            items.append(await run_decoding(len(client.image or b""), service.prepare, client))
+            items.append(await service.prepare(client))
         except ApiError as error:
             error.message = f"inputs[{position}]: {error.message}"
             raise

@@ -65,9 +65,9 @@ from service.api.v2_codec import (
     select_outputs,
 )
 from service.config import Settings
-from service.decode import decode_base64
+from service.decode import decode_base64, is_blank
 from service.errors import ApiError, InvalidInput, NotFound, PayloadTooLarge
-from service.inference import ClientInput, InferenceService, run_decoding
+from service.inference import ClientInput, InferenceService
 from service.schemas import ROUTE_DESCRIPTION, THRESHOLD_DESCRIPTION
 
 router = APIRouter(prefix="/v2", tags=["Open Inference Protocol (v2)"])
@@ -256,7 +256,7 @@ async def _infer(
         selected = select_outputs(decoded.request, list(OUTPUT_DATATYPES))
         images, texts = _rows(decoded, settings.max_batch_inputs)
         clients = [ClientInput(image, text, route, threshold) for image, text in zip(images, texts, strict=True)]
-        items = await run_decoding(sum(len(image) for image in images if image is not None), _prepare, service, clients)
+        items = await _prepare(service, clients)
         results = await service.classify(items)
     except ApiError as error:
         error.status = V2_STATUS.get(error.status, error.status)
@@ -333,13 +333,13 @@ def _text(row: int, element: str | bytes | None) -> str | None:
     return element  # blank counts as missing: InferenceService.prepare decides, as for /v1
 
 
-def _prepare(service: InferenceService, clients: list[ClientInput]) -> list[PipelineInput]:
+async def _prepare(service: InferenceService, clients: list[ClientInput]) -> list[PipelineInput]:
     items = []
     for row, client in enumerate(clients):
-        if client.image is None and (client.text is None or not client.text.strip()):
+        if client.image is None and (client.text is None or is_blank(client.text)):
             raise InvalidInput(f"row {row} has neither an image nor a text (an empty element is a missing modality)")
         try:
-            items.append(service.prepare(client))
+            items.append(await service.prepare(client))
         except ApiError as error:
             error.message = f"row {row}: {error.message}"
             raise
