@@ -77,6 +77,7 @@ class InferenceService:
             max_batch_delay_s=settings.max_batch_delay_ms / 1000.0,
             max_queue=settings.max_queue,
             retry_after_s=settings.retry_after_s,
+            stuck_after_s=settings.request_timeout_s,
         )
 
     @classmethod

@@ -16,6 +16,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from export.store import StoreError, resolve
+from service.admission import Admission
 from service.api.routes import classify, health, models, v2
 from service.config import Settings, get_settings
 from service.errors import install_error_handlers
@@ -56,8 +57,25 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.service = None
     app.state.load_error = None
     install_error_handlers(app, on_rejected=metrics.reject)
-    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes, metrics=metrics)
-    app.add_middleware(RequestMetrics, metrics=metrics)  # outermost: it also sees the 413s of the limit
+    # Added innermost first. Admission runs before the body limit, so that every request that may read a
+    # body (or drain one) holds a place within the capacity; the metrics, outermost, count refusals too.
+    app.add_middleware(
+        BodySizeLimit,
+        max_bytes=settings.max_body_bytes,
+        metrics=metrics,
+        drain_max_bytes=settings.drain_max_bytes,
+        drain_timeout_s=settings.drain_timeout_s,
+    )
+    app.add_middleware(
+        Admission,
+        state=app.state,
+        metrics=metrics,
+        capacity=settings.capacity,
+        request_timeout_s=settings.request_timeout_s,
+        max_body_bytes=settings.max_body_bytes,
+        retry_after_s=settings.retry_after_s,
+    )
+    app.add_middleware(RequestMetrics, metrics=metrics)
     app.include_router(health.router)
     app.include_router(classify.router)
     app.include_router(models.router)

@@ -27,8 +27,13 @@ REJECT_REASONS = (
     "queue_full",
     "not_ready",
     "client_disconnect",
+    "over_capacity",  # refused at admission, before the body was read
+    "deadline",  # not served before the request's deadline (504)
+    "body_timeout",  # the client did not send its body before the deadline (408)
 )  # ApiError.reason values
-STATUSES = ("200", "400", "401", "404", "413", "415", "422", "499", "500", "503")  # what the inference routes answer
+# What the inference routes answer; 503 (overloaded, not ready) and 504 (deadline) are the only 5xx a
+# request should ever get, and 500 a test should never see.
+STATUSES = ("200", "400", "401", "404", "408", "413", "415", "422", "431", "499", "500", "503", "504")
 
 
 class Metrics:

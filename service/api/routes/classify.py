@@ -11,6 +11,7 @@ from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 
 from export.pipeline import PipelineInput
+from service.admission import deadline_of
 from service.api.deps import ServiceDep, SettingsDep, require_api_key
 from service.decode import decode_base64
 from service.errors import (
@@ -41,10 +42,13 @@ ERROR_RESPONSES = {
     for status, description in {
         400: "Malformed JSON or form",
         401: "Missing or wrong API key (when one is configured)",
-        413: "Body, image or text over the limits",
+        408: "The body did not arrive before the request's deadline",
+        413: "Body, image, text or number of inputs over the limits",
         415: "Unsupported content type or image format",
-        422: "Invalid fields, unknown route, no modality",
+        422: "Invalid fields, unknown route, no modality, an image that does not decode",
+        431: "Request headers over the limit",
         503: "Overloaded (Retry-After) or still loading",
+        504: "Not answered before the request's deadline",
     }.items()
 }
 
@@ -87,7 +91,7 @@ async def classify(request: Request, service: ServiceDep, settings: SettingsDep)
     started = time.perf_counter()
     client = await _read_classify_body(request, settings.max_text_chars)
     item = await service.prepare(client)
-    [result] = await service.classify([item])
+    [result] = await service.classify([item], deadline_of(request))
     request_id = _request_id(request)
     return JSONResponse(service.render(result, request_id, started), headers={"X-Request-ID": request_id})
 
@@ -99,7 +103,9 @@ async def classify(request: Request, service: ServiceDep, settings: SettingsDep)
     summary="Classify several image-text pairs in one call",
     description="Every input is routed on its own; outputs come back in input order with their ids.",
 )
-async def classify_batch(body: BatchClassifyRequest, service: ServiceDep, settings: SettingsDep) -> JSONResponse:
+async def classify_batch(
+    request: Request, body: BatchClassifyRequest, service: ServiceDep, settings: SettingsDep
+) -> JSONResponse:
     started = time.perf_counter()
     if len(body.inputs) > settings.max_batch_inputs:
         raise PayloadTooLarge(f"inputs: {len(body.inputs)} is over the limit of {settings.max_batch_inputs} per call")
@@ -112,7 +118,7 @@ async def classify_batch(body: BatchClassifyRequest, service: ServiceDep, settin
         except ApiError as error:
             error.message = f"inputs[{position}]: {error.message}"
             raise
-    results = await service.classify(items)
+    results = await service.classify(items, deadline_of(request))
     outputs = [
         service.render(result, entry.id if entry.id is not None else str(position), started)
         for position, (entry, result) in enumerate(zip(body.inputs, results, strict=True))

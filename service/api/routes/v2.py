@@ -43,6 +43,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 
 from export.pipeline import AUTO, PipelineInput, PipelineOutput
+from service.admission import deadline_of
 from service.api.deps import ServiceDep, SettingsDep, require_api_key
 from service.api.v2_codec import (
     HEADER_LENGTH,
@@ -96,8 +97,11 @@ ERRORS = {
         400: "Malformed or invalid request (the message says what to fix)",
         401: "Missing or wrong API key (when one is configured)",
         404: "Unknown model or version",
+        408: "The body did not arrive before the request's deadline",
         413: "Body, image, text or number of rows over the limits",
+        431: "Request headers over the limit",
         503: "Still loading, or overloaded (Retry-After)",
+        504: "Not answered before the request's deadline",
     }.items()
 }
 
@@ -144,8 +148,11 @@ async def live() -> dict:
     summary="Readiness: the model is loaded and warm",
 )
 async def ready(request: Request) -> JSONResponse:
-    if request.app.state.service is not None:
+    service = request.app.state.service
+    if service is not None and service.batcher.running:
         return JSONResponse({"ready": True})
+    if service is not None:
+        return JSONResponse({"ready": False}, 503, headers={"Retry-After": "1"})
     return _not_ready(request, {"ready": False})
 
 
@@ -187,6 +194,8 @@ def _model_ready(request: Request, name: str, version: str | None) -> JSONRespon
             raise NotFound(f"unknown model {name!r}")
         return _not_ready(request, {"name": name, "ready": False})
     _check_model(service, name, version)
+    if not service.batcher.running:
+        return JSONResponse({"name": name, "ready": False}, 503, headers={"Retry-After": "1"})
     return JSONResponse({"name": name, "ready": True})
 
 
@@ -257,7 +266,7 @@ async def _infer(
         images, texts = _rows(decoded, settings.max_batch_inputs)
         clients = [ClientInput(image, text, route, threshold) for image, text in zip(images, texts, strict=True)]
         items = await _prepare(service, clients)
-        results = await service.classify(items)
+        results = await service.classify(items, deadline_of(request))
     except ApiError as error:
         error.status = V2_STATUS.get(error.status, error.status)
         raise
