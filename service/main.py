@@ -17,6 +17,7 @@ from fastapi import FastAPI
 
 from export.store import StoreError, resolve
 from service.admission import Admission
+from service.api.openapi import install_openapi
 from service.api.routes import classify, health, models, v2
 from service.config import Settings, get_settings
 from service.errors import install_error_handlers
@@ -80,6 +81,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(classify.router)
     app.include_router(models.router)
     app.include_router(v2.router)
+    install_openapi(app, settings)
     return app
 
 

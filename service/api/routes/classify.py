@@ -160,6 +160,9 @@ async def _read_form(request: Request) -> ClientInput:
     unknown = set(form.keys()) - FORM_FIELDS
     if unknown:
         raise InvalidInput(f"unknown form fields {sorted(unknown)}; accepted: {sorted(FORM_FIELDS)}")
+    repeated = sorted(name for name in FORM_FIELDS if len(form.getlist(name)) > 1)
+    if repeated:
+        raise InvalidInput(f"form fields {repeated} are sent more than once; send each at most once")
     image_field = form.get("image")
     if isinstance(image_field, UploadFile):
         image = await image_field.read()
@@ -170,15 +173,17 @@ async def _read_form(request: Request) -> ClientInput:
     text = form.get("text")
     if text is not None and not isinstance(text, str):
         raise InvalidInput("text: must be a plain form field, not a file")
-    route = form.get("route") or "auto"
+    route = form.get("route", "auto")  # an empty field is an unknown route, as in JSON: leave it out instead
     if not isinstance(route, str):
         raise InvalidInput("route: must be a plain form field")
     return ClientInput(image, text, route, _parse_threshold(form.get("threshold")))
 
 
 def _parse_threshold(value) -> float | None:
-    if value is None or value == "":
+    if value is None:
         return None
+    if not isinstance(value, str) or not value.strip():  # a file part, or an empty field: leave it out instead
+        raise InvalidInput(f"threshold: {value!r} is not a number in [0, 1]; to use none, leave the field out")
     try:
         threshold = float(value)
     except (TypeError, ValueError):

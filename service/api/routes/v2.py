@@ -231,7 +231,13 @@ def _check_model(service: InferenceService, name: str, version: str | None) -> N
 # -- inference ---------------------------------------------------------------------------------
 INFER = {
     "response_model": InferenceResponse,
-    "responses": ERRORS,
+    "responses": {
+        200: {
+            "description": "The outputs as JSON, or (binary data requested) the JSON then the outputs' bytes",
+            "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
+        },
+        **ERRORS,
+    },
     "dependencies": guarded,
     "openapi_extra": INFER_BODY,
     "summary": "Inference",
