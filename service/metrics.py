@@ -9,6 +9,7 @@ reports the sums over all of them.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
 
@@ -159,6 +160,7 @@ class Metrics:
     def render(self) -> bytes:
         if not self.multiprocess:
             return generate_latest(self.registry)
+        forget_dead_processes(os.environ[MULTIPROCESS_DIR])
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)  # every process's files, summed
         return generate_latest(registry)
@@ -167,3 +169,32 @@ class Metrics:
         """At process exit: drop this process's live gauges (its counters and histograms stay in the sums)."""
         if self.multiprocess:
             multiprocess.mark_process_dead(os.getpid())
+
+
+def forget_dead_processes(directory: str) -> list[int]:
+    """Drop the live gauges of worker processes that died without saying so (killed, crashed), so that
+    ``dynfuse_inflight_requests`` does not count their requests for ever; their counters stay in the
+    sums. Run at every scrape: the supervisor that restarts workers is uvicorn's, not ours. Returns the
+    pids forgotten."""
+    dead = set()
+    for path in Path(directory).glob("gauge_live*_*.db"):
+        pid = path.stem.rsplit("_", 1)[-1]
+        if pid.isdigit() and not _alive(int(pid)):
+            dead.add(int(pid))
+    for pid in dead:
+        multiprocess.mark_process_dead(pid, directory)
+    return sorted(dead)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by someone else
+    try:  # a zombie (dead, not reaped yet by the supervisor) still answers signal 0
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return True
+    return state != "Z"

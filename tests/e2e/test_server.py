@@ -6,10 +6,10 @@ import base64
 import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import httpx
 import pytest
+from conftest import worker_pids
 from prometheus_client.parser import text_string_to_metric_families
 
 pytestmark = pytest.mark.e2e
@@ -55,7 +55,7 @@ def test_sigterm_finishes_in_flight_requests_then_exits_0(server_process, sample
 
 def test_workers_share_the_port_and_report_summed_metrics(server_process, samples):
     process, base = server_process(workers=2)
-    assert len(_worker_processes(process.pid)) == 2
+    assert len(worker_pids(process.pid)) == 2
     pairs = [{"image": base64.b64encode(s["png"]).decode(), "text": s["text"]} for s in samples[:12]]
     with ThreadPoolExecutor(6) as pool:
         responses = list(pool.map(lambda pair: httpx.post(f"{base}/v1/classify", json=pair, timeout=30), pairs))
@@ -77,22 +77,6 @@ def test_workers_share_the_port_and_report_summed_metrics(server_process, sample
 
     process.send_signal(signal.SIGTERM)
     assert process.wait(timeout=30) == 0
-
-
-def _worker_processes(parent: int) -> list[int]:
-    """The uvicorn worker processes (spawned children) of a ``dynfuse serve --workers N``."""
-    workers = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            cmdline = (entry / "cmdline").read_bytes()
-        except (OSError, IndexError, ValueError):
-            continue  # gone meanwhile
-        if ppid == parent and b"spawn_main" in cmdline:
-            workers.append(int(entry.name))
-    return workers
 
 
 def test_serve_refuses_an_empty_store_with_a_clear_message(tmp_path):
