@@ -118,12 +118,29 @@ def test_streamed_body_over_the_limit_is_refused_without_a_content_length(client
         ({"inputs": [{"text": "a"}, {"image": "@@"}]}, 422),
         ({"inputs": [{"text": "a"}], "threshold": 2}, 422),
         ({"items": []}, 422),
+        (["not", "an", "object"], 422),
     ],
 )
 def test_bad_batches(client, body, status):
     response = client.post("/v1/classify/batch", json=body)
     assert response.status_code == status, response.text
     assert response.json()["error"]["message"]
+
+
+@pytest.mark.parametrize(
+    ("content", "content_type", "status", "code"),
+    [
+        (b'{"inputs": [', "application/json", 400, "malformed_request"),
+        (b'{"inputs": [{"text": "a"}]}', "text/plain", 415, "unsupported_media_type"),
+        (b"inputs=a", "application/x-www-form-urlencoded", 415, "unsupported_media_type"),
+        (b'{"inputs": [{"text": "a"}]}', None, 415, "unsupported_media_type"),
+    ],
+)
+def test_batch_errors_follow_the_errors_table(client, content, content_type, status, code):
+    headers = {"content-type": content_type} if content_type else {}
+    response = client.post("/v1/classify/batch", content=content, headers=headers)
+    assert response.status_code == status, response.text
+    assert response.json()["error"]["code"] == code
 
 
 def test_a_bad_input_in_a_batch_is_named_by_position(client):

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import time
 import uuid
+from typing import TypeVar
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from starlette.datastructures import UploadFile
 
 from export.pipeline import PipelineInput
@@ -32,6 +33,8 @@ from service.schemas import (
     ClassifyResponse,
     ErrorResponse,
 )
+
+ModelT = TypeVar("ModelT", bound=BaseModel)
 
 router = APIRouter(prefix="/v1", tags=["inference"], dependencies=[Depends(require_api_key)])
 
@@ -103,10 +106,11 @@ async def classify(request: Request, service: ServiceDep, settings: SettingsDep)
     summary="Classify several image-text pairs in one call",
     description="Every input is routed on its own; outputs come back in input order with their ids.",
 )
-async def classify_batch(
-    request: Request, body: BatchClassifyRequest, service: ServiceDep, settings: SettingsDep
-) -> JSONResponse:
+async def classify_batch(request: Request, service: ServiceDep, settings: SettingsDep) -> JSONResponse:
     started = time.perf_counter()
+    if _content_type(request) != "application/json":
+        raise UnsupportedMediaType(f"content type {_content_type(request) or '(none)'!r}: send application/json")
+    body = await _parse_json(request, BatchClassifyRequest)
     if len(body.inputs) > settings.max_batch_inputs:
         raise PayloadTooLarge(f"inputs: {len(body.inputs)} is over the limit of {settings.max_batch_inputs} per call")
     items: list[PipelineInput] = []
@@ -126,8 +130,12 @@ async def classify_batch(
     return JSONResponse({"model": service.model.name, "model_version": service.model.version, "outputs": outputs})
 
 
+def _content_type(request: Request) -> str:
+    return request.headers.get("content-type", "").split(";")[0].strip().lower()
+
+
 async def _read_classify_body(request: Request, max_text_chars: int) -> ClientInput:
-    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    content_type = _content_type(request)
     if content_type == "application/json":
         return await _read_json(request)
     if content_type in ("multipart/form-data", "application/x-www-form-urlencoded"):  # the latter: text only
@@ -137,15 +145,19 @@ async def _read_classify_body(request: Request, max_text_chars: int) -> ClientIn
     )
 
 
-async def _read_json(request: Request) -> ClientInput:
-    body = await request.body()
+async def _parse_json(request: Request, model: type[ModelT]) -> ModelT:
+    """The body as ``model``: 400 when it is not JSON, 422 when it is JSON of the wrong shape."""
     try:
-        parsed = ClassifyRequest.model_validate_json(body)
+        return model.model_validate_json(await request.body())
     except ValidationError as error:
         errors = error.errors()
         if any(e["type"] == "json_invalid" for e in errors):
             raise MalformedRequest(f"body is not valid JSON: {errors[0]['msg']}") from None
         raise InvalidInput(describe_validation_errors(errors)) from None
+
+
+async def _read_json(request: Request) -> ClientInput:
+    parsed = await _parse_json(request, ClassifyRequest)
     image = decode_base64(parsed.image) if parsed.image is not None else None
     return ClientInput(image, parsed.text, parsed.route, parsed.threshold)
 
