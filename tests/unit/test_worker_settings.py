@@ -62,3 +62,19 @@ def test_the_live_gauges_of_a_dead_worker_are_forgotten(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
         [f"counter_{dead.pid}.db", f"counter_{alive}.db", f"gauge_livesum_{alive}.db"]
     )
+
+
+def test_serve_flags_become_settings(monkeypatch, tmp_path):
+    from service import cli, server
+
+    for name in [name for name in os.environ if name.startswith("DYNFUSE_")]:
+        monkeypatch.delenv(name)
+    seen = {}
+    monkeypatch.setattr(server, "serve", lambda settings: seen.setdefault("settings", settings) and 0)
+    argv = ["serve", "--store", str(tmp_path), "--workers", "2", "--threads", "1", "--max-inflight", "64"]
+    argv += ["--request-timeout", "2.5", "--log-level", "warning"]
+    cli.main(argv)
+    settings = seen["settings"]
+    assert (settings.workers, settings.threads, settings.max_inflight) == (2, 1, 64)
+    assert settings.capacity == 64
+    assert (settings.request_timeout_s, settings.log_level) == (2.5, "warning")
