@@ -7,10 +7,13 @@ read, a JSON parsed or an image decoded, it answers at once:
 - 503 ``not_ready`` while the model loads;
 - 503 ``overloaded`` (reason ``over_capacity``) when ``capacity`` requests are already admitted.
 
-A refusal is a few microseconds of Python and no body read, so a spike of refused requests leaves the
-CPU to the requests being served. Since closed-loop clients that ignore Retry-After would otherwise
-retry at once and spend that CPU again, a refusal is answered after ``REFUSAL_HOLD_S``: a sleeping
-coroutine that costs nothing, and bounds how often one client can be refused.
+No body is read, parsed or decoded for a refusal, but the HTTP exchange itself (uvicorn's parsing,
+the ASGI call, two writes) still costs about 0.2 ms of CPU (bench/BENCHMARKS.md, figure 5). Clients
+that ignore Retry-After and retry at once would spend that on as many refusals as the CPU allows, and
+take it from the requests being served. So refusals are paced: at most ``refusals_per_s`` are answered
+per second; the others wait their turn, a sleeping coroutine that costs nothing, but never longer
+than ``MAX_REFUSAL_HOLD_S``. Under a light overload a refusal goes out at once; under a heavy one the
+refusals cost a bounded share of the CPU.
 
 Every admitted request gets a deadline, ``request_timeout_s`` from its arrival (``deadline_of``):
 past it, the request is cancelled wherever it is and answered 408 when its body had not arrived yet
@@ -32,9 +35,9 @@ logger = logging.getLogger("dynfuse")
 
 DEADLINE_KEY = "dynfuse.deadline"  # in the ASGI scope: time.monotonic() by which the request must be answered
 MAX_HEADER_BYTES = 64 * 1024  # nginx answers 400 past 4 x 8 KiB by default; we allow more, and answer 431
-# Long enough that a client which retries at once costs a few hundred refusals a second, not tens of
-# thousands; short against the Retry-After of 1 s that a well-behaved client waits anyway.
-REFUSAL_HOLD_S = 0.25
+# Past this the pacing gives up and answers anyway: client timeouts are rarely shorter, and held
+# connections should not pile up for ever.
+MAX_REFUSAL_HOLD_S = 3.0
 
 
 def deadline_of(scope_or_request) -> float | None:
@@ -54,7 +57,8 @@ class Admission:
         request_timeout_s: float,
         max_body_bytes: int,
         retry_after_s: int = 1,
-        refusal_hold_s: float = REFUSAL_HOLD_S,
+        refusals_per_s: float = 200.0,
+        max_refusal_hold_s: float = MAX_REFUSAL_HOLD_S,
     ):
         self.app = app
         self.state = state  # the app's state: ``service`` is None until the model is loaded
@@ -63,8 +67,10 @@ class Admission:
         self.request_timeout_s = request_timeout_s
         self.max_body_bytes = max_body_bytes
         self.retry_after_s = retry_after_s
-        self.refusal_hold_s = refusal_hold_s
+        self.refusal_interval_s = 1.0 / refusals_per_s
+        self.max_refusal_hold_s = max_refusal_hold_s
         self.admitted = 0
+        self._next_refusal = 0.0  # loop time before which no further refusal is answered
         self._inflight = metrics.inflight.labels(metrics.model)
 
     async def __call__(self, scope, receive, send):
@@ -126,7 +132,7 @@ class Admission:
     async def _refuse(self, scope, send, error: ApiError) -> None:
         self.metrics.reject(error.reason)
         if error.status == 503:
-            await asyncio.sleep(self.refusal_hold_s)
+            await asyncio.sleep(self._refusal_delay())
         # Unread, a body of a declared length within the limit is discarded by the server's parser and the
         # connection kept; a larger or chunked one could go on for ever, so that connection is closed.
         declared = header(scope, b"content-length")
@@ -135,6 +141,14 @@ class Admission:
         else:
             unbounded = not declared.isdigit() or int(declared) > self.max_body_bytes
         await send_error(scope, send, error.status, error.code, error.message, headers=error.headers, close=unbounded)
+
+
+    def _refusal_delay(self) -> float:
+        """Seconds until this refusal's turn: one every ``refusal_interval_s``, at most the maximum hold."""
+        now = asyncio.get_running_loop().time()
+        turn = min(max(now, self._next_refusal), now + self.max_refusal_hold_s)
+        self._next_refusal = turn + self.refusal_interval_s
+        return turn - now
 
 
 async def _run_until(deadline: float, coroutine) -> None:

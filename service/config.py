@@ -52,6 +52,12 @@ class Settings(BaseSettings):
         "408, an answer not ready by then 504.",
     )
     retry_after_s: int = Field(1, ge=1, description="Retry-After sent with a 503.")
+    refusals_per_s: float = Field(
+        200.0,
+        gt=0,
+        description="Over-capacity refusals answered per second and process; the others wait their turn (at most "
+        "3 s), so that clients retrying at once cannot spend the CPU the refusals save.",
+    )
     decode_threads: int = Field(
         2,
         ge=1,

@@ -123,10 +123,11 @@ class Metrics:
             self.batch_size,
         ):
             series.labels(model)
-        for status in STATUSES:
-            self.requests.labels(model, status)
-        for reason in REJECT_REASONS:
-            self.rejected.labels(model, reason)
+        # Bound once: a refusal under overload must cost as little as possible, and .labels() is a lock
+        # and a dictionary lookup every time.
+        self._by_status = {status: self.requests.labels(model, status) for status in STATUSES}
+        self._by_reason = {reason: self.rejected.labels(model, reason) for reason in REJECT_REASONS}
+        self._duration = self.request_duration.labels(model)
         for modality in MODALITIES:
             self.modality_importance.labels(model, modality)
 
@@ -155,7 +156,14 @@ class Metrics:
             self.expert_duration.labels(self.model, expert).observe(seconds)
 
     def reject(self, reason: str) -> None:
-        self.rejected.labels(self.model, reason).inc()
+        child = self._by_reason.get(reason)
+        (child if child is not None else self.rejected.labels(self.model, reason)).inc()
+
+    def count_request(self, status: int, seconds: float) -> None:
+        """One inference request answered with ``status`` after ``seconds``."""
+        child = self._by_status.get(str(status))
+        (child if child is not None else self.requests.labels(self.model, str(status))).inc()
+        self._duration.observe(seconds)
 
     def render(self) -> bytes:
         if not self.multiprocess:

@@ -98,7 +98,6 @@ class RequestMetrics:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or not is_inference_path(scope["path"]):
             return await self.app(scope, receive, send)
-        model = self.metrics.model
         status = 500  # what the client sees if the app dies before answering
 
         async def send_with_status(message):
@@ -111,8 +110,7 @@ class RequestMetrics:
         try:
             await self.app(scope, receive, send_with_status)
         finally:
-            self.metrics.requests.labels(model, str(status)).inc()
-            self.metrics.request_duration.labels(model).observe(time.perf_counter() - started)
+            self.metrics.count_request(status, time.perf_counter() - started)
 
 
 def header(scope, name: bytes) -> str | None:

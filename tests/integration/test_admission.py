@@ -249,3 +249,25 @@ def test_every_refusal_and_answer_is_counted_by_status(serve, path):
     samples = scrape(client)
     assert value(samples, "dynfuse_requests_total", model="shapes", status=str(response.status_code)) == 1
     assert value(samples, "dynfuse_inflight_requests", model="shapes") == 0
+
+
+def test_refusals_are_paced_and_never_held_longer_than_the_maximum():
+    from service.admission import Admission
+    from service.metrics import Metrics
+
+    async def delays():
+        admission = Admission(
+            None,
+            state=None,
+            metrics=Metrics("m"),
+            capacity=1,
+            request_timeout_s=10,
+            max_body_bytes=1024,
+            refusals_per_s=10,
+            max_refusal_hold_s=0.35,
+        )
+        return [admission._refusal_delay() for _ in range(6)]
+
+    got = asyncio.run(delays())
+    # One refusal every 0.1 s: the first at once, then in turn, but none held past 0.35 s.
+    assert got == pytest.approx([0.0, 0.1, 0.2, 0.3, 0.35, 0.35], abs=0.01)
