@@ -213,12 +213,12 @@ class Traffic:
 
 
 async def prime(traffic: Traffic, concurrency: int = CONCURRENCY) -> None:
-    """Every kind, ``concurrency`` at a time: each pool (decode threads, connections) reaches its size
-    before the start is recorded, so that what grows afterwards is growth, not warm-up."""
+    """Every kind, ``concurrency`` at a time, on fresh connections (so that every worker gets some): each
+    pool (decode threads, allocator arenas) reaches its size before the start is recorded, so that what
+    grows afterwards is growth, not warm-up."""
     import httpx
 
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(limits=limits, timeout=CLIENT_TIMEOUT_S) as client:
+    async with httpx.AsyncClient(limits=_limits(concurrency), timeout=CLIENT_TIMEOUT_S) as client:
         for name, (_weight, kind) in traffic.kinds.items():
             if name != "stalled_body":  # waits out a deadline; the timed warm-up sends some
                 await asyncio.gather(*(kind(client) for _ in range(concurrency)), return_exceptions=True)
@@ -228,9 +228,8 @@ async def drive(traffic: Traffic, seconds: float, tally: Tally, concurrency: int
     """``concurrency`` closed-loop clients sending the mix for ``seconds``."""
     import httpx
 
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     stop_at = time.monotonic() + seconds
-    async with httpx.AsyncClient(limits=limits, timeout=CLIENT_TIMEOUT_S) as client:
+    async with httpx.AsyncClient(limits=_limits(concurrency), timeout=CLIENT_TIMEOUT_S) as client:
 
         async def one_client():
             while time.monotonic() < stop_at:
@@ -242,6 +241,14 @@ async def drive(traffic: Traffic, seconds: float, tally: Tally, concurrency: int
                 tally.note(name, outcome)
 
         await asyncio.gather(*(one_client() for _ in range(concurrency)))
+
+
+def _limits(concurrency: int):
+    """No keep-alive: each request opens a connection, which the kernel hands to either worker (kept-alive
+    connections would stay with whichever worker accepted them first), and the descriptors churn."""
+    import httpx
+
+    return httpx.Limits(max_connections=concurrency, max_keepalive_connections=0)
 
 
 # -- the server's processes ---------------------------------------------------------------------------
@@ -366,8 +373,7 @@ def run(
     try:
         traffic = Traffic(base, model, samples, seed)
         progress(f"warm-up {warmup_s:g} s")
-        asyncio.run(prime(traffic))
-        asyncio.run(drive(traffic, warmup_s, Tally()))
+        warm_up(process.pid, traffic, warmup_s)
         time.sleep(2.0)
         start = snapshot(process.pid)
         progress(f"soak {soak_s:g} s")
@@ -392,6 +398,17 @@ def run(
     }
     result["verdict"] = verdict(result)
     return result
+
+
+def warm_up(supervisor: int, traffic: Traffic, seconds: float, rounds: int = 6) -> None:
+    """Prime every kind until every worker has started the same threads (its decode pool included), then
+    ``seconds`` of the mix."""
+    for _ in range(rounds):
+        asyncio.run(prime(traffic))
+        threads = {process_stats(pid)["threads"] for pid in workers_of(supervisor)}
+        if len(threads) == 1:
+            break
+    asyncio.run(drive(traffic, seconds, Tally()))
 
 
 def chaos(supervisor: int, traffic: Traffic, seconds: float) -> dict:
