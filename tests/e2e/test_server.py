@@ -35,7 +35,7 @@ def test_serves_over_real_http_and_prints_where_the_docs_are(server_process, sam
 @pytest.mark.parametrize("workers", [1, 2])
 def test_sigterm_finishes_in_flight_requests_then_exits_0(server_process, samples, workers):
     # A long batch delay keeps requests in flight when the signal arrives.
-    process, base = server_process(max_batch_delay_ms=800, max_batch_size=64, workers=workers)
+    process, base = server_process(max_batch_delay_ms=1000, max_batch_size=64, workers=workers)
     pair = {"image": base64.b64encode(samples[0]["png"]).decode(), "text": samples[0]["text"]}
 
     def classify(_):
@@ -43,7 +43,11 @@ def test_sigterm_finishes_in_flight_requests_then_exits_0(server_process, sample
 
     with ThreadPoolExecutor(8) as pool:
         in_flight = [pool.submit(classify, i) for i in range(8)]
-        time.sleep(0.3)  # all eight sent and waiting in the batcher
+        # All eight admitted and waiting in the batcher (not a fixed sleep: on a busy machine 0.3 s
+        # was not always enough for eight connections to be accepted).
+        deadline = time.monotonic() + 10
+        while inflight(base) < 8 and time.monotonic() < deadline:
+            time.sleep(0.02)
         process.send_signal(signal.SIGTERM)
         responses = [f.result() for f in in_flight]
 
@@ -51,6 +55,15 @@ def test_sigterm_finishes_in_flight_requests_then_exits_0(server_process, sample
     assert process.wait(timeout=30) == 0
     with pytest.raises(httpx.TransportError):
         httpx.get(f"{base}/healthz", timeout=2)
+
+
+def inflight(base: str) -> float:
+    text = httpx.get(f"{base}/metrics", timeout=5).text
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "dynfuse_inflight_requests":
+                return sample.value
+    return 0.0
 
 
 def test_workers_share_the_port_and_report_summed_metrics(server_process, samples):
