@@ -6,7 +6,9 @@ Capacity is the goodput at the concurrency the server holds (c = 128: the defaul
 DYNFUSE_MAX_INFLIGHT = max_queue / 2); at 4x and 8x that concurrency the goodput should stay at 90% of
 it or more, the rest refused cheaply. wrk (one thread) sends real test-split bodies with
 bench/wrk_overload.lua, which counts answers by status and times the 200s alone; each level lasts
-``--seconds`` after a short warm-up, and the share of the CPU that other processes took is recorded.
+``--seconds`` after a short warm-up. The machine is shared: each level waits for a quiet machine, and is
+measured again (up to 4 times) while other processes took more than 15% of the CPU; the quietest attempt
+is reported, with the share other processes took, and every attempt is kept in the JSON.
 
     python -m bench.overload [--seconds 15] [--workers 1,2] [--levels 128,512,1024]
 """
@@ -43,6 +45,8 @@ from bench.common import (
 
 GOAL = 0.90  # goodput at 4x and 8x the held concurrency, over capacity
 LEVELS = (128, 512, 1024)
+NOISY = 0.15  # a level during which other processes took more of the CPU than this is measured again
+ATTEMPTS = 4  # at most, per level; the quietest attempt is kept
 
 
 def rejected(base: str) -> float:
@@ -85,7 +89,22 @@ def run_level(base: str, bodies: Path, concurrency: int, seconds: float, server:
     }
 
 
-def measure(store: Path, bodies: Path, workers: int, levels: tuple[int, ...], seconds: float, work: Path) -> dict:
+def quietest(base: str, bodies: Path, concurrency: int, seconds: float, server: tuple[int, ...], max_wait: float):
+    """The level measured when the machine is quiet: again (after waiting for quiet) while other processes
+    took more than ``NOISY`` of the CPU, at most ``ATTEMPTS`` times; the quietest attempt, with all of them."""
+    attempts = []
+    for _ in range(ATTEMPTS):
+        wait_for_quiet(max_wait_s=max_wait)
+        attempts.append(run_level(base, bodies, concurrency, seconds, server))
+        if attempts[-1]["foreign_cpu_share"] <= NOISY:
+            break
+    best = min(attempts, key=lambda row: row["foreign_cpu_share"])
+    return best | {"attempts": [{k: a[k] for k in ("goodput_per_s", "foreign_cpu_share")} for a in attempts]}
+
+
+def measure(
+    store: Path, bodies: Path, workers: int, levels: tuple[int, ...], seconds: float, work: Path, max_wait: float
+) -> dict:
     process, base = start_server(store, work / f"server-{workers}.log", workers)
     try:
         time.sleep(2.0)
@@ -93,7 +112,7 @@ def measure(store: Path, bodies: Path, workers: int, levels: tuple[int, ...], se
         run_level(base, bodies, 8, 3, server)  # warm the HTTP path; not recorded
         rows = []
         for concurrency in levels:
-            row = run_level(base, bodies, concurrency, seconds, server)
+            row = quietest(base, bodies, concurrency, seconds, server, max_wait)
             rows.append(row)
             print(
                 f"workers={workers} c={concurrency}: {row['goodput_per_s']:,.0f} served/s, "
@@ -152,10 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     bodies.write_text("\n".join(lines) + "\n")
     runs = []
     for workers in (int(v) for v in args.workers.split(",")):
-        quiet = wait_for_quiet(max_wait_s=args.max_wait)
-        run = measure(args.store, bodies, workers, levels, args.seconds, work)
-        run["foreign_cpu_share_before"] = quiet
-        runs.append(run)
+        runs.append(measure(args.store, bodies, workers, levels, args.seconds, work, args.max_wait))
     goal = {
         "goodput_of_capacity_at_least": GOAL,
         "met": all(level["of_capacity"] >= GOAL for run in runs for level in run["levels"]),
