@@ -185,7 +185,8 @@ def format_table(rows: list[dict]) -> str:
 
 
 def plot_pareto(rows: list[dict], path: Path, title: str = "accuracy against compute") -> None:
-    """Accuracy against MAdds per sample: one point per lambda and per threshold, static experts marked.
+    """Accuracy against MAdds per sample: the operating points (one router per lambda), the threshold and
+    confidence sweeps of the served router, soft fusion and the static experts.
 
     Left: everything on a log scale. Right: the routed policies up close, where the curve lives."""
     import matplotlib
@@ -197,11 +198,13 @@ def plot_pareto(rows: list[dict], path: Path, title: str = "accuracy against com
         return row["madds_per_sample"], 100 * row["accuracy"]
 
     fig, (overview, zoom) = plt.subplots(1, 2, figsize=(12, 4.8), dpi=120)
-    routed = [r for r in rows if r["policy"].startswith(("lambda=", "threshold=")) or r["policy"] in ("auto", "oracle")]
+    sweeps = ("lambda=", "threshold=", "confidence=")
+    routed = [r for r in rows if r["policy"].startswith(sweeps) or r["policy"] in ("auto", "oracle")]
     for ax, annotate in ((overview, False), (zoom, True)):
         for prefix, style, label, short in (
-            ("lambda=", "o-", "router per lambda", "λ="),
-            ("threshold=", "s--", "threshold sweep (served router)", "t="),
+            ("lambda=", "o-", "operating points (router per λ)", "λ="),
+            ("threshold=", "s--", "threshold sweep (served point)", "t="),
+            ("confidence=", "v:", "confidence fallback (served point)", "c="),
         ):
             points = sorted((r for r in rows if r["policy"].startswith(prefix)), key=lambda r: r["madds_per_sample"])
             if points:
@@ -220,8 +223,9 @@ def plot_pareto(rows: list[dict], path: Path, title: str = "accuracy against com
                     textcoords="offset points",
                     xytext=(6, 4),
                 )
-        for policy, marker in (("auto", "r*"), ("oracle", "g^")):
-            ax.plot(*point(find_row(rows, policy)), marker, markersize=12, label=policy)
+        for policy, marker in (("auto", "r*"), ("oracle", "g^"), ("soft", "mP")):
+            if any(r["policy"] == policy for r in rows):
+                ax.plot(*point(find_row(rows, policy)), marker, markersize=12, label=policy)
         ax.set_xlabel("MAdds per sample" + ("" if annotate else " (log scale)"))
         ax.set_ylabel("accuracy (%)")
         ax.grid(True, which="both", alpha=0.3)
