@@ -271,3 +271,35 @@ def test_refusals_are_paced_and_never_held_longer_than_the_maximum():
     got = asyncio.run(delays())
     # One refusal every 0.1 s: the first at once, then in turn, but none held past 0.35 s.
     assert got == pytest.approx([0.0, 0.1, 0.2, 0.3, 0.35, 0.35], abs=0.01)
+
+
+def test_at_capacity_the_playground_docs_and_probes_are_still_served(tiny_store):
+    """Admission guards the inference routes only: the page, its static files, the docs and the probes are
+    answered at once while every inference slot is taken."""
+
+    def get(path: str) -> dict:
+        return {**scope(path, headers=[(b"host", b"dynfuse")]), "method": "GET"}
+
+    async def scenario():
+        async with started(tiny_store, max_inflight=1) as app:
+            gate = held_pipeline(app)
+            admitted = Exchange(b'{"text": "a red circle"}')
+            running = asyncio.ensure_future(app(scope(), admitted.receive, admitted.send))
+            await asyncio.sleep(0.2)  # the one slot is taken
+            refused = Exchange(b'{"text": "a red circle"}')
+            await app(scope(), refused.receive, refused.send)
+            answers = {}
+            for path in ("/", "/static/app.js", "/docs", "/docs-assets/swagger-ui.css", "/openapi.json", "/readyz"):
+                exchange = Exchange(b"")
+                begun = time.monotonic()
+                await app(get(path), exchange.receive, exchange.send)
+                answers[path] = (exchange.status, time.monotonic() - begun)
+            gate.set()
+            await asyncio.wait_for(running, 30)
+            return refused, answers
+
+    refused, answers = asyncio.run(scenario())
+    assert refused.status == 503
+    for path, (status, took) in answers.items():
+        assert status == 200, path
+        assert took < 1.0, path  # not paced like a refusal
