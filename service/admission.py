@@ -1,24 +1,27 @@
 """Admission before work: what an inference request may cost is decided before it costs anything.
 
-``Admission`` is pure ASGI and sits in front of the inference routes. Before a byte of the body is
+``Admission`` is the front door: pure ASGI, in front of FastAPI's whole stack (``DynfuseApp`` in
+``service/main.py`` calls it first), and it guards the inference routes. Before a byte of the body is
 read, a JSON parsed or an image decoded, it answers at once:
 
 - 431 when the headers are over ``MAX_HEADER_BYTES``;
 - 503 ``not_ready`` while the model loads;
 - 503 ``overloaded`` (reason ``over_capacity``) when ``capacity`` requests are already admitted.
 
-No body is read, parsed or decoded for a refusal, but the HTTP exchange itself (uvicorn's parsing,
-the ASGI call, two writes) still costs about 0.2 ms of CPU (bench/BENCHMARKS.md, figure 5). Clients
-that ignore Retry-After and retry at once would spend that on as many refusals as the CPU allows, and
-take it from the requests being served. So refusals are paced: at most ``refusals_per_s`` are answered
-per second; the others wait their turn, a sleeping coroutine that costs nothing, but never longer
-than ``MAX_REFUSAL_HOLD_S``. Under a light overload a refusal goes out at once; under a heavy one the
-refusals cost a bounded share of the CPU.
+One event-loop thread runs all of a process's request Python (parsing, decoding, rendering), and at
+capacity it is the busiest part of the server (bench/BENCHMARKS.md, figure 5): whatever a refusal costs
+is taken from the requests being served. So an over-capacity refusal never enters FastAPI's stack (its
+middleware, exception handlers and router cost three times what uvicorn's HTTP exchange does) and its
+answer is built once, at start-up. Even so the exchange itself costs CPU, and clients that ignore
+Retry-After and retry at once would spend it on as many refusals as the CPU allows. So refusals are
+paced: at most ``refusals_per_s`` are answered per second; the others wait their turn, a sleeping
+coroutine that costs nothing, but never longer than ``MAX_REFUSAL_HOLD_S``. Under a light overload a
+refusal goes out at once; under a heavy one the refusals cost a bounded share of the CPU.
 
 Every admitted request gets a deadline, ``request_timeout_s`` from its arrival (``deadline_of``):
 past it, the request is cancelled wherever it is and answered 408 when its body had not arrived yet
 (the client's fault) or 504 otherwise. The ``dynfuse_inflight_requests`` gauge counts admitted
-requests.
+requests. Every inference request, refused or admitted, is counted here by status and timed.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ import time
 
 from service.errors import ApiError, DeadlineExceeded, HeadersTooLarge, NotReady, OverCapacity, RequestTimeout
 from service.metrics import Metrics
-from service.middleware import header, is_inference_path, send_error
+from service.middleware import error_messages, header, is_inference_path, send_error
 
 logger = logging.getLogger("dynfuse")
 
@@ -72,20 +75,41 @@ class Admission:
         self.admitted = 0
         self._next_refusal = 0.0  # loop time before which no further refusal is answered
         self._inflight = metrics.inflight.labels(metrics.model)
+        self._over_capacity = OverCapacity(
+            f"the server is at capacity ({capacity} requests in flight); retry after {retry_after_s} s", retry_after_s
+        )
+        # The over-capacity answer in every shape it takes: v1 or v2 error body, connection kept or closed.
+        self._prepared = {
+            (v2, close): error_messages(
+                "/v2/models/-/infer" if v2 else "/v1/classify",
+                503,
+                self._over_capacity.code,
+                self._over_capacity.message,
+                headers=self._over_capacity.headers,
+                close=close,
+            )
+            for v2 in (False, True)
+            for close in (False, True)
+        }
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or not is_inference_path(scope["path"]):
             return await self.app(scope, receive, send)
+        started = time.perf_counter()
         refusal = self._refusal(scope)
+        if refusal is self._over_capacity:  # the common refusal under a spike: as cheap as it can be
+            await self._refuse_over_capacity(scope, send)
+            return self.metrics.count_request(503, time.perf_counter() - started)
         if refusal is not None:
-            return await self._refuse(scope, send, refusal)
+            await self._refuse(scope, send, refusal)
+            return self.metrics.count_request(refusal.status, time.perf_counter() - started)
 
         self.admitted += 1
         self._inflight.inc()
         deadline = time.monotonic() + self.request_timeout_s
         scope[DEADLINE_KEY] = deadline
         body_done = False
-        response_started = False
+        status = None  # of the answer, once it has started
 
         async def tracked_receive():
             nonlocal body_done
@@ -95,15 +119,15 @@ class Admission:
             return message
 
         async def tracked_send(message):
-            nonlocal response_started
+            nonlocal status
             if message["type"] == "http.response.start":
-                response_started = True
+                status = message["status"]
             await send(message)
 
         try:
             await _run_until(deadline, self.app(scope, tracked_receive, tracked_send))
         except TimeoutError:
-            if response_started:  # too late to answer anything else; the server closes the connection
+            if status is not None:  # too late to answer anything else; the server closes the connection
                 return None
             error = (
                 RequestTimeout(f"the request body did not arrive within {self.request_timeout_s:g} s")
@@ -111,10 +135,13 @@ class Admission:
                 else DeadlineExceeded(f"no answer within the request deadline of {self.request_timeout_s:g} s")
             )
             self.metrics.reject(error.reason)
+            status = error.status
             await send_error(scope, send, error.status, error.code, error.message, close=not body_done)
         finally:
             self.admitted -= 1
             self._inflight.dec()
+            # 500: what the client sees if the app died before answering
+            self.metrics.count_request(status or 500, time.perf_counter() - started)
 
     def _refusal(self, scope) -> ApiError | None:
         """Why this request is refused before any work, or None to admit it."""
@@ -123,25 +150,27 @@ class Admission:
         if self.state.service is None:
             return NotReady("the model is still loading; retry shortly (GET /readyz answers 200 once it is ready)")
         if self.admitted >= self.capacity:
-            return OverCapacity(
-                f"the server is at capacity ({self.capacity} requests in flight); retry after {self.retry_after_s} s",
-                self.retry_after_s,
-            )
+            return self._over_capacity
         return None
 
     async def _refuse(self, scope, send, error: ApiError) -> None:
         self.metrics.reject(error.reason)
         if error.status == 503:
-            await asyncio.sleep(self._refusal_delay())
-        # Unread, a body of a declared length within the limit is discarded by the server's parser and the
-        # connection kept; a larger or chunked one could go on for ever, so that connection is closed.
-        declared = header(scope, b"content-length")
-        if declared is None:
-            unbounded = header(scope, b"transfer-encoding") is not None
-        else:
-            unbounded = not declared.isdigit() or int(declared) > self.max_body_bytes
-        await send_error(scope, send, error.status, error.code, error.message, headers=error.headers, close=unbounded)
+            await self._paced()
+        close = _unbounded_body(scope, self.max_body_bytes)
+        await send_error(scope, send, error.status, error.code, error.message, headers=error.headers, close=close)
 
+    async def _refuse_over_capacity(self, scope, send) -> None:
+        self.metrics.reject(self._over_capacity.reason)
+        await self._paced()
+        start, body = self._prepared[(scope["path"].startswith("/v2/"), _unbounded_body(scope, self.max_body_bytes))]
+        await send(start)
+        await send(body)
+
+    async def _paced(self) -> None:
+        delay = self._refusal_delay()
+        if delay > 0:
+            await asyncio.sleep(delay)
 
     def _refusal_delay(self) -> float:
         """Seconds until this refusal's turn: one every ``refusal_interval_s``, at most the maximum hold."""
@@ -149,6 +178,15 @@ class Admission:
         turn = min(max(now, self._next_refusal), now + self.max_refusal_hold_s)
         self._next_refusal = turn + self.refusal_interval_s
         return turn - now
+
+
+def _unbounded_body(scope, max_body_bytes: int) -> bool:
+    """Whether an unread body could go on for ever, so that the refusal must close the connection. An unread
+    body of a declared length within the limit is discarded by the server's parser and the connection kept."""
+    declared = header(scope, b"content-length")
+    if declared is None:
+        return header(scope, b"transfer-encoding") is not None
+    return not declared.isdigit() or int(declared) > max_body_bytes
 
 
 async def _run_until(deadline: float, coroutine) -> None:

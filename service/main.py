@@ -23,7 +23,7 @@ from service.config import Settings, get_settings
 from service.errors import install_error_handlers
 from service.inference import InferenceService
 from service.metrics import Metrics
-from service.middleware import BodySizeLimit, RequestMetrics
+from service.middleware import BodySizeLimit
 
 logger = logging.getLogger("dynfuse")
 
@@ -35,7 +35,22 @@ was, and the compute it used against the full path (the model's most accurate ex
 """
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
+class DynfuseApp(FastAPI):
+    """FastAPI with admission in front of its whole stack: an over-capacity refusal costs none of FastAPI's
+    middleware, exception handling and routing (service/admission.py says why that matters)."""
+
+    front_door: Admission | None = None
+
+    async def __call__(self, scope, receive, send) -> None:
+        if self.front_door is None:
+            return await super().__call__(scope, receive, send)
+        return await self.front_door(scope, receive, send)
+
+    async def behind_the_front_door(self, scope, receive, send) -> None:
+        await super().__call__(scope, receive, send)
+
+
+def create_app(settings: Settings | None = None) -> DynfuseApp:
     settings = settings or get_settings()
     metrics = Metrics(_model_name(settings))
 
@@ -54,7 +69,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             metrics.close()
 
     # docs_url/redoc_url None: FastAPI's pages load their scripts from a CDN; routes/docs.py serves them offline.
-    app = FastAPI(
+    app = DynfuseApp(
         title="dynfuse", version="1", description=DESCRIPTION, lifespan=lifespan, docs_url=None, redoc_url=None
     )
     app.state.settings = settings
@@ -62,8 +77,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.service = None
     app.state.load_error = None
     install_error_handlers(app, on_rejected=metrics.reject)
-    # Added innermost first. Admission runs before the body limit, so that every request that may read a
-    # body (or drain one) holds a place within the capacity; the metrics, outermost, count refusals too.
+    # Inside the front door (admission): every request that may read a body (or drain one) holds a place
+    # within the capacity.
     app.add_middleware(
         BodySizeLimit,
         max_bytes=settings.max_body_bytes,
@@ -71,16 +86,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         drain_max_bytes=settings.drain_max_bytes,
         drain_timeout_s=settings.drain_timeout_s,
     )
-    app.add_middleware(
-        Admission,
+    app.front_door = Admission(
+        app.behind_the_front_door,
         state=app.state,
         metrics=metrics,
         capacity=settings.capacity,
         request_timeout_s=settings.request_timeout_s,
         max_body_bytes=settings.max_body_bytes,
         retry_after_s=settings.retry_after_s,
+        refusals_per_s=settings.refusals_per_s,
     )
-    app.add_middleware(RequestMetrics, metrics=metrics)
     app.include_router(health.router)
     app.include_router(classify.router)
     app.include_router(models.router)

@@ -1,13 +1,14 @@
-"""Pure ASGI middleware (no per-request task or body copy): the body-size limit and the request metrics.
+"""Pure ASGI middleware (no per-request task or body copy): the body-size limit, and the error answers
+that middleware sends.
 
-Admission (capacity, readiness, deadlines) has its own module, ``service/admission.py``.
+Admission (capacity, readiness, deadlines, and the request metrics) has its own module,
+``service/admission.py``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-import time
 
 from service.errors import PayloadTooLarge, error_body
 from service.metrics import Metrics
@@ -88,31 +89,6 @@ class BodySizeLimit:
         return False
 
 
-class RequestMetrics:
-    """Counts inference requests by status and times them (admitted or not: refusals are counted too)."""
-
-    def __init__(self, app, metrics: Metrics):
-        self.app = app
-        self.metrics = metrics
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or not is_inference_path(scope["path"]):
-            return await self.app(scope, receive, send)
-        status = 500  # what the client sees if the app dies before answering
-
-        async def send_with_status(message):
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
-        started = time.perf_counter()
-        try:
-            await self.app(scope, receive, send_with_status)
-        finally:
-            self.metrics.count_request(status, time.perf_counter() - started)
-
-
 def header(scope, name: bytes) -> str | None:
     for key, value in scope["headers"]:
         if key == name:
@@ -128,11 +104,20 @@ async def send_error(
     scope, send, status: int, code: str, message: str, *, headers: dict[str, str] | None = None, close: bool = False
 ) -> None:
     """An error response sent by middleware, in the shape of the path's protocol (v1 or v2)."""
-    payload = json.dumps(error_body(scope["path"], code, message)).encode()
+    start, body = error_messages(scope["path"], status, code, message, headers=headers, close=close)
+    await send(start)
+    await send(body)
+
+
+def error_messages(
+    path: str, status: int, code: str, message: str, *, headers: dict[str, str] | None = None, close: bool = False
+) -> tuple[dict, dict]:
+    """The two ASGI messages of an error response for ``path``: its start and its body."""
+    payload = json.dumps(error_body(path, code, message)).encode()
     raw_headers = [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]
     for name, value in (headers or {}).items():
         raw_headers.append((name.lower().encode("latin-1"), value.encode("latin-1")))
     if close:  # the body was not (all) read: the connection can't carry another request
         raw_headers.append((b"connection", b"close"))
-    await send({"type": "http.response.start", "status": status, "headers": raw_headers})
-    await send({"type": "http.response.body", "body": payload})
+    start = {"type": "http.response.start", "status": status, "headers": raw_headers}
+    return start, {"type": "http.response.body", "body": payload}

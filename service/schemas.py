@@ -17,7 +17,7 @@ THRESHOLD_DESCRIPTION = (
 class ClassifyRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    image: str | None = Field(None, description="The image file (PNG, JPEG, WebP, GIF, BMP, TIFF), base64-encoded.")
+    image: str | None = Field(None, description="The image file (PNG, JPEG, WebP, GIF or BMP), base64-encoded.")
     text: str | None = Field(
         None, description="The text paired with the image. Either modality may be absent, not both."
     )
