@@ -20,6 +20,7 @@ import uvicorn
 
 from export.store import StoreError, resolve
 from service.config import Settings, get_settings
+from service.gc_policy import tune_for_serving
 from service.metrics import MULTIPROCESS_DIR
 
 if TYPE_CHECKING:
@@ -45,8 +46,10 @@ def serve(settings: Settings) -> int:
         return _serve_workers(settings)
     from service.main import create_app  # here, not at the top: the supervisor of N workers never needs it
 
+    app = create_app(settings)
+    tune_for_serving()
     config = uvicorn.Config(
-        create_app(settings),
+        app,
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
@@ -97,7 +100,9 @@ def worker_app() -> FastAPI:
 
     settings = get_settings()
     logging.basicConfig(level=settings.log_level.upper(), format=LOG_FORMAT)
-    return create_app(settings)
+    app = create_app(settings)
+    tune_for_serving()
+    return app
 
 
 def _environment(settings: Settings) -> dict[str, str]:
