@@ -303,3 +303,12 @@ def test_at_capacity_the_playground_docs_and_probes_are_still_served(tiny_store)
     for path, (status, took) in answers.items():
         assert status == 200, path
         assert took < 1.0, path  # not paced like a refusal
+
+
+def test_the_refusal_pace_is_the_setting(tiny_store):
+    app = create_app(Settings(store=tiny_store, refusals_per_s=10))
+
+    async def delays():
+        return [app.front_door._refusal_delay() for _ in range(3)]
+
+    assert asyncio.run(delays()) == pytest.approx([0.0, 0.1, 0.2], abs=0.01)  # DYNFUSE_REFUSALS_PER_S=10
