@@ -81,9 +81,11 @@ def test_a_killed_worker_is_replaced_on_the_same_version_and_its_requests_leave_
         assert baseline[victim] > min(baseline.values()) or len(set(baseline.values())) == 1
         os.kill(victim, signal.SIGKILL)
         outcomes = [future.result(timeout=40) for future in pending]  # none hangs
+        # The kernel may have handed all eight connections to the victim: new ones show the other serving.
+        after_kill = list(pool.map(classify, range(4)))
 
-    assert outcomes.count(200) >= 1, outcomes  # the other worker kept serving
     assert all(o == 200 or o in ("RemoteProtocolError", "ReadError") for o in outcomes), outcomes
+    assert after_kill == [200] * 4, after_kill  # the other worker kept serving
     assert inflight(base) == 0  # the dead worker's requests are not counted for ever
 
     deadline = time.monotonic() + 60
