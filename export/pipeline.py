@@ -37,6 +37,7 @@ class PipelineInput:
     threshold: float | None = None  # escalate to the full path when the router's calibrated pick scores below this
     operating_point: str | None = None  # which router decides; None: the model's default
     min_confidence: float | None = None  # run the full path too when a cheaper expert's top probability is below
+    degraded: bool = False  # the server chose a cheaper operating point under load (passed through to the output)
 
 
 @dataclass
@@ -44,13 +45,14 @@ class PipelineOutput:
     label: str
     probabilities: np.ndarray  # (K,) of the expert that ran
     expert: str
-    decided_by: str  # router | threshold | request | missing_modality
+    decided_by: str  # router | threshold | request | missing_modality | confidence
     route_scores: np.ndarray  # (E,) the router's calibrated scores
     importance: np.ndarray  # (2,) text, image
     madds: int  # what this request executed
     operating_point: str  # the router that decided
     weights: np.ndarray | None = None  # (E,) soft fusion's weight per expert (0 for an ineligible one)
     fallback_from: str | None = None  # the cheaper expert whose answer the confidence fallback replaced
+    degraded: bool = False  # served at a cheaper operating point because the server was under load
 
 
 class DynamicPipeline:
@@ -209,6 +211,7 @@ class DynamicPipeline:
                 operating_point=points[i],
                 weights=_normalized(weights[i], eligible[i]) if soft[i] else None,
                 fallback_from=self.experts[choice[i]] if fallback[i] else None,
+                degraded=inputs[i].degraded,
             )
             for i in range(n)
         ]
@@ -271,20 +274,27 @@ class DynamicPipeline:
         )
 
     def warmup(self, batch_sizes: tuple[int, ...] = (1, 4)) -> None:
-        """Run every served path once per batch size, so the first real request pays no start-up cost."""
+        """Run every served path once per batch size, and every operating point's router once, so the first real
+        request (or the first degraded one) pays no start-up cost."""
         rng = np.random.default_rng(0)
         vocab = self.model.tokenizer.vocab_size
+
+        def inputs(batch_size: int, route: str, point: str | None = None) -> list[PipelineInput]:
+            return [
+                PipelineInput(
+                    token_ids=rng.integers(2, vocab, self.model.tokenizer.max_tokens).astype(np.int64),
+                    image=rng.integers(0, 256, _pixel_shape(self.model), dtype=np.uint8),
+                    route=route,
+                    operating_point=point,
+                )
+                for _ in range(batch_size)
+            ]
+
         for batch_size in batch_sizes:
-            for expert in (*self.experts, AUTO):
-                inputs = [
-                    PipelineInput(
-                        token_ids=rng.integers(2, vocab, self.model.tokenizer.max_tokens).astype(np.int64),
-                        image=rng.integers(0, 256, _pixel_shape(self.model), dtype=np.uint8),
-                        route=expert,
-                    )
-                    for _ in range(batch_size)
-                ]
-                self.predict(inputs)
+            for route in (*self.experts, AUTO):
+                self.predict(inputs(batch_size, route))
+        for point in self.model.operating_points:
+            self.predict(inputs(1, AUTO, point))
 
 
 def _pixel_shape(model: StoredModel) -> tuple[int, int, int]:

@@ -142,7 +142,6 @@ class Admission:
             unbounded = not declared.isdigit() or int(declared) > self.max_body_bytes
         await send_error(scope, send, error.status, error.code, error.message, headers=error.headers, close=unbounded)
 
-
     def _refusal_delay(self) -> float:
         """Seconds until this refusal's turn: one every ``refusal_interval_s``, at most the maximum hold."""
         now = asyncio.get_running_loop().time()

@@ -99,6 +99,12 @@ class MicroBatcher:
         started = self._batch_started
         return started is None or time.monotonic() - started < self.stuck_after_s
 
+    @property
+    def queued(self) -> int:
+        """Items waiting: in the queue, and in a batch that is still filling (not the batch running now)."""
+        filling = len(self._in_hand) if self._batch_started is None else 0
+        return self._queue.qsize() + filling
+
     def status(self) -> str:
         """Why the batcher is (not) running, for /readyz."""
         if self._stopping:

@@ -78,6 +78,23 @@ class Metrics:
             registry=r,
         )
 
+        # Operating points and degradation
+        self.operating_point_requests = Counter(
+            "dynfuse_operating_point_requests",
+            "Predictions by the operating point (router) that decided them.",
+            ["model", "operating_point"],
+            registry=r,
+        )
+        self.degraded_requests = Counter(
+            "dynfuse_degraded_requests",
+            "Predictions served at a cheaper operating point because the server was under load.",
+            ["model"],
+            registry=r,
+        )
+        self.degraded_seconds = Counter(
+            "dynfuse_degraded_seconds", "Seconds spent serving at the degraded operating point.", ["model"], registry=r
+        )
+
         # Latency and batching
         self.request_duration = Histogram(
             "dynfuse_request_duration_seconds",
@@ -121,6 +138,8 @@ class Metrics:
             self.request_duration,
             self.queue_duration,
             self.batch_size,
+            self.degraded_requests,
+            self.degraded_seconds,
         ):
             series.labels(model)
         # Bound once: a refusal under overload must cost as little as possible, and .labels() is a lock
@@ -131,18 +150,37 @@ class Metrics:
         for modality in MODALITIES:
             self.modality_importance.labels(model, modality)
 
-    def init_routes(self, experts, decided_by) -> None:
-        """The per-expert series, created once the model (and so its experts) is known."""
+    def init_routes(self, experts, decided_by, operating_points=(), soft: str | None = None) -> None:
+        """The per-expert and per-operating-point series, created once the model is known. ``soft``: the expert
+        label of soft fusion (every expert runs; only a request asks for it)."""
         for expert in experts:
             self.expert_duration.labels(self.model, expert)
             for who in decided_by:
                 self.route_decisions.labels(self.model, expert, who)
+        if soft is not None:
+            self.route_decisions.labels(self.model, soft, "request")
+        for point in operating_points:
+            self.operating_point_requests.labels(self.model, point)
 
     def set_model_info(self, version: str, backend: str, device: str) -> None:
         self.model_info.labels(self.model, version, backend, device).set(1)
 
-    def observe_prediction(self, *, expert: str, decided_by: str, madds: int, madds_full: int, importance) -> None:
+    def observe_prediction(
+        self,
+        *,
+        expert: str,
+        decided_by: str,
+        madds: int,
+        madds_full: int,
+        importance,
+        operating_point: str | None = None,
+        degraded: bool = False,
+    ) -> None:
         self.route_decisions.labels(self.model, expert, decided_by).inc()
+        if operating_point is not None:
+            self.operating_point_requests.labels(self.model, operating_point).inc()
+        if degraded:
+            self.degraded_requests.labels(self.model).inc()
         self.compute_madds.labels(self.model).inc(madds)
         self.compute_full_madds.labels(self.model).inc(madds_full)
         self.modality_importance.labels(self.model, "text").observe(float(importance[0]))

@@ -25,7 +25,15 @@ def test_serves_over_real_http_and_prints_where_the_docs_are(server_process, sam
         timeout=10,
     )
     assert response.status_code == 200
-    assert response.json()["route"]["expert"] in {"text", "image_lite", "image", "late_fusion", "mulmix", "mi2p", "muse"}
+    assert response.json()["route"]["expert"] in {
+        "text",
+        "image_lite",
+        "image",
+        "late_fusion",
+        "mulmix",
+        "mi2p",
+        "muse",
+    }
     assert httpx.get(f"{base}/docs", timeout=5).status_code == 200
     process.send_signal(signal.SIGTERM)
     output, _ = process.communicate(timeout=30)

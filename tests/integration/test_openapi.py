@@ -95,7 +95,8 @@ def test_the_form_schemas_say_what_a_form_may_carry(serve):
 
 
 def test_path_values_name_the_served_model_and_version(serve):
-    spec = serve().get("/openapi.json").json()
+    client = serve()
+    spec = client.get("/openapi.json").json()
     parameters = {
         p["name"]: p["schema"]
         for p in spec["paths"]["/v2/models/{name}/versions/{version}/infer"]["post"]["parameters"]
@@ -103,7 +104,9 @@ def test_path_values_name_the_served_model_and_version(serve):
     assert parameters["name"]["enum"] == ["shapes"]
     assert parameters["version"]["enum"] == ["1"]
     route = spec["paths"]["/v1/classify"]["post"]["requestBody"]["content"]["application/json"]["schema"]
-    assert route["properties"]["route"]["enum"] == ["auto", "text", "image", "late_fusion"]
+    experts = [e["name"] for e in client.get("/v1/models/shapes").json()["experts"]]
+    assert route["properties"]["route"]["enum"] == ["auto", "soft", *experts]
+    assert route["properties"]["operating_point"]["anyOf"][0]["enum"] == ["lambda_0", "lambda_0.3"]
     assert route["properties"]["image"]["anyOf"][0]["format"] == "byte"
 
 

@@ -25,6 +25,8 @@ from service.errors import (
 )
 from service.inference import ClientInput
 from service.schemas import (
+    MIN_CONFIDENCE_DESCRIPTION,
+    OPERATING_POINT_DESCRIPTION,
     ROUTE_DESCRIPTION,
     THRESHOLD_DESCRIPTION,
     BatchClassifyRequest,
@@ -38,7 +40,7 @@ ModelT = TypeVar("ModelT", bound=BaseModel)
 
 router = APIRouter(prefix="/v1", tags=["inference"], dependencies=[Depends(require_api_key)])
 
-FORM_FIELDS = {"image", "text", "route", "threshold"}
+FORM_FIELDS = {"image", "text", "route", "threshold", "operating_point", "min_confidence"}
 
 ERROR_RESPONSES = {
     status: {"model": ErrorResponse, "description": description}
@@ -72,6 +74,13 @@ CLASSIFY_BODY = {
                             "minimum": 0,
                             "maximum": 1,
                             "description": THRESHOLD_DESCRIPTION,
+                        },
+                        "operating_point": {"type": "string", "description": OPERATING_POINT_DESCRIPTION},
+                        "min_confidence": {
+                            "type": "number",
+                            "minimum": 0,
+                            "maximum": 1,
+                            "description": MIN_CONFIDENCE_DESCRIPTION,
                         },
                     },
                 }
@@ -117,7 +126,9 @@ async def classify_batch(request: Request, service: ServiceDep, settings: Settin
     for position, entry in enumerate(body.inputs):
         try:
             image = decode_base64(entry.image) if entry.image is not None else None
-            client = ClientInput(image, entry.text, body.route, body.threshold)
+            client = ClientInput(
+                image, entry.text, body.route, body.threshold, body.operating_point, body.min_confidence
+            )
             items.append(await service.prepare(client))
         except ApiError as error:
             error.message = f"inputs[{position}]: {error.message}"
@@ -159,7 +170,9 @@ async def _parse_json(request: Request, model: type[ModelT]) -> ModelT:
 async def _read_json(request: Request) -> ClientInput:
     parsed = await _parse_json(request, ClassifyRequest)
     image = decode_base64(parsed.image) if parsed.image is not None else None
-    return ClientInput(image, parsed.text, parsed.route, parsed.threshold)
+    return ClientInput(
+        image, parsed.text, parsed.route, parsed.threshold, parsed.operating_point, parsed.min_confidence
+    )
 
 
 async def _read_form(request: Request) -> ClientInput:
@@ -188,21 +201,26 @@ async def _read_form(request: Request) -> ClientInput:
     route = form.get("route", "auto")  # an empty field is an unknown route, as in JSON: leave it out instead
     if not isinstance(route, str):
         raise InvalidInput("route: must be a plain form field")
-    return ClientInput(image, text, route, _parse_threshold(form.get("threshold")))
+    point = form.get("operating_point")  # empty: an unknown point, as in JSON
+    if point is not None and not isinstance(point, str):
+        raise InvalidInput("operating_point: must be a plain form field")
+    threshold = _parse_unit("threshold", form.get("threshold"))
+    return ClientInput(image, text, route, threshold, point, _parse_unit("min_confidence", form.get("min_confidence")))
 
 
-def _parse_threshold(value) -> float | None:
+def _parse_unit(field: str, value) -> float | None:
+    """A form field holding a number in [0, 1], or None when it is absent."""
     if value is None:
         return None
     if not isinstance(value, str) or not value.strip():  # a file part, or an empty field: leave it out instead
-        raise InvalidInput(f"threshold: {value!r} is not a number in [0, 1]; to use none, leave the field out")
+        raise InvalidInput(f"{field}: {value!r} is not a number in [0, 1]; to use none, leave the field out")
     try:
-        threshold = float(value)
+        number = float(value)
     except (TypeError, ValueError):
-        raise InvalidInput(f"threshold: {value!r} is not a number in [0, 1]") from None
-    if not 0.0 <= threshold <= 1.0:  # NaN fails it too
-        raise InvalidInput(f"threshold: {threshold} is outside [0, 1]")
-    return threshold
+        raise InvalidInput(f"{field}: {value!r} is not a number in [0, 1]") from None
+    if not 0.0 <= number <= 1.0:  # NaN fails it too
+        raise InvalidInput(f"{field}: {number} is outside [0, 1]")
+    return number
 
 
 def _request_id(request: Request) -> str:
