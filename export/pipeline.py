@@ -7,6 +7,11 @@ routed to an expert whose chain has it. A component several experts share (the C
 once on the union of their requests instead of once per expert; the image encoder never runs for a
 request routed to an expert that does not use it, and the full-resolution image is normalized only
 for the requests whose expert reads it.
+
+Experts that bring their own preprocessing (models/specs.py: an image size with its mean and std, a tokenizer
+file) read tensors named ``<input>@<spec key>``. Like the full-resolution image, each spec is applied once per
+batch, to the rows of every chosen expert that reads it, from what the request kept: its picture at the largest
+side any spec needs, and its raw text.
 """
 
 from __future__ import annotations
@@ -34,6 +39,9 @@ class PipelineInput:
     image: np.ndarray | None  # (S, S, 3) uint8, from prepare_image; None when it has no image
     route: str = AUTO  # "auto" or an expert's name
     threshold: float | None = None  # escalate to the full path when the router's pick scores below this
+    # Kept only for a model whose experts bring their own preprocessing (``model.specs``), from ``prepare``:
+    text: str | None = None  # the raw text, for the experts' tokenizers
+    spec_image: np.ndarray | None = None  # (L, L, 3) uint8, L the largest side the experts' image specs read
 
 
 @dataclass
@@ -71,6 +79,8 @@ class DynamicPipeline:
         # Every expert component in an order that runs producers first: chains are ordered, so the order of
         # first appearance over all chains is one.
         self._component_order = tuple(dict.fromkeys(c for e in model.experts for c in e.components))
+        # Inputs made lazily, per batch, for the rows that read them: the full-resolution image and each spec's.
+        self._lazy_sources = {"image": "image"} | model.specs.source_of
         finals = [e.components[-1] for e in model.experts]
         assert len(set(finals)) == len(finals), f"two experts end in the same component: {finals}"
 
@@ -81,6 +91,20 @@ class DynamicPipeline:
         return self._runners[component]
 
     # -- preprocessing -------------------------------------------------------------------------
+    def prepare(
+        self, text: str | None, image: Image.Image | None, route: str = AUTO, threshold: float | None = None
+    ) -> PipelineInput:
+        """One request's input, preprocessed: what the router reads, and what the experts' specs need."""
+        specs = self.model.specs
+        return PipelineInput(
+            token_ids=self.prepare_text(text) if text is not None else None,
+            image=self.prepare_image(image) if image is not None else None,
+            route=route,
+            threshold=threshold,
+            text=text if specs.keeps_text else None,
+            spec_image=specs.prepare_image(image) if image is not None else None,
+        )
+
     def prepare_text(self, text: str) -> np.ndarray:
         return np.asarray(self.model.tokenizer.encode(text), dtype=np.int64)
 
@@ -125,6 +149,11 @@ class DynamicPipeline:
         )
         return out["expert_scores"], out["importance"]
 
+    def spec_tensors(self, texts: list[str] | None, spec_images: np.ndarray | None) -> dict[str, np.ndarray]:
+        """Every spec's tensors for a batch in which every row has both modalities (evaluation)."""
+        specs = self.model.specs
+        return {name: value for key in specs.specs for name, value in specs.apply(key, texts, spec_images).items()}
+
     def run_expert(self, expert: str, tensors: dict[str, np.ndarray]) -> np.ndarray:
         """The expert's logits (n, K); ``tensors`` holds the raw inputs and shared features of its sub-batch."""
         available = dict(tensors)
@@ -163,7 +192,7 @@ class DynamicPipeline:
             scores, self.full_index, forced=forced, thresholds=thresholds, eligible=eligible
         )
 
-        probabilities, seconds = self._run_experts(choice, tensors, pixels)
+        probabilities, seconds = self._run_experts(choice, tensors, pixels, inputs)
         shared_madds = self._shared_madds(has_text, has_image)
         outputs = [
             PipelineOutput(
@@ -180,7 +209,9 @@ class DynamicPipeline:
         assert len(outputs) == n, f"pipeline produced {len(outputs)} outputs for {n} inputs"
         return outputs, seconds
 
-    def _run_experts(self, choice: np.ndarray, tensors: dict, pixels: np.ndarray) -> tuple[np.ndarray, dict]:
+    def _run_experts(
+        self, choice: np.ndarray, tensors: dict, pixels: np.ndarray, inputs: list[PipelineInput]
+    ) -> tuple[np.ndarray, dict]:
         """Probabilities (n, K) from each request's chosen expert, and the seconds each expert took.
 
         Each component runs once, on the requests of every chosen expert whose chain has it; a component's
@@ -193,10 +224,15 @@ class DynamicPipeline:
             for component in self._chains[expert]:
                 rows_of[component] = np.union1d(rows_of.get(component, rows), rows)
         produced: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # tensor -> (its rows, its values for them)
-        image_rows = [rows_of[c] for c in rows_of if "image" in self._input_names(c)]
-        if image_rows:  # normalized at full resolution only for the requests whose expert reads the image
-            rows = np.unique(np.concatenate(image_rows))
-            produced["image"] = (rows, self.images_tensor(pixels[rows]))
+        # The full-resolution image and each spec are made only for the requests whose expert reads them, once.
+        readers: dict[str, list[np.ndarray]] = {}  # "image" or a spec key -> the rows of the components reading it
+        for component, rows in rows_of.items():
+            for source in {self._lazy_sources.get(name) for name in self._input_names(component)} - {None}:
+                readers.setdefault(source, []).append(rows)
+        for source, row_sets in readers.items():
+            rows = np.unique(np.concatenate(row_sets))
+            for name, values in self._preprocess(source, rows, pixels, inputs).items():
+                produced[name] = (rows, values)
 
         def gather(name: str, rows: np.ndarray) -> np.ndarray:
             if name not in produced:
@@ -223,6 +259,16 @@ class DynamicPipeline:
                     produced[name] = (rows, value)
         return probabilities, seconds
 
+    def _preprocess(self, source: str, rows: np.ndarray, pixels: np.ndarray, inputs: list[PipelineInput]) -> dict:
+        """The tensors of one lazy source for ``rows``: the model's normalized image, or one spec's tensors."""
+        if source == "image":
+            return {"image": self.images_tensor(pixels[rows])}
+        spec = self.model.specs.specs[source]
+        if spec.kind == "image":
+            spec_images = np.stack([inputs[i].spec_image for i in rows])  # type: ignore[misc]
+            return self.model.specs.apply(source, None, spec_images)
+        return self.model.specs.apply(source, [inputs[i].text for i in rows], None)  # type: ignore[misc]
+
     def _input_names(self, component: str) -> tuple[str, ...]:
         return self._inputs[component]
 
@@ -237,17 +283,23 @@ class DynamicPipeline:
     def warmup(self, batch_sizes: tuple[int, ...] = (1, 4)) -> None:
         """Run every served path once per batch size, so the first real request pays no start-up cost."""
         rng = np.random.default_rng(0)
-        vocab = self.model.tokenizer.vocab_size
+        tokenizer, specs = self.model.tokenizer, self.model.specs
         for batch_size in batch_sizes:
             for expert in (*self.experts, AUTO):
-                inputs = [
-                    PipelineInput(
-                        token_ids=rng.integers(2, vocab, self.model.tokenizer.max_tokens).astype(np.int64),
-                        image=rng.integers(0, 256, _pixel_shape(self.model), dtype=np.uint8),
-                        route=expert,
+                inputs = []
+                for _ in range(batch_size):
+                    words = rng.integers(2, tokenizer.vocab_size, tokenizer.max_tokens)
+                    text = " ".join(tokenizer.vocab[i] for i in words)
+                    side = specs.decode_side
+                    inputs.append(
+                        PipelineInput(
+                            token_ids=np.asarray(tokenizer.encode(text), dtype=np.int64),
+                            image=rng.integers(0, 256, _pixel_shape(self.model), dtype=np.uint8),
+                            route=expert,
+                            text=text if specs.keeps_text else None,
+                            spec_image=rng.integers(0, 256, (side, side, 3), dtype=np.uint8) if side else None,
+                        )
                     )
-                    for _ in range(batch_size)
-                ]
                 self.predict(inputs)
 
 

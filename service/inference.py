@@ -94,12 +94,7 @@ class InferenceService:
             self.pipeline.check_route(client.route, text is not None, image is not None)
         except RouteError as error:
             raise InvalidInput(str(error)) from None
-        return PipelineInput(
-            token_ids=self.pipeline.prepare_text(text) if text is not None else None,
-            image=self.pipeline.prepare_image(image) if image is not None else None,
-            route=client.route,
-            threshold=client.threshold,
-        )
+        return self.pipeline.prepare(text, image, client.route, client.threshold)
 
     async def classify(self, items: list[PipelineInput]) -> list[BatchResult]:
         results = await self.batcher.submit(items)
