@@ -80,7 +80,7 @@ def in_process(store: Path, samples: list[dict], bodies: list[bytes]):
     variants = {
         PREDICT_ONLY: lambda: [pipeline.predict(batch) for batch in decoded],
         WITH_DECODE: lambda: [
-            pipeline.predict([service.prepare(client_input(body)) for body in batch]) for batch in raw
+            pipeline.predict([service.prepare_now(client_input(body)) for body in batch]) for batch in raw
         ],
     }
 

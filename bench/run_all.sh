@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Rerun the CPU benchmarks and refresh bench/results/ (figures 1-3; about 20 minutes on 2 cores).
+# Rerun the CPU benchmarks and refresh bench/results/ (figures 1-3 and 5, the soak; about 35 minutes on 2 cores).
 # Figure 4 needs a CUDA machine: python -m bench.gpu (see bench/BENCHMARKS.md); here it runs as a CPU smoke test.
 # Needs the default model (make build-default), wrk (apt-get install wrk; else a Python load generator
 # is used) and py-spy (.venv/bin/pip install -e '.[bench]') for the profile.
@@ -21,3 +21,6 @@ for i in 2 3; do
     "$PYTHON" -m bench.http_load --no-profile --workers 2 --out "bench/results/http_load_workers2_repeat$i.json"
 done
 "$PYTHON" -m bench.gpu --device cpu --quick --out bench/results/gpu_cpu_smoke.json
+# Figure 5: goodput under overload, one worker and two (needs wrk); then the 10-minute soak and chaos run.
+"$PYTHON" -m bench.overload
+"$PYTHON" -m bench.soak

@@ -41,6 +41,7 @@ def evaluate_store(
     probs: dict[str, list[np.ndarray]] = {e: [] for e in model.expert_names}
     scores: dict[str, list[np.ndarray]] = {component: [] for component, _ in routers}
     importance: dict[str, list[np.ndarray]] = {component: [] for component, _ in routers}
+    weights: dict[str, list[np.ndarray]] = {component: [] for component, _ in routers}
     batches = range(0, len(samples), batch_size)
     for start in tqdm(batches, desc=f"evaluate {split}", disable=not progress):
         batch = samples[start : start + batch_size]
@@ -63,6 +64,7 @@ def evaluate_store(
             routed = pipeline.route(tensors["text_features"], tensors["glimpse_features"], present, present, component)
             scores[component].append(routed[0])
             importance[component].append(routed[1])
+            weights[component].append(routed[2])
         for expert in model.expert_names:
             probs[expert].append(softmax(pipeline.run_expert(expert, tensors)))
 
@@ -72,6 +74,12 @@ def evaluate_store(
         expert_probs={e: np.concatenate(p) for e, p in probs.items()},
         router_scores={c: np.concatenate(s) for c, s in scores.items()},
         router_importance={c: np.concatenate(i) for c, i in importance.items()},
+        router_weights={c: np.concatenate(w) for c, w in weights.items()},
+        temperatures={p.component: p.temperature for p in model.operating_points.values()},
+        shared_madds=sum(model.components[c].madds for c in model.shared_encoders.values())
+        + model.components[model.router].madds,
+        component_madds={name: info.madds for name, info in model.components.items()},
+        expert_components={e.name: e.components for e in model.experts},
         routers=[{"name": c, "lambda": lam} for c, lam in routers],
         default_router=model.router,
         experts=list(model.expert_names),

@@ -16,17 +16,18 @@ side any spec needs, and its raw text.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image
 
 from export.backends import Backend, Runner
+from export.execution import IMAGE_SOURCE, BatchExecution
 from export.store import StoredModel
-from models.policy import DECIDED_BY, NOT_FORCED, decide_routes
+from models.policy import CONFIDENCE, DECIDED_BY, NOT_FORCED, REQUEST, calibrate, confidence_fallback, decide_routes
 
 AUTO = "auto"
+SOFT = "soft"  # DRDF's expert fusion: every eligible expert runs, mixed by the router's fused weights
 
 
 class RouteError(ValueError):
@@ -37,9 +38,11 @@ class RouteError(ValueError):
 class PipelineInput:
     token_ids: np.ndarray | None  # (T,) int64, from prepare_text; None when the request has no text
     image: np.ndarray | None  # (S, S, 3) uint8, from prepare_image; None when it has no image
-    route: str = AUTO  # "auto" or an expert's name
-    threshold: float | None = None  # escalate to the full path when the router's pick scores below this
-    # Kept only for a model whose experts bring their own preprocessing (``model.specs``), from ``prepare``:
+    route: str = AUTO  # "auto", "soft" or an expert's name
+    threshold: float | None = None  # escalate to the full path when the router's calibrated pick scores below this
+    operating_point: str | None = None  # which router decides; None: the model's default
+    min_confidence: float | None = None  # run the full path too when a cheaper expert's top probability is below
+    # Kept only for a model whose experts bring their own preprocessing (``model.specs``):
     text: str | None = None  # the raw text, for the experts' tokenizers
     spec_image: np.ndarray | None = None  # (L, L, 3) uint8, L the largest side the experts' image specs read
 
@@ -50,9 +53,12 @@ class PipelineOutput:
     probabilities: np.ndarray  # (K,) of the expert that ran
     expert: str
     decided_by: str  # router | threshold | request | missing_modality
-    route_scores: np.ndarray  # (E,) the router's normalized scores
+    route_scores: np.ndarray  # (E,) the router's calibrated scores
     importance: np.ndarray  # (2,) text, image
     madds: int  # what this request executed
+    operating_point: str  # the router that decided
+    weights: np.ndarray | None = None  # (E,) soft fusion's weight per expert (0 for an ineligible one)
+    fallback_from: str | None = None  # the cheaper expert whose answer the confidence fallback replaced
 
 
 class DynamicPipeline:
@@ -74,15 +80,9 @@ class DynamicPipeline:
         self._glimpse_dim = model.components[self._glimpse].outputs[0].shape[-1]
         self._glimpse_side = model.components[self._glimpse].inputs[0].shape[-1]
         self._needs = np.array([[m in e.modalities for m in ("text", "image")] for e in model.experts])  # (E, 2)
-        self._chains = {e.name: e.components for e in model.experts}
-        self._inputs = {name: tuple(t.name for t in info.inputs) for name, info in model.components.items()}
-        # Every expert component in an order that runs producers first: chains are ordered, so the order of
-        # first appearance over all chains is one.
-        self._component_order = tuple(dict.fromkeys(c for e in model.experts for c in e.components))
-        # Inputs made lazily, per batch, for the rows that read them: the full-resolution image and each spec's.
-        self._lazy_sources = {"image": "image"} | model.specs.source_of
         finals = [e.components[-1] for e in model.experts]
         assert len(set(finals)) == len(finals), f"two experts end in the same component: {finals}"
+        self._madds_cache: dict[frozenset, int] = {}
 
     def runner(self, component: str) -> Runner:
         """The loaded component (loaded on first use: evaluation asks for routers the server never runs)."""
@@ -91,19 +91,25 @@ class DynamicPipeline:
         return self._runners[component]
 
     # -- preprocessing -------------------------------------------------------------------------
-    def prepare(
-        self, text: str | None, image: Image.Image | None, route: str = AUTO, threshold: float | None = None
-    ) -> PipelineInput:
+    def prepare(self, text: str | None, image: Image.Image | None, **options) -> PipelineInput:
         """One request's input, preprocessed: what the router reads, and what the experts' specs need."""
-        specs = self.model.specs
+        pixels, spec_pixels = self.prepare_images(image) if image is not None else (None, None)
         return PipelineInput(
             token_ids=self.prepare_text(text) if text is not None else None,
-            image=self.prepare_image(image) if image is not None else None,
-            route=route,
-            threshold=threshold,
-            text=text if specs.keeps_text else None,
-            spec_image=specs.prepare_image(image) if image is not None else None,
+            image=pixels,
+            text=text if self.model.specs.keeps_text else None,
+            spec_image=spec_pixels,
+            **options,
         )
+
+    @property
+    def decode_side(self) -> int:
+        """The largest side anything reads of a picture: the router's and built-in experts', or a spec's."""
+        return max(self.model.preprocessing.image_size, self.model.specs.decode_side or 0)
+
+    def prepare_images(self, image: Image.Image) -> tuple[np.ndarray, np.ndarray | None]:
+        """The model's pixels and, when its experts bring image specs, the pixels at the specs' decode side."""
+        return self.prepare_image(image), self.model.specs.prepare_image(image)
 
     def prepare_text(self, text: str) -> np.ndarray:
         return np.asarray(self.model.tokenizer.encode(text), dtype=np.int64)
@@ -118,14 +124,20 @@ class DynamicPipeline:
 
     def check_route(self, route: str, has_text: bool, has_image: bool) -> None:
         """Raise RouteError when a request's route cannot run; the service answers 422."""
-        if route == AUTO:
+        if route in (AUTO, SOFT):
             return
         if route not in self.experts:
-            raise RouteError(f"unknown route {route!r}; use 'auto' or one of: {', '.join(self.experts)}")
+            raise RouteError(f"unknown route {route!r}; use 'auto', 'soft' or one of: {', '.join(self.experts)}")
         missing = [m for m, present in (("text", has_text), ("image", has_image)) if not present]
         lacking = [m for m in missing if m in self.model.expert(route).modalities]
         if lacking:
             raise RouteError(f"route {route!r} needs {' and '.join(lacking)}, which the request does not carry")
+
+    def check_operating_point(self, name: str | None) -> None:
+        """Raise RouteError for an operating point the model does not have (None: the default)."""
+        if name is not None and name not in self.model.operating_points:
+            points = ", ".join(self.model.operating_points)
+            raise RouteError(f"unknown operating_point {name!r}; this model has: {points}")
 
     # -- the stages ----------------------------------------------------------------------------
     def encode_text(self, token_ids: np.ndarray) -> dict[str, np.ndarray]:
@@ -138,7 +150,7 @@ class DynamicPipeline:
         return self.runner(self._glimpse)({"thumbnail": thumbnails})["glimpse_features"]
 
     def route(self, text_features, glimpse_features, text_present, image_present, router: str | None = None):
-        """Router scores (N, E) and modality importance (N, 2)."""
+        """Router scores (N, E, uncalibrated), modality importance (N, 2) and fused weights (N, E)."""
         out = self.runner(router or self.model.router)(
             {
                 "text_features": text_features,
@@ -147,7 +159,7 @@ class DynamicPipeline:
                 "image_present": image_present.astype(np.float32),
             }
         )
-        return out["expert_scores"], out["importance"]
+        return out["expert_scores"], out["importance"], out["expert_weights"]
 
     def spec_tensors(self, texts: list[str] | None, spec_images: np.ndarray | None) -> dict[str, np.ndarray]:
         """Every spec's tensors for a batch in which every row has both modalities (evaluation)."""
@@ -171,6 +183,7 @@ class DynamicPipeline:
         assert (has_text | has_image).all(), "every input needs text or an image"
         for x in inputs:
             self.check_route(x.route, x.token_ids is not None, x.image is not None)
+            self.check_operating_point(x.operating_point)
 
         pixels = _stack([x.image for x in inputs], has_image, _pixel_shape(self.model), np.uint8)
         tensors = {
@@ -183,94 +196,118 @@ class DynamicPipeline:
                 tensors[name][has_text] = value
         if has_image.any():
             tensors["glimpse_features"][has_image] = self.encode_glimpse(pixels[has_image])
-        scores, importance = self.route(tensors["text_features"], tensors["glimpse_features"], has_text, has_image)
+        points = [x.operating_point or self.model.default_point for x in inputs]
+        scores, importance, weights = self._route_by_point(points, tensors, has_text, has_image)
 
         eligible = (~self._needs[None, :, 0] | has_text[:, None]) & (~self._needs[None, :, 1] | has_image[:, None])
-        forced = np.array([NOT_FORCED if x.route == AUTO else self.experts.index(x.route) for x in inputs])
+        soft = np.array([x.route == SOFT for x in inputs])
+        forced = np.array([self.experts.index(x.route) if x.route not in (AUTO, SOFT) else NOT_FORCED for x in inputs])
         thresholds = np.array([np.nan if x.threshold is None else x.threshold for x in inputs], dtype=np.float64)
         choice, decided_by = decide_routes(
             scores, self.full_index, forced=forced, thresholds=thresholds, eligible=eligible
         )
+        decided_by[soft] = REQUEST  # the client asked for soft fusion; the router's weights do the rest
 
-        probabilities, seconds = self._run_experts(choice, tensors, pixels, inputs)
+        execution = BatchExecution(self.model, self.runner, tensors, self._preprocessor(pixels, inputs))
+        ran = [{self.experts[c]} for c in choice]  # the experts each request runs
+        for i in np.flatnonzero(soft):
+            ran[i] = {e for e, ok in zip(self.experts, eligible[i], strict=True) if ok}
+        logits, seconds = execution.run(_members(ran, self.experts))
+        probabilities = self._combine(ran, logits, soft, weights, eligible, choice)
+
+        # The cascade: a cheaper expert unsure of its answer hands the request to the full path too.
+        floors = np.array([np.nan if x.min_confidence is None else x.min_confidence for x in inputs], np.float64)
+        may_fall_back = (forced == NOT_FORCED) & ~soft & eligible[:, self.full_index]
+        fallback = confidence_fallback(choice, probabilities.max(axis=1), self.full_index, floors) & may_fall_back
+        if fallback.any():
+            rows = np.flatnonzero(fallback)
+            full_logits, more_seconds = execution.run({self.model.full_expert: rows})
+            probabilities[rows] = softmax(full_logits[self.model.full_expert])
+            for expert, value in more_seconds.items():
+                seconds[expert] = seconds.get(expert, 0.0) + value
+            for i in rows:
+                ran[i] = ran[i] | {self.model.full_expert}
+            decided_by[rows] = CONFIDENCE
+
         shared_madds = self._shared_madds(has_text, has_image)
         outputs = [
             PipelineOutput(
                 label=str(self.labels[probabilities[i].argmax()]),
                 probabilities=probabilities[i],
-                expert=self.experts[choice[i]],
+                expert=SOFT if soft[i] else self.experts[self.full_index if fallback[i] else choice[i]],
                 decided_by=DECIDED_BY[decided_by[i]],
                 route_scores=scores[i],
                 importance=importance[i],
-                madds=int(shared_madds[i] + self.model.experts[choice[i]].madds),
+                madds=int(shared_madds[i] + self._experts_madds(ran[i])),
+                operating_point=points[i],
+                weights=_normalized(weights[i], eligible[i]) if soft[i] else None,
+                fallback_from=self.experts[choice[i]] if fallback[i] else None,
             )
             for i in range(n)
         ]
         assert len(outputs) == n, f"pipeline produced {len(outputs)} outputs for {n} inputs"
         return outputs, seconds
 
-    def _run_experts(
-        self, choice: np.ndarray, tensors: dict, pixels: np.ndarray, inputs: list[PipelineInput]
-    ) -> tuple[np.ndarray, dict]:
-        """Probabilities (n, K) from each request's chosen expert, and the seconds each expert took.
+    def _preprocessor(self, pixels: np.ndarray, inputs: list[PipelineInput]):
+        """What BatchExecution calls to make a lazy source's tensors for some rows: the model's normalized image,
+        or one spec's tensors (models/specs.py) from the rows' kept pictures or raw texts."""
+        specs = self.model.specs
 
-        Each component runs once, on the requests of every chosen expert whose chain has it; a component's
-        time is shared among those experts in proportion to their requests. What a component produces is
-        kept for its own rows only: a consumer's rows are always among its producer's."""
-        n = len(choice)
-        members = {self.experts[i]: np.flatnonzero(choice == i) for i in np.unique(choice)}
-        rows_of: dict[str, np.ndarray] = {}
-        for expert, rows in members.items():
-            for component in self._chains[expert]:
-                rows_of[component] = np.union1d(rows_of.get(component, rows), rows)
-        produced: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # tensor -> (its rows, its values for them)
-        # The full-resolution image and each spec are made only for the requests whose expert reads them, once.
-        readers: dict[str, list[np.ndarray]] = {}  # "image" or a spec key -> the rows of the components reading it
-        for component, rows in rows_of.items():
-            for source in {self._lazy_sources.get(name) for name in self._input_names(component)} - {None}:
-                readers.setdefault(source, []).append(rows)
-        for source, row_sets in readers.items():
-            rows = np.unique(np.concatenate(row_sets))
-            for name, values in self._preprocess(source, rows, pixels, inputs).items():
-                produced[name] = (rows, values)
+        def preprocess(source: str, rows: np.ndarray) -> dict[str, np.ndarray]:
+            if source == IMAGE_SOURCE:
+                return {"image": self.images_tensor(pixels[rows])}
+            if specs.specs[source].kind == "image":
+                return specs.apply(source, None, np.stack([inputs[i].spec_image for i in rows]))
+            return specs.apply(source, [inputs[i].text for i in rows], None)
 
-        def gather(name: str, rows: np.ndarray) -> np.ndarray:
-            if name not in produced:
-                return tensors[name][rows]
-            source_rows, values = produced[name]
-            return values if len(source_rows) == len(rows) else values[np.searchsorted(source_rows, rows)]
+        return preprocess
 
-        probabilities = np.empty((n, len(self.labels)), np.float32)
-        seconds = dict.fromkeys(members, 0.0)
-        for component in self._component_order:
-            rows = rows_of.get(component)
-            if rows is None:
-                continue
-            started = time.perf_counter()
-            outputs = self.runner(component)({name: gather(name, rows) for name in self._input_names(component)})
-            elapsed = time.perf_counter() - started
-            for expert, expert_rows in members.items():
-                if component in self._chains[expert]:
-                    seconds[expert] += elapsed * len(expert_rows) / len(rows)
-            for name, value in outputs.items():
-                if name == "logits":  # an expert's last component: its rows are that expert's requests
-                    probabilities[rows] = softmax(value)
-                else:
-                    produced[name] = (rows, value)
-        return probabilities, seconds
+    def _route_by_point(self, points: list[str], tensors: dict, has_text, has_image):
+        """Scores (calibrated), importance and fused weights of each request, from its operating point's router."""
+        n = len(points)
+        scores = np.empty((n, len(self.experts)), np.float32)
+        weights = np.empty((n, len(self.experts)), np.float32)
+        importance = np.empty((n, 2), np.float32)
+        for name in dict.fromkeys(points):
+            rows = np.flatnonzero(np.asarray(points) == name)
+            point = self.model.operating_points[name]
+            routed = self.route(
+                tensors["text_features"][rows], tensors["glimpse_features"][rows], has_text[rows], has_image[rows],
+                point.component,
+            )  # fmt: skip
+            scores[rows] = calibrate(routed[0], point.temperature)
+            importance[rows], weights[rows] = routed[1], routed[2]
+        return scores, importance, weights
 
-    def _preprocess(self, source: str, rows: np.ndarray, pixels: np.ndarray, inputs: list[PipelineInput]) -> dict:
-        """The tensors of one lazy source for ``rows``: the model's normalized image, or one spec's tensors."""
-        if source == "image":
-            return {"image": self.images_tensor(pixels[rows])}
-        spec = self.model.specs.specs[source]
-        if spec.kind == "image":
-            spec_images = np.stack([inputs[i].spec_image for i in rows])  # type: ignore[misc]
-            return self.model.specs.apply(source, None, spec_images)
-        return self.model.specs.apply(source, [inputs[i].text for i in rows], None)  # type: ignore[misc]
+    def _combine(self, ran, logits, soft, weights, eligible, choice) -> np.ndarray:
+        """Each request's class probabilities: its expert's, or for soft fusion the weighted mixture of every
+        eligible expert's probabilities (DRDF's expert fusion unit, over probabilities: experts whose logits
+        live on different scales mix on equal terms, and the mixture is itself a distribution)."""
+        n = len(ran)
+        probabilities = np.zeros((n, len(self.labels)), np.float32)
+        position = {
+            expert: {row: k for k, row in enumerate(rows)} for expert, rows in _members(ran, self.experts).items()
+        }
+        expert_probs = {expert: softmax(value) for expert, value in logits.items()}
+        for i in range(n):
+            if soft[i]:
+                w = _normalized(weights[i], eligible[i])
+                for e, expert in enumerate(self.experts):
+                    if w[e] > 0:
+                        probabilities[i] += w[e] * expert_probs[expert][position[expert][i]]
+            else:
+                expert = self.experts[choice[i]]
+                probabilities[i] = expert_probs[expert][position[expert][i]]
+        return probabilities
 
-    def _input_names(self, component: str) -> tuple[str, ...]:
-        return self._inputs[component]
+    def _experts_madds(self, experts: set[str]) -> int:
+        """What running ``experts`` for one request cost beyond the encoders and the router: each component of
+        their chains once."""
+        key = frozenset(experts)
+        if key not in self._madds_cache:
+            components = {c for e in experts for c in self.model.expert(e).components}
+            self._madds_cache[key] = sum(self.model.components[c].madds for c in components)
+        return self._madds_cache[key]
 
     def _shared_madds(self, has_text: np.ndarray, has_image: np.ndarray) -> np.ndarray:
         components = self.model.components
@@ -284,13 +321,13 @@ class DynamicPipeline:
         """Run every served path once per batch size, so the first real request pays no start-up cost."""
         rng = np.random.default_rng(0)
         tokenizer, specs = self.model.tokenizer, self.model.specs
+        side = specs.decode_side
         for batch_size in batch_sizes:
             for expert in (*self.experts, AUTO):
                 inputs = []
                 for _ in range(batch_size):
                     words = rng.integers(2, tokenizer.vocab_size, tokenizer.max_tokens)
                     text = " ".join(tokenizer.vocab[i] for i in words)
-                    side = specs.decode_side
                     inputs.append(
                         PipelineInput(
                             token_ids=np.asarray(tokenizer.encode(text), dtype=np.int64),
@@ -306,6 +343,21 @@ class DynamicPipeline:
 def _pixel_shape(model: StoredModel) -> tuple[int, int, int]:
     size = model.preprocessing.image_size
     return (size, size, 3)
+
+
+def _members(ran: list[set[str]], experts: tuple[str, ...]) -> dict[str, np.ndarray]:
+    """Expert -> the (sorted) requests that run it."""
+    rows: dict[str, list[int]] = {}
+    for i, chosen in enumerate(ran):
+        for expert in chosen:
+            rows.setdefault(expert, []).append(i)
+    return {e: np.asarray(rows[e]) for e in experts if e in rows}
+
+
+def _normalized(weights: np.ndarray, eligible: np.ndarray) -> np.ndarray:
+    """Soft fusion's weights: the fused router weights of the eligible experts, summing to 1."""
+    masked = np.where(eligible, weights, 0.0)
+    return masked / masked.sum()
 
 
 def _stack(items: list, present: np.ndarray, shape: tuple[int, ...], dtype) -> np.ndarray:

@@ -64,6 +64,17 @@ class ExpertInfo:
 
 
 @dataclass(frozen=True)
+class OperatingPoint:
+    """One trained router of the model: a named place on its accuracy/compute curve."""
+
+    name: str
+    component: str  # the router component that scores requests at this point
+    lam: float  # the resource-loss weight it was trained with
+    temperature: float  # calibrates its scores (models/policy.py calibrate) before a threshold reads them
+    validation: dict  # accuracy, madds_per_sample, saved_ratio, route_mix on the validation split
+
+
+@dataclass(frozen=True)
 class StoredModel:
     name: str
     version: str
@@ -78,6 +89,8 @@ class StoredModel:
     router: str  # the served router's component
     shared_encoders: dict[str, str]  # modality -> component every request with that modality runs
     madds_full: int
+    operating_points: dict[str, OperatingPoint]  # every router, by name
+    default_point: str  # the one served unless a request or the settings pick another
     specs: SpecSet = field(default_factory=SpecSet)  # the experts' own preprocessing, by key; empty for most
 
     def expert(self, name: str) -> ExpertInfo:
@@ -203,6 +216,16 @@ def _parse(path: Path, manifest: dict) -> StoredModel:
             for e in manifest["experts"]
         )
         pre = manifest["preprocessing"]
+        points = {
+            entry.get("name", entry["component"].removeprefix("router.")): OperatingPoint(
+                name=entry.get("name", entry["component"].removeprefix("router.")),
+                component=entry["component"],
+                lam=float(entry["lambda"]),
+                temperature=float(entry.get("temperature", 1.0)),
+                validation=dict(entry.get("validation", {})),
+            )
+            for entry in manifest["routers"]
+        }
         return StoredModel(
             name=manifest["name"],
             version=str(manifest["version"]),
@@ -217,11 +240,13 @@ def _parse(path: Path, manifest: dict) -> StoredModel:
             router=manifest["router"]["component"],
             shared_encoders=dict(manifest["shared_encoders"]),
             madds_full=int(manifest["madds_full"]),
+            operating_points=points,
+            default_point=next(p.name for p in points.values() if p.component == manifest["router"]["component"]),
             specs=_specs(path, pre.get("specs", {})),
         )
     except SpecError as error:
         raise StoreError(f"{path / MANIFEST}: {error}") from error
-    except (KeyError, TypeError, ValueError) as error:
+    except (KeyError, TypeError, ValueError, StopIteration) as error:
         raise StoreError(f"{path / MANIFEST}: malformed ({type(error).__name__}: {error})") from error
 
 

@@ -194,16 +194,25 @@ def _manifest(checkpoint: dict, name: str, version: str, entries: dict, parity: 
         "full_expert": checkpoint["full_expert"],
         "router": {
             "component": f"router.{default_router}",
+            "operating_point": default_router,
             "lambda": next(r["lambda"] for r in checkpoint["routers"] if r["name"] == default_router),
+            "temperature": next(
+                r.get("temperature", 1.0) for r in checkpoint["routers"] if r["name"] == default_router
+            ),
             "madds": costs["components"]["router"],
             "kind": "DRDF dual router + MWF, hard argmax (DynMM)",
             "scores": [e["name"] for e in checkpoint["experts"]],
             "importance": ["text", "image"],
         },
+        # Every trained router is an operating point: a named place on the accuracy/compute curve, with its
+        # figures on validation (cross-fitted routes) and the temperature that calibrates its scores.
         "routers": [
             {
+                "name": r["name"],
                 "component": f"router.{r['name']}",
                 "lambda": r["lambda"],
+                "temperature": r.get("temperature", 1.0),
+                "default": r["name"] == default_router,
                 "validation": _compact(validation.get(r["name"], {})),
             }
             for r in checkpoint["routers"]

@@ -18,6 +18,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from models.encoders import ImageEncoder, ImageGlimpse, ImageTrunk, TextEncoder, thumbnail
@@ -27,7 +28,7 @@ from models.router import DualRouter
 
 SHARED_ENCODERS = {"text": "text_encoder", "image": "image_glimpse"}  # modality -> component run for every request
 IMAGE_CNN = ("image_trunk", "image_encoder")  # the CNN's two components, built when an expert's chain names them
-DEFAULT_EXPERTS = ("text", "image_lite", "image", "late_fusion", "mi2p", "muse")
+DEFAULT_EXPERTS = ("text", "image_lite", "image", "late_fusion", "mulmix", "mi2p", "muse")
 
 
 @dataclass
@@ -97,6 +98,7 @@ class DynamicFusionModel(nn.Module):
             | {name: m for p in parts for name, m in p.training_modules.items()}
         )
         self._auxiliary_losses = [p.auxiliary_loss for p in parts if p.auxiliary_loss is not None]
+        self._expert_losses = {p.spec.name: p.loss for p in parts if p.loss is not None}
         self.shared_encoders = dict(SHARED_ENCODERS)
 
     @property
@@ -141,6 +143,11 @@ class DynamicFusionModel(nn.Module):
     def expert_logits(self, token_ids: torch.Tensor, image: torch.Tensor) -> dict[str, torch.Tensor]:
         return self.forward_experts(token_ids, image)[0]
 
+    def expert_loss(self, expert: str, logits: torch.Tensor, tensors: dict, labels: torch.Tensor) -> torch.Tensor:
+        """Stage I's loss of one expert: its family's own (mulmix's multiplicative loss), else cross-entropy."""
+        own = self._expert_losses.get(expert)
+        return own(tensors, labels) if own is not None else F.cross_entropy(logits, labels)
+
     def auxiliary_loss(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
         """Stage I's extra terms: the glimpse probe's cross-entropy is added by training; this is the families'."""
         total = tensors["image"].new_zeros(())
@@ -159,7 +166,8 @@ class DynamicFusionModel(nn.Module):
         """Router scores (B, N) and importance (B, 2) for a batch with both modalities."""
         present = torch.ones(token_ids.shape[0])
         text_features = self.text_encoder(token_ids)[1]
-        return self.router(text_features, self.glimpse(image), present, present)
+        scores, importance, _ = self.router(text_features, self.glimpse(image), present, present)
+        return scores, importance
 
 
 PRESETS = {
@@ -179,6 +187,7 @@ PRESETS = {
         "expert_configs": {
             "image": {"hidden": 32},
             "late_fusion": {"hidden": 32},
+            "mulmix": {"hidden": 32},
             "image_lite": {"channels": (4, 8, 8), "strides": (2, 2, 1)},
             "mi2p": {"inject_at": (0,), "hidden": 32},
             "muse": {"dim": 16, "heads": 2, "layers": 2, "exchange_start": 2, "exchange_end": 2},
@@ -206,6 +215,7 @@ PRESETS = {
         "expert_configs": {
             "image": {"hidden": 512},
             "late_fusion": {"hidden": 512},
+            "mulmix": {"hidden": 512},
             "image_lite": {"downsample": 4, "channels": (32, 64, 128), "strides": (2, 2, 2)},
             "mi2p": {"inject_at": (2, 3), "heads": 4, "key_dim": 16, "hidden": 512},
             "muse": {"dim": 256, "heads": 8, "layers": 6, "exchange_start": 2, "exchange_end": 4},

@@ -12,10 +12,12 @@ from pathlib import Path
 
 import numpy as np
 
-from models.policy import decide_routes, oracle_routes
+from models.policy import calibrate, confidence_fallback, decide_routes, oracle_routes
 
-# A trained router is usually very sure of itself: the sweep reaches close to 1 to show escalation.
-DEFAULT_THRESHOLDS = (0.5, 0.9, 0.99, 0.999, 0.9999)
+# Thresholds apply to the router's calibrated scores (temperature-scaled on validation), so [0.5, 0.99]
+# is the useful range.
+DEFAULT_THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99)
+DEFAULT_CONFIDENCES = (0.5, 0.7, 0.9)
 
 
 @dataclass
@@ -34,10 +36,24 @@ class RoutingOutputs:
     full_expert: str
     kinds: list[str] | None = None  # optional per-sample category, for a per-kind breakdown
     router_importance: dict[str, np.ndarray] | None = None  # router name -> (N, 2) text, image importance
+    router_weights: dict[str, np.ndarray] | None = None  # router name -> (N, E) fused weights: DRDF's soft fusion
+    temperatures: dict[str, float] = field(default_factory=dict)  # router name -> its calibration (default 1)
+    # What several experts cost together (soft fusion, a confidence fallback): the encoders and the router,
+    # then each component of their chains once. Without these, only single-expert policies are evaluated.
+    shared_madds: int | None = None
+    component_madds: dict[str, int] | None = None
+    expert_components: dict[str, tuple[str, ...]] | None = None
     extra: dict = field(default_factory=dict)
 
+    def madds_of(self, experts: set[str]) -> int:
+        """A request that ran every expert of ``experts``: encoders, router and each component once."""
+        components = {c for e in experts for c in self.expert_components[e]}
+        return self.shared_madds + sum(self.component_madds[c] for c in components)
 
-def evaluate_policies(outputs: RoutingOutputs, thresholds=DEFAULT_THRESHOLDS) -> list[dict]:
+
+def evaluate_policies(
+    outputs: RoutingOutputs, thresholds=DEFAULT_THRESHOLDS, confidences=DEFAULT_CONFIDENCES
+) -> list[dict]:
     """The rows of ``dynfuse evaluate --json``: policy, accuracy, madds_per_sample, saved_ratio, route_mix."""
     experts = outputs.experts
     predictions = np.stack([outputs.expert_probs[e].argmax(axis=1) for e in experts], axis=1)  # (N, E)
@@ -63,23 +79,55 @@ def evaluate_policies(outputs: RoutingOutputs, thresholds=DEFAULT_THRESHOLDS) ->
         auto["importance"] = importance_summary(outputs.router_importance[outputs.default_router], outputs.kinds)
     rows.append(auto)
     rows.append(routed_row("oracle", oracle_routes(correct, path_madds, full_index)))
+    calibrated = calibrate(default_scores, outputs.temperatures.get(outputs.default_router, 1.0))
     for threshold in thresholds:
-        choice, _ = decide_routes(default_scores, full_index, thresholds=np.full(n, threshold))
+        choice, _ = decide_routes(calibrated, full_index, thresholds=np.full(n, threshold))
         rows.append(routed_row(f"threshold={threshold:g}", choice, router=outputs.default_router))
     for router in outputs.routers:
         choice, _ = decide_routes(outputs.router_scores[router["name"]], full_index)
         rows.append(routed_row(f"lambda={router['lambda']:g}", choice, router=router["name"]))
+    if outputs.expert_components is not None:
+        rows += _multi_expert_rows(outputs, correct, full_index, confidences)
+    return rows
+
+
+def _multi_expert_rows(outputs: RoutingOutputs, correct: np.ndarray, full_index: int, confidences) -> list[dict]:
+    """DRDF's soft fusion (every expert runs, weighted by the fused router weights) and the confidence fallback
+    (the full path runs too when the routed expert's top probability is below a floor)."""
+    experts, n = outputs.experts, len(outputs.labels)
+    rows = []
+    if outputs.router_weights is not None:
+        weights = outputs.router_weights[outputs.default_router]  # (N, E)
+        weights = weights / weights.sum(axis=1, keepdims=True)
+        mixed = sum(weights[:, i, None] * outputs.expert_probs[e] for i, e in enumerate(experts))  # (N, K)
+        madds = np.full(n, float(outputs.madds_of(set(experts))))
+        rows.append(_row("soft", outputs, mixed.argmax(axis=1) == outputs.labels, madds, None, mean_weights=dict(
+            zip(experts, weights.mean(axis=0).round(4).tolist(), strict=True))))  # fmt: skip
+    choice, _ = decide_routes(outputs.router_scores[outputs.default_router], full_index)
+    top = np.stack([outputs.expert_probs[e].max(axis=1) for e in experts], axis=1)[np.arange(n), choice]  # (N,)
+    both = {i: outputs.madds_of({experts[i], outputs.full_expert}) for i in range(len(experts))}
+    for floor in confidences:
+        fallback = confidence_fallback(choice, top, full_index, np.full(n, floor))
+        final = np.where(fallback, full_index, choice)
+        madds = np.where(fallback, [both[c] for c in choice], [outputs.path_madds[experts[c]] for c in choice])
+        row = _row(f"confidence={floor:g}", outputs, correct[np.arange(n), final], madds.astype(float), final)
+        row["fallback_share"] = float(fallback.mean())
+        rows.append(row)
     return rows
 
 
 def _row(policy, outputs: RoutingOutputs, correct, madds, choice, **extra) -> dict:
-    counts = np.bincount(choice, minlength=len(outputs.experts))
+    """One policy's figures; ``choice`` None: every expert ran (soft fusion), the route mix says so."""
+    n = len(correct)
+    counts = (
+        np.bincount(choice, minlength=len(outputs.experts)) if choice is not None else np.full(len(outputs.experts), n)
+    )
     row = {
         "policy": policy,
         "accuracy": float(correct.mean()),
         "madds_per_sample": float(madds.mean()),
         "saved_ratio": float(1.0 - madds.mean() / outputs.madds_full),
-        "route_mix": {e: float(c / len(choice)) for e, c in zip(outputs.experts, counts, strict=True)},
+        "route_mix": {e: float(c / n) for e, c in zip(outputs.experts, counts, strict=True)},
         **extra,
     }
     if outputs.kinds is not None:
@@ -137,7 +185,8 @@ def format_table(rows: list[dict]) -> str:
 
 
 def plot_pareto(rows: list[dict], path: Path, title: str = "accuracy against compute") -> None:
-    """Accuracy against MAdds per sample: one point per lambda and per threshold, static experts marked.
+    """Accuracy against MAdds per sample: the operating points (one router per lambda), the threshold and
+    confidence sweeps of the served router, soft fusion and the static experts.
 
     Left: everything on a log scale. Right: the routed policies up close, where the curve lives."""
     import matplotlib
@@ -149,11 +198,13 @@ def plot_pareto(rows: list[dict], path: Path, title: str = "accuracy against com
         return row["madds_per_sample"], 100 * row["accuracy"]
 
     fig, (overview, zoom) = plt.subplots(1, 2, figsize=(12, 4.8), dpi=120)
-    routed = [r for r in rows if r["policy"].startswith(("lambda=", "threshold=")) or r["policy"] in ("auto", "oracle")]
+    sweeps = ("lambda=", "threshold=", "confidence=")
+    routed = [r for r in rows if r["policy"].startswith(sweeps) or r["policy"] in ("auto", "oracle")]
     for ax, annotate in ((overview, False), (zoom, True)):
         for prefix, style, label, short in (
-            ("lambda=", "o-", "router per lambda", "λ="),
-            ("threshold=", "s--", "threshold sweep (served router)", "t="),
+            ("lambda=", "o-", "operating points (router per λ)", "λ="),
+            ("threshold=", "s--", "threshold sweep (served point)", "t="),
+            ("confidence=", "v:", "confidence fallback (served point)", "c="),
         ):
             points = sorted((r for r in rows if r["policy"].startswith(prefix)), key=lambda r: r["madds_per_sample"])
             if points:
@@ -172,8 +223,9 @@ def plot_pareto(rows: list[dict], path: Path, title: str = "accuracy against com
                     textcoords="offset points",
                     xytext=(6, 4),
                 )
-        for policy, marker in (("auto", "r*"), ("oracle", "g^")):
-            ax.plot(*point(find_row(rows, policy)), marker, markersize=12, label=policy)
+        for policy, marker in (("auto", "r*"), ("oracle", "g^"), ("soft", "mP")):
+            if any(r["policy"] == policy for r in rows):
+                ax.plot(*point(find_row(rows, policy)), marker, markersize=12, label=policy)
         ax.set_xlabel("MAdds per sample" + ("" if annotate else " (log scale)"))
         ax.set_ylabel("accuracy (%)")
         ax.grid(True, which="both", alpha=0.3)

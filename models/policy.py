@@ -1,23 +1,69 @@
 """Routing policy: from router scores to the one expert each request runs, and who decided it.
 
-NumPy only. The served pipeline and the evaluation both call ``decide_routes``, so the figures in
-an evaluation table are those of the policy the server applies.
+NumPy only. The served pipeline and the evaluation both call these functions, so the figures in an
+evaluation table are those of the policy the server applies.
 
 Order of precedence for one request:
-    request            the client forced an expert (``route=<name>``)
+    request            the client forced an expert (``route=<name>``), or asked for DRDF's soft fusion
     missing_modality   the request lacks a modality: the best-scored expert that needs only what it has
-    threshold          the router's pick is cheaper than the full path but its score is below the
-                       request's threshold: escalate to the full path
+    threshold          the router's pick is cheaper than the full path but its calibrated score is below
+                       the request's threshold: escalate to the full path
     router             otherwise the router's argmax
+and after the chosen expert ran:
+    confidence         it was cheaper than the full path and its top probability is below the request's
+                       min_confidence: the full path runs too, and its answer is the one returned
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-DECIDED_BY = ("router", "threshold", "request", "missing_modality")
-ROUTER, THRESHOLD, REQUEST, MISSING_MODALITY = range(len(DECIDED_BY))
+DECIDED_BY = ("router", "threshold", "request", "missing_modality", "confidence")
+ROUTER, THRESHOLD, REQUEST, MISSING_MODALITY, CONFIDENCE = range(len(DECIDED_BY))
 NOT_FORCED = -1
+
+
+def calibrate(scores: np.ndarray, temperature: float) -> np.ndarray:
+    """Temperature-scaled scores: softmax(log(scores) / T), rows summing to 1 (T = 1 leaves them as they are).
+
+    Scaling keeps every row's order, so the router's choice is the same; only how sure it says it is changes,
+    which is what a threshold reads."""
+    if temperature == 1.0:
+        return scores
+    logits = np.log(np.clip(scores, 1e-30, None)) / temperature
+    logits -= logits.max(axis=1, keepdims=True)
+    exp = np.exp(logits)
+    return exp / exp.sum(axis=1, keepdims=True)
+
+
+def fit_temperature(scores: np.ndarray, targets: np.ndarray) -> float:
+    """The temperature that minimizes the negative log-likelihood of ``targets`` (N,) under ``scores`` (N, E):
+    temperature scaling, by a search over log T (one parameter, a smooth convex-shaped curve)."""
+    log_scores = np.log(np.clip(scores, 1e-30, None))
+
+    def nll(log_t: float) -> float:
+        logits = log_scores / np.exp(log_t)
+        logits = logits - logits.max(axis=1, keepdims=True)
+        log_norm = np.log(np.exp(logits).sum(axis=1))
+        return float((log_norm - logits[np.arange(len(targets)), targets]).mean())
+
+    low, high = np.log(0.05), np.log(50.0)
+    for _ in range(60):  # golden-section search
+        a, b = high - 0.618 * (high - low), low + 0.618 * (high - low)
+        if nll(a) < nll(b):
+            high = b
+        else:
+            low = a
+    return float(np.exp((low + high) / 2))
+
+
+def confidence_fallback(
+    choice: np.ndarray, top_probability: np.ndarray, full_index: int, min_confidence: np.ndarray
+) -> np.ndarray:
+    """(N,) bool: requests whose cheaper expert answered with a top probability below their min_confidence
+    (NaN: no fallback) and so also run the full path."""
+    with np.errstate(invalid="ignore"):
+        return (choice != full_index) & (top_probability < min_confidence)
 
 
 def decide_routes(

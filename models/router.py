@@ -80,7 +80,7 @@ class DualRouter(nn.Module):
     """Text router on the text features, image router on the glimpse, fused by MWF."""
 
     input_names = ("text_features", "glimpse_features", "text_present", "image_present")
-    output_names = ("expert_scores", "importance")
+    output_names = ("expert_scores", "importance", "expert_weights")
 
     def __init__(self, config: DynamicFusionConfig, glimpse_dim: int):
         super().__init__()
@@ -105,9 +105,11 @@ class DualRouter(nn.Module):
         glimpse_features: torch.Tensor,  # (B, Dg); zeros where the image is missing
         text_present: torch.Tensor,  # (B,)
         image_present: torch.Tensor,  # (B,)
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Scores (B, N) summing to 1, importance (B, 2), and the fused weights omega_fused (B, N) themselves,
+        which DRDF's soft expert fusion mixes the experts' outputs with."""
         gate_logits, importance = self.gate_logits(text_features, glimpse_features, text_present, image_present)
-        return F.softmax(gate_logits, dim=1), importance  # scores (B, N) sum to 1; argmax = argmax of fused
+        return F.softmax(gate_logits, dim=1), importance, torch.sigmoid(gate_logits)  # argmax = argmax of fused
 
     def router_logits(self, text_features: torch.Tensor, glimpse_features: torch.Tensor):
         """Each modality's router before its sigmoid: (B, N) text, (B, N) image."""

@@ -33,6 +33,7 @@ from models.data.manifest import check_labels, has_split, label_names, read_spli
 from models.data.tensors import TensorSplit, load_pixels, tensorize
 from models.dynamic_fusion import DynamicFusionModel, preset_config
 from models.evaluation import RoutingOutputs, evaluate_policies, find_row, format_table, summarize
+from models.policy import fit_temperature
 from models.preprocess import ImagePreprocessing
 from models.registry import create_model
 from models.router import DualRouter
@@ -172,7 +173,13 @@ def train(data_dir: Path, run_dir: Path, config: TrainConfig, *, progress: bool 
         "config": model.config.to_dict(),
         "state_dict": model.state_dict(),
         "routers": [
-            {"name": r["name"], "lambda": r["lambda"], "state_dict": r["router"].state_dict()} for r in routers
+            {
+                "name": r["name"],
+                "lambda": r["lambda"],
+                "temperature": r["temperature"],
+                "state_dict": r["router"].state_dict(),
+            }
+            for r in routers
         ],
         "default_router": default_router,
         "labels": dataset.labels,
@@ -221,7 +228,7 @@ def train_experts(
             images = shift_images(train.images[index], max_shift, generator)
             labels = train.labels[index]
             logits, tensors = model.forward_experts(tokens, images)
-            loss = sum(F.cross_entropy(out, labels) for out in logits.values())
+            loss = sum(model.expert_loss(expert, out, tensors, labels) for expert, out in logits.items())
             loss = loss + F.cross_entropy(model.glimpse_logits(images), labels) + model.auxiliary_loss(tensors)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -304,7 +311,9 @@ def train_routers(
     for lam in tqdm(config.lambdas, desc="stage II (routers)", disable=not progress):
         name = f"lambda_{lam:g}"
         validation_routes[name] = cross_fitted_routes(model, cache["val"], costs, lam, config)
-        routers.append({"name": name, "lambda": lam, "router": train_router(model, cache["val"], costs, lam, config)})
+        router = train_router(model, cache["val"], costs, lam, config)
+        temperature = calibrated_temperature(model, cache["val"], costs, lam, validation_routes[name])
+        routers.append({"name": name, "lambda": lam, "router": router, "temperature": temperature})
 
     context = {"model": model, "dataset": dataset, "routers": routers, "costs": costs, "full_expert": full_expert}
     validation = _evaluate(**context, outputs=cache["val"], routes=validation_routes, split="val")
@@ -337,8 +346,7 @@ def train_router(model: DynamicFusionModel, cache: dict, costs: dict, lam: float
     torch.manual_seed(config.seed)
     router = model.new_router()
     optimizer = torch.optim.Adam(router.parameters(), lr=config.router_lr)
-    relative_cost = torch.tensor([costs["path"][e.name] / costs["full"] for e in model.experts])  # (E,)
-    penalty = cache["losses"] + lam * relative_cost  # (N, E): what choosing each expert costs this sample
+    penalty = routing_penalty(model, cache, costs, lam)  # (N, E): what choosing each expert costs this sample
     best = penalty.argmin(dim=1)  # (N,)
     best_one_hot = F.one_hot(best, penalty.shape[1]).to(penalty.dtype)
     n = penalty.shape[0]
@@ -370,21 +378,35 @@ def train_router(model: DynamicFusionModel, cache: dict, costs: dict, lam: float
     return router
 
 
+def routing_penalty(model, cache: dict, costs: dict, lam: float) -> torch.Tensor:
+    """(N, E): each sample's cross-entropy under each expert plus lambda times the expert's relative cost."""
+    relative_cost = torch.tensor([costs["path"][e.name] / costs["full"] for e in model.experts])  # (E,)
+    return cache["losses"] + lam * relative_cost
+
+
+def calibrated_temperature(model, cache: dict, costs: dict, lam: float, routes: dict) -> float:
+    """Temperature scaling of a router's scores on validation (its cross-fitted routes), against each sample's
+    least-penalty expert: the scaled score of the chosen expert then says how often that choice is the
+    right one, so a threshold on it escalates the choices the router is right to doubt."""
+    targets = routing_penalty(model, cache, costs, lam).argmin(dim=1).numpy()
+    return round(fit_temperature(routes["scores"].numpy(), targets), 4)
+
+
 def cross_fitted_routes(model, cache: dict, costs: dict, lam: float, config: TrainConfig) -> dict:
     """Routes for every sample of ``cache`` from routers trained on the other folds: honest validation figures."""
     n = cache["losses"].shape[0]
     folds = torch.randperm(n, generator=torch.Generator().manual_seed(config.seed)) % max(
         1, min(config.router_folds, n)
     )
-    scores = torch.zeros(n, len(model.experts))
-    importance = torch.zeros(n, 2)
+    routes = {"scores": torch.zeros(n, len(model.experts)), "importance": torch.zeros(n, 2)}
+    routes["weights"] = torch.zeros(n, len(model.experts))
     for fold in folds.unique():
         held_out = folds == fold
         train_part = {k: _rows(v, ~held_out) for k, v in cache.items()}
         router = train_router(model, train_part, costs, lam, config) if (~held_out).any() else model.new_router()
-        routes = route(router, {k: _rows(v, held_out) for k, v in cache.items()})
-        scores[held_out], importance[held_out] = routes["scores"], routes["importance"]
-    return {"scores": scores, "importance": importance}
+        for name, values in route(router, {k: _rows(v, held_out) for k, v in cache.items()}).items():
+            routes[name][held_out] = values
+    return routes
 
 
 def _rows(value, mask: torch.Tensor):
@@ -393,10 +415,11 @@ def _rows(value, mask: torch.Tensor):
 
 @torch.no_grad()
 def route(router: DualRouter, outputs: dict) -> dict:
-    """The router's scores (N, E) and importance (N, 2) on cached features, both modalities present."""
+    """The router's scores (N, E), importance (N, 2) and fused weights (N, E) on cached features, both
+    modalities present."""
     present = torch.ones(outputs["text_features"].shape[0])
-    scores, importance = router(outputs["text_features"], outputs["glimpse_features"], present, present)
-    return {"scores": scores, "importance": importance}
+    scores, importance, weights = router(outputs["text_features"], outputs["glimpse_features"], present, present)
+    return {"scores": scores, "importance": importance, "weights": weights}
 
 
 def _evaluate(
@@ -417,6 +440,12 @@ def _evaluate(
         expert_probs={e: F.softmax(v, dim=1).numpy() for e, v in outputs["logits"].items()},
         router_scores={name: r["scores"].numpy() for name, r in routes.items()},
         router_importance={name: r["importance"].numpy() for name, r in routes.items()},
+        router_weights={name: r["weights"].numpy() for name, r in routes.items()},
+        temperatures={r["name"]: r["temperature"] for r in routers},
+        shared_madds=sum(costs["components"][c] for c in model.shared_encoders.values())
+        + costs["components"]["router"],
+        component_madds=costs["components"],
+        expert_components={e.name: e.components for e in model.experts},
         routers=[{"name": r["name"], "lambda": r["lambda"]} for r in routers],
         default_router=default_router or routers[0]["name"],
         experts=[e.name for e in model.experts],

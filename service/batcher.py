@@ -1,10 +1,24 @@
-"""The micro-batcher: requests queue; one worker forms batches and runs the pipeline off the event loop.
+"""The micro-batcher: requests queue; one supervised worker forms batches and runs the pipeline off the event loop.
 
 A batch closes when it holds ``max_batch_size`` requests or ``max_batch_delay`` has passed since
 its first one arrived. The pipeline runs the shared encoders and router once on the whole batch and
 each expert on its own sub-batch, in a single worker thread (the runtime parallelises inside a
 call; two concurrent calls would only fight over the cores). While a batch runs, the next one fills.
-A full queue refuses new work at once (503 + Retry-After) instead of letting latency grow unbounded.
+
+What keeps it from wedging:
+
+- The worker loop survives any error: an iteration that fails answers the requests it held and the
+  loop goes on; if the task itself ends (it never should), a supervisor starts a new one after a
+  short backoff. ``running`` is False meanwhile, and while a batch has run for longer than a request
+  may wait, so that ``/readyz`` answers 503 and an orchestrator can replace the process.
+- Every request has a deadline: past it, the caller gets ``DeadlineExceeded`` (504) and its items
+  are skipped if they have not started.
+- A failing item fails only itself: when a batch fails, its items run again one by one.
+- ``stop()`` refuses new work at once, then answers everything already accepted (served, or 503 if
+  the worker cannot finish within the grace period).
+- The queue bound refuses a call only when the queue is already full, whatever its size: a call of
+  many rows is admitted whenever a call of one would be (the queue may then briefly hold up to
+  ``max_queue + rows - 1`` items), so no valid call is refused forever.
 """
 
 from __future__ import annotations
@@ -17,10 +31,13 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from export.pipeline import DynamicPipeline, PipelineInput, PipelineOutput
-from service.errors import Overloaded
+from service.errors import DeadlineExceeded, NotReady, Overloaded
 from service.metrics import Metrics
 
 logger = logging.getLogger("dynfuse")
+
+RESTART_BACKOFF_S = (0.05, 0.2, 1.0, 5.0)  # after the 1st, 2nd, 3rd, ... consecutive failure
+_STOP = object()  # queued by stop(): everything before it is answered, then the worker ends
 
 
 @dataclass
@@ -47,6 +64,7 @@ class MicroBatcher:
         max_batch_delay_s: float,
         max_queue: int,
         retry_after_s: int = 1,
+        stuck_after_s: float = 30.0,
     ):
         self.pipeline = pipeline
         self.metrics = metrics
@@ -54,26 +72,71 @@ class MicroBatcher:
         self.max_batch_delay_s = max_batch_delay_s
         self.max_queue = max_queue
         self.retry_after_s = retry_after_s
-        self._queue: asyncio.Queue[_Pending] = asyncio.Queue()
+        self.stuck_after_s = stuck_after_s  # a batch running longer than this means the worker is wedged
+        self.restarts = 0  # times the supervisor had to start a new worker task
+        self._queue: asyncio.Queue = asyncio.Queue()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dynfuse-batch")
         self._worker: asyncio.Task | None = None
+        self._restart: asyncio.TimerHandle | None = None
+        self._in_hand: list[_Pending] = []  # taken from the queue, not answered yet
+        self._batch_started: float | None = None  # monotonic time the running pipeline call started
+        self._failures = 0  # consecutive failed iterations or worker deaths: how long the next backoff is
+        self._backoff_until = 0.0  # monotonic time until which the worker is backing off after a failure
+        self._stopping = False
 
+    # -- lifecycle -------------------------------------------------------------------------------
     def start(self) -> None:
-        self._worker = asyncio.get_running_loop().create_task(self._run(), name="dynfuse-batcher")
+        self._stopping = False
+        self._spawn()
 
-    async def stop(self) -> None:
-        """Finish what is queued, then stop the worker."""
-        while self._queue.qsize():
-            await asyncio.sleep(0.005)
-        if self._worker is not None:
-            self._worker.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._worker
-        self._executor.shutdown(wait=True)
+    @property
+    def running(self) -> bool:
+        """The worker is alive, not backing off after a failure, and not stuck in one batch."""
+        if self._stopping or self._worker is None or self._worker.done():
+            return False
+        if time.monotonic() < self._backoff_until:
+            return False
+        started = self._batch_started
+        return started is None or time.monotonic() - started < self.stuck_after_s
 
-    async def submit(self, items: list[PipelineInput]) -> list[BatchResult]:
-        """Queue the items (all or none) and wait for their results, in order."""
-        if self._queue.qsize() + len(items) > self.max_queue:
+    def status(self) -> str:
+        """Why the batcher is (not) running, for /readyz."""
+        if self._stopping:
+            return "stopping"
+        if self._worker is None:
+            return "not started"
+        if self._worker.done() or time.monotonic() < self._backoff_until:
+            return f"restarting after {self._failures} consecutive failure(s)"
+        if not self.running:
+            return f"one batch has run for over {self.stuck_after_s:g} s"
+        return "running"
+
+    async def stop(self, grace_s: float = 30.0) -> None:
+        """Refuse new work, answer everything accepted (within ``grace_s``), then stop the worker."""
+        if self._stopping:
+            return
+        self._stopping = True
+        if self._restart is not None:
+            self._restart.cancel()
+        worker = self._worker
+        if worker is not None and not worker.done():
+            self._queue.put_nowait(_STOP)
+            done, _ = await asyncio.wait({worker}, timeout=grace_s)
+            if not done:
+                logger.error("the batch worker did not finish within %.0f s; answering the rest with 503", grace_s)
+                worker.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await worker
+        self._fail_all(NotReady("the server is shutting down; retry on another replica", self.retry_after_s))
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    # -- submitting ------------------------------------------------------------------------------
+    async def submit(self, items: list[PipelineInput], deadline: float | None = None) -> list[BatchResult]:
+        """Queue the items (all or none) and wait for their results, in order, until ``deadline``
+        (``time.monotonic()``; None: no deadline)."""
+        if self._stopping:
+            raise NotReady("the server is shutting down; retry on another replica", self.retry_after_s)
+        if self._queue.qsize() >= self.max_queue:
             raise Overloaded(
                 f"the server is at capacity ({self.max_queue} requests queued); retry after {self.retry_after_s} s",
                 self.retry_after_s,
@@ -83,46 +146,154 @@ class MicroBatcher:
         pending = [_Pending(item, loop.create_future(), now) for item in items]
         for p in pending:
             self._queue.put_nowait(p)
-        return list(await asyncio.gather(*(p.future for p in pending)))
+        futures = [p.future for p in pending]
+        timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+        try:
+            done, waiting = await asyncio.wait(futures, timeout=timeout)
+        except asyncio.CancelledError:
+            for future in futures:
+                future.cancel()  # the worker skips them
+            raise
+        if waiting:
+            for future in futures:
+                future.cancel()
+            raise DeadlineExceeded(
+                f"no answer within the request deadline ({len(waiting)} of {len(futures)} item(s) not served); "
+                "retry later, or with fewer items"
+            )
+        return [future.result() for future in futures]
+
+    # -- the worker ------------------------------------------------------------------------------
+    def _spawn(self) -> None:
+        self._restart = None
+        self._worker = asyncio.get_running_loop().create_task(self._run(), name="dynfuse-batcher")
+        self._worker.add_done_callback(self._on_worker_exit)
+
+    def _on_worker_exit(self, task: asyncio.Task) -> None:
+        """The supervisor: a worker that ends while the batcher should run is replaced."""
+        error = None if task.cancelled() else task.exception()
+        if self._stopping and error is None:
+            return
+        self._fail_in_hand(RuntimeError(f"the batch worker ended ({error!r})"))
+        if self._stopping:
+            return
+        self.restarts += 1
+        delay = self._back_off()
+        logger.error("the batch worker ended (%r); starting a new one in %.2f s", error, delay, exc_info=error)
+        self._restart = asyncio.get_running_loop().call_later(delay, self._spawn)
 
     async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
         while True:
-            batch = await self._next_batch()
-            batch = [p for p in batch if not p.future.done()]  # the client may have gone away
-            if not batch:
+            try:
+                batch, stop = await self._next_batch()
+                if batch:
+                    await self._process(batch)
+                self._failures = 0
+                if stop:
+                    return
+            except asyncio.CancelledError:
+                raise
+            except Exception as error:  # noqa: BLE001 - the loop must outlive any bug in one iteration
+                logger.exception("the batch worker failed an iteration; answering its requests and going on")
+                self._fail_in_hand(error)
+                await asyncio.sleep(self._back_off())
+
+    def _back_off(self) -> float:
+        """Seconds to wait after one more consecutive failure (a fault that repeats must not spin the loop)."""
+        self._failures += 1
+        delay = RESTART_BACKOFF_S[min(self._failures, len(RESTART_BACKOFF_S)) - 1]
+        self._backoff_until = time.monotonic() + delay
+        return delay
+
+    async def _next_batch(self) -> tuple[list[_Pending], bool]:
+        """Up to ``max_batch_size`` live requests, and whether stop() was queued behind them."""
+        first = await self._queue.get()
+        if first is _STOP:
+            return [], True
+        self._in_hand = [first]
+        deadline = time.perf_counter() + self.max_batch_delay_s
+        while len(self._in_hand) < self.max_batch_size:
+            if self._queue.empty():
+                remaining = deadline - time.perf_counter()
+                if remaining <= 0:
+                    break
+                try:
+                    entry = await asyncio.wait_for(self._queue.get(), remaining)
+                except asyncio.TimeoutError:
+                    break
+            else:
+                entry = self._queue.get_nowait()
+            if entry is _STOP:
+                return self._live(), True
+            self._in_hand.append(entry)
+        return self._live(), False
+
+    def _live(self) -> list[_Pending]:
+        """The batch in hand without the requests whose callers gave up (deadline, disconnect)."""
+        self._in_hand = [p for p in self._in_hand if not p.future.done()]
+        return self._in_hand
+
+    async def _process(self, batch: list[_Pending]) -> None:
+        loop = asyncio.get_running_loop()
+        started = time.perf_counter()
+        self._batch_started = time.monotonic()
+        try:
+            outputs, expert_seconds = await loop.run_in_executor(
+                self._executor, self.pipeline.predict, [p.item for p in batch]
+            )
+            if len(outputs) != len(batch):
+                raise RuntimeError(f"the pipeline returned {len(outputs)} outputs for {len(batch)} inputs")
+        except Exception:  # noqa: BLE001 - one bad item must not fail its neighbours: find it
+            if len(batch) > 1:
+                logger.exception("the pipeline failed on a batch of %d; running its items one by one", len(batch))
+                await self._process_one_by_one(batch)
+            else:
+                logger.exception("the pipeline failed on one item")
+                self._fail_in_hand(RuntimeError("the pipeline failed on this input"))
+            return
+        finally:
+            self._batch_started = None
+        inference = time.perf_counter() - started
+        queue_seconds = [started - p.enqueued for p in batch]
+        for p, output, waited in zip(batch, outputs, queue_seconds, strict=True):
+            if not p.future.done():
+                p.future.set_result(BatchResult(output, waited, inference))
+        self._in_hand = []
+        try:
+            self.metrics.observe_batch(len(batch), queue_seconds, expert_seconds)
+        except Exception:  # noqa: BLE001 - bookkeeping must not take the answers or the loop down with it
+            logger.exception("could not record a batch's metrics")
+
+    async def _process_one_by_one(self, batch: list[_Pending]) -> None:
+        loop = asyncio.get_running_loop()
+        for p in batch:
+            if p.future.done():
                 continue
             started = time.perf_counter()
+            self._batch_started = time.monotonic()
             try:
-                outputs, expert_seconds = await loop.run_in_executor(
-                    self._executor, self.pipeline.predict, [p.item for p in batch]
-                )
-            except Exception as error:  # noqa: BLE001 - handed to every waiting request, logged there
-                logger.exception("pipeline failed on a batch of %d", len(batch))
-                for p in batch:
-                    if not p.future.done():
-                        p.future.set_exception(error)
-                continue
-            inference = time.perf_counter() - started
-            assert len(outputs) == len(batch), f"pipeline returned {len(outputs)} outputs for {len(batch)} inputs"
-            queue_seconds = [started - p.enqueued for p in batch]
-            self.metrics.observe_batch(len(batch), queue_seconds, expert_seconds)
-            for p, output, waited in zip(batch, outputs, queue_seconds, strict=True):
+                [output], _ = await loop.run_in_executor(self._executor, self.pipeline.predict, [p.item])
+            except Exception as error:  # noqa: BLE001 - handed to this item's caller alone
+                logger.exception("the pipeline failed on one item of a failed batch")
                 if not p.future.done():
-                    p.future.set_result(BatchResult(output, waited, inference))
-
-    async def _next_batch(self) -> list[_Pending]:
-        batch = [await self._queue.get()]
-        deadline = time.perf_counter() + self.max_batch_delay_s
-        while len(batch) < self.max_batch_size:
-            if not self._queue.empty():
-                batch.append(self._queue.get_nowait())
+                    p.future.set_exception(RuntimeError(f"the pipeline failed on this input ({error!r})"))
                 continue
-            remaining = deadline - time.perf_counter()
-            if remaining <= 0:
-                break
-            try:
-                batch.append(await asyncio.wait_for(self._queue.get(), remaining))
-            except asyncio.TimeoutError:
-                break
-        return batch
+            finally:
+                self._batch_started = None
+            if not p.future.done():
+                p.future.set_result(BatchResult(output, started - p.enqueued, time.perf_counter() - started))
+        self._in_hand = []
+
+    # -- answering what cannot be served ---------------------------------------------------------
+    def _fail_in_hand(self, error: BaseException) -> None:
+        for p in self._in_hand:
+            if not p.future.done():
+                p.future.set_exception(error)
+        self._in_hand = []
+
+    def _fail_all(self, error: BaseException) -> None:
+        self._fail_in_hand(error)
+        while not self._queue.empty():
+            entry = self._queue.get_nowait()
+            if entry is not _STOP and not entry.future.done():
+                entry.future.set_exception(error)

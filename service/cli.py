@@ -142,6 +142,10 @@ def cmd_serve(args) -> int:
             "model": args.model,
             "model_version": args.version,
             "workers": args.workers,
+            "threads": args.threads,
+            "max_inflight": args.max_inflight,
+            "request_timeout_s": args.request_timeout,
+            "log_level": args.log_level,
         }.items()
         if value is not None
     }
@@ -242,6 +246,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--workers", type=int, help="server processes sharing the port (default 1; metrics are summed across them)"
     )
     serve.add_argument("--version", help="pin a version (default: the highest)")
+    serve.add_argument("--threads", type=int, help="runtime threads per worker (default: the cores, split)")
+    serve.add_argument(
+        "--max-inflight",
+        type=int,
+        help="requests admitted at once per worker; more get 503 before their body is read (default max_queue/2)",
+    )
+    serve.add_argument(
+        "--request-timeout", type=float, help="seconds a request may take from arrival: then 408 or 504 (default 10)"
+    )
+    serve.add_argument("--log-level", choices=("critical", "error", "warning", "info", "debug"))
     serve.set_defaults(func=cmd_serve)
 
     for command in (synth, train, router, export, evaluate, build):

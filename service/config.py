@@ -32,13 +32,55 @@ class Settings(BaseSettings):
 
     max_batch_size: int = Field(16, ge=1, le=1024, description="Most requests one micro-batch holds.")
     max_batch_delay_ms: float = Field(2.0, ge=0, le=1000, description="Longest wait for a batch to fill.")
-    max_queue: int = Field(256, ge=1, description="Requests waiting beyond this are answered 503.")
+    max_queue: int = Field(
+        256,
+        ge=1,
+        description="Items (requests, or rows of batch calls) waiting for a batch; when full, new calls get 503.",
+    )
+    max_inflight: int | None = Field(
+        None,
+        ge=1,
+        description="Inference requests admitted at once (reading, decoding, queued or in a batch); more are refused "
+        "503 before their body is read. Default: half of max_queue, so that admitted single requests always fit in "
+        "the queue with room left for the extra rows of batch calls.",
+    )
+    request_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        le=3600,
+        description="Deadline of one inference request from its arrival: a body not received by then is answered "
+        "408, an answer not ready by then 504.",
+    )
     retry_after_s: int = Field(1, ge=1, description="Retry-After sent with a 503.")
+    refusals_per_s: float = Field(
+        200.0,
+        gt=0,
+        description="Over-capacity refusals answered per second and process; the others wait their turn (at most "
+        "3 s), so that clients retrying at once cannot spend the CPU the refusals save.",
+    )
+    decode_threads: int = Field(
+        2,
+        ge=1,
+        le=64,
+        description="Threads that decode big images (small ones decode on the event loop); each holds at most one "
+        "decoded image of up to max_image_pixels.",
+    )
 
     max_body_bytes: int = Field(10 * MIB, ge=1024, description="Larger request bodies are answered 413.")
     max_image_pixels: int = Field(4096 * 4096, ge=1, description="Larger images (width x height) are answered 413.")
     max_text_chars: int = Field(2000, ge=1, description="Longer texts are answered 413.")
-    max_batch_inputs: int = Field(64, ge=1, description="Most inputs one /v1/classify/batch call may carry.")
+    max_batch_inputs: int = Field(
+        64, ge=1, description="Most inputs one /v1/classify/batch call (or rows one /v2 infer call) may carry."
+    )
+    drain_max_bytes: int = Field(
+        64 * MIB,
+        ge=0,
+        description="A body over max_body_bytes is read and discarded up to this size before the 413, so that clients "
+        "that write the whole body before reading (urllib, requests) read the 413 instead of a reset.",
+    )
+    drain_timeout_s: float = Field(
+        5.0, ge=0, le=300, description="Longest time spent discarding an oversized body before the 413."
+    )
 
     api_key: str | None = Field(None, description="When set, inference endpoints need 'Authorization: Bearer <key>'.")
     log_level: str = "info"
@@ -65,6 +107,11 @@ class Settings(BaseSettings):
                 "raise DYNFUSE_MAX_QUEUE or lower DYNFUSE_MAX_BATCH_SIZE"
             )
         return self
+
+    @property
+    def capacity(self) -> int:
+        """Inference requests admitted at once (``max_inflight``, or half of ``max_queue``)."""
+        return self.max_inflight or max(1, self.max_queue // 2)
 
 
 @lru_cache

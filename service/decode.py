@@ -1,18 +1,50 @@
-"""Client bytes -> checked inputs: base64, image files (with size limits), text. Every failure is a 4xx."""
+"""Client bytes -> checked inputs: base64, image files (with size limits), text. Every failure is a 4xx.
+
+An image is decoded in two steps, so that what it may cost is known before it costs anything:
+
+1. ``open_image`` reads the header only (format, width, height): the format must be one we accept,
+   and width x height must be within the pixel limit (413), or no pixel is decoded.
+2. ``decode_image`` decodes the first frame, reduced while it is decoded to about twice what the
+   model reads (JPEG's DCT scaling through ``draft``, then ``Image.reduce``'s box average), and
+   converts it to RGB exactly as the training images were converted.
+
+An image no larger than twice the model's side in both directions is neither drafted nor reduced:
+it becomes pixels exactly as it did in training (``models.preprocess``).
+
+Everything Pillow raises while it reads client bytes is the client's malformed file, never a server
+fault: the bytes are all there is, so any exception from them is answered 415 or 422, not 500.
+"""
 
 from __future__ import annotations
 
 import base64
 import binascii
 import io
+import logging
+import re
 import warnings
+from dataclasses import dataclass
 
 from PIL import Image, UnidentifiedImageError
 
 from models.preprocess import to_rgb
 from service.errors import InvalidInput, PayloadTooLarge, UnsupportedMediaType
 
-IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")
+logger = logging.getLogger("dynfuse")
+
+# The formats we mean to accept: what cameras, browsers and image libraries write. Not TIFF (dozens of
+# codecs and page layouts behind one header; the fuzzer's first 500 was a TIFF) nor the long tail
+# Pillow can also open (PSD, EPS, ICO, DDS, FITS, ...): each is more parser exposed to strangers for
+# no caller who needs it. Animated GIF, PNG (APNG) and WebP are read as their first frame.
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP")
+
+# Modes ``Image.reduce`` averages directly; palette (P), bilevel (1) and 16-bit (I;16*) images become RGB
+# first, since averaging palette indices or packed bits would be meaningless.
+REDUCIBLE_MODES = frozenset({"L", "LA", "La", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr", "I", "F", "PA"})
+
+# What a reduced image keeps, in multiples of the model's side: like Pillow's ``thumbnail`` (reducing_gap
+# 2), the cheap reduction stops at twice the target so the final bilinear resize still sees every detail.
+REDUCING_GAP = 2
 
 
 def decode_base64(data: str, field: str = "image") -> bytes:
@@ -25,29 +57,89 @@ def decode_base64(data: str, field: str = "image") -> bytes:
         raise InvalidInput(f"{field}: not valid base64 ({error})") from None
 
 
-def decode_image(data: bytes, *, max_pixels: int) -> Image.Image:
-    """A fully decoded RGB image. 415: not an image; 413: over ``max_pixels``; 422: truncated or corrupt."""
+@dataclass
+class OpenedImage:
+    """An image whose header has been read and checked; no pixel is decoded yet."""
+
+    image: Image.Image
+    format: str
+    width: int
+    height: int
+
+    @property
+    def pixels(self) -> int:
+        """What decoding costs, in pixels: the first frame's width x height (the only frame decoded)."""
+        return self.width * self.height
+
+
+def open_image(data: bytes, *, max_pixels: int) -> OpenedImage:
+    """The image's header, checked. 415: not an image of an accepted format; 413: over ``max_pixels``;
+    422: a header Pillow cannot make sense of."""
     if not data:
         raise InvalidInput("image: empty; send an image file or leave the field out")
     try:
         with warnings.catch_warnings():
             # Our own pixel limit below decides; Pillow's warning between its two thresholds is noise.
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            warnings.simplefilter("ignore")
             image = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
-            # The header gives the size before any pixel is decoded: refuse bombs here, cheaply.
-            width, height = image.size
-            if width * height > max_pixels:
-                raise PayloadTooLarge(f"image: {width}x{height} pixels is over the limit of {max_pixels:,} pixels")
-            image.load()
+        width, height = image.size
     except UnidentifiedImageError:
         raise UnsupportedMediaType(
             f"image: not a supported image file; send one of {', '.join(IMAGE_FORMATS)}"
         ) from None
     except Image.DecompressionBombError:
         raise PayloadTooLarge(f"image: over the decompression limit of {max_pixels:,} pixels") from None
-    except (OSError, SyntaxError, ValueError, EOFError) as error:
-        raise InvalidInput(f"image: truncated or corrupt image data ({error})") from None
-    return to_rgb(image)  # exactly as the training images were converted
+    except Exception as error:  # noqa: BLE001 - anything the header parser raises is a malformed file
+        raise _corrupt(error) from None
+    if width <= 0 or height <= 0:
+        raise InvalidInput(f"image: the header gives a size of {width}x{height} pixels")
+    if width * height > max_pixels:
+        raise PayloadTooLarge(f"image: {width}x{height} pixels is over the limit of {max_pixels:,} pixels")
+    return OpenedImage(image, image.format or "unknown", width, height)
+
+
+def decode_image(opened: OpenedImage, *, side: int) -> Image.Image:
+    """The first frame as RGB, reduced while decoding to about ``REDUCING_GAP * side`` (the model reads
+    ``side`` x ``side``). 422: truncated or corrupt data."""
+    target = REDUCING_GAP * side
+    image = opened.image
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            if min(opened.width, opened.height) >= 2 * target:
+                # JPEG decodes at 1/2, 1/4 or 1/8 scale (never below target); other formats ignore it.
+                image.draft("RGB", (target, target))
+            image.load()
+            factors = (max(1, image.width // target), max(1, image.height // target))
+            if factors != (1, 1):
+                if image.mode not in REDUCIBLE_MODES:
+                    image = to_rgb(image)
+                image = image.reduce(factors)
+            return to_rgb(image)  # exactly as the training images were converted
+    except Image.DecompressionBombError:
+        raise PayloadTooLarge("image: over the decompression limit") from None
+    except MemoryError:
+        raise PayloadTooLarge("image: too large to decode") from None
+    except Exception as error:  # noqa: BLE001 - a decoder's exception on client bytes is a malformed file
+        raise _corrupt(error) from None
+    finally:
+        opened.image.close()
+
+
+def _corrupt(error: Exception) -> InvalidInput:
+    logger.debug("undecodable image: %s: %s", type(error).__name__, error)
+    return InvalidInput(f"image: truncated or corrupt image data ({type(error).__name__}: {error})"[:500])
+
+
+# A text with no character outside this class is blank (a missing modality). The class is the union of
+# Python's and JSON Schema's (ECMA-262) whitespace, so that the server and the OpenAPI document's
+# ``pattern`` agree on every string: str.strip() alone would call U+001F blank where the schema does not.
+NOT_BLANK = r"[^\t\n\x0b\x0c\r\x1c-\x1f \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000\ufeff]"
+_NOT_BLANK = re.compile(NOT_BLANK)
+
+
+def is_blank(text: str) -> bool:
+    return _NOT_BLANK.search(text) is None
 
 
 def check_text(text: str | None, *, max_chars: int) -> str | None:
@@ -58,4 +150,4 @@ def check_text(text: str | None, *, max_chars: int) -> str | None:
         raise InvalidInput("text: must be a string")
     if len(text) > max_chars:
         raise PayloadTooLarge(f"text: {len(text):,} characters is over the limit of {max_chars:,}")
-    return text if text.strip() else None
+    return None if is_blank(text) else text

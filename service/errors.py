@@ -59,11 +59,35 @@ class InvalidInput(ApiError):
     status, code = 422, "invalid_input"
 
 
+class RequestTimeout(ApiError):
+    """The client did not send its whole body before the request's deadline."""
+
+    status, code, reason = 408, "request_timeout", "body_timeout"
+
+
+class HeadersTooLarge(ApiError):
+    status, code, reason = 431, "headers_too_large", "too_large"
+
+
 class Overloaded(ApiError):
+    """The micro-batcher's queue is full."""
+
     status, code, reason = 503, "overloaded", "queue_full"
 
     def __init__(self, message: str, retry_after_s: int):
         super().__init__(message, headers={"Retry-After": str(retry_after_s)})
+
+
+class OverCapacity(Overloaded):
+    """More requests in flight than the server admits: refused before its body is read."""
+
+    reason = "over_capacity"
+
+
+class DeadlineExceeded(ApiError):
+    """The request's deadline passed before it was served (the server was too slow, not the client)."""
+
+    status, code, reason = 504, "deadline_exceeded", "deadline"
 
 
 class NotReady(ApiError):

@@ -1,16 +1,18 @@
 """The served model: loading and warming it, turning client inputs into pipeline inputs, results into responses.
 
-Routes call this; it owns the pipeline, the micro-batcher and the metrics of one model.
+Routes call this; it owns the pipeline, the image decoder, the micro-batcher and the metrics of one model.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from urllib.parse import quote
 
-from starlette.concurrency import run_in_threadpool
+import numpy as np
 
 from export.backends import create_backend
 from export.pipeline import AUTO, DynamicPipeline, PipelineInput, RouteError
@@ -18,23 +20,16 @@ from export.store import StoredModel, load_model
 from models.policy import DECIDED_BY
 from service.batcher import BatchResult, MicroBatcher
 from service.config import Settings
-from service.decode import check_text, decode_image
+from service.decode import OpenedImage, check_text, decode_image, open_image
 from service.errors import InvalidInput
 from service.metrics import Metrics
 
 logger = logging.getLogger("dynfuse")
 
-# Decoding a big image takes milliseconds: that happens in a worker thread so the event loop keeps
-# serving. Small ones decode faster than the thread hop costs.
-INLINE_DECODE_BYTES = 64 * 1024
-
-
-async def run_decoding(image_bytes: int, fn, *args):
-    """``fn(*args)``, which decodes images of ``image_bytes`` in all: on the event loop when they are
-    small, in a worker thread when they are big."""
-    if image_bytes > INLINE_DECODE_BYTES:
-        return await run_in_threadpool(fn, *args)
-    return fn(*args)
+# Where an image decodes is decided from its header, before any pixel is decoded: up to this many pixels
+# it costs well under a millisecond and decodes on the event loop (a thread hop would cost about as
+# much); bigger ones go to the decode threads, so the event loop keeps serving while they decode.
+INLINE_DECODE_PIXELS = 128 * 128
 
 
 @dataclass
@@ -47,12 +42,35 @@ class ClientInput:
     threshold: float | None = None
 
 
+class ImageDecoder:
+    """Decodes checked image headers into the model's pixels, inline or in a bounded pool of threads."""
+
+    def __init__(self, pipeline: DynamicPipeline, threads: int):
+        self.pipeline = pipeline
+        self.side = pipeline.decode_side  # the model's image size, or a larger one its experts' specs read
+        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="dynfuse-decode")
+
+    def pixels_now(self, opened: OpenedImage) -> tuple[np.ndarray, np.ndarray | None]:
+        """(S, S, 3) uint8 on the calling thread, and the (L, L, 3) the experts' image specs start from, if any."""
+        return self.pipeline.prepare_images(decode_image(opened, side=self.side))
+
+    async def pixels(self, opened: OpenedImage) -> tuple[np.ndarray, np.ndarray | None]:
+        if opened.pixels <= INLINE_DECODE_PIXELS:
+            return self.pixels_now(opened)
+        # Cancelled (deadline, client gone) before a thread took it, the decode never runs.
+        return await asyncio.wrap_future(self._pool.submit(self.pixels_now, opened))
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
 class InferenceService:
     def __init__(self, settings: Settings, model: StoredModel, pipeline: DynamicPipeline, metrics: Metrics):
         self.settings = settings
         self.model = model
         self.pipeline = pipeline
         self.metrics = metrics
+        self.decoder = ImageDecoder(pipeline, settings.decode_threads)
         self.batcher = MicroBatcher(
             pipeline,
             metrics,
@@ -60,6 +78,7 @@ class InferenceService:
             max_batch_delay_s=settings.max_batch_delay_ms / 1000.0,
             max_queue=settings.max_queue,
             retry_after_s=settings.retry_after_s,
+            stuck_after_s=settings.request_timeout_s,
         )
 
     @classmethod
@@ -81,23 +100,52 @@ class InferenceService:
         )
         return cls(settings, model, pipeline, metrics)
 
+    async def stop(self) -> None:
+        """Answer everything accepted, then release the threads."""
+        await self.batcher.stop()
+        self.decoder.close()
+
     # -- request path: decode -> batch -> predict -> unbatch -> encode ---------------------------
-    def prepare(self, client: ClientInput) -> PipelineInput:
-        """Decode and check one input (raises a 4xx ApiError on bad input)."""
+    def check(self, client: ClientInput) -> tuple[str | None, OpenedImage | None]:
+        """The cheap checks, before any pixel is decoded (raises a 4xx ApiError on bad input): the text, the
+        image's header, at least one modality, a route the request can take."""
         text = check_text(client.text, max_chars=self.settings.max_text_chars)
-        image = (
-            decode_image(client.image, max_pixels=self.settings.max_image_pixels) if client.image is not None else None
-        )
-        if text is None and image is None:
+        opened = None
+        if client.image is not None:
+            opened = open_image(client.image, max_pixels=self.settings.max_image_pixels)
+        if text is None and opened is None:
             raise InvalidInput("send an image, a text or both; this request has neither")
         try:
-            self.pipeline.check_route(client.route, text is not None, image is not None)
+            self.pipeline.check_route(client.route, text is not None, opened is not None)
         except RouteError as error:
             raise InvalidInput(str(error)) from None
-        return self.pipeline.prepare(text, image, client.route, client.threshold)
+        return text, opened
 
-    async def classify(self, items: list[PipelineInput]) -> list[BatchResult]:
-        results = await self.batcher.submit(items)
+    async def prepare(self, client: ClientInput) -> PipelineInput:
+        """Check and decode one input; the image on the event loop or a decode thread, as its header says."""
+        text, opened = self.check(client)
+        pixels = await self.decoder.pixels(opened) if opened is not None else None
+        return self._input(client, text, pixels)
+
+    def prepare_now(self, client: ClientInput) -> PipelineInput:
+        """``prepare`` entirely on the calling thread (benchmarks, tests)."""
+        text, opened = self.check(client)
+        return self._input(client, text, self.decoder.pixels_now(opened) if opened is not None else None)
+
+    def _input(self, client: ClientInput, text: str | None, decoded: tuple | None) -> PipelineInput:
+        pixels, spec_pixels = decoded if decoded is not None else (None, None)
+        return PipelineInput(
+            token_ids=self.pipeline.prepare_text(text) if text is not None else None,
+            image=pixels,
+            route=client.route,
+            threshold=client.threshold,
+            # What the experts' own preprocessing starts from, kept only when the model has such experts.
+            text=text if self.model.specs.keeps_text else None,
+            spec_image=spec_pixels,
+        )
+
+    async def classify(self, items: list[PipelineInput], deadline: float | None = None) -> list[BatchResult]:
+        results = await self.batcher.submit(items, deadline)
         for result in results:
             out = result.output
             self.metrics.observe_prediction(

@@ -16,6 +16,8 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from export.store import StoreError, resolve
+from service.admission import Admission
+from service.api.openapi import install_openapi
 from service.api.routes import classify, docs, health, models, playground, v2
 from service.config import Settings, get_settings
 from service.errors import install_error_handlers
@@ -48,7 +50,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             if not loader.done():
                 loader.cancel()
             if app.state.service is not None:
-                await app.state.service.batcher.stop()
+                await app.state.service.stop()
             metrics.close()
 
     # docs_url/redoc_url None: FastAPI's pages load their scripts from a CDN; routes/docs.py serves them offline.
@@ -60,8 +62,25 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.service = None
     app.state.load_error = None
     install_error_handlers(app, on_rejected=metrics.reject)
-    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes, metrics=metrics)
-    app.add_middleware(RequestMetrics, metrics=metrics)  # outermost: it also sees the 413s of the limit
+    # Added innermost first. Admission runs before the body limit, so that every request that may read a
+    # body (or drain one) holds a place within the capacity; the metrics, outermost, count refusals too.
+    app.add_middleware(
+        BodySizeLimit,
+        max_bytes=settings.max_body_bytes,
+        metrics=metrics,
+        drain_max_bytes=settings.drain_max_bytes,
+        drain_timeout_s=settings.drain_timeout_s,
+    )
+    app.add_middleware(
+        Admission,
+        state=app.state,
+        metrics=metrics,
+        capacity=settings.capacity,
+        request_timeout_s=settings.request_timeout_s,
+        max_body_bytes=settings.max_body_bytes,
+        retry_after_s=settings.retry_after_s,
+    )
+    app.add_middleware(RequestMetrics, metrics=metrics)
     app.include_router(health.router)
     app.include_router(classify.router)
     app.include_router(models.router)
@@ -70,6 +89,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(playground.router)
     app.mount(docs.ASSETS_URL, docs.assets(), name="docs-assets")
     app.mount(playground.STATIC_URL, playground.static_files(), name="static")
+    install_openapi(app, settings)
     return app
 
 

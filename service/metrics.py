@@ -9,6 +9,7 @@ reports the sums over all of them.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
 
@@ -27,8 +28,13 @@ REJECT_REASONS = (
     "queue_full",
     "not_ready",
     "client_disconnect",
+    "over_capacity",  # refused at admission, before the body was read
+    "deadline",  # not served before the request's deadline (504)
+    "body_timeout",  # the client did not send its body before the deadline (408)
 )  # ApiError.reason values
-STATUSES = ("200", "400", "401", "404", "413", "415", "422", "499", "500", "503")  # what the inference routes answer
+# What the inference routes answer; 503 (overloaded, not ready) and 504 (deadline) are the only 5xx a
+# request should ever get, and 500 a test should never see.
+STATUSES = ("200", "400", "401", "404", "408", "413", "415", "422", "431", "499", "500", "503", "504")
 
 
 class Metrics:
@@ -117,10 +123,11 @@ class Metrics:
             self.batch_size,
         ):
             series.labels(model)
-        for status in STATUSES:
-            self.requests.labels(model, status)
-        for reason in REJECT_REASONS:
-            self.rejected.labels(model, reason)
+        # Bound once: a refusal under overload must cost as little as possible, and .labels() is a lock
+        # and a dictionary lookup every time.
+        self._by_status = {status: self.requests.labels(model, status) for status in STATUSES}
+        self._by_reason = {reason: self.rejected.labels(model, reason) for reason in REJECT_REASONS}
+        self._duration = self.request_duration.labels(model)
         for modality in MODALITIES:
             self.modality_importance.labels(model, modality)
 
@@ -149,11 +156,19 @@ class Metrics:
             self.expert_duration.labels(self.model, expert).observe(seconds)
 
     def reject(self, reason: str) -> None:
-        self.rejected.labels(self.model, reason).inc()
+        child = self._by_reason.get(reason)
+        (child if child is not None else self.rejected.labels(self.model, reason)).inc()
+
+    def count_request(self, status: int, seconds: float) -> None:
+        """One inference request answered with ``status`` after ``seconds``."""
+        child = self._by_status.get(str(status))
+        (child if child is not None else self.requests.labels(self.model, str(status))).inc()
+        self._duration.observe(seconds)
 
     def render(self) -> bytes:
         if not self.multiprocess:
             return generate_latest(self.registry)
+        forget_dead_processes(os.environ[MULTIPROCESS_DIR])
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)  # every process's files, summed
         return generate_latest(registry)
@@ -162,3 +177,32 @@ class Metrics:
         """At process exit: drop this process's live gauges (its counters and histograms stay in the sums)."""
         if self.multiprocess:
             multiprocess.mark_process_dead(os.getpid())
+
+
+def forget_dead_processes(directory: str) -> list[int]:
+    """Drop the live gauges of worker processes that died without saying so (killed, crashed), so that
+    ``dynfuse_inflight_requests`` does not count their requests for ever; their counters stay in the
+    sums. Run at every scrape: the supervisor that restarts workers is uvicorn's, not ours. Returns the
+    pids forgotten."""
+    dead = set()
+    for path in Path(directory).glob("gauge_live*_*.db"):
+        pid = path.stem.rsplit("_", 1)[-1]
+        if pid.isdigit() and not _alive(int(pid)):
+            dead.add(int(pid))
+    for pid in dead:
+        multiprocess.mark_process_dead(pid, directory)
+    return sorted(dead)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by someone else
+    try:  # a zombie (dead, not reaped yet by the supervisor) still answers signal 0
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return True
+    return state != "Z"

@@ -1,7 +1,11 @@
-"""Pure ASGI middleware (no per-request task or body copy): the body-size limit and the request metrics."""
+"""Pure ASGI middleware (no per-request task or body copy): the body-size limit and the request metrics.
+
+Admission (capacity, readiness, deadlines) has its own module, ``service/admission.py``.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 
@@ -14,39 +18,78 @@ def is_inference_path(path: str) -> bool:
 
 
 class BodySizeLimit:
-    """413 for a body over ``max_bytes``: at once from Content-Length, or as soon as a streamed body passes it."""
+    """413 for a body over ``max_bytes``: at once from Content-Length, or as soon as a streamed body passes it.
 
-    def __init__(self, app, max_bytes: int, metrics: Metrics):
+    A client that writes its whole body before it reads the answer (Python's urllib, requests) would get a
+    connection reset instead of the 413 if the server answered and closed while it was still writing. So,
+    as nginx's lingering close does, what the client still sends is read and discarded first, within
+    ``drain_max_bytes`` and ``drain_timeout_s``; past those bounds the 413 goes out and the connection is
+    closed. A client that sent ``Expect: 100-continue`` has sent no body yet: it gets the 413 at once.
+    """
+
+    def __init__(self, app, max_bytes: int, metrics: Metrics, drain_max_bytes: int = 0, drain_timeout_s: float = 0.0):
         self.app = app
         self.max_bytes = max_bytes
         self.metrics = metrics
+        self.drain_max_bytes = drain_max_bytes
+        self.drain_timeout_s = drain_timeout_s
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        declared = _header(scope, b"content-length")
+        declared = header(scope, b"content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
             self.metrics.reject("too_large")
+            drained = False
+            if declared.isdigit() and int(declared) <= self.drain_max_bytes and not _expects_continue(scope):
+                drained = await self._drain(receive, received=0)
             message = f"request body of {declared} bytes is over the limit of {self.max_bytes:,} bytes"
-            return await _send_error(scope, send, 413, "payload_too_large", message)
+            return await send_error(scope, send, 413, "payload_too_large", message, close=not drained)
 
         received = 0
+        close = False
 
         async def limited_receive():
-            nonlocal received
+            nonlocal received, close
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.max_bytes:
+                    if message.get("more_body", False):
+                        close = not await self._drain(receive, received)
                     # Raised inside the app's body read, so the app's error handler answers 413.
                     raise PayloadTooLarge(f"request body is over the limit of {self.max_bytes:,} bytes")
             return message
 
-        return await self.app(scope, limited_receive, send)
+        async def send_closing(message):
+            if close and message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), (b"connection", b"close")]}
+            await send(message)
+
+        return await self.app(scope, limited_receive, send_closing)
+
+    async def _drain(self, receive, received: int) -> bool:
+        """Read and discard the rest of the body; True when it ended within the bounds."""
+        loop = asyncio.get_running_loop()
+        stop_at = loop.time() + self.drain_timeout_s
+        while received <= self.drain_max_bytes:
+            remaining = stop_at - loop.time()
+            if remaining <= 0:
+                return False
+            try:
+                message = await asyncio.wait_for(receive(), remaining)
+            except asyncio.TimeoutError:
+                return False
+            if message["type"] != "http.request":
+                return False  # the client went away
+            received += len(message.get("body", b""))
+            if not message.get("more_body", False):
+                return received <= self.drain_max_bytes
+        return False
 
 
 class RequestMetrics:
-    """Counts inference requests by status, times them and tracks how many are in flight."""
+    """Counts inference requests by status and times them (admitted or not: refusals are counted too)."""
 
     def __init__(self, app, metrics: Metrics):
         self.app = app
@@ -55,7 +98,6 @@ class RequestMetrics:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or not is_inference_path(scope["path"]):
             return await self.app(scope, receive, send)
-        model = self.metrics.model
         status = 500  # what the client sees if the app dies before answering
 
         async def send_with_status(message):
@@ -65,34 +107,32 @@ class RequestMetrics:
             await send(message)
 
         started = time.perf_counter()
-        self.metrics.inflight.labels(model).inc()
         try:
             await self.app(scope, receive, send_with_status)
         finally:
-            self.metrics.inflight.labels(model).dec()
-            self.metrics.requests.labels(model, str(status)).inc()
-            self.metrics.request_duration.labels(model).observe(time.perf_counter() - started)
+            self.metrics.count_request(status, time.perf_counter() - started)
 
 
-def _header(scope, name: bytes) -> str | None:
+def header(scope, name: bytes) -> str | None:
     for key, value in scope["headers"]:
         if key == name:
             return value.decode("latin-1").strip()
     return None
 
 
-async def _send_error(scope, send, status: int, code: str, message: str) -> None:
+def _expects_continue(scope) -> bool:
+    return (header(scope, b"expect") or "").lower() == "100-continue"
+
+
+async def send_error(
+    scope, send, status: int, code: str, message: str, *, headers: dict[str, str] | None = None, close: bool = False
+) -> None:
+    """An error response sent by middleware, in the shape of the path's protocol (v1 or v2)."""
     payload = json.dumps(error_body(scope["path"], code, message)).encode()
-    await send(
-        {
-            "type": "http.response.start",
-            "status": status,
-            # The body was not read: the connection can't be reused for another request.
-            "headers": [
-                (b"content-type", b"application/json"),
-                (b"content-length", str(len(payload)).encode()),
-                (b"connection", b"close"),
-            ],
-        }
-    )
+    raw_headers = [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]
+    for name, value in (headers or {}).items():
+        raw_headers.append((name.lower().encode("latin-1"), value.encode("latin-1")))
+    if close:  # the body was not (all) read: the connection can't carry another request
+        raw_headers.append((b"connection", b"close"))
+    await send({"type": "http.response.start", "status": status, "headers": raw_headers})
     await send({"type": "http.response.body", "body": payload})

@@ -15,7 +15,7 @@ THRESHOLD_DESCRIPTION = (
 
 
 class ClassifyRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     image: str | None = Field(None, description="The image file (PNG, JPEG, WebP, GIF, BMP, TIFF), base64-encoded.")
     text: str | None = Field(
@@ -26,7 +26,7 @@ class ClassifyRequest(BaseModel):
 
 
 class BatchInput(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     id: str | None = Field(None, max_length=200, description="Echoed in the matching output; default: its position.")
     image: str | None = Field(None, description="Base64-encoded image file.")
@@ -34,7 +34,7 @@ class BatchInput(BaseModel):
 
 
 class BatchClassifyRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     inputs: list[BatchInput] = Field(..., min_length=1, description="Image-text pairs, answered in this order.")
     route: str = Field("auto", description=ROUTE_DESCRIPTION)

@@ -36,6 +36,7 @@ def serve(settings: Settings) -> int:
     except StoreError as error:
         print(f"dynfuse serve: error: {error}", file=sys.stderr)
         return 1
+    settings = pinned(settings, path)
     base = f"http://{settings.host}:{settings.port}"
     runtime = f"{settings.backend}, {settings.device}"
     print(f"dynfuse: serving {path.parent.name} v{path.name} from {settings.store} ({runtime})")
@@ -59,9 +60,16 @@ def serve(settings: Settings) -> int:
     return 0
 
 
+def pinned(settings: Settings, path) -> Settings:
+    """The settings with the model and version resolved once, here: a worker that uvicorn restarts later
+    then loads the version its siblings serve, not a newer one exported meanwhile."""
+    return settings.model_copy(update={"model": path.parent.name, "model_version": path.name})
+
+
 def _serve_workers(settings: Settings) -> int:
-    """N uvicorn worker processes on one socket; uvicorn's supervisor restarts a worker that dies, and
-    on SIGTERM stops them all gracefully."""
+    """N uvicorn worker processes on one socket; uvicorn's supervisor restarts a worker that dies (the
+    metrics drop a dead worker's in-flight gauge at the next scrape), and on SIGTERM stops them all
+    gracefully."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     threads = settings.threads or max(1, cores // settings.workers)  # N runtimes on all cores would thrash
     print(f"dynfuse: {settings.workers} worker processes, {threads} runtime thread(s) each", flush=True)

@@ -170,6 +170,22 @@ def held_model_load(monkeypatch) -> threading.Event:
     return release
 
 
+def worker_pids(parent: int) -> list[int]:
+    """The uvicorn worker processes (spawned children) of a ``dynfuse serve --workers N``."""
+    workers = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            cmdline = (entry / "cmdline").read_bytes()
+        except (OSError, IndexError, ValueError):
+            continue  # gone meanwhile
+        if ppid == parent and b"spawn_main" in cmdline:
+            workers.append(int(entry.name))
+    return workers
+
+
 def free_port() -> int:
     import socket
 

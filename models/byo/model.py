@@ -109,7 +109,8 @@ class RouterOnlyModel(nn.Module):
     def route(self, token_ids: torch.Tensor, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Router scores (B, N) and importance (B, 2) for a batch with both modalities."""
         present = torch.ones(token_ids.shape[0])
-        return self.router(self.text_encoder(token_ids)[1], self.glimpse(image), present, present)
+        scores, importance, _ = self.router(self.text_encoder(token_ids)[1], self.glimpse(image), present, present)
+        return scores, importance
 
     @torch.no_grad()
     def expert_logits(self, spec_tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -129,7 +129,13 @@ def train_router_only(
         "config": model_config.to_dict(),
         "state_dict": model.state_dict(),
         "routers": [
-            {"name": r["name"], "lambda": r["lambda"], "state_dict": r["router"].state_dict()} for r in routers
+            {
+                "name": r["name"],
+                "lambda": r["lambda"],
+                "temperature": r["temperature"],
+                "state_dict": r["router"].state_dict(),
+            }
+            for r in routers
         ],
         "default_router": default_router,
         "labels": dataset.labels,

@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 
 MODALITIES = ("text", "image")
 # The family modules, imported on first use so that their @register_expert decorators run.
-FAMILY_MODULES = ("text", "image_lite", "image", "late_fusion", "mi2p", "muse")
+FAMILY_MODULES = ("text", "image_lite", "image", "late_fusion", "mi2p", "muse", "mulmix")
 
 
 @dataclass(frozen=True)
@@ -46,6 +46,8 @@ class ExpertSpec:
 # An auxiliary training loss: the batch's tensors (inputs and every component's outputs) -> a scalar added to
 # Stage I's loss.
 AuxiliaryLoss = Callable[[dict[str, torch.Tensor]], torch.Tensor]
+# An expert's own Stage I loss, in place of the cross-entropy of its logits: (tensors, labels) -> a scalar.
+ExpertLoss = Callable[[dict[str, torch.Tensor], torch.Tensor], torch.Tensor]
 
 
 @dataclass
@@ -54,6 +56,7 @@ class ExpertParts:
     components: dict[str, nn.Module]  # exported and served: the components this family owns
     training_modules: dict[str, nn.Module] = field(default_factory=dict)  # trained in Stage I, never exported
     auxiliary_loss: AuxiliaryLoss | None = None
+    loss: ExpertLoss | None = None  # None: cross-entropy of the expert's logits
 
 
 Builder = Callable[["DynamicFusionConfig", Any], ExpertParts]

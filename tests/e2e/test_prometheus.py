@@ -25,7 +25,7 @@ SCRAPE_INTERVAL_S = 1
 TIMEOUT_S = 20  # for each wait: Prometheus ready, a scrape, the burst seen
 MAX_BODY_BYTES = 256 * 1024  # the service's limit here: one request goes over it
 
-EXPERTS = ("text", "image_lite", "image", "late_fusion", "mi2p", "muse")
+EXPERTS = ("text", "image_lite", "image", "late_fusion", "mulmix", "mi2p", "muse")
 
 
 # --- Prometheus ---------------------------------------------------------------------------------

@@ -6,10 +6,10 @@ import base64
 import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import httpx
 import pytest
+from conftest import worker_pids
 from prometheus_client.parser import text_string_to_metric_families
 
 pytestmark = pytest.mark.e2e
@@ -25,7 +25,7 @@ def test_serves_over_real_http_and_prints_where_the_docs_are(server_process, sam
         timeout=10,
     )
     assert response.status_code == 200
-    assert response.json()["route"]["expert"] in {"text", "image_lite", "image", "late_fusion", "mi2p", "muse"}
+    assert response.json()["route"]["expert"] in {"text", "image_lite", "image", "late_fusion", "mulmix", "mi2p", "muse"}
     assert httpx.get(f"{base}/docs", timeout=5).status_code == 200
     process.send_signal(signal.SIGTERM)
     output, _ = process.communicate(timeout=30)
@@ -35,14 +35,18 @@ def test_serves_over_real_http_and_prints_where_the_docs_are(server_process, sam
 @pytest.mark.parametrize("workers", [1, 2])
 def test_sigterm_finishes_in_flight_requests_then_exits_0(server_process, samples, workers):
     # A long batch delay keeps requests in flight when the signal arrives.
-    process, base = server_process(max_batch_delay_ms=800, max_batch_size=64, workers=workers)
+    process, base = server_process(max_batch_delay_ms=1000, max_batch_size=64, workers=workers)
     pair = {"image": base64.b64encode(samples[0]["png"]).decode(), "text": samples[0]["text"]}
 
     # One client, made before the clock starts: each httpx.post builds its own, which loads the CA bundle
     # (0.3 s here, 0.8 s for eight at once), and a request not yet connected at SIGTERM is refused.
     with httpx.Client(timeout=30) as client, ThreadPoolExecutor(8) as pool:
         in_flight = [pool.submit(client.post, f"{base}/v1/classify", json=pair) for _ in range(8)]
-        time.sleep(0.3)  # all eight sent and waiting in the batcher
+        # All eight admitted and waiting in the batcher (not a fixed sleep: on a busy machine 0.3 s
+        # was not always enough for eight connections to be accepted).
+        deadline = time.monotonic() + 10
+        while inflight(base) < 8 and time.monotonic() < deadline:
+            time.sleep(0.02)
         process.send_signal(signal.SIGTERM)
         responses = [f.result() for f in in_flight]
 
@@ -52,9 +56,18 @@ def test_sigterm_finishes_in_flight_requests_then_exits_0(server_process, sample
         httpx.get(f"{base}/healthz", timeout=2)
 
 
+def inflight(base: str) -> float:
+    text = httpx.get(f"{base}/metrics", timeout=5).text
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "dynfuse_inflight_requests":
+                return sample.value
+    return 0.0
+
+
 def test_workers_share_the_port_and_report_summed_metrics(server_process, samples):
     process, base = server_process(workers=2)
-    assert len(_worker_processes(process.pid)) == 2
+    assert len(worker_pids(process.pid)) == 2
     pairs = [{"image": base64.b64encode(s["png"]).decode(), "text": s["text"]} for s in samples[:12]]
     with ThreadPoolExecutor(6) as pool:
         responses = list(pool.map(lambda pair: httpx.post(f"{base}/v1/classify", json=pair, timeout=30), pairs))
@@ -76,22 +89,6 @@ def test_workers_share_the_port_and_report_summed_metrics(server_process, sample
 
     process.send_signal(signal.SIGTERM)
     assert process.wait(timeout=30) == 0
-
-
-def _worker_processes(parent: int) -> list[int]:
-    """The uvicorn worker processes (spawned children) of a ``dynfuse serve --workers N``."""
-    workers = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            cmdline = (entry / "cmdline").read_bytes()
-        except (OSError, IndexError, ValueError):
-            continue  # gone meanwhile
-        if ppid == parent and b"spawn_main" in cmdline:
-            workers.append(int(entry.name))
-    return workers
 
 
 def test_serve_refuses_an_empty_store_with_a_clear_message(tmp_path):

@@ -7,7 +7,7 @@ import json
 import pytest
 from conftest import b64
 
-EXPERTS = {"text", "image_lite", "image", "late_fusion", "mi2p", "muse"}
+EXPERTS = {"text", "image_lite", "image", "late_fusion", "mulmix", "mi2p", "muse"}
 
 
 @pytest.fixture
@@ -22,6 +22,10 @@ def manifest(tiny_store) -> dict:
 
 def component_madds(manifest: dict, *names: str) -> int:
     return sum(manifest["components"][n]["madds"] for n in names)
+
+
+def expert_components(manifest: dict, expert: str) -> list[str]:
+    return next(e["components"] for e in manifest["experts"] if e["name"] == expert)
 
 
 def test_classify_json_answers_with_every_contract_field(client, samples, manifest):
@@ -80,7 +84,7 @@ def test_without_text_only_the_image_expert_runs(client, samples, manifest):
     assert body["route"]["decided_by"] == "missing_modality"
     assert body["importance"] == {"text": 0.0, "image": 1.0}
     assert body["compute"]["madds"] == component_madds(
-        manifest, "image_glimpse", manifest["router"]["component"], "image_encoder", "image_head"
+        manifest, "image_glimpse", manifest["router"]["component"], *expert_components(manifest, "image")
     )
 
 
@@ -141,6 +145,7 @@ def test_models_endpoints_describe_experts_and_router(client, manifest):
         "image_lite": ["image"],
         "image": ["image"],
         "late_fusion": ["text", "image"],
+        "mulmix": ["text", "image"],
         "mi2p": ["text", "image"],
         "muse": ["text", "image"],
     }

@@ -71,6 +71,11 @@ def bad_requests(png: bytes) -> list[tuple[str, dict, int, str]]:
         ),
         ("no content type", {"content": b"{}"}, 415, "unsupported_media_type"),
         ("form threshold not a number", {"data": {"text": "a red circle", "threshold": "high"}}, 422, "invalid_input"),
+        ("form threshold empty", {"data": {"text": "a red circle", "threshold": ""}}, 422, "invalid_input"),
+        ("form route empty", {"data": {"text": "a red circle", "route": ""}}, 422, "invalid_input"),
+        ("form field twice", {"data": {"text": ["a red circle", "a blue square"]}}, 422, "invalid_input"),
+        ("threshold as a string", {"json": {"text": "a red circle", "threshold": "0.5"}}, 422, "invalid_input"),
+        ("threshold true", {"json": {"text": "a red circle", "threshold": True}}, 422, "invalid_input"),
         ("form unknown field", {"data": {"text": "a red circle", "colour": "red"}}, 422, "invalid_input"),
         ("form image as plain text", {"data": {"image": "not a file", "text": "a red circle"}}, 422, "invalid_input"),
         ("multipart image not an image", {"files": {"image": ("x.png", b"GIF89a? no")}}, 415, "unsupported_media_type"),
@@ -113,12 +118,29 @@ def test_streamed_body_over_the_limit_is_refused_without_a_content_length(client
         ({"inputs": [{"text": "a"}, {"image": "@@"}]}, 422),
         ({"inputs": [{"text": "a"}], "threshold": 2}, 422),
         ({"items": []}, 422),
+        (["not", "an", "object"], 422),
     ],
 )
 def test_bad_batches(client, body, status):
     response = client.post("/v1/classify/batch", json=body)
     assert response.status_code == status, response.text
     assert response.json()["error"]["message"]
+
+
+@pytest.mark.parametrize(
+    ("content", "content_type", "status", "code"),
+    [
+        (b'{"inputs": [', "application/json", 400, "malformed_request"),
+        (b'{"inputs": [{"text": "a"}]}', "text/plain", 415, "unsupported_media_type"),
+        (b"inputs=a", "application/x-www-form-urlencoded", 415, "unsupported_media_type"),
+        (b'{"inputs": [{"text": "a"}]}', None, 415, "unsupported_media_type"),
+    ],
+)
+def test_batch_errors_follow_the_errors_table(client, content, content_type, status, code):
+    headers = {"content-type": content_type} if content_type else {}
+    response = client.post("/v1/classify/batch", content=content, headers=headers)
+    assert response.status_code == status, response.text
+    assert response.json()["error"]["code"] == code
 
 
 def test_a_bad_input_in_a_batch_is_named_by_position(client):

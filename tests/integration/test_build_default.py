@@ -20,7 +20,7 @@ def test_build_default_end_to_end_then_does_nothing_the_second_time(tmp_path):
     assert first.returncode == 0, first.stderr
     assert list_store(store) == {"shapes": ["1"]}
     model = load_model(store)
-    assert model.expert_names == ("text", "image_lite", "image", "late_fusion", "mi2p", "muse")
+    assert model.expert_names == ("text", "image_lite", "image", "late_fusion", "mulmix", "mi2p", "muse")
     assert "1/3 synthetic benchmark" in first.stdout
     assert "3/3 exporting" in first.stdout
 

@@ -68,3 +68,35 @@ def test_summary_table_and_plot(outputs, tmp_path):
     assert "oracle" in format_table(rows)
     plot_pareto(rows, tmp_path / "pareto.png")
     assert (tmp_path / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_soft_fusion_mixes_every_expert_and_pays_each_component_once(outputs):
+    outputs.router_weights = {"r": np.array([[0.9, 0.9, 0.1], [0.1, 0.1, 0.9], [0.2, 0.7, 0.7], [0.9, 0.1, 0.2]])}
+    outputs.shared_madds = 2
+    outputs.component_madds = {"text_head": 8, "cnn": 80, "image_head": 0, "fusion_head": 11}
+    outputs.expert_components = {
+        "text": ("text_head",),
+        "image": ("cnn", "image_head"),
+        "late_fusion": ("cnn", "fusion_head"),
+    }
+    soft = find_row(evaluate_policies(outputs, thresholds=(), confidences=()), "soft")
+    assert soft["madds_per_sample"] == 2 + 8 + 80 + 0 + 11  # the shared CNN once, not once per expert
+    assert soft["route_mix"] == {"text": 1.0, "image": 1.0, "late_fusion": 1.0}
+    # sample 0: text and image tie at 0.9, their one-hot answers 0 and 1 mix; the first (0) wins the argmax
+    assert soft["accuracy"] == 0.75  # sample 2: 0.2*text(2) + 0.7*image(1) + 0.7*late(2) -> 2, right; sample 3 wrong
+
+
+def test_the_confidence_fallback_escalates_unsure_answers_and_pays_both_paths(outputs):
+    outputs.expert_probs["text"] = np.array([[0.6, 0.2, 0.2], [0.9, 0.05, 0.05], [0.2, 0.2, 0.6], [0.1, 0.8, 0.1]])
+    outputs.shared_madds = 2
+    outputs.component_madds = {"text_head": 8, "cnn": 80, "image_head": 0, "fusion_head": 11}
+    outputs.expert_components = {
+        "text": ("text_head",),
+        "image": ("cnn", "image_head"),
+        "late_fusion": ("cnn", "fusion_head"),
+    }
+    row = find_row(evaluate_policies(outputs, thresholds=(), confidences=(0.7,)), "confidence=0.7")
+    # auto picks text, full, text, full; both text answers are below 0.7, so both run the full path too
+    assert row["fallback_share"] == 0.5
+    assert row["route_mix"] == {"text": 0.0, "image": 0.0, "late_fusion": 1.0}
+    assert row["madds_per_sample"] == pytest.approx((2 + 8 + 80 + 11) * 2 / 4 + 101 * 2 / 4)

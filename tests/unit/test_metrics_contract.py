@@ -59,3 +59,26 @@ def test_two_apps_do_not_share_counts():
     first.reject("queue_full")
     assert 'dynfuse_rejected_requests_total{model="m",reason="queue_full"} 1.0' in first.render().decode()
     assert 'dynfuse_rejected_requests_total{model="m",reason="queue_full"} 0.0' in second.render().decode()
+
+
+# Label values dashboards and alerts select on: every one exists from the first scrape.
+REJECTION_REASONS = {
+    "invalid",
+    "unauthorized",
+    "too_large",
+    "queue_full",
+    "not_ready",
+    "client_disconnect",
+    "over_capacity",  # refused at admission, before the body was read (503)
+    "deadline",  # not answered before the request's deadline (504)
+    "body_timeout",  # the body did not arrive before the deadline (408)
+}
+STATUSES = {"200", "400", "401", "404", "408", "413", "415", "422", "431", "499", "500", "503", "504"}
+
+
+def test_every_rejection_reason_and_status_is_a_series_from_the_first_scrape():
+    text = Metrics("m").render().decode()
+    for reason in REJECTION_REASONS:
+        assert f'dynfuse_rejected_requests_total{{model="m",reason="{reason}"}} 0.0' in text, reason
+    for status in STATUSES:
+        assert f'dynfuse_requests_total{{model="m",status="{status}"}} 0.0' in text, status

@@ -18,7 +18,7 @@ SMALL = {"dynamic_fusion_large": {"image_size": 64, "glimpse_size": 16}}
 
 def test_the_registry_lists_the_presets_and_the_expert_families():
     assert {"dynamic_fusion_tiny", "dynamic_fusion_default", "dynamic_fusion_large"} <= set(list_models())
-    assert set(list_experts()) >= {"text", "image_lite", "image", "late_fusion", "mi2p", "muse"}
+    assert set(list_experts()) >= {"text", "image_lite", "image", "late_fusion", "mulmix", "mi2p", "muse"}
     with pytest.raises(KeyError, match="unknown model"):
         create_model("nope")
     with pytest.raises(TypeError, match="unknown config fields"):
@@ -29,10 +29,11 @@ def test_the_registry_lists_the_presets_and_the_expert_families():
 
 def test_each_family_builds_from_its_own_config_and_the_ladder_is_ordered_by_cost():
     model = create_model("dynamic_fusion_default")
-    assert [e.name for e in model.experts] == ["text", "image_lite", "image", "late_fusion", "mi2p", "muse"]
+    assert [e.name for e in model.experts] == ["text", "image_lite", "image", "late_fusion", "mulmix", "mi2p", "muse"]
     assert model.config.expert_configs["muse"]["exchange_ratio"] == 0.1  # resolved in full, defaults included
     costs = routing_costs(model, "mi2p")["path"]
-    assert costs["text"] < costs["image_lite"] < costs["image"] < costs["late_fusion"] < costs["mi2p"] < costs["muse"]
+    ladder = [costs[e.name] for e in model.experts]
+    assert ladder == sorted(ladder), costs
     assert costs["image_lite"] < 0.2 * costs["image"]  # the cheap look is a fraction of the full encoder
     only_two = create_model("dynamic_fusion_tiny", experts=("text", "image_lite"))
     assert set(only_two.components) == {"text_encoder", "image_glimpse", "router", "text_head", "image_lite"}

@@ -3,8 +3,17 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
-from models.policy import DECIDED_BY, NOT_FORCED, decide_routes, oracle_routes
+from models.policy import (
+    DECIDED_BY,
+    NOT_FORCED,
+    calibrate,
+    confidence_fallback,
+    decide_routes,
+    fit_temperature,
+    oracle_routes,
+)
 
 TEXT, IMAGE, FULL = 0, 1, 2
 SCORES = np.array(
@@ -56,3 +65,31 @@ def test_the_oracle_takes_the_cheapest_right_expert_else_full():
     correct = np.array([[True, True, True], [False, True, True], [False, False, False], [False, True, False]])
     cost = np.array([1.0, 5.0, 6.0])
     assert oracle_routes(correct, cost, FULL).tolist() == [TEXT, IMAGE, FULL, IMAGE]
+
+
+def test_calibration_keeps_the_choice_and_changes_only_how_sure_it_is():
+    hot, cool = calibrate(SCORES, 0.5), calibrate(SCORES, 4.0)
+    assert np.array_equal(hot.argmax(1), SCORES.argmax(1))
+    assert np.array_equal(cool.argmax(1), SCORES.argmax(1))
+    assert np.allclose(hot.sum(1), 1) and np.allclose(cool.sum(1), 1)  # noqa: PT018
+    assert (hot.max(1) > SCORES.max(1)).all()
+    assert (cool.max(1) < SCORES.max(1)).all()
+    assert calibrate(SCORES, 1.0) is SCORES
+
+
+def test_temperature_scaling_finds_the_temperature_that_generated_the_labels():
+    rng = np.random.default_rng(0)
+    logits = rng.normal(0.0, 3.0, (4000, 4))
+    true_temperature = 2.5  # the scores are 2.5 times too sure of themselves
+    probabilities = np.exp(logits / true_temperature)
+    probabilities /= probabilities.sum(1, keepdims=True)
+    targets = np.array([rng.choice(4, p=p) for p in probabilities])
+    scores = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    assert fit_temperature(scores, targets) == pytest.approx(true_temperature, rel=0.1)
+
+
+def test_the_confidence_fallback_takes_unsure_cheaper_answers_only():
+    choice = np.array([TEXT, TEXT, FULL, IMAGE, TEXT])
+    top = np.array([0.95, 0.40, 0.30, 0.60, 0.40])
+    floors = np.array([0.7, 0.7, 0.7, 0.7, np.nan])  # the last request set no floor
+    assert confidence_fallback(choice, top, FULL, floors).tolist() == [False, True, False, True, False]

@@ -55,7 +55,7 @@ def router() -> DualRouter:
 def test_scores_are_a_softmax_of_the_fused_weights_log_odds(router):
     text_features, glimpse_features, text_present, image_present = router.example_inputs(9)
     with torch.no_grad():
-        scores, importance = router(text_features, glimpse_features, text_present, image_present)
+        scores, importance, weights = router(text_features, glimpse_features, text_present, image_present)
         omega_text = torch.sigmoid(router.text_router(text_features))
         omega_image = torch.sigmoid(router.image_router(glimpse_features))
         fused, reference_importance = modal_weight_fusion(omega_text, omega_image, text_present, image_present)
@@ -65,6 +65,7 @@ def test_scores_are_a_softmax_of_the_fused_weights_log_odds(router):
     torch.testing.assert_close(scores, torch.softmax(log_odds, dim=1), atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(scores.sum(1), torch.ones(9))
     assert torch.equal(scores.argmax(1), fused.argmax(1))  # the served expert is the fused weights' argmax
+    torch.testing.assert_close(weights, fused, atol=1e-5, rtol=1e-4)  # what soft fusion mixes with
 
 
 def test_two_saturated_weights_stay_apart_in_the_gate(router):
@@ -85,7 +86,7 @@ def test_scores_stay_finite_when_every_weight_underflows(router):
     for layer in (router.text_router[-1], router.image_router[-1]):
         torch.nn.init.constant_(layer.bias, -500.0)  # sigmoid(-500) is 0 in float32
     with torch.no_grad():
-        scores, importance = router(text_features, glimpse_features, text_present, image_present)
+        scores, importance, _ = router(text_features, glimpse_features, text_present, image_present)
     assert torch.isfinite(scores).all()
     assert torch.isfinite(importance).all()
 

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import time
 import uuid
+from typing import TypeVar
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from starlette.datastructures import UploadFile
 
 from export.pipeline import PipelineInput
+from service.admission import deadline_of
 from service.api.deps import ServiceDep, SettingsDep, require_api_key
 from service.decode import decode_base64
 from service.errors import (
@@ -21,7 +23,7 @@ from service.errors import (
     UnsupportedMediaType,
     describe_validation_errors,
 )
-from service.inference import ClientInput, run_decoding
+from service.inference import ClientInput
 from service.schemas import (
     ROUTE_DESCRIPTION,
     THRESHOLD_DESCRIPTION,
@@ -32,6 +34,8 @@ from service.schemas import (
     ErrorResponse,
 )
 
+ModelT = TypeVar("ModelT", bound=BaseModel)
+
 router = APIRouter(prefix="/v1", tags=["inference"], dependencies=[Depends(require_api_key)])
 
 FORM_FIELDS = {"image", "text", "route", "threshold"}
@@ -41,10 +45,13 @@ ERROR_RESPONSES = {
     for status, description in {
         400: "Malformed JSON or form",
         401: "Missing or wrong API key (when one is configured)",
-        413: "Body, image or text over the limits",
+        408: "The body did not arrive before the request's deadline",
+        413: "Body, image, text or number of inputs over the limits",
         415: "Unsupported content type or image format",
-        422: "Invalid fields, unknown route, no modality",
+        422: "Invalid fields, unknown route, no modality, an image that does not decode",
+        431: "Request headers over the limit",
         503: "Overloaded (Retry-After) or still loading",
+        504: "Not answered before the request's deadline",
     }.items()
 }
 
@@ -86,8 +93,8 @@ CLASSIFY_BODY = {
 async def classify(request: Request, service: ServiceDep, settings: SettingsDep) -> JSONResponse:
     started = time.perf_counter()
     client = await _read_classify_body(request, settings.max_text_chars)
-    item = await run_decoding(len(client.image or b""), service.prepare, client)
-    [result] = await service.classify([item])
+    item = await service.prepare(client)
+    [result] = await service.classify([item], deadline_of(request))
     request_id = _request_id(request)
     return JSONResponse(service.render(result, request_id, started), headers={"X-Request-ID": request_id})
 
@@ -99,8 +106,11 @@ async def classify(request: Request, service: ServiceDep, settings: SettingsDep)
     summary="Classify several image-text pairs in one call",
     description="Every input is routed on its own; outputs come back in input order with their ids.",
 )
-async def classify_batch(body: BatchClassifyRequest, service: ServiceDep, settings: SettingsDep) -> JSONResponse:
+async def classify_batch(request: Request, service: ServiceDep, settings: SettingsDep) -> JSONResponse:
     started = time.perf_counter()
+    if _content_type(request) != "application/json":
+        raise UnsupportedMediaType(f"content type {_content_type(request) or '(none)'!r}: send application/json")
+    body = await _parse_json(request, BatchClassifyRequest)
     if len(body.inputs) > settings.max_batch_inputs:
         raise PayloadTooLarge(f"inputs: {len(body.inputs)} is over the limit of {settings.max_batch_inputs} per call")
     items: list[PipelineInput] = []
@@ -108,11 +118,11 @@ async def classify_batch(body: BatchClassifyRequest, service: ServiceDep, settin
         try:
             image = decode_base64(entry.image) if entry.image is not None else None
             client = ClientInput(image, entry.text, body.route, body.threshold)
-            items.append(await run_decoding(len(client.image or b""), service.prepare, client))
+            items.append(await service.prepare(client))
         except ApiError as error:
             error.message = f"inputs[{position}]: {error.message}"
             raise
-    results = await service.classify(items)
+    results = await service.classify(items, deadline_of(request))
     outputs = [
         service.render(result, entry.id if entry.id is not None else str(position), started)
         for position, (entry, result) in enumerate(zip(body.inputs, results, strict=True))
@@ -120,8 +130,12 @@ async def classify_batch(body: BatchClassifyRequest, service: ServiceDep, settin
     return JSONResponse({"model": service.model.name, "model_version": service.model.version, "outputs": outputs})
 
 
+def _content_type(request: Request) -> str:
+    return request.headers.get("content-type", "").split(";")[0].strip().lower()
+
+
 async def _read_classify_body(request: Request, max_text_chars: int) -> ClientInput:
-    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    content_type = _content_type(request)
     if content_type == "application/json":
         return await _read_json(request)
     if content_type in ("multipart/form-data", "application/x-www-form-urlencoded"):  # the latter: text only
@@ -131,15 +145,19 @@ async def _read_classify_body(request: Request, max_text_chars: int) -> ClientIn
     )
 
 
-async def _read_json(request: Request) -> ClientInput:
-    body = await request.body()
+async def _parse_json(request: Request, model: type[ModelT]) -> ModelT:
+    """The body as ``model``: 400 when it is not JSON, 422 when it is JSON of the wrong shape."""
     try:
-        parsed = ClassifyRequest.model_validate_json(body)
+        return model.model_validate_json(await request.body())
     except ValidationError as error:
         errors = error.errors()
         if any(e["type"] == "json_invalid" for e in errors):
             raise MalformedRequest(f"body is not valid JSON: {errors[0]['msg']}") from None
         raise InvalidInput(describe_validation_errors(errors)) from None
+
+
+async def _read_json(request: Request) -> ClientInput:
+    parsed = await _parse_json(request, ClassifyRequest)
     image = decode_base64(parsed.image) if parsed.image is not None else None
     return ClientInput(image, parsed.text, parsed.route, parsed.threshold)
 
@@ -154,6 +172,9 @@ async def _read_form(request: Request) -> ClientInput:
     unknown = set(form.keys()) - FORM_FIELDS
     if unknown:
         raise InvalidInput(f"unknown form fields {sorted(unknown)}; accepted: {sorted(FORM_FIELDS)}")
+    repeated = sorted(name for name in FORM_FIELDS if len(form.getlist(name)) > 1)
+    if repeated:
+        raise InvalidInput(f"form fields {repeated} are sent more than once; send each at most once")
     image_field = form.get("image")
     if isinstance(image_field, UploadFile):
         image = await image_field.read()
@@ -164,15 +185,17 @@ async def _read_form(request: Request) -> ClientInput:
     text = form.get("text")
     if text is not None and not isinstance(text, str):
         raise InvalidInput("text: must be a plain form field, not a file")
-    route = form.get("route") or "auto"
+    route = form.get("route", "auto")  # an empty field is an unknown route, as in JSON: leave it out instead
     if not isinstance(route, str):
         raise InvalidInput("route: must be a plain form field")
     return ClientInput(image, text, route, _parse_threshold(form.get("threshold")))
 
 
 def _parse_threshold(value) -> float | None:
-    if value is None or value == "":
+    if value is None:
         return None
+    if not isinstance(value, str) or not value.strip():  # a file part, or an empty field: leave it out instead
+        raise InvalidInput(f"threshold: {value!r} is not a number in [0, 1]; to use none, leave the field out")
     try:
         threshold = float(value)
     except (TypeError, ValueError):

@@ -17,12 +17,18 @@ async def healthz() -> dict:
 @router.get(
     "/readyz",
     summary="Readiness: the model is loaded, verified and warm",
-    responses={503: {"description": "Still loading, or loading failed (the body says why)"}},
+    responses={
+        503: {"description": "Still loading, loading failed, or the micro-batcher is not running (the body says why)"}
+    },
 )
 async def readyz(request: Request) -> JSONResponse:
     state = request.app.state
     if state.service is not None:
         model = state.service.model
+        batcher = state.service.batcher
+        if not batcher.running:  # loaded, but nothing would answer a request now
+            body = {"status": "unavailable", "batcher": batcher.status()}
+            return JSONResponse(body, 503, headers={"Retry-After": "1"})
         return JSONResponse({"status": "ready", "model": model.name, "version": model.version})
     if state.load_error is not None:
         return JSONResponse({"status": "failed", "error": state.load_error}, 503)

@@ -43,6 +43,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 
 from export.pipeline import AUTO, PipelineInput, PipelineOutput
+from service.admission import deadline_of
 from service.api.deps import ServiceDep, SettingsDep, require_api_key
 from service.api.v2_codec import (
     HEADER_LENGTH,
@@ -65,9 +66,9 @@ from service.api.v2_codec import (
     select_outputs,
 )
 from service.config import Settings
-from service.decode import decode_base64
+from service.decode import decode_base64, is_blank
 from service.errors import ApiError, InvalidInput, NotFound, PayloadTooLarge
-from service.inference import ClientInput, InferenceService, run_decoding
+from service.inference import ClientInput, InferenceService
 from service.schemas import ROUTE_DESCRIPTION, THRESHOLD_DESCRIPTION
 
 router = APIRouter(prefix="/v2", tags=["Open Inference Protocol (v2)"])
@@ -96,8 +97,11 @@ ERRORS = {
         400: "Malformed or invalid request (the message says what to fix)",
         401: "Missing or wrong API key (when one is configured)",
         404: "Unknown model or version",
+        408: "The body did not arrive before the request's deadline",
         413: "Body, image, text or number of rows over the limits",
+        431: "Request headers over the limit",
         503: "Still loading, or overloaded (Retry-After)",
+        504: "Not answered before the request's deadline",
     }.items()
 }
 
@@ -144,8 +148,11 @@ async def live() -> dict:
     summary="Readiness: the model is loaded and warm",
 )
 async def ready(request: Request) -> JSONResponse:
-    if request.app.state.service is not None:
+    service = request.app.state.service
+    if service is not None and service.batcher.running:
         return JSONResponse({"ready": True})
+    if service is not None:
+        return JSONResponse({"ready": False}, 503, headers={"Retry-After": "1"})
     return _not_ready(request, {"ready": False})
 
 
@@ -187,6 +194,8 @@ def _model_ready(request: Request, name: str, version: str | None) -> JSONRespon
             raise NotFound(f"unknown model {name!r}")
         return _not_ready(request, {"name": name, "ready": False})
     _check_model(service, name, version)
+    if not service.batcher.running:
+        return JSONResponse({"name": name, "ready": False}, 503, headers={"Retry-After": "1"})
     return JSONResponse({"name": name, "ready": True})
 
 
@@ -222,7 +231,13 @@ def _check_model(service: InferenceService, name: str, version: str | None) -> N
 # -- inference ---------------------------------------------------------------------------------
 INFER = {
     "response_model": InferenceResponse,
-    "responses": ERRORS,
+    "responses": {
+        200: {
+            "description": "The outputs as JSON, or (binary data requested) the JSON then the outputs' bytes",
+            "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
+        },
+        **ERRORS,
+    },
     "dependencies": guarded,
     "openapi_extra": INFER_BODY,
     "summary": "Inference",
@@ -256,8 +271,8 @@ async def _infer(
         selected = select_outputs(decoded.request, list(OUTPUT_DATATYPES))
         images, texts = _rows(decoded, settings.max_batch_inputs)
         clients = [ClientInput(image, text, route, threshold) for image, text in zip(images, texts, strict=True)]
-        items = await run_decoding(sum(len(image) for image in images if image is not None), _prepare, service, clients)
-        results = await service.classify(items)
+        items = await _prepare(service, clients)
+        results = await service.classify(items, deadline_of(request))
     except ApiError as error:
         error.status = V2_STATUS.get(error.status, error.status)
         raise
@@ -333,13 +348,13 @@ def _text(row: int, element: str | bytes | None) -> str | None:
     return element  # blank counts as missing: InferenceService.prepare decides, as for /v1
 
 
-def _prepare(service: InferenceService, clients: list[ClientInput]) -> list[PipelineInput]:
+async def _prepare(service: InferenceService, clients: list[ClientInput]) -> list[PipelineInput]:
     items = []
     for row, client in enumerate(clients):
-        if client.image is None and (client.text is None or not client.text.strip()):
+        if client.image is None and (client.text is None or is_blank(client.text)):
             raise InvalidInput(f"row {row} has neither an image nor a text (an empty element is a missing modality)")
         try:
-            items.append(service.prepare(client))
+            items.append(await service.prepare(client))
         except ApiError as error:
             error.message = f"row {row}: {error.message}"
             raise

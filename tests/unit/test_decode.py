@@ -1,0 +1,270 @@
+"""Image decoding: every failure is a 4xx (a seeded fuzzer over every accepted format), formats we do not
+accept are 415 whatever Pillow could open, the cost is decided from the header, big images are reduced
+while decoding, and an image already at the model's size becomes exactly the pixels training saw."""
+
+from __future__ import annotations
+
+import io
+import random
+import struct
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from models.preprocess import to_pixels, to_rgb
+from service.decode import IMAGE_FORMATS, check_text, decode_image, is_blank, open_image
+from service.errors import ApiError
+
+MAX_PIXELS = 4096 * 4096
+SIDE = 32  # the tiny model's side; the default model reads 64
+
+
+def encoded(fmt: str, image: Image.Image, **options) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **options)
+    return buffer.getvalue()
+
+
+def picture(mode: str, size: tuple[int, int], seed: int = 0) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    rgb = Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+    return rgb if mode == "RGB" else rgb.convert(mode)
+
+
+def animated(fmt: str) -> bytes:
+    frames = [picture("RGB", (24, 18), seed) for seed in range(3)]
+    return encoded(fmt, frames[0], save_all=True, append_images=frames[1:], duration=50, loop=0)
+
+
+def with_orientation(fmt: str, orientation: int) -> bytes:
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    return encoded(fmt, picture("RGB", (30, 20)), exif=exif.tobytes())
+
+
+def seeds() -> dict[str, bytes]:
+    """Small valid files of every accepted format, in the modes and variants each one can carry."""
+    return {
+        "png-rgb": encoded("PNG", picture("RGB", (23, 17))),
+        "png-palette": encoded("PNG", picture("P", (23, 17))),
+        "png-rgba": encoded("PNG", picture("RGBA", (23, 17))),
+        "png-gray16": encoded("PNG", picture("L", (23, 17)).convert("I;16")),
+        "png-bilevel": encoded("PNG", picture("1", (23, 17))),
+        "png-interlaced": encoded("PNG", picture("RGB", (23, 17)), optimize=False, interlace=1),
+        "apng": animated("PNG"),
+        "jpeg": encoded("JPEG", picture("RGB", (40, 30)), quality=80),
+        "jpeg-gray": encoded("JPEG", picture("L", (40, 30))),
+        "jpeg-cmyk": encoded("JPEG", picture("CMYK", (40, 30))),
+        "jpeg-progressive": encoded("JPEG", picture("RGB", (40, 30)), progressive=True),
+        "jpeg-exif-rotated": with_orientation("JPEG", 6),
+        "gif": encoded("GIF", picture("P", (23, 17))),
+        "gif-animated": animated("GIF"),
+        "webp-lossy": encoded("WEBP", picture("RGB", (23, 17)), quality=70),
+        "webp-lossless": encoded("WEBP", picture("RGBA", (23, 17)), lossless=True),
+        "webp-animated": animated("WEBP"),
+        "webp-exif-rotated": with_orientation("WEBP", 8),
+        "bmp": encoded("BMP", picture("RGB", (23, 17))),
+        "bmp-palette": encoded("BMP", picture("P", (23, 17))),
+        "bmp-rle8": _bmp_rle8(),
+    }
+
+
+def _bmp_rle8() -> bytes:
+    """An 8-bit run-length encoded BMP (Pillow decodes RLE in Python: worth fuzzing on its own)."""
+    width, height = 8, 4
+    palette = b"".join(bytes((i, i, i, 0)) for i in range(256))
+    rows = b"".join(bytes((width, row * 40)) + b"\x00\x00" for row in range(height)) + b"\x00\x01"
+    header_size = 14 + 40 + len(palette)
+    info = struct.pack("<IiiHHIIiiII", 40, width, height, 1, 8, 1, len(rows), 2835, 2835, 256, 0)
+    file_header = b"BM" + struct.pack("<IHHI", header_size + len(rows), 0, 0, header_size)
+    return file_header + info + palette + rows
+
+
+def mutations(data: bytes, rng: random.Random, count: int):
+    """Seeded mutants of one file: bit flips, truncations, overwritten runs, duplicated and removed spans,
+    and extreme 16/32-bit values written over the header (where sizes and counts live)."""
+    for _ in range(count):
+        mutant = bytearray(data)
+        kind = rng.randrange(6)
+        if kind == 0:
+            for _ in range(rng.randint(1, 8)):
+                position = rng.randrange(len(mutant))
+                mutant[position] ^= 1 << rng.randrange(8)
+        elif kind == 1:
+            del mutant[rng.randrange(1, len(mutant)) :]
+        elif kind == 2:
+            start = rng.randrange(len(mutant))
+            for position in range(start, min(len(mutant), start + rng.randint(1, 16))):
+                mutant[position] = rng.randrange(256)
+        elif kind == 3:
+            start = rng.randrange(len(mutant))
+            end = min(len(mutant), start + rng.randint(1, 64))
+            mutant[end:end] = mutant[start:end] * rng.randint(1, 4)
+        elif kind == 4:
+            start = rng.randrange(len(mutant))
+            del mutant[start : start + rng.randint(1, 32)]
+        else:
+            position = rng.randrange(min(len(mutant) - 4, 64))
+            value = rng.choice((0, 1, 0x7FFF, 0xFFFF, 0x7FFFFFFF, 0xFFFFFFFF, rng.randrange(1 << 32)))
+            mutant[position : position + 4] = struct.pack(rng.choice(("<I", ">I")), value)
+        yield bytes(mutant)
+
+
+def outcome(data: bytes) -> str:
+    """'ok' with a (SIDE, SIDE, 3) result, or the 4xx status; anything else escapes and fails the test."""
+    try:
+        image = decode_image(open_image(data, max_pixels=MAX_PIXELS), side=SIDE)
+    except ApiError as error:
+        status = error.status
+    else:
+        status = None
+    if status is not None:
+        assert status in (413, 415, 422), status
+        return str(status)
+    assert image.mode == "RGB"
+    assert to_pixels(image, SIDE).shape == (SIDE, SIDE, 3)
+    return "ok"
+
+
+@pytest.mark.parametrize(("name", "data"), sorted(seeds().items()))
+def test_every_mutant_of_every_accepted_format_decodes_or_is_a_4xx(name, data):
+    assert outcome(data) == "ok", f"the seed {name} itself must decode"
+    rng = random.Random(f"dynfuse-{name}")
+    results = [outcome(mutant) for mutant in mutations(data, rng, 150)]
+    assert "ok" in results or "422" in results  # the fuzzer did reach the decoder
+
+
+def other_formats() -> dict[str, bytes]:
+    """Files that Pillow opens (and can write here) but we do not accept."""
+    image = picture("RGB", (16, 16))
+    files = {}
+    for fmt in ("TIFF", "ICO", "PPM", "PCX", "SGI", "TGA", "QOI", "DDS", "JPEG2000", "BLP", "MSP", "XBM"):
+        source = image.convert("1") if fmt in ("MSP", "XBM") else image
+        try:
+            files[fmt] = encoded(fmt, source)
+        except (OSError, KeyError, ValueError):  # a codec this Pillow build lacks
+            continue
+    files["TIFF-deflate"] = encoded("TIFF", image, compression="tiff_adobe_deflate")
+    files["MPO-as-TIFF-header"] = b"II*\x00" + bytes(904)  # the 908-byte shape of the fuzzed TIFF that made a 500
+    return files
+
+
+@pytest.mark.parametrize(("name", "data"), sorted(other_formats().items()))
+def test_formats_we_do_not_accept_are_415(name, data):
+    with pytest.raises(ApiError) as error:
+        open_image(data, max_pixels=MAX_PIXELS)
+    assert error.value.status == 415, error.value.message
+    assert "PNG" in error.value.message
+
+
+def png_header_only(width: int, height: int, color_type: int = 3) -> bytes:
+    def chunk(kind: bytes, payload: bytes) -> bytes:
+        return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, color_type, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IEND", b"")
+
+
+def test_the_pixel_limit_is_checked_from_the_header_before_any_pixel_is_decoded():
+    # A header with no pixel data at all: decoding it would fail, so a 413 proves nothing was decoded.
+    with pytest.raises(ApiError) as error:
+        open_image(png_header_only(5000, 5000), max_pixels=MAX_PIXELS)
+    assert error.value.status == 413
+    opened = open_image(png_header_only(4096, 4096), max_pixels=MAX_PIXELS)
+    assert opened.pixels == 4096 * 4096
+
+
+def palette_png(side: int) -> bytes:
+    """A palette PNG of side x side that compresses to a couple of KiB: cheap to send, costly to decode."""
+    image = Image.new("P", (side, side))
+    image.putpalette([value for i in range(256) for value in (i, 255 - i, (7 * i) % 256)])
+    image.paste(3, (0, 0, side // 2, side))
+    return encoded("PNG", image, optimize=True)
+
+
+def test_a_big_palette_image_is_reduced_to_twice_the_model_side():
+    data = palette_png(4096)
+    assert len(data) < 64 * 1024  # what the old rule looked at: it would have decoded this on the event loop
+    opened = open_image(data, max_pixels=MAX_PIXELS)
+    assert opened.pixels == 4096 * 4096  # what the new rule looks at
+    image = decode_image(opened, side=64)
+    assert image.size == (128, 128)
+    assert image.mode == "RGB"
+    left, right = image.getpixel((10, 64)), image.getpixel((117, 64))
+    assert left == (3, 252, 21)  # the palette colours survive the reduction
+    assert right == (0, 255, 0)
+
+
+def test_a_big_jpeg_is_decoded_at_a_reduced_scale():
+    data = encoded("JPEG", picture("RGB", (2048, 1536)), quality=70)
+    opened = open_image(data, max_pixels=MAX_PIXELS)
+    image = decode_image(opened, side=64)
+    # JPEG's DCT scaling decoded it at 1/8 (256 x 192), then the box reduction halved the width only: never
+    # below twice the side the model reads. Without the DCT scaling, 1/16 x 1/12 would give 128 x 128.
+    assert image.size == (128, 192)
+
+
+@pytest.mark.parametrize(
+    "name", ["png-rgb", "png-palette", "png-rgba", "jpeg", "jpeg-cmyk", "gif", "webp-lossy", "bmp", "jpeg-exif-rotated"]
+)
+@pytest.mark.parametrize("side", [SIDE, 64])
+def test_an_image_at_the_model_size_gives_exactly_the_training_pixels(name, side):
+    source = Image.open(io.BytesIO(seeds()[name]))
+    source.load()
+    data = encoded(source.format, source.resize((side, side)), **({"quality": 90} if source.format == "JPEG" else {}))
+    with Image.open(io.BytesIO(data)) as reference:
+        reference.load()
+        expected = to_pixels(to_rgb(reference), side)  # what training does with a file
+    got = to_pixels(decode_image(open_image(data, max_pixels=MAX_PIXELS), side=side), side)
+    assert np.array_equal(got, expected)
+
+
+def test_an_animated_image_is_read_as_its_first_frame():
+    for fmt in ("GIF", "PNG", "WEBP"):
+        data = animated(fmt)
+        with Image.open(io.BytesIO(data)) as reference:
+            assert getattr(reference, "n_frames", 1) == 3
+            reference.seek(0)
+            first = to_pixels(to_rgb(reference), SIDE)
+        got = to_pixels(decode_image(open_image(data, max_pixels=MAX_PIXELS), side=SIDE), SIDE)
+        assert np.array_equal(got, first), fmt
+
+
+def halves(size: tuple[int, int]) -> Image.Image:
+    """Dark left half, bright right half, with a gradient: a rotation or a bad reduction shows."""
+    width, height = size
+    ramp = np.linspace(0, 60, height, dtype=np.float32)[:, None]
+    array = np.where(np.arange(width)[None, :] < width // 2, 20.0, 230.0) + ramp  # (H, W)
+    return Image.fromarray(np.repeat(array[..., None], 3, axis=2).clip(0, 255).astype(np.uint8))
+
+
+@pytest.mark.parametrize(
+    ("fmt", "orientation"), [("JPEG", 6), ("JPEG", 3), ("PNG", 8), ("WEBP", 6), ("PNG", None), ("GIF", None)]
+)
+def test_a_reduced_image_gives_nearly_the_pixels_of_the_full_decode_exif_orientation_included(fmt, orientation):
+    options = {}
+    if orientation is not None:
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        options["exif"] = exif.tobytes()
+    source = halves((1600, 900))
+    data = encoded(fmt, source.convert("P") if fmt == "GIF" else source, **options)
+    with Image.open(io.BytesIO(data)) as full:
+        full.load()
+        expected = to_pixels(to_rgb(full), 64).astype(np.int16)  # the whole image decoded, then resized
+    got = to_pixels(decode_image(open_image(data, max_pixels=MAX_PIXELS), side=64), 64).astype(np.int16)
+    assert np.abs(got - expected).mean() < 4.0
+
+
+def test_blank_means_the_same_to_the_server_and_to_the_schema_pattern():
+    for blank in ("", " ", "\t\n", "\x1f", "\u3000", "\ufeff", "\x85"):
+        assert is_blank(blank)
+        assert check_text(blank, max_chars=10) is None
+    for text in ("a", " x ", "\u200b", "0"):
+        assert not is_blank(text)
+
+
+def test_the_accepted_formats_are_the_ones_the_readme_names():
+    assert IMAGE_FORMATS == ("PNG", "JPEG", "WEBP", "GIF", "BMP")
