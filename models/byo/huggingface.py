@@ -16,6 +16,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
+from torch import nn
+
 from models.byo.interface import Component, Expert
 from models.specs import ImageSpec, TextSpec
 
@@ -46,6 +49,45 @@ def image_classifier(source: str | Path, *, description: str = "") -> Expert:
         components=[Component(model, inputs={"pixel_values": "image"}, outputs=("logits",), name="classifier")],
         description=description or f"{type(model).__name__} from {source}",
     )
+
+
+def late_fusion(text_source: str | Path, image_source: str | Path, *, max_length: int = 64) -> Expert:
+    """Both classifiers on one request, their log-probabilities averaged: the costly expert that reads both."""
+    from transformers import AutoModelForImageClassification, AutoModelForSequenceClassification
+
+    text_model = AutoModelForSequenceClassification.from_pretrained(text_source)
+    image_model = AutoModelForImageClassification.from_pretrained(image_source)
+    labels = _labels(text_model)
+    if _labels(image_model) != labels:
+        raise ValueError(f"{text_source} and {image_source} classify different labels, or in another order")
+    return Expert(
+        modalities=("text", "image"),
+        labels=labels,
+        text=TextSpec(_file(text_source, "tokenizer.json"), max_length),
+        image=image_spec(_file(image_source, "preprocessor_config.json"), default_size=image_model.config.image_size),
+        components=[
+            Component(
+                LateFusion(text_model, image_model),
+                inputs={"input_ids": "input_ids", "attention_mask": "attention_mask", "pixel_values": "image"},
+                outputs=("logits",),
+                name="fusion",
+            )
+        ],
+        description=f"late fusion of {text_source} and {image_source}",
+    )
+
+
+class LateFusion(nn.Module):
+    """Mean of a text and an image classifier's log-probabilities (same labels, same order)."""
+
+    def __init__(self, text_model: nn.Module, image_model: nn.Module):
+        super().__init__()
+        self.text_model, self.image_model = text_model, image_model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: torch.Tensor):
+        text = self.text_model(input_ids=input_ids, attention_mask=attention_mask).logits  # (B, K)
+        image = self.image_model(pixel_values=pixel_values).logits  # (B, K)
+        return (text.log_softmax(-1) + image.log_softmax(-1)) / 2
 
 
 def image_spec(preprocessor_config: Path, *, default_size: int) -> ImageSpec:
