@@ -93,8 +93,15 @@ def main() -> None:
     # Text: BERT, four times smaller than bert-tiny.
     tokenizer = make_tokenizer([s.text for s in train])
     text_model = BertForSequenceClassification(
-        BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                   intermediate_size=64, max_position_embeddings=MAX_LENGTH, **label_config)  # fmt: skip
+        BertConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=64,
+            max_position_embeddings=MAX_LENGTH,
+            **label_config,
+        )  # fmt: skip
     )
 
     def encode(samples):
@@ -112,8 +119,15 @@ def main() -> None:
     side = args.image_size
     processor = ViTImageProcessorPil(size={"height": side, "width": side}, image_mean=[0.5] * 3, image_std=[0.25] * 3)
     image_model = ViTForImageClassification(
-        ViTConfig(image_size=side, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                  intermediate_size=64, **label_config)  # fmt: skip
+        ViTConfig(
+            image_size=side,
+            patch_size=8,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=64,
+            **label_config,
+        )  # fmt: skip
     )
 
     def pixels(samples):
