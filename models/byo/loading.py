@@ -235,9 +235,9 @@ def load_experts(
 ) -> list[ExpertChain]:
     """Every expert imported, checked against the data's labels and frozen; refusals name the expert."""
     refs = [o for o in options if isinstance(o, ExpertRef)] or parse_expert_options(options)  # type: ignore[arg-type]
+    experts = [load_expert(ref, search=search) for ref in refs]  # every import first: the cheapest refusals
     chains = []
-    for ref in refs:
-        expert = load_expert(ref, search=search)
+    for expert in experts:
         check_expert(expert, labels)
         for component in expert.components:
             component.module.eval().requires_grad_(False)
