@@ -44,6 +44,19 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_train_router(args) -> int:
+    from models.byo.training import train_router_only
+    from models.training import TrainConfig
+
+    options = {"preset": args.preset, "seed": args.seed, "threads": args.threads}
+    if args.lambdas:
+        options["lambdas"] = args.lambdas
+    if args.epochs:
+        options["stage1_epochs"] = args.epochs
+    train_router_only(Path(args.data), Path(args.out), args.expert, TrainConfig(**options), progress=not args.quiet)
+    return 0
+
+
 def cmd_export(args) -> int:
     from export.writer import export_run
 
@@ -171,6 +184,29 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--threads", type=int, help="torch threads (default: all cores)")
     train.set_defaults(func=cmd_train)
 
+    router = sub.add_parser(
+        "train-router",
+        help="a router over experts you already have (frozen): --expert NAME=package.module:factory, two or more",
+    )
+    router.add_argument(
+        "--expert",
+        action="append",
+        required=True,
+        metavar="NAME[=package.module:factory]",
+        help="an expert: its factory (imported with the current directory on sys.path), or NAME alone for one "
+        "installed in the 'dynfuse.experts' entry-point group; repeat for each",
+    )
+    router.add_argument("--data", required=True, help="manifest directory (train/val[/test].jsonl)")
+    router.add_argument("--out", required=True, help="run directory to create (then: dynfuse export RUN_DIR)")
+    router.add_argument(
+        "--preset", choices=("tiny", "default", "large"), default="default", help="size of the router's own encoders"
+    )
+    router.add_argument("--lambdas", type=_floats, help="resource-loss weights, e.g. 0,0.1,0.3")
+    router.add_argument("--seed", type=int, default=0)
+    router.add_argument("--epochs", type=int, help="epochs of the router encoders' pass (default: the preset's)")
+    router.add_argument("--threads", type=int, help="torch threads (default: all cores)")
+    router.set_defaults(func=cmd_train_router)
+
     export = sub.add_parser("export", help="export a run to the model store (ONNX + TorchScript, verified)")
     export.add_argument("run_dir")
     export.add_argument("--store", required=True)
@@ -222,7 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--log-level", choices=("critical", "error", "warning", "info", "debug"))
     serve.set_defaults(func=cmd_serve)
 
-    for command in (synth, train, export, evaluate, build):
+    for command in (synth, train, router, export, evaluate, build):
         command.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser
 

@@ -50,14 +50,14 @@ class ImageDecoder:
 
     def __init__(self, pipeline: DynamicPipeline, threads: int):
         self.pipeline = pipeline
-        self.side = pipeline.model.preprocessing.image_size
+        self.side = pipeline.decode_side  # the model's image size, or a larger one its experts' specs read
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="dynfuse-decode")
 
-    def pixels_now(self, opened: OpenedImage) -> np.ndarray:
-        """(S, S, 3) uint8 on the calling thread."""
-        return self.pipeline.prepare_image(decode_image(opened, side=self.side))
+    def pixels_now(self, opened: OpenedImage) -> tuple[np.ndarray, np.ndarray | None]:
+        """(S, S, 3) uint8 on the calling thread, and the (L, L, 3) the experts' image specs start from, if any."""
+        return self.pipeline.prepare_images(decode_image(opened, side=self.side))
 
-    async def pixels(self, opened: OpenedImage) -> np.ndarray:
+    async def pixels(self, opened: OpenedImage) -> tuple[np.ndarray, np.ndarray | None]:
         if opened.pixels <= INLINE_DECODE_PIXELS:
             return self.pixels_now(opened)
         # Cancelled (deadline, client gone) before a thread took it, the decode never runs.
@@ -154,7 +154,8 @@ class InferenceService:
         text, opened = self.check(client)
         return self._input(client, text, self.decoder.pixels_now(opened) if opened is not None else None)
 
-    def _input(self, client: ClientInput, text: str | None, pixels: np.ndarray | None) -> PipelineInput:
+    def _input(self, client: ClientInput, text: str | None, decoded: tuple | None) -> PipelineInput:
+        pixels, spec_pixels = decoded if decoded is not None else (None, None)
         point, degraded = client.operating_point, False
         if point is None:
             # A request that names its point gets it; the others may be served cheaper while the queue is high.
@@ -169,6 +170,9 @@ class InferenceService:
             operating_point=point,
             min_confidence=min_confidence,
             degraded=degraded,
+            # What the experts' own preprocessing starts from, kept only when the model has such experts.
+            text=text if self.model.specs.keeps_text else None,
+            spec_image=spec_pixels,
         )
 
     async def classify(self, items: list[PipelineInput], deadline: float | None = None) -> list[BatchResult]:
