@@ -109,8 +109,10 @@ def main() -> None:
     args = parser.parse_args()
     sizes = [int(v) for v in args.batch_sizes.split(",")]
     result = measure(args.store, args.model, sizes, args.seconds)
-    for name, rows in [("ingress", result["ingress"]), *result["experts"].items(), ("static_full", result["static_full"])]:
-        print(f"{name:>12}: " + "  ".join(f"b{n} {r['rows_per_s']:>8.0f}/s ({r['batch_ms']} ms)" for n, r in rows.items()))
+    tables = [("ingress", result["ingress"]), *result["experts"].items(), ("static_full", result["static_full"])]
+    for name, rows in tables:
+        cells = [f"b{n} {row['rows_per_s']:>8.0f}/s ({row['batch_ms']} ms)" for n, row in rows.items()]
+        print(f"{name:>12}: " + "  ".join(cells))
     write_result(args.out, result)
 
 

@@ -160,7 +160,8 @@ def cmd_plan(args) -> int:
     if args.out:
         settings = {"store": args.serve_store, "model": throughput["model"]}
         comment = (
-            f"Written by: dynfuse plan --rps {args.rps:g}" + (f" --p99-ms {args.p99_ms:g}" if args.p99_ms else "")
+            f"Written by: dynfuse plan --rps {args.rps:g}"
+            + (f" --p99-ms {args.p99_ms:g}" if args.p99_ms else "")
             + f"\nroute mix: {', '.join(f'{k} {v:.1%}' for k, v in mix.items())}"
         )
         plan.write_serve_config(plan.serve_config(lines, settings), Path(args.out), comment)

@@ -39,9 +39,7 @@ def ray_application(args: dict, port: int, num_cpus: int = 8, metrics_port: int 
             _node_ip_address="127.0.0.1",
             **options,
         )
-        serve.start(
-            http_options={"host": "127.0.0.1", "port": port}, logging_config={"enable_access_log": False}
-        )
+        serve.start(http_options={"host": "127.0.0.1", "port": port}, logging_config={"enable_access_log": False})
         serve.run(build(args), name=APP_NAME, route_prefix="/")
         base = f"http://127.0.0.1:{port}"
         wait_ready(base)
@@ -68,4 +66,3 @@ def wait_ready(base: str, timeout: float = START_TIMEOUT_S) -> None:
                 return
         time.sleep(0.2)
     raise AssertionError(f"the Ray application is not ready after {timeout} s: {last and last.text}")
-

@@ -25,6 +25,7 @@ from service.ray.metrics import RayMetrics
 
 logger = logging.getLogger("dynfuse")
 
+
 def expert_deployment_name(expert: str) -> str:
     return f"expert_{expert}"
 

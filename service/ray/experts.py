@@ -57,7 +57,8 @@ class ExpertWorker:
         self.backend = backend
         self.expert = expert
         self.inputs = wire_names(model, expert)
-        self._runners: dict[str, Runner] = {c: backend.load(model.components[c]) for c in model.expert(expert).components}
+        chain = model.expert(expert).components
+        self._runners: dict[str, Runner] = {c: backend.load(model.components[c]) for c in chain}
 
     def run(self, tensors: Mapping[str, np.ndarray]) -> np.ndarray:
         """The expert's logits (n, K) for a sub-batch holding exactly ``self.inputs``."""
@@ -120,7 +121,9 @@ class RemoteExecution:
         self.timeout_s = timeout_s
 
     def run(self, members: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict[str, float]]:
-        calls = {expert: self.handles[expert].run.remote(self._sub_batch(expert, rows)) for expert, rows in members.items()}
+        calls = {
+            expert: self.handles[expert].run.remote(self._sub_batch(expert, rows)) for expert, rows in members.items()
+        }
         logits = {expert: self._result(expert, call) for expert, call in calls.items()}
         for expert, rows in members.items():
             assert logits[expert].shape[0] == len(rows), f"{expert}: {logits[expert].shape[0]} rows for {len(rows)}"

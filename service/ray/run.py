@@ -42,7 +42,10 @@ def serve_on_ray(settings: Settings, address: str | None) -> int:
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
     try:
-        serve.start(http_options={"host": settings.host, "port": settings.port}, logging_config={"enable_access_log": False})
+        serve.start(
+            http_options={"host": settings.host, "port": settings.port},
+            logging_config={"enable_access_log": False},
+        )
         serve.run(application, name=APP_NAME, route_prefix="/", blocking=False)
         base = f"http://{settings.host}:{settings.port}"
         where = "a local Ray cluster" if local else f"the Ray cluster at {address}"
@@ -55,4 +58,3 @@ def serve_on_ray(settings: Settings, address: str | None) -> int:
             serve.delete(APP_NAME)
         ray.shutdown()
     return 0
-
