@@ -22,7 +22,8 @@ from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 from ray_cluster import ray_application
 
-pytestmark = [pytest.mark.ray, pytest.mark.slow]
+# Generous: the session fixtures train and export the tiny model first (1-5 min on a busy 2-core machine).
+pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(900)]
 
 REPO = Path(__file__).resolve().parents[2]
 RAY_PROMETHEUS_CONFIG = REPO / "docker" / "prometheus" / "ray.yml"
