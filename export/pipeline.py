@@ -68,9 +68,7 @@ class DynamicPipeline:
         self.model = model
         self.backend = backend
         self._runners: dict[str, Runner] = {}
-        served = set(model.shared_encoders.values()) | {model.router}
-        served |= {c for e in model.experts for c in e.components}
-        for name in sorted(served):
+        for name in sorted(self.served_components()):
             self.runner(name)
         self.experts = model.expert_names
         self.full_index = self.experts.index(model.full_expert)
@@ -85,6 +83,19 @@ class DynamicPipeline:
         finals = [e.components[-1] for e in model.experts]
         assert len(set(finals)) == len(finals), f"two experts end in the same component: {finals}"
         self._madds_cache: dict[frozenset, int] = {}
+
+    def served_components(self) -> set[str]:
+        """The components this process runs, loaded at start: the shared encoders, the router and every expert's
+        chain (a distributed pipeline runs the experts elsewhere and loads only the first two)."""
+        served = set(self.model.shared_encoders.values()) | {self.model.router}
+        return served | {c for e in self.model.experts for c in e.components}
+
+    def execution(
+        self, tensors: dict[str, np.ndarray], pixels: np.ndarray, inputs: list[PipelineInput]
+    ) -> BatchExecution:
+        """What runs the experts of one batch: here, in this process (service/ray/ sends them to their own
+        deployments instead, with the same ``run(members)``)."""
+        return BatchExecution(self.model, self.runner, tensors, self._preprocessor(pixels, inputs))
 
     def runner(self, component: str) -> Runner:
         """The loaded component (loaded on first use: evaluation asks for routers the server never runs)."""
@@ -210,7 +221,7 @@ class DynamicPipeline:
         )
         decided_by[soft] = REQUEST  # the client asked for soft fusion; the router's weights do the rest
 
-        execution = BatchExecution(self.model, self.runner, tensors, self._preprocessor(pixels, inputs))
+        execution = self.execution(tensors, pixels, inputs)
         ran = [{self.experts[c]} for c in choice]  # the experts each request runs
         for i in np.flatnonzero(soft):
             ran[i] = {e for e, ok in zip(self.experts, eligible[i], strict=True) if ok}

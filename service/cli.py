@@ -149,7 +149,37 @@ def cmd_serve(args) -> int:
         }.items()
         if value is not None
     }
+    if args.engine == "ray":
+        from service.ray.run import serve_on_ray
+
+        return serve_on_ray(Settings(**overrides), args.address)
+    if args.address:
+        raise ValueError("--address is for --engine ray")
     return serve(Settings(**overrides))
+
+
+def cmd_plan(args) -> int:
+    from service import plan
+
+    throughput = json.loads(Path(args.throughput).read_text())
+    mix = plan.parse_mix(args.mix) if args.mix else plan.route_mix_of(Path(args.store), args.model)
+    lines, static = plan.make_plan(args.rps, mix, throughput, args.p99_ms, args.utilization)
+    bound = f", p99 <= {args.p99_ms:g} ms" if args.p99_ms else ""
+    print(
+        f"{throughput['model']} v{throughput['version']}: {args.rps:g} req/s{bound}, replicas at "
+        f"{args.utilization:.0%} of what one serves (1 CPU each, {args.throughput})"
+    )
+    print(plan.format_plan(lines, static, args.rps))
+    if args.out:
+        settings = {"store": args.serve_store, "model": throughput["model"]}
+        comment = (
+            f"Written by: dynfuse plan --rps {args.rps:g}"
+            + (f" --p99-ms {args.p99_ms:g}" if args.p99_ms else "")
+            + f"\nroute mix: {', '.join(f'{k} {v:.1%}' for k, v in mix.items())}"
+        )
+        plan.write_serve_config(plan.serve_config(lines, settings), Path(args.out), comment)
+        print(f"wrote {args.out}")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -256,7 +286,37 @@ def build_parser() -> argparse.ArgumentParser:
         "--request-timeout", type=float, help="seconds a request may take from arrival: then 408 or 504 (default 10)"
     )
     serve.add_argument("--log-level", choices=("critical", "error", "warning", "info", "debug"))
+    serve.add_argument(
+        "--engine",
+        choices=("uvicorn", "ray"),
+        default="uvicorn",
+        help="uvicorn: this machine's processes (default); ray: Ray Serve, an ingress and one deployment per expert "
+        "(needs the ray extra)",
+    )
+    serve.add_argument(
+        "--address", help="with --engine ray: the cluster (auto, ray://host:10001); default: start a local one"
+    )
     serve.set_defaults(func=cmd_serve)
+
+    planner = sub.add_parser(
+        "plan", help="replicas per Ray deployment for a request rate, against a static full model; a Serve config"
+    )
+    planner.add_argument("--rps", type=float, required=True, help="requests per second to serve")
+    planner.add_argument("--p99-ms", type=float, help="latency bound: each deployment batches within half of it")
+    planner.add_argument("--store", default="store", help="where the model's measured route mix is read")
+    planner.add_argument("--model", help="model name (default: the store's only model)")
+    planner.add_argument("--mix", help="route mix instead of the model's, e.g. text=0.4,image=0.3,mi2p=0.3")
+    planner.add_argument(
+        "--throughput",
+        default="bench/results/expert_throughput.json",
+        help="one replica's throughput per deployment (python -m bench.expert_throughput)",
+    )
+    planner.add_argument("--utilization", type=float, default=0.7, help="planned share of a replica's throughput")
+    planner.add_argument("--out", default="deploy/serve.plan.yaml", help="the Serve config to write ('' for none)")
+    planner.add_argument(
+        "--serve-store", default="/opt/dynfuse/store", help="the store's path on the cluster (the image's by default)"
+    )
+    planner.set_defaults(func=cmd_plan)
 
     for command in (synth, train, router, export, evaluate, build):
         command.add_argument("--quiet", action="store_true", help="no progress bars")

@@ -8,13 +8,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from urllib.parse import quote
 
 import numpy as np
 
-from export.backends import create_backend
+from export.backends import Backend, create_backend
 from export.pipeline import AUTO, SOFT, DynamicPipeline, PipelineInput, RouteError
 from export.store import StoredModel, StoreError, load_model
 from models.policy import DECIDED_BY
@@ -31,6 +32,9 @@ logger = logging.getLogger("dynfuse")
 # it costs well under a millisecond and decodes on the event loop (a thread hop would cost about as
 # much); bigger ones go to the decode threads, so the event loop keeps serving while they decode.
 INLINE_DECODE_PIXELS = 128 * 128
+
+
+PipelineFactory = Callable[[StoredModel, Backend], DynamicPipeline]
 
 
 @dataclass
@@ -93,8 +97,12 @@ class InferenceService:
         )
 
     @classmethod
-    def load(cls, settings: Settings, metrics: Metrics) -> InferenceService:
-        """Load and verify the model, build the runtime, warm every served path (blocking: run it in a thread)."""
+    def load(
+        cls, settings: Settings, metrics: Metrics, make_pipeline: PipelineFactory = DynamicPipeline
+    ) -> InferenceService:
+        """Load and verify the model, build the runtime, warm every served path (blocking: run it in a thread).
+        ``make_pipeline`` builds the pipeline over the loaded model (service/ray/ builds one whose experts run in
+        their own deployments)."""
         started = time.perf_counter()
         model = load_model(settings.store, settings.model, settings.model_version)
         for setting, point in (
@@ -107,7 +115,7 @@ class InferenceService:
                     f"it has: {', '.join(model.operating_points)}"
                 )
         backend = create_backend(settings.backend, settings.device, settings.threads)
-        pipeline = DynamicPipeline(model, backend)
+        pipeline = make_pipeline(model, backend)
         pipeline.warmup(batch_sizes=(1, settings.max_batch_size))
         metrics.set_model_info(model.version, backend.name, backend.device)
         metrics.init_routes(pipeline.experts, DECIDED_BY, model.operating_points, soft=SOFT)

@@ -21,7 +21,7 @@ from service.api.openapi import install_openapi
 from service.api.routes import classify, docs, health, models, playground, v2
 from service.config import Settings, get_settings
 from service.errors import install_error_handlers
-from service.inference import InferenceService
+from service.inference import InferenceService, PipelineFactory
 from service.metrics import Metrics
 from service.middleware import BodySizeLimit, RequestMetrics
 
@@ -35,9 +35,16 @@ was, and the compute it used against the full path (the model's most accurate ex
 """
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
+def create_app(
+    settings: Settings | None = None,
+    *,
+    metrics: Metrics | None = None,
+    make_pipeline: PipelineFactory | None = None,
+) -> FastAPI:
+    """The app. ``metrics`` and ``make_pipeline`` default to this process's own; the Ray engine (service/ray/)
+    passes metrics that Ray's agent also exports and a pipeline whose experts are deployments of their own."""
     settings = settings or get_settings()
-    metrics = Metrics(_model_name(settings))
+    metrics = metrics or Metrics(_model_name(settings))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -61,6 +68,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.metrics = metrics
     app.state.service = None
     app.state.load_error = None
+    app.state.make_pipeline = make_pipeline
     install_error_handlers(app, on_rejected=metrics.reject)
     # Added innermost first. Admission runs before the body limit, so that every request that may read a
     # body (or drain one) holds a place within the capacity; the metrics, outermost, count refusals too.
@@ -96,7 +104,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 async def _load(app: FastAPI) -> None:
     settings: Settings = app.state.settings
     try:
-        service = await asyncio.to_thread(InferenceService.load, settings, app.state.metrics)
+        if app.state.make_pipeline is None:
+            service = await asyncio.to_thread(InferenceService.load, settings, app.state.metrics)
+        else:
+            service = await asyncio.to_thread(
+                InferenceService.load, settings, app.state.metrics, app.state.make_pipeline
+            )
     except Exception as error:  # noqa: BLE001 - reported by /readyz and the log; the process stays up for probes
         logger.error("cannot serve a model from %s: %s", settings.store, error)
         app.state.load_error = f"{type(error).__name__}: {error}"

@@ -38,11 +38,16 @@ STATUSES = ("200", "400", "401", "404", "408", "413", "415", "422", "431", "499"
 
 
 class Metrics:
+    # The metric classes: prometheus_client's here; service/ray/metrics.py swaps in classes that also report to
+    # Ray's metrics agent, so that every replica of a Ray deployment is scraped under these same names.
+    kinds: tuple[type, type, type] = (Counter, Gauge, Histogram)
+
     def __init__(self, model: str, registry: CollectorRegistry | None = None):
         self.model = model
         self.multiprocess = MULTIPROCESS_DIR in os.environ
         self.registry = registry or CollectorRegistry(auto_describe=True)
         r = self.registry
+        Counter, Gauge, Histogram = self.kinds  # noqa: N806 - the same names as prometheus_client's classes
 
         # Traffic
         self.requests = Counter(
