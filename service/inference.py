@@ -40,6 +40,7 @@ class ClientInput:
     text: str | None
     route: str = AUTO
     threshold: float | None = None
+    model: str | None = None  # the served model to ask; None: the default one
 
 
 class ImageDecoder:

@@ -8,6 +8,7 @@ ROUTE_DESCRIPTION = (
     "'auto' lets the router decide; an expert's name (e.g. 'text', 'image_lite', 'mi2p'; GET /v1/models/{name} "
     "lists them) forces that path."
 )
+MODEL_DESCRIPTION = "The served model to ask (GET /v1/models lists them); default: the server's default model."
 THRESHOLD_DESCRIPTION = (
     "Serving-time knob along the accuracy/compute curve: when the router picks a path cheaper than the full "
     "one with a score below this, the request escalates to the full path. 0 = the router alone; 1 = always full."
@@ -23,6 +24,7 @@ class ClassifyRequest(BaseModel):
     )
     route: str = Field("auto", description=ROUTE_DESCRIPTION)
     threshold: float | None = Field(None, ge=0.0, le=1.0, description=THRESHOLD_DESCRIPTION)
+    model: str | None = Field(None, description=MODEL_DESCRIPTION)
 
 
 class BatchInput(BaseModel):
@@ -39,6 +41,7 @@ class BatchClassifyRequest(BaseModel):
     inputs: list[BatchInput] = Field(..., min_length=1, description="Image-text pairs, answered in this order.")
     route: str = Field("auto", description=ROUTE_DESCRIPTION)
     threshold: float | None = Field(None, ge=0.0, le=1.0, description=THRESHOLD_DESCRIPTION)
+    model: str | None = Field(None, description=MODEL_DESCRIPTION)
 
 
 class RouteInfo(BaseModel):

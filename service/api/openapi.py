@@ -45,8 +45,12 @@ BINARY_NOTE = (
 
 
 def install_openapi(app: FastAPI, settings: Settings) -> None:
+    built_for = None  # what was served when the cached document was built: a load or swap rebuilds it
+
     def openapi() -> dict:
-        if app.openapi_schema:
+        nonlocal built_for
+        served = app.state.repository.versions()
+        if app.openapi_schema and built_for == served:
             return app.openapi_schema
         document = get_openapi(
             title=app.title,
@@ -57,10 +61,11 @@ def install_openapi(app: FastAPI, settings: Settings) -> None:
         )
         service = app.state.service
         routes = _routes(service) if service is not None else None
-        exact_request_bodies(document, settings, routes)
+        exact_request_bodies(document, settings, routes, sorted(served) or None)
         if service is not None:
             _pin_path_values(document, service.model.name, service.model.version)
             app.openapi_schema = document  # complete now: cache it
+            built_for = served
         return document
 
     app.openapi = openapi
@@ -71,24 +76,27 @@ def _routes(service) -> dict[str, tuple[str, ...]]:
     return {AUTO: (), **{expert.name: tuple(expert.modalities) for expert in service.model.experts}}
 
 
-def exact_request_bodies(document: dict, settings: Settings, routes: dict[str, tuple[str, ...]] | None) -> None:
+def exact_request_bodies(
+    document: dict, settings: Settings, routes: dict[str, tuple[str, ...]] | None, models: list[str] | None = None
+) -> None:
+    """``routes`` are the default model's; ``models`` the served models' names (None: not known yet)."""
     paths = document["paths"]
     max_text = settings.max_text_chars
     classify = paths[V1_CLASSIFY]["post"]
     classify["requestBody"] = {
         "required": True,
         "content": {
-            "application/json": {"schema": classify_json(routes, max_text)},
+            "application/json": {"schema": classify_json(routes, max_text, models)},
             "multipart/form-data": {
-                "schema": classify_form(routes, max_text),
+                "schema": classify_form(routes, max_text, models),
                 "encoding": {"image": {"contentType": IMAGE_MEDIA_TYPES}},
             },
-            "application/x-www-form-urlencoded": {"schema": classify_text_form(routes, max_text)},
+            "application/x-www-form-urlencoded": {"schema": classify_text_form(routes, max_text, models)},
         },
     }
     paths[V1_BATCH]["post"]["requestBody"] = {
         "required": True,
-        "content": {"application/json": {"schema": batch_json(routes, max_text, settings.max_batch_inputs)}},
+        "content": {"application/json": {"schema": batch_json(routes, max_text, settings.max_batch_inputs, models)}},
     }
     for path in V2_INFER:
         operation = paths[path]["post"]
@@ -106,6 +114,17 @@ def _route_property(routes) -> dict:
     if routes is not None:
         schema["enum"] = list(routes)
     return schema
+
+
+def _model_property(models: list[str] | None, *, form: bool = False) -> dict:
+    """The served models by name (the default one's routes are those the document states)."""
+    name: dict = {"type": "string"}
+    if models is not None:
+        name["enum"] = models
+    description = "The served model to ask (GET /v1/models lists them); default: the server's default model."
+    if form:
+        return {**name, "description": description}
+    return {"anyOf": [name, {"type": "null"}], "description": description}
 
 
 def _threshold(*, form: bool = False) -> dict:
@@ -166,7 +185,7 @@ def _asks(route: str) -> dict:
     return {"required": ["route"], "properties": {"route": {"const": route}}}
 
 
-def classify_json(routes, max_text: int) -> dict:
+def classify_json(routes, max_text: int, models: list[str] | None = None) -> dict:
     return {
         "type": "object",
         "additionalProperties": False,
@@ -175,13 +194,14 @@ def classify_json(routes, max_text: int) -> dict:
             "text": _text(max_text, nullable=True),
             "route": _route_property(routes),
             "threshold": _threshold(),
+            "model": _model_property(models),
         },
         **_route_rules(routes),
         "description": "At least one of image and text; a forced route needs its expert's modalities.",
     }
 
 
-def classify_form(routes, max_text: int) -> dict:
+def classify_form(routes, max_text: int, models: list[str] | None = None) -> dict:
     return {
         "type": "object",
         "additionalProperties": False,
@@ -190,12 +210,13 @@ def classify_form(routes, max_text: int) -> dict:
             "text": _text(max_text, nullable=False),
             "route": _route_property(routes),
             "threshold": _threshold(form=True),
+            "model": _model_property(models, form=True),
         },
         **_route_rules(routes),
     }
 
 
-def classify_text_form(routes, max_text: int) -> dict:
+def classify_text_form(routes, max_text: int, models: list[str] | None = None) -> dict:
     """A URL-encoded form carries no file: text only, and a route that needs no image."""
     route = _route_property(routes)
     if routes is not None:
@@ -208,11 +229,12 @@ def classify_text_form(routes, max_text: int) -> dict:
             "text": {**_text(max_text, nullable=False), "pattern": NOT_BLANK},
             "route": route,
             "threshold": _threshold(form=True),
+            "model": _model_property(models, form=True),
         },
     }
 
 
-def batch_json(routes, max_text: int, max_inputs: int) -> dict:
+def batch_json(routes, max_text: int, max_inputs: int, models: list[str] | None = None) -> dict:
     entry = {
         "type": "object",
         "additionalProperties": False,
@@ -243,6 +265,7 @@ def batch_json(routes, max_text: int, max_inputs: int) -> dict:
             },
             "route": _route_property(routes),
             "threshold": _threshold(),
+            "model": _model_property(models),
         },
         **_route_rules(routes, needs),
     }

@@ -13,7 +13,7 @@ from starlette.datastructures import UploadFile
 
 from export.pipeline import PipelineInput
 from service.admission import deadline_of
-from service.api.deps import ServiceDep, SettingsDep, require_api_key
+from service.api.deps import ModelsDep, SettingsDep, require_api_key
 from service.decode import decode_base64
 from service.errors import (
     ApiError,
@@ -25,6 +25,7 @@ from service.errors import (
 )
 from service.inference import ClientInput
 from service.schemas import (
+    MODEL_DESCRIPTION,
     ROUTE_DESCRIPTION,
     THRESHOLD_DESCRIPTION,
     BatchClassifyRequest,
@@ -38,13 +39,14 @@ ModelT = TypeVar("ModelT", bound=BaseModel)
 
 router = APIRouter(prefix="/v1", tags=["inference"], dependencies=[Depends(require_api_key)])
 
-FORM_FIELDS = {"image", "text", "route", "threshold"}
+FORM_FIELDS = {"image", "text", "route", "threshold", "model"}
 
 ERROR_RESPONSES = {
     status: {"model": ErrorResponse, "description": description}
     for status, description in {
         400: "Malformed JSON or form",
         401: "Missing or wrong API key (when one is configured)",
+        404: "The model asked for is not served",
         408: "The body did not arrive before the request's deadline",
         413: "Body, image, text or number of inputs over the limits",
         415: "Unsupported content type or image format",
@@ -73,6 +75,7 @@ CLASSIFY_BODY = {
                             "maximum": 1,
                             "description": THRESHOLD_DESCRIPTION,
                         },
+                        "model": {"type": "string", "description": MODEL_DESCRIPTION},
                     },
                 }
             },
@@ -90,9 +93,10 @@ CLASSIFY_BODY = {
     description="The router picks one expert path and only that path runs. Send JSON (base64 image) or a "
     "multipart form (image file). Either modality may be absent, not both.",
 )
-async def classify(request: Request, service: ServiceDep, settings: SettingsDep) -> JSONResponse:
+async def classify(request: Request, models: ModelsDep, settings: SettingsDep) -> JSONResponse:
     started = time.perf_counter()
     client = await _read_classify_body(request, settings.max_text_chars)
+    service = models.get(client.model)
     item = await service.prepare(client)
     [result] = await service.classify([item], deadline_of(request))
     request_id = _request_id(request)
@@ -106,11 +110,12 @@ async def classify(request: Request, service: ServiceDep, settings: SettingsDep)
     summary="Classify several image-text pairs in one call",
     description="Every input is routed on its own; outputs come back in input order with their ids.",
 )
-async def classify_batch(request: Request, service: ServiceDep, settings: SettingsDep) -> JSONResponse:
+async def classify_batch(request: Request, models: ModelsDep, settings: SettingsDep) -> JSONResponse:
     started = time.perf_counter()
     if _content_type(request) != "application/json":
         raise UnsupportedMediaType(f"content type {_content_type(request) or '(none)'!r}: send application/json")
     body = await _parse_json(request, BatchClassifyRequest)
+    service = models.get(body.model)
     if len(body.inputs) > settings.max_batch_inputs:
         raise PayloadTooLarge(f"inputs: {len(body.inputs)} is over the limit of {settings.max_batch_inputs} per call")
     items: list[PipelineInput] = []
@@ -159,7 +164,7 @@ async def _parse_json(request: Request, model: type[ModelT]) -> ModelT:
 async def _read_json(request: Request) -> ClientInput:
     parsed = await _parse_json(request, ClassifyRequest)
     image = decode_base64(parsed.image) if parsed.image is not None else None
-    return ClientInput(image, parsed.text, parsed.route, parsed.threshold)
+    return ClientInput(image, parsed.text, parsed.route, parsed.threshold, model=parsed.model)
 
 
 async def _read_form(request: Request) -> ClientInput:
@@ -188,7 +193,10 @@ async def _read_form(request: Request) -> ClientInput:
     route = form.get("route", "auto")  # an empty field is an unknown route, as in JSON: leave it out instead
     if not isinstance(route, str):
         raise InvalidInput("route: must be a plain form field")
-    return ClientInput(image, text, route, _parse_threshold(form.get("threshold")))
+    model = form.get("model")
+    if model is not None and not isinstance(model, str):
+        raise InvalidInput("model: must be a plain form field")
+    return ClientInput(image, text, route, _parse_threshold(form.get("threshold")), model=model)
 
 
 def _parse_threshold(value) -> float | None:
