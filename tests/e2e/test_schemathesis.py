@@ -41,11 +41,14 @@ def test_schemathesis_finds_no_failure_with_every_check(server_process, tmp_path
     command = [st, "--config-file", str(config), "run", f"{base}/openapi.json", "--checks", "all"]
     command += ["--max-examples", "25", "--seed", "1", "--generation-database", "none", "--no-color"]
     command += ["--request-timeout", "30"]
+    # The repository API changes what is served (an unload would leave every later operation a 503); its own
+    # tests are tests/integration/test_repository.py.
+    command += ["--exclude-path-regex", "^/v2/repository/"]
     result = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=400)
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-6000:]
     generated, passed = map(int, re.search(r"(\d+) generated, (\d+) passed", output).groups())
     assert generated == passed
     assert generated > 500, output[-3000:]  # every operation was exercised, not skipped
-    assert "16 selected / 16 total" in output
+    assert "16 selected / 19 total" in output
     assert process.poll() is None  # the server is still up
