@@ -116,6 +116,7 @@ async def _load(app: FastAPI) -> None:
             await repository.load(name, version, announce=False)
         except ApiError as error:
             logger.error("cannot serve %s beside %s: %s", name, repository.default, error.message)
+    repository.started = True  # ready: everything asked for at start is served (or was refused, and logged)
     if shared is not None:
         repository.on_change = shared.update
         app.state.background.append(asyncio.create_task(follow(repository, shared), name="dynfuse-follow"))

@@ -61,7 +61,7 @@ class ModelRepository:
         self._leases: dict[InferenceService, int] = {}
         self._drained: dict[InferenceService, asyncio.Event] = {}
         self._retiring: set[asyncio.Task] = set()
-        self._ever_served = False  # before the first load, every model is "loading"
+        self.started = False  # set once the models asked for at start were loaded (or failed to)
 
     # -- what requests use -----------------------------------------------------------------------
     def leases(self) -> Leases:
@@ -73,18 +73,18 @@ class ModelRepository:
         service = self.models.get(name)
         if service is not None:
             return service
-        if name in self._loading or self.starting:
+        if name in self._loading or (self.starting and name == self.default):
             raise NotReady(f"model {name!r} is loading; retry shortly (GET /readyz answers 200 once it is ready)")
         served = ", ".join(sorted(self.models)) or "none"
         raise NotFound(
-            f"model {name!r} is not served here (served: {served}); "
+            f"unknown model {name!r}: not served here (served: {served}); "
             f"POST /v2/repository/models/{name}/load loads a model of the store"
         )
 
     @property
     def starting(self) -> bool:
-        """The models asked for at start are still loading (none served yet, none failed)."""
-        return not self._ever_served and self.state.load_error is None
+        """The models asked for at start are still loading (and the default one has not failed)."""
+        return not self.started and self.state.load_error is None
 
     @property
     def serving_any(self) -> bool:
@@ -93,11 +93,11 @@ class ModelRepository:
 
     @property
     def not_serving(self) -> str | None:
-        """Why no model is served (every inference request is refused 503 for it); None while one is."""
-        if self.models:
-            return None
+        """Why no request is served (every inference request is refused 503 for it); None while they are."""
         if self.starting:
             return "the model is still loading; retry shortly (GET /readyz answers 200 once it is ready)"
+        if self.models:
+            return None
         if self.state.load_error is not None:
             return f"no model could be loaded: {self.state.load_error}"
         return "no model is served; POST /v2/repository/models/{name}/load loads one of the store"
@@ -132,7 +132,6 @@ class ModelRepository:
                 self._loading.discard(name)
             service.batcher.start()
             self.models[name] = service  # the swap: from here on, new requests lease the new version
-            self._ever_served = True
             self._reasons.pop(name, None)
             self._follow_default()
             if current is not None:

@@ -38,7 +38,7 @@ async def running_app(store, **settings):
     app = create_app(Settings(store=store, **settings))
     async with app.router.lifespan_context(app):
         for _ in range(600):
-            if app.state.service is not None:
+            if not app.state.repository.starting:  # every model asked for at start is loaded
                 break
             await asyncio.sleep(0.05)
         assert app.state.service is not None, app.state.load_error

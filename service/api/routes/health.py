@@ -24,7 +24,7 @@ async def healthz() -> dict:
 async def readyz(request: Request) -> JSONResponse:
     state = request.app.state
     repository = state.repository
-    if repository.serving_any:
+    if repository.serving_any and not repository.starting:
         for name, service in sorted(repository.models.items()):
             if not service.batcher.running:  # loaded, but nothing would answer that model's requests now
                 body = {"status": "unavailable", "model": name, "batcher": service.batcher.status()}

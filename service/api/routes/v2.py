@@ -148,7 +148,8 @@ async def live() -> dict:
     summary="Readiness: the model is loaded and warm",
 )
 async def ready(request: Request) -> JSONResponse:
-    served = request.app.state.repository.models.values()
+    repository = request.app.state.repository
+    served = [] if repository.starting else repository.models.values()
     if served and all(service.batcher.running for service in served):
         return JSONResponse({"ready": True})
     if served:
