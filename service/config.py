@@ -18,6 +18,18 @@ class Settings(BaseSettings):
     store: Path = Field(Path("store"), description="Model store directory (STORE/<name>/<version>/model.json).")
     model: str | None = Field(None, description="Model to serve; default: the store's only model.")
     model_version: str | None = Field(None, description="Pin a version; default: the highest in the store.")
+    models: str | None = Field(
+        None,
+        description="More models of the store to serve from the start, beside the default one: comma-separated "
+        "names, or '*' for all. Requests pick one with their 'model' field; the repository API loads others later.",
+    )
+    store_poll_s: float | None = Field(
+        None,
+        gt=0,
+        description="Every this many seconds, look for a newer version of each served model in the store and swap "
+        "to it (verified and warmed beside the old one). Default: off; POST /v2/repository/models/{name}/load does "
+        "it on demand.",
+    )
     backend: Literal["onnx", "torchscript"] = Field("onnx", description="Runtime for the exported components.")
     device: Literal["cpu", "cuda"] = Field("cpu", description="cuda needs onnxruntime-gpu or a CUDA build of torch.")
     threads: int | None = Field(None, ge=1, description="Intra-op threads of the runtime; default: all cores.")

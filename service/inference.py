@@ -47,6 +47,7 @@ class ClientInput:
     threshold: float | None = None
     operating_point: str | None = None  # None: the server's default (DYNFUSE_OPERATING_POINT, else the store's)
     min_confidence: float | None = None  # None: the server's DYNFUSE_MIN_CONFIDENCE (off unless set)
+    model: str | None = None  # the served model to ask; None: the default one
 
 
 class ImageDecoder:

@@ -8,6 +8,7 @@ reports the sums over all of them.
 
 from __future__ import annotations
 
+import copy
 import os
 from pathlib import Path
 
@@ -169,6 +170,34 @@ class Metrics:
 
     def set_model_info(self, version: str, backend: str, device: str) -> None:
         self.model_info.labels(self.model, version, backend, device).set(1)
+
+    def clear_model_info(self, version: str, backend: str, device: str) -> None:
+        """That version is no longer served (swapped or unloaded). Set to 0 before it is removed: with several
+        workers the series lives on in this process's file, and a 0 there lets the others' max decide."""
+        self.model_info.labels(self.model, version, backend, device).set(0)
+        if not self.multiprocess:
+            self.model_info.remove(self.model, version, backend, device)
+
+    def for_model(self, model: str) -> Metrics:
+        """The same metrics (one registry, one scrape) labelled for another model served beside this one."""
+        if model == self.model:
+            return self
+        view = copy.copy(self)
+        view.model = model
+        for series in (
+            self.compute_madds,
+            self.compute_full_madds,
+            self.request_duration,
+            self.queue_duration,
+            self.batch_size,
+        ):
+            series.labels(model)
+        for modality in MODALITIES:
+            self.modality_importance.labels(model, modality)
+        view._by_status = {status: self.requests.labels(model, status) for status in STATUSES}
+        view._by_reason = {reason: self.rejected.labels(model, reason) for reason in REJECT_REASONS}
+        view._duration = self.request_duration.labels(model)
+        return view
 
     def observe_prediction(
         self,

@@ -17,6 +17,7 @@ MIN_CONFIDENCE_DESCRIPTION = (
     "Confidence fallback: when a cheaper expert's top probability is below this, the full path runs too and its "
     "answer is returned (decided_by 'confidence'; compute counts both). Default: the server's (off unless set)."
 )
+MODEL_DESCRIPTION = "The served model to ask (GET /v1/models lists them); default: the server's default model."
 THRESHOLD_DESCRIPTION = (
     "Serving-time knob along the accuracy/compute curve: when the router picks a path cheaper than the full "
     "one with a score below this, the request escalates to the full path. 0 = the router alone; 1 = always full."
@@ -34,6 +35,7 @@ class ClassifyRequest(BaseModel):
     threshold: float | None = Field(None, ge=0.0, le=1.0, description=THRESHOLD_DESCRIPTION)
     operating_point: str | None = Field(None, description=OPERATING_POINT_DESCRIPTION)
     min_confidence: float | None = Field(None, ge=0.0, le=1.0, description=MIN_CONFIDENCE_DESCRIPTION)
+    model: str | None = Field(None, description=MODEL_DESCRIPTION)
 
 
 class BatchInput(BaseModel):
@@ -52,6 +54,7 @@ class BatchClassifyRequest(BaseModel):
     threshold: float | None = Field(None, ge=0.0, le=1.0, description=THRESHOLD_DESCRIPTION)
     operating_point: str | None = Field(None, description=OPERATING_POINT_DESCRIPTION)
     min_confidence: float | None = Field(None, ge=0.0, le=1.0, description=MIN_CONFIDENCE_DESCRIPTION)
+    model: str | None = Field(None, description=MODEL_DESCRIPTION)
 
 
 class RouteInfo(BaseModel):

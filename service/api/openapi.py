@@ -46,8 +46,12 @@ BINARY_NOTE = (
 
 
 def install_openapi(app: FastAPI, settings: Settings) -> None:
+    built_for = None  # what was served when the cached document was built: a load or swap rebuilds it
+
     def openapi() -> dict:
-        if app.openapi_schema:
+        nonlocal built_for
+        served = app.state.repository.versions()
+        if app.openapi_schema and built_for == served:
             return app.openapi_schema
         document = get_openapi(
             title=app.title,
@@ -58,10 +62,13 @@ def install_openapi(app: FastAPI, settings: Settings) -> None:
         )
         service = app.state.service
         routes = _routes(service) if service is not None else None
-        exact_request_bodies(document, settings, routes, _points(service))
+        # Operating points are named for one model only: with several served, any name is let through.
+        points = _points(service) if len(served) <= 1 else None
+        exact_request_bodies(document, settings, routes, points, sorted(served) or None)
         if service is not None:
             _pin_path_values(document, service.model.name, service.model.version)
             app.openapi_schema = document  # complete now: cache it
+            built_for = served
         return document
 
     app.openapi = openapi
@@ -77,25 +84,33 @@ def _points(service) -> list[str] | None:
 
 
 def exact_request_bodies(
-    document: dict, settings: Settings, routes: dict[str, tuple[str, ...]] | None, points: list[str] | None = None
+    document: dict,
+    settings: Settings,
+    routes: dict[str, tuple[str, ...]] | None,
+    points: list[str] | None = None,
+    models: list[str] | None = None,
 ) -> None:
+    """``routes`` and ``points`` are the default model's; ``models`` the served models' names (None: not known
+    yet)."""
     paths = document["paths"]
     max_text = settings.max_text_chars
     classify = paths[V1_CLASSIFY]["post"]
     classify["requestBody"] = {
         "required": True,
         "content": {
-            "application/json": {"schema": classify_json(routes, max_text, points)},
+            "application/json": {"schema": classify_json(routes, max_text, points, models)},
             "multipart/form-data": {
-                "schema": classify_form(routes, max_text, points),
+                "schema": classify_form(routes, max_text, points, models),
                 "encoding": {"image": {"contentType": IMAGE_MEDIA_TYPES}},
             },
-            "application/x-www-form-urlencoded": {"schema": classify_text_form(routes, max_text, points)},
+            "application/x-www-form-urlencoded": {"schema": classify_text_form(routes, max_text, points, models)},
         },
     }
     paths[V1_BATCH]["post"]["requestBody"] = {
         "required": True,
-        "content": {"application/json": {"schema": batch_json(routes, max_text, settings.max_batch_inputs, points)}},
+        "content": {
+            "application/json": {"schema": batch_json(routes, max_text, settings.max_batch_inputs, points, models)}
+        },
     }
     for path in V2_INFER:
         operation = paths[path]["post"]
@@ -117,6 +132,17 @@ def _route_property(routes) -> dict:
     if routes is not None:
         schema["enum"] = list(routes)
     return schema
+
+
+def _model_property(models: list[str] | None, *, form: bool = False) -> dict:
+    """The served models by name (the default one's routes are those the document states)."""
+    name: dict = {"type": "string"}
+    if models is not None:
+        name["enum"] = models
+    description = "The served model to ask (GET /v1/models lists them); default: the server's default model."
+    if form:
+        return {**name, "description": description}
+    return {"anyOf": [name, {"type": "null"}], "description": description}
 
 
 def _threshold(*, form: bool = False) -> dict:
@@ -199,7 +225,7 @@ def _asks(route: str) -> dict:
     return {"required": ["route"], "properties": {"route": {"const": route}}}
 
 
-def classify_json(routes, max_text: int, points=None) -> dict:
+def classify_json(routes, max_text: int, points=None, models: list[str] | None = None) -> dict:
     return {
         "type": "object",
         "additionalProperties": False,
@@ -209,13 +235,14 @@ def classify_json(routes, max_text: int, points=None) -> dict:
             "route": _route_property(routes),
             "threshold": _threshold(),
             **_point_properties(points),
+            "model": _model_property(models),
         },
         **_route_rules(routes),
         "description": "At least one of image and text; a forced route needs its expert's modalities.",
     }
 
 
-def classify_form(routes, max_text: int, points=None) -> dict:
+def classify_form(routes, max_text: int, points=None, models: list[str] | None = None) -> dict:
     return {
         "type": "object",
         "additionalProperties": False,
@@ -225,12 +252,13 @@ def classify_form(routes, max_text: int, points=None) -> dict:
             "route": _route_property(routes),
             "threshold": _threshold(form=True),
             **_point_properties(points, form=True),
+            "model": _model_property(models, form=True),
         },
         **_route_rules(routes),
     }
 
 
-def classify_text_form(routes, max_text: int, points=None) -> dict:
+def classify_text_form(routes, max_text: int, points=None, models: list[str] | None = None) -> dict:
     """A URL-encoded form carries no file: text only, and a route that needs no image."""
     route = _route_property(routes)
     if routes is not None:
@@ -244,11 +272,12 @@ def classify_text_form(routes, max_text: int, points=None) -> dict:
             "route": route,
             "threshold": _threshold(form=True),
             **_point_properties(points, form=True),
+            "model": _model_property(models, form=True),
         },
     }
 
 
-def batch_json(routes, max_text: int, max_inputs: int, points=None) -> dict:
+def batch_json(routes, max_text: int, max_inputs: int, points=None, models: list[str] | None = None) -> dict:
     entry = {
         "type": "object",
         "additionalProperties": False,
@@ -280,6 +309,7 @@ def batch_json(routes, max_text: int, max_inputs: int, points=None) -> dict:
             "route": _route_property(routes),
             "threshold": _threshold(),
             **_point_properties(points),
+            "model": _model_property(models),
         },
         **_route_rules(routes, needs),
     }

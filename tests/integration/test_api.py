@@ -160,7 +160,12 @@ def test_models_endpoints_describe_experts_and_router(client, manifest):
 
 def test_probes_and_docs(client):
     assert client.get("/healthz").json() == {"status": "alive"}
-    assert client.get("/readyz").json() == {"status": "ready", "model": "shapes", "version": "1"}
+    assert client.get("/readyz").json() == {
+        "status": "ready",
+        "model": "shapes",
+        "version": "1",
+        "models": {"shapes": "1"},
+    }
     assert client.get("/docs").status_code == 200
     body = client.get("/openapi.json").json()["paths"]["/v1/classify"]["post"]["requestBody"]["content"]
     for content_type in ("application/json", "multipart/form-data"):

@@ -119,7 +119,11 @@ def assert_rows_match_v1(values: dict, v1: list[dict], labels: list[str]) -> Non
 
 # -- health and metadata -----------------------------------------------------------------------
 def test_server_metadata_health_and_model_readiness(client):
-    server = {"name": "dynfuse", "version": version("dynfuse"), "extensions": ["binary_tensor_data", "parameters"]}
+    server = {
+        "name": "dynfuse",
+        "version": version("dynfuse"),
+        "extensions": ["binary_tensor_data", "parameters", "model_repository"],
+    }
     assert client.get("/v2").json() == server
     assert client.get("/v2/", follow_redirects=False).json() == server
     assert client.get("/v2/health/live").json() == {"live": True}

@@ -45,7 +45,7 @@ from fastapi.responses import JSONResponse, Response
 
 from export.pipeline import AUTO, SOFT, PipelineInput, PipelineOutput
 from service.admission import deadline_of
-from service.api.deps import ServiceDep, SettingsDep, require_api_key
+from service.api.deps import ModelsDep, SettingsDep, require_api_key
 from service.api.v2_codec import (
     HEADER_LENGTH,
     DecodedRequest,
@@ -82,7 +82,7 @@ guarded = [Depends(require_api_key)]
 
 SERVER_NAME = "dynfuse"
 PLATFORM = "dynfuse"
-EXTENSIONS = ["binary_tensor_data", "parameters"]
+EXTENSIONS = ["binary_tensor_data", "parameters", "model_repository"]
 INPUTS = ("image", "text")
 OUTPUT_DATATYPES = {
     "label": "BYTES",
@@ -157,10 +157,11 @@ async def live() -> dict:
     summary="Readiness: the model is loaded and warm",
 )
 async def ready(request: Request) -> JSONResponse:
-    service = request.app.state.service
-    if service is not None and service.batcher.running:
+    repository = request.app.state.repository
+    served = [] if repository.starting else repository.models.values()
+    if served and all(service.batcher.running for service in served):
         return JSONResponse({"ready": True})
-    if service is not None:
+    if served:
         return JSONResponse({"ready": False}, 503, headers={"Retry-After": "1"})
     return _not_ready(request, {"ready": False})
 
@@ -180,8 +181,8 @@ async def model_version_ready(request: Request, name: str, version: str) -> JSON
 @router.get(
     "/models/{name}", response_model=ModelMetadata, responses=ERRORS, dependencies=guarded, summary="Model metadata"
 )
-async def model_metadata(name: str, service: ServiceDep) -> dict:
-    return _describe(service, name, None)
+async def model_metadata(name: str, models: ModelsDep) -> dict:
+    return _describe(models.get(name), name, None)
 
 
 @router.get(
@@ -191,16 +192,17 @@ async def model_metadata(name: str, service: ServiceDep) -> dict:
     dependencies=guarded,
     summary="Model metadata",
 )
-async def model_version_metadata(name: str, version: str, service: ServiceDep) -> dict:
-    return _describe(service, name, version)
+async def model_version_metadata(name: str, version: str, models: ModelsDep) -> dict:
+    return _describe(models.get(name), name, version)
 
 
 def _model_ready(request: Request, name: str, version: str | None) -> JSONResponse:
-    service: InferenceService | None = request.app.state.service
+    repository = request.app.state.repository
+    service: InferenceService | None = repository.models.get(name)
     if service is None:
-        # Before the load the name is known (the store's layout), the version is not.
-        if name != request.app.state.metrics.model:
-            raise NotFound(f"unknown model {name!r}")
+        # While it loads the name is known (the store's layout), the version is not.
+        if name != repository.default or not (repository.starting or request.app.state.load_error):
+            repository.serving(name)  # 404 for a model not served, 503 for one loading
         return _not_ready(request, {"name": name, "ready": False})
     _check_model(service, name, version)
     if not service.batcher.running:
@@ -258,15 +260,15 @@ INFER = {
 
 
 @router.post("/models/{name}/infer", **INFER)
-async def infer(request: Request, name: str, service: ServiceDep, settings: SettingsDep) -> Response:
-    return await _infer(request, service, settings, name, None)
+async def infer(request: Request, name: str, models: ModelsDep, settings: SettingsDep) -> Response:
+    return await _infer(request, models.get(name), settings, name, None)
 
 
 @router.post("/models/{name}/versions/{version}/infer", **INFER)
 async def infer_version(
-    request: Request, name: str, version: str, service: ServiceDep, settings: SettingsDep
+    request: Request, name: str, version: str, models: ModelsDep, settings: SettingsDep
 ) -> Response:
-    return await _infer(request, service, settings, name, version)
+    return await _infer(request, models.get(name), settings, name, version)
 
 
 async def _infer(
