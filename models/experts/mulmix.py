@@ -17,7 +17,6 @@ smallest class loss by delta; the authors' shipped configurations leave it off, 
 from __future__ import annotations
 
 import math
-
 from dataclasses import dataclass
 from itertools import combinations
 from typing import TYPE_CHECKING
