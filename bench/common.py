@@ -303,11 +303,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(store: Path, log: Path, workers: int = 1) -> tuple[subprocess.Popen, str]:
+def start_server(
+    store: Path, log: Path, workers: int = 1, settings: dict | None = None
+) -> tuple[subprocess.Popen, str]:
+    """A ready ``dynfuse serve`` on a free loopback port; ``settings`` become DYNFUSE_<NAME> variables."""
     port = free_port()
     serve = ["serve", "--store", str(store), "--host", "127.0.0.1", "--port", str(port), "--workers", str(workers)]
     command = [sys.executable, "-m", "service.cli", *serve]
     env = {**os.environ, "DYNFUSE_LOG_LEVEL": "warning", "PYTHONUNBUFFERED": "1"}
+    env |= {f"DYNFUSE_{name.upper()}": str(value) for name, value in (settings or {}).items()}
     process = subprocess.Popen(command, cwd=REPO, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120

@@ -46,13 +46,19 @@ def evaluate_store(
     for start in tqdm(batches, desc=f"evaluate {split}", disable=not progress):
         batch = samples[start : start + batch_size]
         token_ids = np.stack([pipeline.prepare_text(s.text) for s in batch])
-        pixels = np.stack([pipeline.prepare_image(load_image_rgb(s)) for s in batch])
+        images = [load_image_rgb(s) for s in batch]
+        pixels = np.stack([pipeline.prepare_image(image) for image in images])
         tensors = {
             "token_ids": token_ids,
             "image": pipeline.images_tensor(pixels),
             **pipeline.encode_text(token_ids),
             "glimpse_features": pipeline.encode_glimpse(pixels),
         }
+        if model.specs:  # experts with their own preprocessing: each spec over the whole batch
+            spec_images = [model.specs.prepare_image(image) for image in images]
+            tensors |= pipeline.spec_tensors(
+                [s.text for s in batch], np.stack(spec_images) if model.specs.decode_side else None
+            )
         present = np.ones(len(batch), dtype=bool)
         for component, _ in routers:
             routed = pipeline.route(tensors["text_features"], tensors["glimpse_features"], present, present, component)

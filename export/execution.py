@@ -5,6 +5,11 @@ soft fusion, the full path again for a confidence fallback). Here every componen
 every expert whose chain has it: the CNN trunk that four experts share runs once on all their requests, not once
 per expert. A second call (the fallback) reuses what the first produced, so no component runs twice for a
 request. What a component produces is kept in its own rows: a consumer's rows are always among its producer's.
+
+Some inputs are made lazily, once per batch, for exactly the rows whose components read them: the model's
+normalized image (``image``) and, for experts that bring their own preprocessing, each spec's tensors
+(``image@<key>``, ``input_ids@<key>``, ...; models/specs.py). A source's tensors are made once for the union of
+its readers' rows, so two experts with one spec share its cost, and a request routed elsewhere pays nothing.
 """
 
 from __future__ import annotations
@@ -17,6 +22,9 @@ import numpy as np
 from export.store import StoredModel
 
 Runner = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
+# A lazy source's tensors for some rows: (source, rows) -> {tensor name: values for those rows}.
+Preprocess = Callable[[str, np.ndarray], dict[str, np.ndarray]]
+IMAGE_SOURCE = "image"  # the model's own normalized image; every other lazy source is a spec's key
 
 
 class BatchExecution:
@@ -25,20 +33,21 @@ class BatchExecution:
         model: StoredModel,
         runner: Callable[[str], Runner],
         tensors: dict[str, np.ndarray],  # full-batch request tensors: token_ids, text features, ...
-        pixels: np.ndarray,  # (n, S, S, 3) uint8, normalized lazily for the requests whose expert reads them
-        normalize: Callable[[np.ndarray], np.ndarray],
+        preprocess: Preprocess,  # makes a lazy source's tensors for the rows whose expert reads them
     ):
         self.model = model
         self.runner = runner
         self.tensors = tensors
-        self.pixels = pixels
-        self.normalize = normalize
+        self.preprocess = preprocess
+        # tensor name -> the lazy source that makes it
+        self.sources = {IMAGE_SOURCE: IMAGE_SOURCE} | model.specs.source_of
         self.chains = {e.name: e.components for e in model.experts}
         self.inputs = {name: tuple(t.name for t in info.inputs) for name, info in model.components.items()}
         # Producers before consumers: chains are ordered, so the order of first appearance over all of them is one.
         self.order = tuple(dict.fromkeys(c for e in model.experts for c in e.components))
         self.produced: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # tensor -> (its rows, its values for them)
         self.ran: dict[str, np.ndarray] = {}  # component -> the rows it has run for
+        self.made: dict[str, np.ndarray] = {}  # lazy source -> the rows its tensors were made for
 
     def run(self, members: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict[str, float]]:
         """Run each expert of ``members`` (expert -> rows); returns each expert's logits for its rows, in
@@ -49,7 +58,7 @@ class BatchExecution:
             for component in self.chains[expert]:
                 pending[component] = np.union1d(pending.get(component, rows), rows)
         pending = {c: np.setdiff1d(rows, self.ran.get(c, ()), assume_unique=True) for c, rows in pending.items()}
-        self._normalize_images(pending)
+        self._make_lazy_inputs(pending)
         seconds = dict.fromkeys(members, 0.0)
         for component in self.order:
             rows = pending.get(component)
@@ -67,15 +76,21 @@ class BatchExecution:
         logits = {expert: self._gather(f"logits@{self.chains[expert][-1]}", rows) for expert, rows in members.items()}
         return logits, seconds
 
-    def _normalize_images(self, pending: dict[str, np.ndarray]) -> None:
-        needed = [rows for c, rows in pending.items() if "image" in self.inputs[c]]
-        if not needed:
-            return
-        rows = np.unique(np.concatenate(needed))
-        have = self.produced.get("image", (np.empty(0, int), None))[0]
-        missing = np.setdiff1d(rows, have, assume_unique=True)
-        if len(missing):
-            self._keep("image", missing, self.normalize(self.pixels[missing]))
+    def _make_lazy_inputs(self, pending: dict[str, np.ndarray]) -> None:
+        """Each lazy source once, for the rows of every pending component that reads it and lacks it."""
+        readers: dict[str, list[np.ndarray]] = {}
+        for component, rows in pending.items():
+            for source in {self.sources.get(name) for name in self.inputs[component]} - {None}:
+                readers.setdefault(source, []).append(rows)  # type: ignore[arg-type]
+        for source, row_sets in readers.items():
+            rows = np.unique(np.concatenate(row_sets))
+            have = self.made.get(source, np.empty(0, int))
+            missing = np.setdiff1d(rows, have, assume_unique=True)
+            if not len(missing):
+                continue
+            for name, values in self.preprocess(source, missing).items():
+                self._keep(name, missing, values)
+            self.made[source] = np.union1d(have, missing)
 
     def _keep(self, name: str, rows: np.ndarray, values: np.ndarray) -> None:
         if name in self.produced:  # a later pass: merge, keeping rows sorted

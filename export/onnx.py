@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 import io
 import logging
 import warnings
@@ -21,7 +22,9 @@ def export_onnx(module: nn.Module, path: Path, *, example_batch: int = 2) -> Non
     with torch.no_grad():
         module(*inputs)  # eager first: a broken module fails here, with a readable traceback
     batch = torch.export.Dim("batch", min=1, max=1 << 16)
-    dynamic_shapes = tuple({0: batch} for _ in inputs)
+    dynamic_shapes: tuple = tuple({0: batch} for _ in inputs)
+    if _takes_varargs(module):  # a user's component (models/byo) takes its inputs as forward(*inputs): one tuple
+        dynamic_shapes = (dynamic_shapes,)
     # The exporter narrates each step on stdout and logs that torchvision (deliberately absent) is missing.
     logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
@@ -41,6 +44,10 @@ def export_onnx(module: nn.Module, path: Path, *, example_batch: int = 2) -> Non
         )
         program.save(str(path))
     onnx.checker.check_model(str(path), full_check=True)
+
+
+def _takes_varargs(module: nn.Module) -> bool:
+    return any(p.kind == p.VAR_POSITIONAL for p in inspect.signature(module.forward).parameters.values())
 
 
 class OnnxComponent:

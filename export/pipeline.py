@@ -7,6 +7,11 @@ routed to an expert whose chain has it. A component several experts share (the C
 once on the union of their requests instead of once per expert; the image encoder never runs for a
 request routed to an expert that does not use it, and the full-resolution image is normalized only
 for the requests whose expert reads it.
+
+Experts that bring their own preprocessing (models/specs.py: an image size with its mean and std, a tokenizer
+file) read tensors named ``<input>@<spec key>``. Like the full-resolution image, each spec is applied once per
+batch, to the rows of every chosen expert that reads it, from what the request kept: its picture at the largest
+side any spec needs, and its raw text.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ import numpy as np
 from PIL import Image
 
 from export.backends import Backend, Runner
-from export.execution import BatchExecution
+from export.execution import IMAGE_SOURCE, BatchExecution
 from export.store import StoredModel
 from models.policy import CONFIDENCE, DECIDED_BY, NOT_FORCED, REQUEST, calibrate, confidence_fallback, decide_routes
 
@@ -37,6 +42,10 @@ class PipelineInput:
     threshold: float | None = None  # escalate to the full path when the router's calibrated pick scores below this
     operating_point: str | None = None  # which router decides; None: the model's default
     min_confidence: float | None = None  # run the full path too when a cheaper expert's top probability is below
+    degraded: bool = False  # the server chose a cheaper operating point under load (passed through to the output)
+    # Kept only for a model whose experts bring their own preprocessing (``model.specs``):
+    text: str | None = None  # the raw text, for the experts' tokenizers
+    spec_image: np.ndarray | None = None  # (L, L, 3) uint8, L the largest side the experts' image specs read
 
 
 @dataclass
@@ -44,13 +53,14 @@ class PipelineOutput:
     label: str
     probabilities: np.ndarray  # (K,) of the expert that ran
     expert: str
-    decided_by: str  # router | threshold | request | missing_modality
+    decided_by: str  # router | threshold | request | missing_modality | confidence
     route_scores: np.ndarray  # (E,) the router's calibrated scores
     importance: np.ndarray  # (2,) text, image
     madds: int  # what this request executed
     operating_point: str  # the router that decided
     weights: np.ndarray | None = None  # (E,) soft fusion's weight per expert (0 for an ineligible one)
     fallback_from: str | None = None  # the cheaper expert whose answer the confidence fallback replaced
+    degraded: bool = False  # served at a cheaper operating point because the server was under load
 
 
 class DynamicPipeline:
@@ -58,9 +68,7 @@ class DynamicPipeline:
         self.model = model
         self.backend = backend
         self._runners: dict[str, Runner] = {}
-        served = set(model.shared_encoders.values()) | {model.router}
-        served |= {c for e in model.experts for c in e.components}
-        for name in sorted(served):
+        for name in sorted(self.served_components()):
             self.runner(name)
         self.experts = model.expert_names
         self.full_index = self.experts.index(model.full_expert)
@@ -76,6 +84,19 @@ class DynamicPipeline:
         assert len(set(finals)) == len(finals), f"two experts end in the same component: {finals}"
         self._madds_cache: dict[frozenset, int] = {}
 
+    def served_components(self) -> set[str]:
+        """The components this process runs, loaded at start: the shared encoders, the router and every expert's
+        chain (a distributed pipeline runs the experts elsewhere and loads only the first two)."""
+        served = set(self.model.shared_encoders.values()) | {self.model.router}
+        return served | {c for e in self.model.experts for c in e.components}
+
+    def execution(
+        self, tensors: dict[str, np.ndarray], pixels: np.ndarray, inputs: list[PipelineInput]
+    ) -> BatchExecution:
+        """What runs the experts of one batch: here, in this process (service/ray/ sends them to their own
+        deployments instead, with the same ``run(members)``)."""
+        return BatchExecution(self.model, self.runner, tensors, self._preprocessor(pixels, inputs))
+
     def runner(self, component: str) -> Runner:
         """The loaded component (loaded on first use: evaluation asks for routers the server never runs)."""
         if component not in self._runners:
@@ -83,6 +104,26 @@ class DynamicPipeline:
         return self._runners[component]
 
     # -- preprocessing -------------------------------------------------------------------------
+    def prepare(self, text: str | None, image: Image.Image | None, **options) -> PipelineInput:
+        """One request's input, preprocessed: what the router reads, and what the experts' specs need."""
+        pixels, spec_pixels = self.prepare_images(image) if image is not None else (None, None)
+        return PipelineInput(
+            token_ids=self.prepare_text(text) if text is not None else None,
+            image=pixels,
+            text=text if self.model.specs.keeps_text else None,
+            spec_image=spec_pixels,
+            **options,
+        )
+
+    @property
+    def decode_side(self) -> int:
+        """The largest side anything reads of a picture: the router's and built-in experts', or a spec's."""
+        return max(self.model.preprocessing.image_size, self.model.specs.decode_side or 0)
+
+    def prepare_images(self, image: Image.Image) -> tuple[np.ndarray, np.ndarray | None]:
+        """The model's pixels and, when its experts bring image specs, the pixels at the specs' decode side."""
+        return self.prepare_image(image), self.model.specs.prepare_image(image)
+
     def prepare_text(self, text: str) -> np.ndarray:
         return np.asarray(self.model.tokenizer.encode(text), dtype=np.int64)
 
@@ -133,6 +174,11 @@ class DynamicPipeline:
         )
         return out["expert_scores"], out["importance"], out["expert_weights"]
 
+    def spec_tensors(self, texts: list[str] | None, spec_images: np.ndarray | None) -> dict[str, np.ndarray]:
+        """Every spec's tensors for a batch in which every row has both modalities (evaluation)."""
+        specs = self.model.specs
+        return {name: value for key in specs.specs for name, value in specs.apply(key, texts, spec_images).items()}
+
     def run_expert(self, expert: str, tensors: dict[str, np.ndarray]) -> np.ndarray:
         """The expert's logits (n, K); ``tensors`` holds the raw inputs and shared features of its sub-batch."""
         available = dict(tensors)
@@ -175,7 +221,7 @@ class DynamicPipeline:
         )
         decided_by[soft] = REQUEST  # the client asked for soft fusion; the router's weights do the rest
 
-        execution = BatchExecution(self.model, self.runner, tensors, pixels, self.images_tensor)
+        execution = self.execution(tensors, pixels, inputs)
         ran = [{self.experts[c]} for c in choice]  # the experts each request runs
         for i in np.flatnonzero(soft):
             ran[i] = {e for e, ok in zip(self.experts, eligible[i], strict=True) if ok}
@@ -209,11 +255,26 @@ class DynamicPipeline:
                 operating_point=points[i],
                 weights=_normalized(weights[i], eligible[i]) if soft[i] else None,
                 fallback_from=self.experts[choice[i]] if fallback[i] else None,
+                degraded=inputs[i].degraded,
             )
             for i in range(n)
         ]
         assert len(outputs) == n, f"pipeline produced {len(outputs)} outputs for {n} inputs"
         return outputs, seconds
+
+    def _preprocessor(self, pixels: np.ndarray, inputs: list[PipelineInput]):
+        """What BatchExecution calls to make a lazy source's tensors for some rows: the model's normalized image,
+        or one spec's tensors (models/specs.py) from the rows' kept pictures or raw texts."""
+        specs = self.model.specs
+
+        def preprocess(source: str, rows: np.ndarray) -> dict[str, np.ndarray]:
+            if source == IMAGE_SOURCE:
+                return {"image": self.images_tensor(pixels[rows])}
+            if specs.specs[source].kind == "image":
+                return specs.apply(source, None, np.stack([inputs[i].spec_image for i in rows]))
+            return specs.apply(source, [inputs[i].text for i in rows], None)
+
+        return preprocess
 
     def _route_by_point(self, points: list[str], tensors: dict, has_text, has_image):
         """Scores (calibrated), importance and fused weights of each request, from its operating point's router."""
@@ -271,20 +332,34 @@ class DynamicPipeline:
         )
 
     def warmup(self, batch_sizes: tuple[int, ...] = (1, 4)) -> None:
-        """Run every served path once per batch size, so the first real request pays no start-up cost."""
+        """Run every served path once per batch size, and every operating point's router once, so the first real
+        request (or the first degraded one) pays no start-up cost."""
         rng = np.random.default_rng(0)
-        vocab = self.model.tokenizer.vocab_size
-        for batch_size in batch_sizes:
-            for expert in (*self.experts, AUTO):
-                inputs = [
+        tokenizer, specs = self.model.tokenizer, self.model.specs
+        side = specs.decode_side
+
+        def inputs(batch_size: int, route: str, point: str | None = None) -> list[PipelineInput]:
+            made = []
+            for _ in range(batch_size):
+                words = rng.integers(2, tokenizer.vocab_size, tokenizer.max_tokens)
+                text = " ".join(tokenizer.vocab[i] for i in words)
+                made.append(
                     PipelineInput(
-                        token_ids=rng.integers(2, vocab, self.model.tokenizer.max_tokens).astype(np.int64),
+                        token_ids=np.asarray(tokenizer.encode(text), dtype=np.int64),
                         image=rng.integers(0, 256, _pixel_shape(self.model), dtype=np.uint8),
-                        route=expert,
+                        route=route,
+                        operating_point=point,
+                        text=text if specs.keeps_text else None,
+                        spec_image=rng.integers(0, 256, (side, side, 3), dtype=np.uint8) if side else None,
                     )
-                    for _ in range(batch_size)
-                ]
-                self.predict(inputs)
+                )
+            return made
+
+        for batch_size in batch_sizes:
+            for route in (*self.experts, AUTO):
+                self.predict(inputs(batch_size, route))
+        for point in self.model.operating_points:
+            self.predict(inputs(1, AUTO, point))
 
 
 def _pixel_shape(model: StoredModel) -> tuple[int, int, int]:

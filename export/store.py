@@ -9,14 +9,19 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from models.errors import DynfuseError
 from models.preprocess import ImagePreprocessing
+from models.specs import SpecError, SpecSet, spec_from_dict
 from models.tokenizer import Tokenizer
 
 MODEL_FORMAT = "dynfuse-model/1"
+# A model whose experts bring their own preprocessing (models/specs.py): an older reader refuses it by name,
+# rather than failing on the first request that needs a spec's tensor.
+MODEL_FORMAT_WITH_SPECS = "dynfuse-model/2"
+READ_FORMATS = (MODEL_FORMAT, MODEL_FORMAT_WITH_SPECS)
 MANIFEST = "model.json"
 FORMATS = ("onnx", "torchscript")
 
@@ -86,6 +91,7 @@ class StoredModel:
     madds_full: int
     operating_points: dict[str, OperatingPoint]  # every router, by name
     default_point: str  # the one served unless a request or the settings pick another
+    specs: SpecSet = field(default_factory=SpecSet)  # the experts' own preprocessing, by key; empty for most
 
     def expert(self, name: str) -> ExpertInfo:
         for expert in self.experts:
@@ -153,8 +159,8 @@ def load_model_dir(path: Path, *, verify: bool = True) -> StoredModel:
         manifest = json.loads(manifest_path.read_text())
     except (OSError, json.JSONDecodeError) as error:
         raise StoreError(f"{manifest_path}: cannot be read: {error}") from error
-    if manifest.get("format") != MODEL_FORMAT:
-        raise StoreError(f"{manifest_path}: format {manifest.get('format')!r} is not {MODEL_FORMAT!r}")
+    if manifest.get("format") not in READ_FORMATS:
+        raise StoreError(f"{manifest_path}: format {manifest.get('format')!r} is not one of {READ_FORMATS}")
     if verify:
         verify_files(path, manifest)
     return _parse(path, manifest)
@@ -181,6 +187,9 @@ def _listed_files(manifest: dict) -> dict[str, str]:
             files[entry["file"]] = entry["sha256"]
     for example in manifest.get("examples", []):  # the playground's image-text pairs (export/examples.py)
         files[example["file"]] = example["sha256"]
+    for spec in manifest.get("preprocessing", {}).get("specs", {}).values():  # the experts' own tokenizer files
+        if "tokenizer" in spec:
+            files[spec["tokenizer"]] = spec["sha256"]
     return files
 
 
@@ -233,9 +242,22 @@ def _parse(path: Path, manifest: dict) -> StoredModel:
             madds_full=int(manifest["madds_full"]),
             operating_points=points,
             default_point=next(p.name for p in points.values() if p.component == manifest["router"]["component"]),
+            specs=_specs(path, pre.get("specs", {})),
         )
+    except SpecError as error:
+        raise StoreError(f"{path / MANIFEST}: {error}") from error
     except (KeyError, TypeError, ValueError, StopIteration) as error:
         raise StoreError(f"{path / MANIFEST}: malformed ({type(error).__name__}: {error})") from error
+
+
+def _specs(path: Path, entries: dict) -> SpecSet:
+    """The experts' preprocessing specs; each must still have the key its content gives (components read
+    tensors by that key)."""
+    specs = {key: spec_from_dict(entry, path) for key, entry in entries.items()}
+    for key, spec in specs.items():
+        if spec.key != key:
+            raise SpecError(f"preprocessing spec {key!r} describes the spec {spec.key!r}: model.json was edited")
+    return SpecSet(specs)
 
 
 def _tensor(entry: dict) -> TensorInfo:

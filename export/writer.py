@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from export import byo
 from export.backends import create_backend
 from export.examples import write_examples
 from export.onnx import OnnxComponent, export_onnx
@@ -27,6 +28,7 @@ from export.parity import TOLERANCE, ParityError, check_parity, max_abs_differen
 from export.pipeline import DynamicPipeline, PipelineInput
 from export.store import FORMATS, MANIFEST, MODEL_FORMAT, list_store, load_model_dir, sha256_file
 from export.torchscript import TorchScriptComponent, export_torchscript
+from models.byo.model import ROUTER_ONLY, RouterOnlyModel, rebuild_router_only
 from models.data.manifest import has_split, read_split
 from models.data.tensors import TensorSplit, load_pixels, tensorize
 from models.encoders import thumbnail
@@ -72,15 +74,25 @@ def export_run(
     if target.exists():
         raise FileExistsError(f"{target} already exists; choose another --version or leave it out for the next one")
 
-    model = rebuild_model(checkpoint)
+    # A router over a user's experts (models/byo) calls their factories again; export/byo.py does what differs.
+    router_only = checkpoint["model_name"] == ROUTER_ONLY
+    model = rebuild_router_only(checkpoint) if router_only else rebuild_model(checkpoint)
     routers = rebuild_routers(checkpoint, model)
     components = {n: m for n, m in model.components.items() if n != "router"}
     components |= {f"router.{router_name}": module for router_name, module in routers.items()}
-    checked = _check_samples(checkpoint, data_dir, log)  # (split, tensors, uint8 pixels) or None
+    if router_only:
+        checked = byo.check_samples(checkpoint, model, data_dir, log)
+    else:
+        checked = _check_samples(checkpoint, data_dir, log)  # (split, tensors, uint8 pixels) or None
 
     staging = staging_dir(target)
     try:
-        real_inputs = _real_component_inputs(model, checked[1]) if checked is not None else None
+        if checked is None:
+            real_inputs = None
+        else:
+            real_inputs = (
+                byo.real_component_inputs(model, checked) if router_only else _real_component_inputs(model, checked[1])
+            )
         entries, parity = {}, {}
         for component_name, module in tqdm(components.items(), desc="export", disable=not progress):
             entries[component_name], parity[component_name] = _export_component(
@@ -89,10 +101,12 @@ def export_run(
         Tokenizer.from_dict(checkpoint["tokenizer"]).save(staging / TOKENIZER_FILE)
         files = {TOKENIZER_FILE: {"sha256": sha256_file(staging / TOKENIZER_FILE)}}
         manifest = _manifest(checkpoint, name, version, entries, parity, files)
+        if router_only:
+            byo.add_specs(manifest, byo.write_spec_files(checkpoint, staging))
         manifest["examples"] = write_examples(data_dir or checkpoint["data"]["dir"], staging, log=log)
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
         if checked is not None:
-            agreement = _pipeline_agreement(model, staging, *checked, backend=formats[0])
+            agreement = _pipeline_agreement(model, staging, checked, backend=formats[0])
             manifest["parity"]["pipeline"] = agreement
             (staging / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
             log(
@@ -259,39 +273,27 @@ def _real_component_inputs(model, samples: TensorSplit, limit: int = 256) -> dic
 
 
 @torch.no_grad()
-def _pipeline_agreement(
-    model, staging: Path, split: str, samples: TensorSplit, pixels: np.ndarray, *, backend: str, batch_size: int = 64
-) -> dict:
+def _pipeline_agreement(model, staging: Path, checked, *, backend: str, batch_size: int = 64) -> dict:
     """Labels and expert choices of the exported pipeline against eager PyTorch, sample by sample."""
     # verify=False: the hashes were taken from these very bytes moments ago.
     pipeline = DynamicPipeline(load_model_dir(staging, verify=False), create_backend(backend, "cpu"))
+    if isinstance(model, RouterOnlyModel):
+        split, batches = checked.split, byo.eager_batches(model, pipeline, checked, batch_size)
+    else:
+        split, batches = checked[0], _eager_batches(model, *checked[1:], batch_size)
     experts = [e.name for e in model.experts]
-    label_matches = expert_matches = 0
+    n = label_matches = expert_matches = 0
     differences = []
-    for start in range(0, len(samples), batch_size):
-        tokens = samples.token_ids[start : start + batch_size]
-        images = samples.images[start : start + batch_size]
-        scores, _ = model.route(tokens, images)
-        eager_choice = scores.argmax(1)
-        logits = model.expert_logits(tokens, images)
-        eager_labels = [int(logits[experts[c]][i].argmax()) for i, c in enumerate(eager_choice.tolist())]
-        batch_pixels = pixels[start : start + batch_size]
-        inputs = [PipelineInput(token_ids=t.numpy(), image=p) for t, p in zip(tokens, batch_pixels, strict=True)]
+    for ids, eager_choice, eager_labels, inputs in batches:
         outputs, _ = pipeline.predict(inputs)
         for i, out in enumerate(outputs):
-            same_label = out.label == str(pipeline.labels[eager_labels[i]])
-            same_expert = out.expert == experts[eager_choice[i]]
+            eager = [str(pipeline.labels[eager_labels[i]]), experts[eager_choice[i]]]
+            same_label, same_expert = out.label == eager[0], out.expert == eager[1]
             label_matches += same_label
             expert_matches += same_expert
             if not (same_label and same_expert):
-                differences.append(
-                    {
-                        "id": samples.ids[start + i],
-                        "onnx": [out.label, out.expert],
-                        "eager": [str(pipeline.labels[eager_labels[i]]), experts[eager_choice[i]]],
-                    }
-                )
-    n = len(samples)
+                differences.append({"id": ids[i], "onnx": [out.label, out.expert], "eager": eager})
+        n += len(outputs)
     return {
         "split": split,
         "samples": n,
@@ -299,3 +301,18 @@ def _pipeline_agreement(
         "expert_agreement": expert_matches / n,
         "differences": differences[:20],
     }
+
+
+def _eager_batches(model, samples: TensorSplit, pixels: np.ndarray, batch_size: int):
+    """(ids, eager expert index, eager label index, pipeline inputs) per batch of a built-in model."""
+    experts = [e.name for e in model.experts]
+    for start in range(0, len(samples), batch_size):
+        tokens = samples.token_ids[start : start + batch_size]
+        images = samples.images[start : start + batch_size]
+        scores, _ = model.route(tokens, images)
+        eager_choice = scores.argmax(1).tolist()
+        logits = model.expert_logits(tokens, images)
+        eager_labels = [int(logits[experts[c]][i].argmax()) for i, c in enumerate(eager_choice)]
+        batch_pixels = pixels[start : start + batch_size]
+        inputs = [PipelineInput(token_ids=t.numpy(), image=p) for t, p in zip(tokens, batch_pixels, strict=True)]
+        yield samples.ids[start : start + batch_size], eager_choice, eager_labels, inputs

@@ -18,8 +18,12 @@ def count_madds(module: nn.Module) -> int:
     was_training = module.training
     module.eval()
     try:
+        # Made before the counter starts: a component later in a user's chain makes its example inputs by running
+        # the components before it (models/byo/components.py), which are not its cost.
+        with torch.no_grad():
+            inputs = module.example_inputs(1)
         with torch.no_grad(), FlopCounterMode(display=False) as counter:
-            module(*module.example_inputs(1))
+            module(*inputs)
     finally:
         module.train(was_training)
     return counter.get_total_flops() // 2  # the counter reports 2 FLOPs per multiply-add

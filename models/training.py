@@ -161,32 +161,10 @@ def train(data_dir: Path, run_dir: Path, config: TrainConfig, *, progress: bool 
     full_expert = choose_full_expert(model, cache["val"], dataset.splits["val"])
     costs = routing_costs(model, full_expert)
     log(f"full path: {full_expert} (the most accurate expert on validation), {costs['full']:,} MAdds")
-    # Stage II learns from the experts' outputs on the validation split, which they never trained on: on their
-    # own training split they look far better than they are (a small CNN recalls images it has seen), and a
-    # router taught there sends hard inputs to cheap experts. The served router is chosen on validation too,
-    # from routes made by routers that did not see the sample (cross-fitting), so its figures are honest.
-    routers, validation_routes = [], {}
-    for lam in tqdm(config.lambdas, desc="stage II (routers)", disable=not progress):
-        name = f"lambda_{lam:g}"
-        validation_routes[name] = cross_fitted_routes(model, cache["val"], costs, lam, config)
-        router = train_router(model, cache["val"], costs, lam, config)
-        temperature = calibrated_temperature(model, cache["val"], costs, lam, validation_routes[name])
-        routers.append({"name": name, "lambda": lam, "router": router, "temperature": temperature})
-
-    context = {"model": model, "dataset": dataset, "routers": routers, "costs": costs, "full_expert": full_expert}
-    validation = _evaluate(**context, outputs=cache["val"], routes=validation_routes, split="val")
-    default_router = select_router(validation, routers, config.select_tolerance)
-    model.router.load_state_dict(next(r for r in routers if r["name"] == default_router)["router"].state_dict())
-    evaluation = {"val": _evaluate(**context, outputs=cache["val"], routes=validation_routes, split="val",
-                                   default_router=default_router)}  # fmt: skip
-    for split in EVALUATED_SPLITS[1:]:
-        if split in dataset.splits:
-            routes = {r["name"]: route(r["router"], cache[split]) for r in routers}
-            evaluation[split] = _evaluate(**context, outputs=cache[split], routes=routes, split=split,
-                                          default_router=default_router)  # fmt: skip
+    routers, default_router, evaluation = train_routers(
+        model, dataset, cache, costs, full_expert, config, progress=progress
+    )
     headline = evaluation.get("test", evaluation["val"])
-    evaluation["default_router"] = default_router
-    evaluation["summary"] = summarize(headline)
 
     elapsed = time.perf_counter() - started
     checkpoint = {
@@ -314,6 +292,43 @@ def expert_outputs(model: DynamicFusionModel, split: TensorSplit, batch_size: in
         "logits": logits,  # expert -> (N, K)
         "losses": losses,  # (N, E) in router order
     }
+
+
+def train_routers(
+    model, dataset: Dataset, cache: dict, costs: dict, full_expert: str, config: TrainConfig, *, progress: bool
+) -> tuple[list[dict], str, dict]:
+    """Stage II over frozen experts: one router per lambda, the served one chosen, every split evaluated.
+
+    ``cache`` holds the experts' outputs per split (``expert_outputs``); ``model`` needs ``experts`` and
+    ``new_router()`` (the router-only path of models/byo comes here too). Returns the routers, the served
+    router's name (its weights also loaded into ``model.router``) and the evaluation per split, with its summary.
+    """
+    # Stage II learns from the experts' outputs on the validation split, which they never trained on: on their
+    # own training split they look far better than they are (a small CNN recalls images it has seen), and a
+    # router taught there sends hard inputs to cheap experts. The served router is chosen on validation too,
+    # from routes made by routers that did not see the sample (cross-fitting), so its figures are honest.
+    routers, validation_routes = [], {}
+    for lam in tqdm(config.lambdas, desc="stage II (routers)", disable=not progress):
+        name = f"lambda_{lam:g}"
+        validation_routes[name] = cross_fitted_routes(model, cache["val"], costs, lam, config)
+        router = train_router(model, cache["val"], costs, lam, config)
+        temperature = calibrated_temperature(model, cache["val"], costs, lam, validation_routes[name])
+        routers.append({"name": name, "lambda": lam, "router": router, "temperature": temperature})
+
+    context = {"model": model, "dataset": dataset, "routers": routers, "costs": costs, "full_expert": full_expert}
+    validation = _evaluate(**context, outputs=cache["val"], routes=validation_routes, split="val")
+    default_router = select_router(validation, routers, config.select_tolerance)
+    model.router.load_state_dict(next(r for r in routers if r["name"] == default_router)["router"].state_dict())
+    evaluation = {"val": _evaluate(**context, outputs=cache["val"], routes=validation_routes, split="val",
+                                   default_router=default_router)}  # fmt: skip
+    for split in EVALUATED_SPLITS[1:]:
+        if split in dataset.splits:
+            routes = {r["name"]: route(r["router"], cache[split]) for r in routers}
+            evaluation[split] = _evaluate(**context, outputs=cache[split], routes=routes, split=split,
+                                          default_router=default_router)  # fmt: skip
+    evaluation["default_router"] = default_router
+    evaluation["summary"] = summarize(evaluation.get("test", evaluation["val"]))
+    return routers, default_router, evaluation
 
 
 def train_router(model: DynamicFusionModel, cache: dict, costs: dict, lam: float, config: TrainConfig) -> DualRouter:

@@ -147,8 +147,9 @@ class Admission:
         """Why this request is refused before any work, or None to admit it."""
         if sum(len(name) + len(value) for name, value in scope["headers"]) > MAX_HEADER_BYTES:
             return HeadersTooLarge(f"the request headers are over the limit of {MAX_HEADER_BYTES:,} bytes")
-        if self.state.service is None:
-            return NotReady("the model is still loading; retry shortly (GET /readyz answers 200 once it is ready)")
+        not_serving = self.state.repository.not_serving
+        if not_serving is not None:
+            return NotReady(not_serving)
         if self.admitted >= self.capacity:
             return self._over_capacity
         return None

@@ -31,7 +31,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from export.pipeline import DynamicPipeline, PipelineInput, PipelineOutput
-from service.errors import DeadlineExceeded, NotReady, Overloaded
+from service.errors import ApiError, DeadlineExceeded, NotReady, Overloaded
 from service.metrics import Metrics
 
 logger = logging.getLogger("dynfuse")
@@ -98,6 +98,12 @@ class MicroBatcher:
             return False
         started = self._batch_started
         return started is None or time.monotonic() - started < self.stuck_after_s
+
+    @property
+    def queued(self) -> int:
+        """Items waiting: in the queue, and in a batch that is still filling (not the batch running now)."""
+        filling = len(self._in_hand) if self._batch_started is None else 0
+        return self._queue.qsize() + filling
 
     def status(self) -> str:
         """Why the batcher is (not) running, for /readyz."""
@@ -243,6 +249,12 @@ class MicroBatcher:
             )
             if len(outputs) != len(batch):
                 raise RuntimeError(f"the pipeline returned {len(outputs)} outputs for {len(batch)} inputs")
+        except ApiError as error:
+            # The pipeline's own state, not an item's fault (an expert deployment of the Ray engine that cannot
+            # answer now: 503 with Retry-After): every request of the batch gets it as it is.
+            logger.warning("the pipeline refused a batch of %d: %s", len(batch), error)
+            self._fail_in_hand(error)
+            return
         except Exception:  # noqa: BLE001 - one bad item must not fail its neighbours: find it
             if len(batch) > 1:
                 logger.exception("the pipeline failed on a batch of %d; running its items one by one", len(batch))

@@ -44,6 +44,19 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_train_router(args) -> int:
+    from models.byo.training import train_router_only
+    from models.training import TrainConfig
+
+    options = {"preset": args.preset, "seed": args.seed, "threads": args.threads}
+    if args.lambdas:
+        options["lambdas"] = args.lambdas
+    if args.epochs:
+        options["stage1_epochs"] = args.epochs
+    train_router_only(Path(args.data), Path(args.out), args.expert, TrainConfig(**options), progress=not args.quiet)
+    return 0
+
+
 def cmd_export(args) -> int:
     from export.writer import export_run
 
@@ -136,7 +149,37 @@ def cmd_serve(args) -> int:
         }.items()
         if value is not None
     }
+    if args.engine == "ray":
+        from service.ray.run import serve_on_ray
+
+        return serve_on_ray(Settings(**overrides), args.address)
+    if args.address:
+        raise ValueError("--address is for --engine ray")
     return serve(Settings(**overrides))
+
+
+def cmd_plan(args) -> int:
+    from service import plan
+
+    throughput = json.loads(Path(args.throughput).read_text())
+    mix = plan.parse_mix(args.mix) if args.mix else plan.route_mix_of(Path(args.store), args.model)
+    lines, static = plan.make_plan(args.rps, mix, throughput, args.p99_ms, args.utilization)
+    bound = f", p99 <= {args.p99_ms:g} ms" if args.p99_ms else ""
+    print(
+        f"{throughput['model']} v{throughput['version']}: {args.rps:g} req/s{bound}, replicas at "
+        f"{args.utilization:.0%} of what one serves (1 CPU each, {args.throughput})"
+    )
+    print(plan.format_plan(lines, static, args.rps))
+    if args.out:
+        settings = {"store": args.serve_store, "model": throughput["model"]}
+        comment = (
+            f"Written by: dynfuse plan --rps {args.rps:g}"
+            + (f" --p99-ms {args.p99_ms:g}" if args.p99_ms else "")
+            + f"\nroute mix: {', '.join(f'{k} {v:.1%}' for k, v in mix.items())}"
+        )
+        plan.write_serve_config(plan.serve_config(lines, settings), Path(args.out), comment)
+        print(f"wrote {args.out}")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -170,6 +213,29 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--epochs", type=int, help="Stage I epochs (default: the preset's)")
     train.add_argument("--threads", type=int, help="torch threads (default: all cores)")
     train.set_defaults(func=cmd_train)
+
+    router = sub.add_parser(
+        "train-router",
+        help="a router over experts you already have (frozen): --expert NAME=package.module:factory, two or more",
+    )
+    router.add_argument(
+        "--expert",
+        action="append",
+        required=True,
+        metavar="NAME[=package.module:factory]",
+        help="an expert: its factory (imported with the current directory on sys.path), or NAME alone for one "
+        "installed in the 'dynfuse.experts' entry-point group; repeat for each",
+    )
+    router.add_argument("--data", required=True, help="manifest directory (train/val[/test].jsonl)")
+    router.add_argument("--out", required=True, help="run directory to create (then: dynfuse export RUN_DIR)")
+    router.add_argument(
+        "--preset", choices=("tiny", "default", "large"), default="default", help="size of the router's own encoders"
+    )
+    router.add_argument("--lambdas", type=_floats, help="resource-loss weights, e.g. 0,0.1,0.3")
+    router.add_argument("--seed", type=int, default=0)
+    router.add_argument("--epochs", type=int, help="epochs of the router encoders' pass (default: the preset's)")
+    router.add_argument("--threads", type=int, help="torch threads (default: all cores)")
+    router.set_defaults(func=cmd_train_router)
 
     export = sub.add_parser("export", help="export a run to the model store (ONNX + TorchScript, verified)")
     export.add_argument("run_dir")
@@ -220,9 +286,39 @@ def build_parser() -> argparse.ArgumentParser:
         "--request-timeout", type=float, help="seconds a request may take from arrival: then 408 or 504 (default 10)"
     )
     serve.add_argument("--log-level", choices=("critical", "error", "warning", "info", "debug"))
+    serve.add_argument(
+        "--engine",
+        choices=("uvicorn", "ray"),
+        default="uvicorn",
+        help="uvicorn: this machine's processes (default); ray: Ray Serve, an ingress and one deployment per expert "
+        "(needs the ray extra)",
+    )
+    serve.add_argument(
+        "--address", help="with --engine ray: the cluster (auto, ray://host:10001); default: start a local one"
+    )
     serve.set_defaults(func=cmd_serve)
 
-    for command in (synth, train, export, evaluate, build):
+    planner = sub.add_parser(
+        "plan", help="replicas per Ray deployment for a request rate, against a static full model; a Serve config"
+    )
+    planner.add_argument("--rps", type=float, required=True, help="requests per second to serve")
+    planner.add_argument("--p99-ms", type=float, help="latency bound: each deployment batches within half of it")
+    planner.add_argument("--store", default="store", help="where the model's measured route mix is read")
+    planner.add_argument("--model", help="model name (default: the store's only model)")
+    planner.add_argument("--mix", help="route mix instead of the model's, e.g. text=0.4,image=0.3,mi2p=0.3")
+    planner.add_argument(
+        "--throughput",
+        default="bench/results/expert_throughput.json",
+        help="one replica's throughput per deployment (python -m bench.expert_throughput)",
+    )
+    planner.add_argument("--utilization", type=float, default=0.7, help="planned share of a replica's throughput")
+    planner.add_argument("--out", default="deploy/serve.plan.yaml", help="the Serve config to write ('' for none)")
+    planner.add_argument(
+        "--serve-store", default="/opt/dynfuse/store", help="the store's path on the cluster (the image's by default)"
+    )
+    planner.set_defaults(func=cmd_plan)
+
+    for command in (synth, train, router, export, evaluate, build):
         command.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser
 

@@ -18,6 +18,18 @@ class Settings(BaseSettings):
     store: Path = Field(Path("store"), description="Model store directory (STORE/<name>/<version>/model.json).")
     model: str | None = Field(None, description="Model to serve; default: the store's only model.")
     model_version: str | None = Field(None, description="Pin a version; default: the highest in the store.")
+    models: str | None = Field(
+        None,
+        description="More models of the store to serve from the start, beside the default one: comma-separated "
+        "names, or '*' for all. Requests pick one with their 'model' field; the repository API loads others later.",
+    )
+    store_poll_s: float | None = Field(
+        None,
+        gt=0,
+        description="Every this many seconds, look for a newer version of each served model in the store and swap "
+        "to it (verified and warmed beside the old one). Default: off; POST /v2/repository/models/{name}/load does "
+        "it on demand.",
+    )
     backend: Literal["onnx", "torchscript"] = Field("onnx", description="Runtime for the exported components.")
     device: Literal["cpu", "cuda"] = Field("cpu", description="cuda needs onnxruntime-gpu or a CUDA build of torch.")
     threads: int | None = Field(None, ge=1, description="Intra-op threads of the runtime; default: all cores.")
@@ -82,6 +94,32 @@ class Settings(BaseSettings):
         5.0, ge=0, le=300, description="Longest time spent discarding an oversized body before the 413."
     )
 
+    # Operating points (DESIGN.md "Operating points"): where on the accuracy/compute curve requests are served.
+    operating_point: str | None = Field(
+        None,
+        description="The operating point (a router of the model, GET /v1/models/{name} lists them) for requests "
+        "that name none; default: the one the store marks as served.",
+    )
+    min_confidence: float | None = Field(
+        None,
+        ge=0.0,
+        le=1.0,
+        description="Confidence fallback for requests that set none: when a cheaper expert's top probability is "
+        "below this, the full path runs too. Default: off.",
+    )
+    degrade_to: str | None = Field(
+        None,
+        description="Under load, serve requests that name no operating point at this cheaper one instead of "
+        "refusing them: from degrade_high_water queued requests until the queue drains to degrade_low_water. "
+        "Default: off.",
+    )
+    degrade_high_water: int | None = Field(
+        None, ge=1, description="Queued requests at which degrading starts; default: a quarter of the capacity."
+    )
+    degrade_low_water: int | None = Field(
+        None, ge=0, description="Queued requests at or below which degrading stops; default: a quarter of the high."
+    )
+
     api_key: str | None = Field(None, description="When set, inference endpoints need 'Authorization: Bearer <key>'.")
     log_level: str = "info"
 
@@ -107,6 +145,23 @@ class Settings(BaseSettings):
                 "raise DYNFUSE_MAX_QUEUE or lower DYNFUSE_MAX_BATCH_SIZE"
             )
         return self
+
+    @model_validator(mode="after")
+    def _water_marks_in_order(self) -> Settings:
+        if self.degrade_to is not None and self.water_marks[1] >= self.water_marks[0]:
+            high, low = self.water_marks
+            raise ValueError(
+                f"degrade_low_water ({low}) must be below degrade_high_water ({high}): the gap keeps the server "
+                "from flapping between operating points"
+            )
+        return self
+
+    @property
+    def water_marks(self) -> tuple[int, int]:
+        """(high, low): queued requests at which degrading starts, and at or below which it stops."""
+        high = self.degrade_high_water or max(2, self.capacity // 4)
+        low = self.degrade_low_water if self.degrade_low_water is not None else high // 4
+        return high, low
 
     @property
     def capacity(self) -> int:

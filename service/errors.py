@@ -47,6 +47,13 @@ class NotFound(ApiError):
     status, code = 404, "not_found"
 
 
+class LoadRefused(ApiError):
+    """A model version that cannot be served (a changed byte, a failed warm-up): refused, and what served
+    before keeps serving. 400, as Triton answers a failed load."""
+
+    status, code = 400, "load_refused"
+
+
 class PayloadTooLarge(ApiError):
     status, code, reason = 413, "payload_too_large", "too_large"
 

@@ -8,19 +8,21 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from urllib.parse import quote
 
 import numpy as np
 
-from export.backends import create_backend
-from export.pipeline import AUTO, DynamicPipeline, PipelineInput, RouteError
-from export.store import StoredModel, load_model
+from export.backends import Backend, create_backend
+from export.pipeline import AUTO, SOFT, DynamicPipeline, PipelineInput, RouteError
+from export.store import StoredModel, StoreError, load_model
 from models.policy import DECIDED_BY
 from service.batcher import BatchResult, MicroBatcher
 from service.config import Settings
 from service.decode import OpenedImage, check_text, decode_image, open_image
+from service.degrade import DegradeController
 from service.errors import InvalidInput
 from service.metrics import Metrics
 
@@ -32,6 +34,9 @@ logger = logging.getLogger("dynfuse")
 INLINE_DECODE_PIXELS = 128 * 128
 
 
+PipelineFactory = Callable[[StoredModel, Backend], DynamicPipeline]
+
+
 @dataclass
 class ClientInput:
     """One image-text pair as the client sent it, before decoding."""
@@ -40,6 +45,9 @@ class ClientInput:
     text: str | None
     route: str = AUTO
     threshold: float | None = None
+    operating_point: str | None = None  # None: the server's default (DYNFUSE_OPERATING_POINT, else the store's)
+    min_confidence: float | None = None  # None: the server's DYNFUSE_MIN_CONFIDENCE (off unless set)
+    model: str | None = None  # the served model to ask; None: the default one
 
 
 class ImageDecoder:
@@ -47,14 +55,14 @@ class ImageDecoder:
 
     def __init__(self, pipeline: DynamicPipeline, threads: int):
         self.pipeline = pipeline
-        self.side = pipeline.model.preprocessing.image_size
+        self.side = pipeline.decode_side  # the model's image size, or a larger one its experts' specs read
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="dynfuse-decode")
 
-    def pixels_now(self, opened: OpenedImage) -> np.ndarray:
-        """(S, S, 3) uint8 on the calling thread."""
-        return self.pipeline.prepare_image(decode_image(opened, side=self.side))
+    def pixels_now(self, opened: OpenedImage) -> tuple[np.ndarray, np.ndarray | None]:
+        """(S, S, 3) uint8 on the calling thread, and the (L, L, 3) the experts' image specs start from, if any."""
+        return self.pipeline.prepare_images(decode_image(opened, side=self.side))
 
-    async def pixels(self, opened: OpenedImage) -> np.ndarray:
+    async def pixels(self, opened: OpenedImage) -> tuple[np.ndarray, np.ndarray | None]:
         if opened.pixels <= INLINE_DECODE_PIXELS:
             return self.pixels_now(opened)
         # Cancelled (deadline, client gone) before a thread took it, the decode never runs.
@@ -80,17 +88,38 @@ class InferenceService:
             retry_after_s=settings.retry_after_s,
             stuck_after_s=settings.request_timeout_s,
         )
+        self.default_point = settings.operating_point or model.default_point
+        high, low = settings.water_marks
+        self.degrade = DegradeController(
+            settings.degrade_to,
+            high_water=high,
+            low_water=low,
+            on_seconds=metrics.degraded_seconds.labels(metrics.model).inc,
+        )
 
     @classmethod
-    def load(cls, settings: Settings, metrics: Metrics) -> InferenceService:
-        """Load and verify the model, build the runtime, warm every served path (blocking: run it in a thread)."""
+    def load(
+        cls, settings: Settings, metrics: Metrics, make_pipeline: PipelineFactory = DynamicPipeline
+    ) -> InferenceService:
+        """Load and verify the model, build the runtime, warm every served path (blocking: run it in a thread).
+        ``make_pipeline`` builds the pipeline over the loaded model (service/ray/ builds one whose experts run in
+        their own deployments)."""
         started = time.perf_counter()
         model = load_model(settings.store, settings.model, settings.model_version)
+        for setting, point in (
+            ("DYNFUSE_OPERATING_POINT", settings.operating_point),
+            ("DYNFUSE_DEGRADE_TO", settings.degrade_to),
+        ):
+            if point is not None and point not in model.operating_points:
+                raise StoreError(
+                    f"{setting}={point!r} is not an operating point of {model.name} v{model.version}; "
+                    f"it has: {', '.join(model.operating_points)}"
+                )
         backend = create_backend(settings.backend, settings.device, settings.threads)
-        pipeline = DynamicPipeline(model, backend)
+        pipeline = make_pipeline(model, backend)
         pipeline.warmup(batch_sizes=(1, settings.max_batch_size))
         metrics.set_model_info(model.version, backend.name, backend.device)
-        metrics.init_routes(pipeline.experts, DECIDED_BY)
+        metrics.init_routes(pipeline.experts, DECIDED_BY, model.operating_points, soft=SOFT)
         logger.info(
             "loaded %s v%s (%s) and warmed it in %.1f s",
             model.name,
@@ -104,6 +133,7 @@ class InferenceService:
         """Answer everything accepted, then release the threads."""
         await self.batcher.stop()
         self.decoder.close()
+        self.degrade.close()
 
     # -- request path: decode -> batch -> predict -> unbatch -> encode ---------------------------
     def check(self, client: ClientInput) -> tuple[str | None, OpenedImage | None]:
@@ -117,6 +147,7 @@ class InferenceService:
             raise InvalidInput("send an image, a text or both; this request has neither")
         try:
             self.pipeline.check_route(client.route, text is not None, opened is not None)
+            self.pipeline.check_operating_point(client.operating_point)
         except RouteError as error:
             raise InvalidInput(str(error)) from None
         return text, opened
@@ -132,12 +163,25 @@ class InferenceService:
         text, opened = self.check(client)
         return self._input(client, text, self.decoder.pixels_now(opened) if opened is not None else None)
 
-    def _input(self, client: ClientInput, text: str | None, pixels: np.ndarray | None) -> PipelineInput:
+    def _input(self, client: ClientInput, text: str | None, decoded: tuple | None) -> PipelineInput:
+        pixels, spec_pixels = decoded if decoded is not None else (None, None)
+        point, degraded = client.operating_point, False
+        if point is None:
+            # A request that names its point gets it; the others may be served cheaper while the queue is high.
+            degraded = self.degrade.update(self.batcher.queued)
+            point = self.degrade.operating_point if degraded else self.default_point
+        min_confidence = client.min_confidence if client.min_confidence is not None else self.settings.min_confidence
         return PipelineInput(
             token_ids=self.pipeline.prepare_text(text) if text is not None else None,
             image=pixels,
             route=client.route,
             threshold=client.threshold,
+            operating_point=point,
+            min_confidence=min_confidence,
+            degraded=degraded,
+            # What the experts' own preprocessing starts from, kept only when the model has such experts.
+            text=text if self.model.specs.keeps_text else None,
+            spec_image=spec_pixels,
         )
 
     async def classify(self, items: list[PipelineInput], deadline: float | None = None) -> list[BatchResult]:
@@ -150,6 +194,8 @@ class InferenceService:
                 madds=out.madds,
                 madds_full=self.model.madds_full,
                 importance=out.importance,
+                operating_point=out.operating_point,
+                degraded=out.degraded,
             )
         return results
 
@@ -165,11 +211,7 @@ class InferenceService:
             "scores": {
                 label: round(float(p), 6) for label, p in zip(self.model.labels, out.probabilities, strict=True)
             },
-            "route": {
-                "expert": out.expert,
-                "decided_by": out.decided_by,
-                "scores": {e: round(float(s), 6) for e, s in zip(self.pipeline.experts, out.route_scores, strict=True)},
-            },
+            "route": self._route(out),
             "importance": {"text": round(float(out.importance[0]), 6), "image": round(float(out.importance[1]), 6)},
             "compute": {
                 "madds": out.madds,
@@ -182,6 +224,36 @@ class InferenceService:
                 "total": round(1000 * (time.perf_counter() - started), 3),
             },
         }
+
+    def _route(self, out) -> dict:
+        experts = self.pipeline.experts
+        route = {
+            "expert": out.expert,
+            "decided_by": out.decided_by,
+            "scores": {e: round(float(s), 6) for e, s in zip(experts, out.route_scores, strict=True)},
+            "operating_point": out.operating_point,
+            "degraded": out.degraded,
+        }
+        if out.weights is not None:
+            route["weights"] = {e: round(float(w), 6) for e, w in zip(experts, out.weights, strict=True)}
+        if out.fallback_from is not None:
+            route["fallback_from"] = out.fallback_from
+        return route
+
+    def operating_points(self) -> list[dict]:
+        """Every router of the model as a point on the accuracy/compute curve, measured on validation."""
+        return [
+            {
+                "name": point.name,
+                "lambda": point.lam,
+                "temperature": point.temperature,
+                "default": point.name == self.default_point,
+                **{k: point.validation.get(k) for k in ("accuracy", "madds_per_sample", "saved_ratio", "route_mix")},
+            }
+            for point in sorted(
+                self.model.operating_points.values(), key=lambda p: p.validation.get("madds_per_sample") or 0.0
+            )
+        ]
 
     def describe(self) -> dict:
         """GET /v1/models/{name}."""
@@ -196,6 +268,10 @@ class InferenceService:
             ],
             "full_expert": self.model.full_expert,
             "router": manifest["router"],
+            "routes": [AUTO, SOFT, *self.pipeline.experts],
+            "operating_points": self.operating_points(),
+            "default_operating_point": self.default_point,
+            "degrade_to": self.degrade.operating_point,
             "madds_full": self.model.madds_full,
             "backend": self.pipeline.backend.name,
             "device": self.pipeline.backend.device,

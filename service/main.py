@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
@@ -18,12 +19,14 @@ from fastapi import FastAPI
 from export.store import StoreError, resolve
 from service.admission import Admission
 from service.api.openapi import install_openapi
-from service.api.routes import classify, docs, health, models, playground, v2
+from service.api.routes import classify, docs, health, models, playground, repository, v2
 from service.config import Settings, get_settings
-from service.errors import install_error_handlers
-from service.inference import InferenceService
+from service.errors import ApiError, install_error_handlers
+from service.inference import PipelineFactory
 from service.metrics import Metrics
 from service.middleware import BodySizeLimit
+from service.repository import ModelRepository
+from service.repository_sync import STATE_FILE_ENV, SharedState, follow, poll_store, startup_models
 
 logger = logging.getLogger("dynfuse")
 
@@ -50,9 +53,16 @@ class DynfuseApp(FastAPI):
         await super().__call__(scope, receive, send)
 
 
-def create_app(settings: Settings | None = None) -> DynfuseApp:
+def create_app(
+    settings: Settings | None = None,
+    *,
+    metrics: Metrics | None = None,
+    make_pipeline: PipelineFactory | None = None,
+) -> DynfuseApp:
+    """The app. ``metrics`` and ``make_pipeline`` default to this process's own; the Ray engine (service/ray/)
+    passes metrics that Ray's agent also exports and a pipeline whose experts are deployments of their own."""
     settings = settings or get_settings()
-    metrics = Metrics(_model_name(settings))
+    metrics = metrics or Metrics(_model_name(settings))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -62,10 +72,9 @@ def create_app(settings: Settings | None = None) -> DynfuseApp:
         try:
             yield
         finally:
-            if not loader.done():
-                loader.cancel()
-            if app.state.service is not None:
-                await app.state.service.stop()
+            for task in (loader, *app.state.background):
+                task.cancel()
+            await app.state.repository.stop()
             metrics.close()
 
     # docs_url/redoc_url None: FastAPI's pages load their scripts from a CDN; routes/docs.py serves them offline.
@@ -74,8 +83,11 @@ def create_app(settings: Settings | None = None) -> DynfuseApp:
     )
     app.state.settings = settings
     app.state.metrics = metrics
-    app.state.service = None
+    app.state.service = None  # the default model's served version (the repository keeps it so)
+    app.state.repository = ModelRepository(settings, metrics, app.state)
+    app.state.background = []  # the store poll and the following of other workers, when on
     app.state.load_error = None
+    app.state.make_pipeline = make_pipeline
     install_error_handlers(app, on_rejected=metrics.reject)
     # Inside the front door (admission): every request that may read a body (or drain one) holds a place
     # within the capacity.
@@ -100,6 +112,7 @@ def create_app(settings: Settings | None = None) -> DynfuseApp:
     app.include_router(classify.router)
     app.include_router(models.router)
     app.include_router(v2.router)
+    app.include_router(repository.router)
     app.include_router(docs.router)
     app.include_router(playground.router)
     app.mount(docs.ASSETS_URL, docs.assets(), name="docs-assets")
@@ -109,15 +122,31 @@ def create_app(settings: Settings | None = None) -> DynfuseApp:
 
 
 async def _load(app: FastAPI) -> None:
+    """Serve the models asked for at start, then keep them current (the store poll, the other workers)."""
     settings: Settings = app.state.settings
+    repository: ModelRepository = app.state.repository
+    shared = SharedState(os.environ[STATE_FILE_ENV]) if STATE_FILE_ENV in os.environ else None
+    # A worker serves what its siblings serve now (the shared file), not what the settings said at start.
+    wanted = (shared.read() if shared else None) or startup_models(settings, repository.default)
+    default_version = wanted.pop(repository.default, settings.model_version)
     try:
-        service = await asyncio.to_thread(InferenceService.load, settings, app.state.metrics)
-    except Exception as error:  # noqa: BLE001 - reported by /readyz and the log; the process stays up for probes
-        logger.error("cannot serve a model from %s: %s", settings.store, error)
-        app.state.load_error = f"{type(error).__name__}: {error}"
+        await repository.load(repository.default, default_version, announce=False)
+    except ApiError as error:  # reported by /readyz and the log; the process stays up for probes
+        logger.error("cannot serve a model from %s: %s", settings.store, error.message)
+        app.state.load_error = error.message
         return
-    service.batcher.start()
-    app.state.service = service
+    for name, version in wanted.items():
+        try:
+            await repository.load(name, version, announce=False)
+        except ApiError as error:
+            logger.error("cannot serve %s beside %s: %s", name, repository.default, error.message)
+    repository.started = True  # ready: everything asked for at start is served (or was refused, and logged)
+    if shared is not None:
+        repository.on_change = shared.update
+        app.state.background.append(asyncio.create_task(follow(repository, shared), name="dynfuse-follow"))
+    if settings.store_poll_s:
+        poll = poll_store(repository, settings.store_poll_s)
+        app.state.background.append(asyncio.create_task(poll, name="dynfuse-store-poll"))
 
 
 def _model_name(settings: Settings) -> str:

@@ -8,6 +8,7 @@ reports the sums over all of them.
 
 from __future__ import annotations
 
+import copy
 import os
 from pathlib import Path
 
@@ -38,11 +39,16 @@ STATUSES = ("200", "400", "401", "404", "408", "413", "415", "422", "431", "499"
 
 
 class Metrics:
+    # The metric classes: prometheus_client's here; service/ray/metrics.py swaps in classes that also report to
+    # Ray's metrics agent, so that every replica of a Ray deployment is scraped under these same names.
+    kinds: tuple[type, type, type] = (Counter, Gauge, Histogram)
+
     def __init__(self, model: str, registry: CollectorRegistry | None = None):
         self.model = model
         self.multiprocess = MULTIPROCESS_DIR in os.environ
         self.registry = registry or CollectorRegistry(auto_describe=True)
         r = self.registry
+        Counter, Gauge, Histogram = self.kinds  # noqa: N806 - the same names as prometheus_client's classes
 
         # Traffic
         self.requests = Counter(
@@ -76,6 +82,23 @@ class Metrics:
             ["model", "modality"],
             buckets=IMPORTANCE_BUCKETS,
             registry=r,
+        )
+
+        # Operating points and degradation
+        self.operating_point_requests = Counter(
+            "dynfuse_operating_point_requests",
+            "Predictions by the operating point (router) that decided them.",
+            ["model", "operating_point"],
+            registry=r,
+        )
+        self.degraded_requests = Counter(
+            "dynfuse_degraded_requests",
+            "Predictions served at a cheaper operating point because the server was under load.",
+            ["model"],
+            registry=r,
+        )
+        self.degraded_seconds = Counter(
+            "dynfuse_degraded_seconds", "Seconds spent serving at the degraded operating point.", ["model"], registry=r
         )
 
         # Latency and batching
@@ -121,6 +144,8 @@ class Metrics:
             self.request_duration,
             self.queue_duration,
             self.batch_size,
+            self.degraded_requests,
+            self.degraded_seconds,
         ):
             series.labels(model)
         # Bound once: a refusal under overload must cost as little as possible, and .labels() is a lock
@@ -131,18 +156,65 @@ class Metrics:
         for modality in MODALITIES:
             self.modality_importance.labels(model, modality)
 
-    def init_routes(self, experts, decided_by) -> None:
-        """The per-expert series, created once the model (and so its experts) is known."""
+    def init_routes(self, experts, decided_by, operating_points=(), soft: str | None = None) -> None:
+        """The per-expert and per-operating-point series, created once the model is known. ``soft``: the expert
+        label of soft fusion (every expert runs; only a request asks for it)."""
         for expert in experts:
             self.expert_duration.labels(self.model, expert)
             for who in decided_by:
                 self.route_decisions.labels(self.model, expert, who)
+        if soft is not None:
+            self.route_decisions.labels(self.model, soft, "request")
+        for point in operating_points:
+            self.operating_point_requests.labels(self.model, point)
 
     def set_model_info(self, version: str, backend: str, device: str) -> None:
         self.model_info.labels(self.model, version, backend, device).set(1)
 
-    def observe_prediction(self, *, expert: str, decided_by: str, madds: int, madds_full: int, importance) -> None:
+    def clear_model_info(self, version: str, backend: str, device: str) -> None:
+        """That version is no longer served (swapped or unloaded). Set to 0 before it is removed: with several
+        workers the series lives on in this process's file, and a 0 there lets the others' max decide."""
+        self.model_info.labels(self.model, version, backend, device).set(0)
+        if not self.multiprocess:
+            self.model_info.remove(self.model, version, backend, device)
+
+    def for_model(self, model: str) -> Metrics:
+        """The same metrics (one registry, one scrape) labelled for another model served beside this one."""
+        if model == self.model:
+            return self
+        view = copy.copy(self)
+        view.model = model
+        for series in (
+            self.compute_madds,
+            self.compute_full_madds,
+            self.request_duration,
+            self.queue_duration,
+            self.batch_size,
+        ):
+            series.labels(model)
+        for modality in MODALITIES:
+            self.modality_importance.labels(model, modality)
+        view._by_status = {status: self.requests.labels(model, status) for status in STATUSES}
+        view._by_reason = {reason: self.rejected.labels(model, reason) for reason in REJECT_REASONS}
+        view._duration = self.request_duration.labels(model)
+        return view
+
+    def observe_prediction(
+        self,
+        *,
+        expert: str,
+        decided_by: str,
+        madds: int,
+        madds_full: int,
+        importance,
+        operating_point: str | None = None,
+        degraded: bool = False,
+    ) -> None:
         self.route_decisions.labels(self.model, expert, decided_by).inc()
+        if operating_point is not None:
+            self.operating_point_requests.labels(self.model, operating_point).inc()
+        if degraded:
+            self.degraded_requests.labels(self.model).inc()
         self.compute_madds.labels(self.model).inc(madds)
         self.compute_full_madds.labels(self.model).inc(madds_full)
         self.modality_importance.labels(self.model, "text").observe(float(importance[0]))

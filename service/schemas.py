@@ -5,9 +5,19 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict, Field
 
 ROUTE_DESCRIPTION = (
-    "'auto' lets the router decide; an expert's name (e.g. 'text', 'image_lite', 'mi2p'; GET /v1/models/{name} "
+    "'auto' lets the router decide; 'soft' runs every eligible expert and mixes their probabilities by the router's "
+    "weights (DRDF's expert fusion); an expert's name (e.g. 'text', 'image_lite', 'mi2p'; GET /v1/models/{name} "
     "lists them) forces that path."
 )
+OPERATING_POINT_DESCRIPTION = (
+    "Which of the model's routers decides (a point on its accuracy/compute curve; GET /v1/models/{name} lists "
+    "them with their validation figures). Default: the server's."
+)
+MIN_CONFIDENCE_DESCRIPTION = (
+    "Confidence fallback: when a cheaper expert's top probability is below this, the full path runs too and its "
+    "answer is returned (decided_by 'confidence'; compute counts both). Default: the server's (off unless set)."
+)
+MODEL_DESCRIPTION = "The served model to ask (GET /v1/models lists them); default: the server's default model."
 THRESHOLD_DESCRIPTION = (
     "Serving-time knob along the accuracy/compute curve: when the router picks a path cheaper than the full "
     "one with a score below this, the request escalates to the full path. 0 = the router alone; 1 = always full."
@@ -23,6 +33,9 @@ class ClassifyRequest(BaseModel):
     )
     route: str = Field("auto", description=ROUTE_DESCRIPTION)
     threshold: float | None = Field(None, ge=0.0, le=1.0, description=THRESHOLD_DESCRIPTION)
+    operating_point: str | None = Field(None, description=OPERATING_POINT_DESCRIPTION)
+    min_confidence: float | None = Field(None, ge=0.0, le=1.0, description=MIN_CONFIDENCE_DESCRIPTION)
+    model: str | None = Field(None, description=MODEL_DESCRIPTION)
 
 
 class BatchInput(BaseModel):
@@ -39,14 +52,29 @@ class BatchClassifyRequest(BaseModel):
     inputs: list[BatchInput] = Field(..., min_length=1, description="Image-text pairs, answered in this order.")
     route: str = Field("auto", description=ROUTE_DESCRIPTION)
     threshold: float | None = Field(None, ge=0.0, le=1.0, description=THRESHOLD_DESCRIPTION)
+    operating_point: str | None = Field(None, description=OPERATING_POINT_DESCRIPTION)
+    min_confidence: float | None = Field(None, ge=0.0, le=1.0, description=MIN_CONFIDENCE_DESCRIPTION)
+    model: str | None = Field(None, description=MODEL_DESCRIPTION)
 
 
 class RouteInfo(BaseModel):
-    expert: str = Field(..., description="The one expert path that ran.")
+    expert: str = Field(..., description="The expert path whose answer this is, or 'soft' (every eligible one ran).")
     decided_by: str = Field(
-        ..., description="router | threshold (escalated to full) | request (forced) | missing_modality"
+        ...,
+        description="router | threshold (escalated to full) | request (forced, or soft) | missing_modality | "
+        "confidence (the cheaper expert was unsure: the full path ran too)",
     )
-    scores: dict[str, float] = Field(..., description="The router's normalized score per expert (sums to 1).")
+    scores: dict[str, float] = Field(..., description="The router's calibrated score per expert (sums to 1).")
+    operating_point: str = Field(..., description="The router (operating point) that decided.")
+    degraded: bool = Field(
+        ..., description="True when the server chose a cheaper operating point because it was under load."
+    )
+    weights: dict[str, float] | None = Field(
+        None, description="route=soft only: each expert's weight in the mixture (0 for one that could not run)."
+    )
+    fallback_from: str | None = Field(
+        None, description="decided_by=confidence only: the cheaper expert whose unsure answer was replaced."
+    )
 
 
 class Importance(BaseModel):
@@ -109,6 +137,14 @@ class ModelDescription(BaseModel):
     experts: list[ExpertDescription]
     full_expert: str
     router: dict = Field(..., description="The served router: component, lambda, MAdds, score and importance order.")
+    routes: list[str] = Field(..., description="Accepted values of a request's route: auto, soft, or an expert.")
+    operating_points: list[dict] = Field(
+        ...,
+        description="Every router as a point on the accuracy/compute curve (validation accuracy, MAdds per sample, "
+        "saved ratio, route mix), cheapest first; 'default' marks the one requests get when they name none.",
+    )
+    default_operating_point: str
+    degrade_to: str | None = Field(None, description="The cheaper point served under load (None: never).")
     madds_full: int
     backend: str
     device: str

@@ -14,6 +14,7 @@ import os
 import signal
 import sys
 import tempfile
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import uvicorn
@@ -22,6 +23,7 @@ from export.store import StoreError, resolve
 from service.config import Settings, get_settings
 from service.gc_policy import tune_for_serving
 from service.metrics import MULTIPROCESS_DIR
+from service.repository_sync import STATE_FILE_ENV, SharedState, startup_models
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
@@ -78,9 +80,16 @@ def _serve_workers(settings: Settings) -> int:
     print(f"dynfuse: {settings.workers} worker processes, {threads} runtime thread(s) each", flush=True)
     worker_settings = settings.model_copy(update={"threads": threads})
     # A fresh directory per run: files left by an earlier run would be summed into this one's metrics.
-    with tempfile.TemporaryDirectory(prefix="dynfuse-metrics-") as metrics_dir:
+    with (
+        tempfile.TemporaryDirectory(prefix="dynfuse-metrics-") as metrics_dir,
+        tempfile.TemporaryDirectory(prefix="dynfuse-repository-") as repository_dir,
+    ):
         os.environ.update(_environment(worker_settings))
         os.environ[MULTIPROCESS_DIR] = metrics_dir
+        # What every worker serves, changed by the repository API in any worker (service/repository_sync.py).
+        shared = SharedState(Path(repository_dir) / "served.json")
+        shared.write(_served_at_start(settings))
+        os.environ[STATE_FILE_ENV] = str(shared.path)
         uvicorn.run(
             "service.server:worker_app",
             factory=True,
@@ -92,6 +101,17 @@ def _serve_workers(settings: Settings) -> int:
             access_log=False,
         )
     return 0
+
+
+def _served_at_start(settings: Settings) -> dict[str, str]:
+    """Model -> the version every worker loads at start (resolved here, once, as ``pinned`` does)."""
+    served = {}
+    for name, version in startup_models(settings, settings.model).items():
+        try:
+            served[name] = resolve(settings.store, name, version).name
+        except StoreError as error:
+            print(f"dynfuse serve: not serving {name}: {error}", file=sys.stderr)
+    return served
 
 
 def worker_app() -> FastAPI:

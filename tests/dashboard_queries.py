@@ -35,6 +35,9 @@ CONTRACT_METRICS: dict[str, str] = {
     "dynfuse_inflight_requests": "gauge",
     "dynfuse_rejected_requests_total": "counter",
     "dynfuse_model_info": "gauge",
+    "dynfuse_operating_point_requests_total": "counter",
+    "dynfuse_degraded_requests_total": "counter",
+    "dynfuse_degraded_seconds_total": "counter",
 }
 
 # Series names a query may use: counters and gauges as they are, histograms by their series.

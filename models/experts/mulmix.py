@@ -16,6 +16,7 @@ smallest class loss by delta; the authors' shipped configurations leave it off, 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from itertools import combinations
 from typing import TYPE_CHECKING
@@ -49,6 +50,17 @@ class MulMixConfig:
 def candidates(modalities: tuple[str, ...] = MODALITIES) -> tuple[tuple[str, ...], ...]:
     """Every non-empty subset of the modalities, singletons first."""
     return tuple(c for size in range(1, len(modalities) + 1) for c in combinations(modalities, size))
+
+
+def log_one_minus(log_probs: torch.Tensor) -> torch.Tensor:
+    """log(1 - p_y) for every class y of (..., K) log-probabilities, as log(sum of the other classes' p).
+
+    The direct 1 - exp(log p) cancels where p is close to 1: float32 keeps about 7 digits, so ONNX Runtime and
+    PyTorch, whose exp differ in the last bit, disagreed there by 3e-4 on a served model. Summing the other
+    classes' probabilities (a logsumexp with the class itself masked out) has no such cancellation."""
+    k = log_probs.shape[-1]
+    mask = torch.eye(k, dtype=log_probs.dtype, device=log_probs.device) * -1e4  # exp(-1e4) = 0: y left out
+    return torch.logsumexp(log_probs.unsqueeze(-2) + mask, dim=-1)
 
 
 class MulMixExpert(nn.Module):
@@ -85,7 +97,7 @@ class MulMixExpert(nn.Module):
     def class_losses(self, log_probs: torch.Tensor, *, detach_weights: bool = False) -> torch.Tensor:
         """l^y for every class: (B, K) from (C, B, K) log-probabilities."""
         count = log_probs.shape[0]
-        log_complement = torch.log(torch.clamp(1.0 - log_probs.exp(), min=MIN_COMPLEMENT))  # log(1 - p_c^y)
+        log_complement = torch.clamp(log_one_minus(log_probs), min=math.log(MIN_COMPLEMENT))  # log(1 - p_c^y)
         others = log_complement.sum(dim=0, keepdim=True) - log_complement  # sum over j != c
         weights = torch.exp(self.config.beta / max(count - 1, 1) * others)  # q_c^y
         if detach_weights:

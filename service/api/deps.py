@@ -6,13 +6,15 @@ three thread hops per request were the largest cost of the HTTP path (bench/BENC
 from __future__ import annotations
 
 import hmac
+from collections.abc import AsyncIterator
 from typing import Annotated
 
 from fastapi import Depends, Request
 
 from service.config import Settings
-from service.errors import NotReady, Unauthorized
+from service.errors import Unauthorized
 from service.inference import InferenceService
+from service.repository import Leases, ModelRepository
 
 
 async def get_app_settings(request: Request) -> Settings:
@@ -22,11 +24,29 @@ async def get_app_settings(request: Request) -> Settings:
 SettingsDep = Annotated[Settings, Depends(get_app_settings)]
 
 
-async def get_service(request: Request) -> InferenceService:
-    service = request.app.state.service
-    if service is None:
-        raise NotReady("the model is still loading; retry shortly (GET /readyz answers 200 once it is ready)")
-    return service
+async def get_models(request: Request) -> AsyncIterator[Leases]:
+    """The served models, for this request: each version it uses is held until the request ends, so that a
+    swap meanwhile lets it finish on that version (service/repository.py)."""
+    leases = request.app.state.repository.leases()
+    try:
+        yield leases
+    finally:
+        leases.release()
+
+
+ModelsDep = Annotated[Leases, Depends(get_models)]
+
+
+async def get_repository(request: Request) -> ModelRepository:
+    return request.app.state.repository
+
+
+RepositoryDep = Annotated[ModelRepository, Depends(get_repository)]
+
+
+async def get_service(models: ModelsDep) -> InferenceService:
+    """The default model (the one a request without ``model`` gets)."""
+    return models.get(None)
 
 
 ServiceDep = Annotated[InferenceService, Depends(get_service)]

@@ -30,6 +30,7 @@ from service.config import Settings
 from service.decode import IMAGE_FORMATS, NOT_BLANK
 
 AUTO = "auto"
+SOFT = "soft"
 IMAGE_MEDIA_TYPES = ", ".join(f"image/{name.lower()}" for name in IMAGE_FORMATS)
 
 V1_CLASSIFY = "/v1/classify"
@@ -45,8 +46,12 @@ BINARY_NOTE = (
 
 
 def install_openapi(app: FastAPI, settings: Settings) -> None:
+    built_for = None  # what was served when the cached document was built: a load or swap rebuilds it
+
     def openapi() -> dict:
-        if app.openapi_schema:
+        nonlocal built_for
+        served = app.state.repository.versions()
+        if app.openapi_schema and built_for == served:
             return app.openapi_schema
         document = get_openapi(
             title=app.title,
@@ -57,44 +62,61 @@ def install_openapi(app: FastAPI, settings: Settings) -> None:
         )
         service = app.state.service
         routes = _routes(service) if service is not None else None
-        exact_request_bodies(document, settings, routes)
+        # Operating points are named for one model only: with several served, any name is let through.
+        points = _points(service) if len(served) <= 1 else None
+        exact_request_bodies(document, settings, routes, points, sorted(served) or None)
         if service is not None:
             _pin_path_values(document, service.model.name, service.model.version)
             app.openapi_schema = document  # complete now: cache it
+            built_for = served
         return document
 
     app.openapi = openapi
 
 
 def _routes(service) -> dict[str, tuple[str, ...]]:
-    """Each accepted ``route`` value and the modalities it needs."""
-    return {AUTO: (), **{expert.name: tuple(expert.modalities) for expert in service.model.experts}}
+    """Each accepted ``route`` value and the modalities it needs (auto and soft: at least one of the two)."""
+    return {AUTO: (), SOFT: (), **{expert.name: tuple(expert.modalities) for expert in service.model.experts}}
 
 
-def exact_request_bodies(document: dict, settings: Settings, routes: dict[str, tuple[str, ...]] | None) -> None:
+def _points(service) -> list[str] | None:
+    return list(service.model.operating_points) if service is not None else None
+
+
+def exact_request_bodies(
+    document: dict,
+    settings: Settings,
+    routes: dict[str, tuple[str, ...]] | None,
+    points: list[str] | None = None,
+    models: list[str] | None = None,
+) -> None:
+    """``routes`` and ``points`` are the default model's; ``models`` the served models' names (None: not known
+    yet)."""
     paths = document["paths"]
     max_text = settings.max_text_chars
     classify = paths[V1_CLASSIFY]["post"]
     classify["requestBody"] = {
         "required": True,
         "content": {
-            "application/json": {"schema": classify_json(routes, max_text)},
+            "application/json": {"schema": classify_json(routes, max_text, points, models)},
             "multipart/form-data": {
-                "schema": classify_form(routes, max_text),
+                "schema": classify_form(routes, max_text, points, models),
                 "encoding": {"image": {"contentType": IMAGE_MEDIA_TYPES}},
             },
-            "application/x-www-form-urlencoded": {"schema": classify_text_form(routes, max_text)},
+            "application/x-www-form-urlencoded": {"schema": classify_text_form(routes, max_text, points, models)},
         },
     }
     paths[V1_BATCH]["post"]["requestBody"] = {
         "required": True,
-        "content": {"application/json": {"schema": batch_json(routes, max_text, settings.max_batch_inputs)}},
+        "content": {
+            "application/json": {"schema": batch_json(routes, max_text, settings.max_batch_inputs, points, models)}
+        },
     }
     for path in V2_INFER:
         operation = paths[path]["post"]
         operation["requestBody"] = {
             "required": True,
-            "content": {"application/json": {"schema": v2_request(routes, settings.max_batch_inputs)}},
+            "content": {"application/json": {"schema": v2_request(routes, settings.max_batch_inputs, points)}},
         }
         if BINARY_NOTE not in operation.get("description", ""):
             operation["description"] = operation.get("description", "") + BINARY_NOTE
@@ -102,10 +124,25 @@ def exact_request_bodies(document: dict, settings: Settings, routes: dict[str, t
 
 # -- /v1 ------------------------------------------------------------------------------------------
 def _route_property(routes) -> dict:
-    schema: dict = {"type": "string", "default": AUTO, "description": "'auto' or an expert's name (forced)."}
+    schema: dict = {
+        "type": "string",
+        "default": AUTO,
+        "description": "'auto', 'soft' (every eligible expert, weighted) or an expert's name (forced).",
+    }
     if routes is not None:
         schema["enum"] = list(routes)
     return schema
+
+
+def _model_property(models: list[str] | None, *, form: bool = False) -> dict:
+    """The served models by name (the default one's routes are those the document states)."""
+    name: dict = {"type": "string"}
+    if models is not None:
+        name["enum"] = models
+    description = "The served model to ask (GET /v1/models lists them); default: the server's default model."
+    if form:
+        return {**name, "description": description}
+    return {"anyOf": [name, {"type": "null"}], "description": description}
 
 
 def _threshold(*, form: bool = False) -> dict:
@@ -114,6 +151,28 @@ def _threshold(*, form: bool = False) -> dict:
     if form:  # a form field is there or not: no null
         return {**number, "description": description}
     return {"anyOf": [number, {"type": "null"}], "description": description}
+
+
+def _point_properties(points, *, form: bool = False) -> dict:
+    """``operating_point`` (one of the model's routers, once it is loaded) and ``min_confidence`` in [0, 1]."""
+    point: dict = {"type": "string", "description": "One of the model's operating points (routers)."}
+    if points is not None:
+        point["enum"] = list(points)
+    unit = {"type": "number", "minimum": 0, "maximum": 1}
+    floor = "Run the full path too when a cheaper expert's top probability is below this (0..1)."
+    if form:  # a form field is there or not: no null
+        return {"operating_point": point, "min_confidence": {**unit, "description": floor}}
+    return {
+        "operating_point": {"anyOf": [point, {"type": "null"}], "description": point["description"]},
+        "min_confidence": {"anyOf": [unit, {"type": "null"}], "description": floor},
+    }
+
+
+def _non_null(schema: dict) -> dict:
+    """The schema without its null branch: a /v2 parameter is sent or left out."""
+    return next(branch for branch in schema["anyOf"] if branch.get("type") != "null") | {
+        "description": schema["description"]
+    }
 
 
 def _image_b64(nullable: bool) -> dict:
@@ -166,7 +225,7 @@ def _asks(route: str) -> dict:
     return {"required": ["route"], "properties": {"route": {"const": route}}}
 
 
-def classify_json(routes, max_text: int) -> dict:
+def classify_json(routes, max_text: int, points=None, models: list[str] | None = None) -> dict:
     return {
         "type": "object",
         "additionalProperties": False,
@@ -175,13 +234,15 @@ def classify_json(routes, max_text: int) -> dict:
             "text": _text(max_text, nullable=True),
             "route": _route_property(routes),
             "threshold": _threshold(),
+            **_point_properties(points),
+            "model": _model_property(models),
         },
         **_route_rules(routes),
         "description": "At least one of image and text; a forced route needs its expert's modalities.",
     }
 
 
-def classify_form(routes, max_text: int) -> dict:
+def classify_form(routes, max_text: int, points=None, models: list[str] | None = None) -> dict:
     return {
         "type": "object",
         "additionalProperties": False,
@@ -190,12 +251,14 @@ def classify_form(routes, max_text: int) -> dict:
             "text": _text(max_text, nullable=False),
             "route": _route_property(routes),
             "threshold": _threshold(form=True),
+            **_point_properties(points, form=True),
+            "model": _model_property(models, form=True),
         },
         **_route_rules(routes),
     }
 
 
-def classify_text_form(routes, max_text: int) -> dict:
+def classify_text_form(routes, max_text: int, points=None, models: list[str] | None = None) -> dict:
     """A URL-encoded form carries no file: text only, and a route that needs no image."""
     route = _route_property(routes)
     if routes is not None:
@@ -208,11 +271,13 @@ def classify_text_form(routes, max_text: int) -> dict:
             "text": {**_text(max_text, nullable=False), "pattern": NOT_BLANK},
             "route": route,
             "threshold": _threshold(form=True),
+            **_point_properties(points, form=True),
+            "model": _model_property(models, form=True),
         },
     }
 
 
-def batch_json(routes, max_text: int, max_inputs: int) -> dict:
+def batch_json(routes, max_text: int, max_inputs: int, points=None, models: list[str] | None = None) -> dict:
     entry = {
         "type": "object",
         "additionalProperties": False,
@@ -243,6 +308,8 @@ def batch_json(routes, max_text: int, max_inputs: int) -> dict:
             },
             "route": _route_property(routes),
             "threshold": _threshold(),
+            **_point_properties(points),
+            "model": _model_property(models),
         },
         **_route_rules(routes, needs),
     }
@@ -276,7 +343,7 @@ def _tensor(name: str, element: dict, max_rows: int) -> dict:
     }
 
 
-def v2_request(routes, max_rows: int) -> dict:
+def v2_request(routes, max_rows: int, points=None) -> dict:
     scalar = {"type": ["string", "boolean", "integer", "number"]}
     image = {
         "type": "string",
@@ -284,8 +351,17 @@ def v2_request(routes, max_rows: int) -> dict:
         "description": "An image file, base64-encoded; empty: no image for this row.",
     }
     text = {"type": "string", "description": "UTF-8 text; blank: no text for this row."}
-    outputs = ["label", "probabilities", "expert", "decided_by", "importance", "madds", "saved_ratio"]
-    route = {"type": "string", "description": "'auto' or an expert's name (forced)."}
+    outputs = [
+        "label",
+        "probabilities",
+        "expert",
+        "decided_by",
+        "importance",
+        "madds",
+        "saved_ratio",
+        "operating_point",
+    ]
+    route = {"type": "string", "description": "'auto', 'soft' or an expert's name (forced)."}
     if routes is not None:
         route["enum"] = list(routes)
     return {
@@ -300,6 +376,7 @@ def v2_request(routes, max_rows: int) -> dict:
                 "properties": {
                     "route": route,
                     "threshold": {"type": "number", "minimum": 0, "maximum": 1},
+                    **{name: _non_null(schema) for name, schema in _point_properties(points).items()},
                     "binary_data_output": {"type": "boolean"},
                     "priority": {**scalar, "description": "Accepted and ignored (one FIFO batcher)."},
                     "timeout": {**scalar, "description": "Accepted and ignored."},
@@ -363,7 +440,7 @@ def _v2_route_rules(routes) -> dict:
 
     rules = []
     for route, needs in routes.items():
-        if route != AUTO:
+        if route not in (AUTO, SOFT):
             asks = {"required": ["parameters"], "properties": {"parameters": _asks(route)}}
             then = {"properties": {"inputs": {"allOf": [{"contains": full(modality)} for modality in needs]}}}
             rules.append({"if": asks, "then": then})

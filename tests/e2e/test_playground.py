@@ -306,83 +306,42 @@ def test_the_live_panel_shows_the_route_mix_and_compute_saved_from_the_servers_c
         li.get_attribute("data-expert"): li.get_attribute("data-count") for li in select(browser, "#live-legend li")
     }
     experts = [e["name"] for e in httpx.get(f"{base}/v1/models/shapes", timeout=10).json()["experts"]]
-    assert counts == {e: "0" for e in experts} | {"text": "2", "late_fusion": "1"}  # every expert, idle ones at 0
+    # Every expert (and soft fusion, which a request may ask for), the idle ones at 0.
+    assert counts == dict.fromkeys([*experts, "soft"], "0") | {"text": "2", "late_fusion": "1"}
     saved = 1 - sum(a["compute"]["madds"] for a in answers) / sum(a["compute"]["madds_full"] for a in answers)
     assert float(by_id(browser, "live-saved").get_attribute("data-value")) == pytest.approx(saved, abs=1e-12)
     assert_percent(by_id(browser, "live-saved").text, saved)
     assert "request 3" in by_id(browser, "live-decided").text
 
 
-# Fields the API is gaining (DESIGN.md: routes, operating points, route=soft): this wrapper around fetch
-# makes today's server answer as such a model would, and records what the page sent.
-FUTURE_MODEL = r"""
-const realFetch = window.fetch;
-window.sentForms = [];
-window.fetch = async (url, init = {}) => {
-  const path = new URL(url, location.href).pathname;
-  if (path.endsWith("/v1/classify") && init.body instanceof FormData) {
-    const form = init.body, sent = Object.fromEntries([...form].filter(([, v]) => typeof v === "string"));
-    window.sentForms.push(sent);
-    form.delete("operating_point");
-    if (sent.route === "soft") form.set("route", "auto");
-    const response = await realFetch(url, init);
-    const body = await response.json();
-    if (response.ok) {
-      body.route.operating_point = sent.operating_point;
-      if (sent.route === "soft") Object.assign(body.route, {expert: "soft", weights: body.route.scores});
-    }
-    return new Response(JSON.stringify(body), {status: response.status, headers: response.headers});
-  }
-  const response = await realFetch(url, init);
-  if (!/\/v1\/models\/[^/]+$/.test(path) || !response.ok) return response;
-  const model = await response.json();
-  model.routes = ["auto", "soft", ...model.experts.map((e) => e.name)];
-  model.operating_points = [
-    {name: "lambda_0.3", default: true, accuracy: 0.97, madds_per_sample: 3.1e6, saved_ratio: 0.62},
-    {name: "lambda_0", accuracy: 0.99, madds_per_sample: 7.2e6, saved_ratio: 0.1},
-  ];
-  return new Response(JSON.stringify(model), {status: 200, headers: {"content-type": "application/json"}});
-};
-"""
+def test_routes_operating_points_and_soft_weights_are_offered_and_shown(browser, base, samples):
+    model = httpx.get(f"{base}/v1/models/shapes", timeout=10).json()
+    experts = [e["name"] for e in model["experts"]]
+    points = [p["name"] for p in model["operating_points"]]
+    open_playground(browser, base)
 
+    assert by_id(browser, "op-field").is_displayed()
+    options = select(browser, "#op-select option")
+    assert [o.get_attribute("value") for o in options] == points  # cheapest first, as the API lists them
+    assert [o.get_attribute("value") for o in options if o.is_selected()] == [model["default_operating_point"]]
+    assert [o.get_attribute("value") for o in select(browser, "#route-select option")] == ["auto", "soft", *experts]
 
-def test_routes_operating_points_and_soft_weights_are_shown_when_the_model_has_them(browser, base, samples):
-    open_playground(browser, base)  # first as today's model has it: no operating point, auto + each expert
-    experts = [e["name"] for e in httpx.get(f"{base}/v1/models/shapes", timeout=10).json()["experts"]]
-    assert not by_id(browser, "op-field").is_displayed()
-    assert [o.get_attribute("value") for o in select(browser, "#route-select option")] == ["auto", *experts]
+    other = next(p for p in points if p != model["default_operating_point"])
+    fill(browser, None, samples[0]["text"])
+    select(browser, f'#op-select option[value="{other}"]')[0].click()
+    select(browser, f'#route-select option[value="{experts[0]}"]')[0].click()
+    assert not by_id(browser, "op-select").is_enabled()  # a forced expert: no router to pick
+    select(browser, '#route-select option[value="soft"]')[0].click()
+    assert by_id(browser, "op-select").is_enabled()
+    assert not by_id(browser, "threshold-input").is_enabled()  # the threshold is the auto router's
+    classify_on_page(browser)
 
-    script = browser.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument", {"source": FUTURE_MODEL})
-    try:
-        open_playground(browser, base)
-        assert by_id(browser, "op-field").is_displayed()
-        points = select(browser, "#op-select option")
-        assert [o.get_attribute("value") for o in points] == ["lambda_0.3", "lambda_0"]
-        assert points[0].is_selected()  # the model's default
-        assert "accuracy 97.0%" in points[0].text
-        assert [o.get_attribute("value") for o in select(browser, "#route-select option")] == ["auto", "soft", *experts]
-
-        fill(browser, None, samples[0]["text"])
-        points[1].click()
-        select(browser, f'#route-select option[value="{experts[0]}"]')[0].click()
-        assert not by_id(browser, "op-select").is_enabled()  # a forced expert: no router to pick
-        select(browser, '#route-select option[value="soft"]')[0].click()
-        assert by_id(browser, "op-select").is_enabled()
-        assert not by_id(browser, "threshold-input").is_enabled()  # the threshold is the auto router's
-        classify_on_page(browser)
-
-        assert browser.execute_script("return window.sentForms.at(-1)") == {
-            "text": samples[0]["text"],
-            "route": "soft",
-            "operating_point": "lambda_0",
-        }
-        assert by_id(browser, "out-expert").text == "soft"
-        assert by_id(browser, "out-operating-point").text == "Operating point: lambda_0"
-        assert by_id(browser, "weights-block").is_displayed()
-        weights = [row.get_attribute("data-name") for row in select(browser, "#out-route-weights li")]
-        assert weights == experts
-    finally:
-        browser.execute_cdp_cmd("Page.removeScriptToEvaluateOnNewDocument", script)
+    api = api_classify(base, None, samples[0]["text"], route="soft", operating_point=other).json()
+    assert by_id(browser, "out-expert").text == api["route"]["expert"] == "soft"
+    assert by_id(browser, "out-operating-point").text == f"Operating point: {other}"
+    assert by_id(browser, "weights-block").is_displayed()
+    weights = [row.get_attribute("data-name") for row in select(browser, "#out-route-weights li")]
+    assert weights == experts
 
 
 # -- keyboard, API key, docs, screenshots ------------------------------------------------------------

@@ -130,8 +130,9 @@ def prometheus(tmp_path):
 
 
 def burst(samples: list[dict]) -> list[dict]:
-    """37 POST /v1/classify as [{"kwargs": for httpx.post, "reason": the rejection expected, or None}]:
-    15 pairs routed by the router, 9 with one modality missing, 6 forced (1 per expert), 7 refused."""
+    """POST /v1/classify as [{"kwargs": for httpx.post, "reason": the rejection expected, or None}]: 15 pairs
+    routed by the router, 9 with one modality missing, each expert forced once, 6 with a confidence floor of 1,
+    7 refused."""
     requests = []
     for i, sample in enumerate(samples[:30]):
         pair = {"image": b64(sample["png"]), "text": sample["text"]}
@@ -140,8 +141,18 @@ def burst(samples: list[dict]) -> list[dict]:
         elif i % 10 == 3:
             pair.pop("text")  # missing modality: image only
         elif i % 5 == 2:
-            pair["route"] = EXPERTS[i // 5 % len(EXPERTS)]  # forced: each expert once
+            pair["route"] = EXPERTS[i // 5 % len(EXPERTS)]  # forced
         requests.append(({"json": pair}, None))
+    for expert in EXPERTS[len(samples[:30]) // 5 :]:  # ... each expert once
+        requests.append(
+            ({"json": {"image": b64(samples[0]["png"]), "text": samples[0]["text"], "route": expert}}, None)
+        )
+    # The cheaper router with the router alone deciding, and a confidence floor no cheaper expert reaches:
+    # whatever goes to a cheaper expert falls back to the full path (decided_by "confidence"). The tiny
+    # model sends most cross-modal pairs to a cheaper expert.
+    for sample in [s for s in samples if s["kind"] == "cross_modal"][:6]:
+        pair = {"image": b64(sample["png"]), "text": sample["text"], "operating_point": "lambda_0.3"}
+        requests.append(({"json": pair | {"threshold": 0.0, "min_confidence": 1.0}}, None))
     pair = {"image": b64(samples[0]["png"]), "text": samples[0]["text"]}
     requests += [
         ({"json": {"route": "auto"}}, "invalid"),  # 422: neither modality
@@ -167,7 +178,15 @@ def test_every_dashboard_query_returns_data_and_compute_saved_matches_the_respon
     server_process, prometheus, samples
 ):
     started = time.monotonic()
-    _, base = server_process(max_body_bytes=MAX_BODY_BYTES)
+    # Degrading from one waiting request on, with batches that wait 100 ms to fill: the burst's concurrent
+    # requests find one waiting, so some are served degraded.
+    _, base = server_process(
+        max_body_bytes=MAX_BODY_BYTES,
+        degrade_to="lambda_0.3",
+        degrade_high_water=1,
+        degrade_low_water=0,
+        max_batch_delay_ms=100,
+    )
     prom = prometheus(base.removeprefix("http://"))
     job = '{job="dynfuse"}'
 
@@ -189,7 +208,8 @@ def test_every_dashboard_query_returns_data_and_compute_saved_matches_the_respon
     ok = [r.json() for r in responses if r.status_code == 200]
     experts_run = {r["route"]["expert"] for r in ok}
     deciders = {r["route"]["decided_by"] for r in ok}
-    assert {"missing_modality", "request"} <= deciders, deciders
+    assert {"missing_modality", "request", "confidence"} <= deciders, deciders
+    assert any(r["route"]["degraded"] for r in ok), "no request was served degraded"
     assert experts_run == set(EXPERTS), experts_run
 
     # Until Prometheus has a sample with the whole burst, then one scrape more, so that even a series
@@ -248,3 +268,4 @@ def test_every_dashboard_query_returns_data_and_compute_saved_matches_the_respon
     assert positive("Route decisions by decided_by", "decided_by") == deciders
     assert positive("Rejections / s by reason", "reason") == {r["reason"] for r in requests if r["reason"]}
     assert positive("Requests / s by status", "status") == statuses
+    assert positive("Requests / s by operating point", "operating_point") == {r["route"]["operating_point"] for r in ok}

@@ -42,12 +42,17 @@ def test_schemathesis_finds_no_failure_with_every_check(server_process, tmp_path
     command = [st, "--config-file", str(config), "run", f"{base}/openapi.json", "--checks", "all"]
     command += ["--max-examples", "25", "--seed", "1", "--generation-database", "none", "--no-color"]
     command += ["--request-timeout", "30"]
+    # The repository API changes what is served (an unload would leave every later operation a 503); its own
+    # tests are tests/integration/test_repository.py.
+    command += ["--exclude-path-regex", "^/v2/repository/"]
     result = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=400)
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-6000:]
     generated, passed = map(int, re.search(r"(\d+) generated, (\d+) passed", output).groups())
     assert generated == passed
     assert generated > 500, output[-3000:]  # every operation was exercised, not skipped
-    operations = sum(len(methods) for methods in httpx.get(f"{base}/openapi.json", timeout=10).json()["paths"].values())
-    assert f"{operations} selected / {operations} total" in output  # none filtered out
+    paths = httpx.get(f"{base}/openapi.json", timeout=10).json()["paths"]
+    total = sum(len(methods) for methods in paths.values())
+    repository = sum(len(methods) for path, methods in paths.items() if path.startswith("/v2/repository/"))
+    assert f"{total - repository} selected / {total} total" in output  # only the repository API left out
     assert process.poll() is None  # the server is still up

@@ -110,3 +110,26 @@ def test_a_killed_worker_is_replaced_on_the_same_version_and_its_requests_leave_
     assert versions == {"1"}  # version 2 is in the store, but the workers stay on the version they started on
     process.send_signal(signal.SIGTERM)
     assert process.wait(timeout=30) == 0
+
+
+def test_a_load_request_to_one_worker_swaps_every_worker(server_process, store_copy):
+    process, base = server_process(store=store_copy, workers=2, log_level="info")
+    publish_version_2(store_copy)
+    loaded = httpx.post(f"{base}/v2/repository/models/shapes/load", timeout=120)
+    assert loaded.status_code == 200, loaded.text
+    assert loaded.json()["version"] == "2"
+
+    def version_on_a_new_connection() -> str:  # a new connection may reach either worker
+        answer = httpx.post(f"{base}/v1/classify", json={"text": "a red circle"}, headers={"connection": "close"})
+        assert answer.status_code == 200, answer.text
+        return answer.json()["model_version"]
+
+    deadline = time.monotonic() + 60
+    streak = 0
+    while streak < 30 and time.monotonic() < deadline:
+        streak = streak + 1 if version_on_a_new_connection() == "2" else 0
+    assert streak >= 30, "some worker still answers with version 1"
+    process.send_signal(signal.SIGTERM)
+    log = process.communicate(timeout=60)[0]
+    # Both workers swapped: the one that got the request, and the other one following the shared file.
+    assert log.count("model shapes: serving version 2 (was 1)") == 2, log[-3000:]

@@ -201,7 +201,11 @@ def test_readiness_is_503_while_the_batcher_is_not_running(serve):
     batcher._backoff_until = time.monotonic() + 60  # what a failure leaves behind: backing off
     ready = client.get("/readyz")
     assert ready.status_code == 503
-    assert ready.json() == {"status": "unavailable", "batcher": "restarting after 0 consecutive failure(s)"}
+    assert ready.json() == {
+        "status": "unavailable",
+        "model": "shapes",
+        "batcher": "restarting after 0 consecutive failure(s)",
+    }
     assert client.get("/v2/health/ready").status_code == 503
     assert client.get("/v2/models/shapes/ready").json() == {"name": "shapes", "ready": False}
     batcher._backoff_until = 0.0

@@ -187,7 +187,9 @@ def test_cli_export_and_evaluate_from_the_store(tiny_run, tiny_data, tmp_path):
     for row in policies.values():
         assert set(row) >= {"policy", "accuracy", "madds_per_sample", "saved_ratio", "route_mix"}
         # A hard policy runs one expert per request; soft fusion runs every expert on every request.
-        assert sum(row["route_mix"].values()) == pytest.approx(len(row["route_mix"]) if row["policy"] == "soft" else 1.0)
+        assert sum(row["route_mix"].values()) == pytest.approx(
+            len(row["route_mix"]) if row["policy"] == "soft" else 1.0
+        )
     # What the store serves reproduces the training-time figures.
     train_summary = json.loads((tiny_run / "summary.json").read_text())["evaluation"]["summary"]
     assert report["summary"]["auto_accuracy"] == pytest.approx(train_summary["auto_accuracy"], abs=1e-9)

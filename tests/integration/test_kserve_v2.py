@@ -18,7 +18,7 @@ import pytest
 from conftest import b64, png_of_size, scrape, value
 
 INFER = "/v2/models/shapes/infer"
-OUTPUTS = ["label", "probabilities", "expert", "decided_by", "importance", "madds", "saved_ratio"]
+OUTPUTS = ["label", "probabilities", "expert", "decided_by", "importance", "madds", "saved_ratio", "operating_point"]
 NUMPY = {"FP32": "<f4", "INT64": "<i8"}
 
 
@@ -119,7 +119,11 @@ def assert_rows_match_v1(values: dict, v1: list[dict], labels: list[str]) -> Non
 
 # -- health and metadata -----------------------------------------------------------------------
 def test_server_metadata_health_and_model_readiness(client):
-    server = {"name": "dynfuse", "version": version("dynfuse"), "extensions": ["binary_tensor_data", "parameters"]}
+    server = {
+        "name": "dynfuse",
+        "version": version("dynfuse"),
+        "extensions": ["binary_tensor_data", "parameters", "model_repository"],
+    }
     assert client.get("/v2").json() == server
     assert client.get("/v2/", follow_redirects=False).json() == server
     assert client.get("/v2/health/live").json() == {"live": True}
@@ -150,6 +154,7 @@ def test_model_metadata_lists_inputs_outputs_and_labels(client, manifest):
             {"name": "importance", "datatype": "FP32", "shape": [-1, 2]},
             {"name": "madds", "datatype": "INT64", "shape": [-1]},
             {"name": "saved_ratio", "datatype": "FP32", "shape": [-1]},
+            {"name": "operating_point", "datatype": "BYTES", "shape": [-1]},
         ],
         "labels": manifest["labels"],
     }

@@ -50,7 +50,7 @@ def output(call: int) -> PipelineOutput:
         route_scores=np.ones(3, np.float32) / 3,
         importance=np.array([1.0, 0.0], np.float32),
         madds=1,
-        operating_point="balanced",
+        operating_point="lambda_0",
     )
 
 

@@ -62,3 +62,12 @@ def test_a_text_into_image_plug_in_starts_as_the_identity():
     feature_map = torch.randn(2, 4, 6, 6)
     words = torch.randn(2, 5, 8)
     assert torch.equal(plug_in(feature_map, words, torch.zeros(2, 5)), feature_map)
+
+
+def test_mulmix_log_of_the_complement_is_exact_where_a_class_is_almost_certain():
+    from models.experts.mulmix import log_one_minus
+
+    logits = torch.tensor([[14.0, 0.0, -3.0, 1.0], [0.1, 0.2, 0.3, 0.4]], dtype=torch.float32)
+    exact = torch.log1p(-torch.softmax(logits.double(), dim=-1))  # float64: no cancellation to speak of
+    stable = log_one_minus(torch.log_softmax(logits, dim=-1))
+    assert torch.allclose(stable.double(), exact, rtol=1e-5, atol=1e-6)  # the almost-certain class too (-12.7)

@@ -17,13 +17,18 @@ CONTRACT = {
     "dynfuse_inflight_requests": ("gauge", {"model"}),
     "dynfuse_rejected_requests": ("counter", {"model", "reason"}),
     "dynfuse_model_info": ("gauge", {"model", "version", "backend", "device"}),
+    "dynfuse_operating_point_requests": ("counter", {"model", "operating_point"}),
+    "dynfuse_degraded_requests": ("counter", {"model"}),
+    "dynfuse_degraded_seconds": ("counter", {"model"}),
 }
 
 
 def exercised_metrics() -> Metrics:
     """Metrics with one observation in each, so every family has labelled samples to read."""
     metrics = Metrics("m")
-    metrics.observe_prediction(expert="text", decided_by="router", madds=10, madds_full=100, importance=(0.7, 0.3))
+    metrics.observe_prediction(
+        expert="text", decided_by="router", madds=10, madds_full=100, importance=(0.7, 0.3), operating_point="lambda_0"
+    )
     metrics.observe_batch(4, [0.001] * 4, {"text": 0.002})
     metrics.reject("queue_full")
     metrics.set_model_info("1", "onnx", "cpu")
@@ -50,6 +55,22 @@ def test_counters_are_exposed_with_the_total_suffix():
         'dynfuse_compute_madds_total{model="m"} 10.0',
         'dynfuse_compute_full_madds_total{model="m"} 100.0',
         'dynfuse_modality_importance_bucket{le="0.3",modality="image",model="m"} 1.0',
+    ):
+        assert line in text
+
+
+def test_a_degraded_prediction_counts_its_operating_point_and_the_degradation():
+    metrics = Metrics("m")
+    metrics.observe_prediction(
+        expert="text", decided_by="router", madds=10, madds_full=100, importance=(0.7, 0.3),
+        operating_point="lambda_0.8", degraded=True,
+    )  # fmt: skip
+    metrics.degraded_seconds.labels("m").inc(1.5)
+    text = metrics.render().decode()
+    for line in (
+        'dynfuse_operating_point_requests_total{model="m",operating_point="lambda_0.8"} 1.0',
+        'dynfuse_degraded_requests_total{model="m"} 1.0',
+        'dynfuse_degraded_seconds_total{model="m"} 1.5',
     ):
         assert line in text
 

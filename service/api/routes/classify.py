@@ -13,7 +13,7 @@ from starlette.datastructures import UploadFile
 
 from export.pipeline import PipelineInput
 from service.admission import deadline_of
-from service.api.deps import ServiceDep, SettingsDep, require_api_key
+from service.api.deps import ModelsDep, SettingsDep, require_api_key
 from service.decode import decode_base64
 from service.errors import (
     ApiError,
@@ -25,6 +25,9 @@ from service.errors import (
 )
 from service.inference import ClientInput
 from service.schemas import (
+    MIN_CONFIDENCE_DESCRIPTION,
+    MODEL_DESCRIPTION,
+    OPERATING_POINT_DESCRIPTION,
     ROUTE_DESCRIPTION,
     THRESHOLD_DESCRIPTION,
     BatchClassifyRequest,
@@ -38,13 +41,14 @@ ModelT = TypeVar("ModelT", bound=BaseModel)
 
 router = APIRouter(prefix="/v1", tags=["inference"], dependencies=[Depends(require_api_key)])
 
-FORM_FIELDS = {"image", "text", "route", "threshold"}
+FORM_FIELDS = {"image", "text", "route", "threshold", "operating_point", "min_confidence", "model"}
 
 ERROR_RESPONSES = {
     status: {"model": ErrorResponse, "description": description}
     for status, description in {
         400: "Malformed JSON or form",
         401: "Missing or wrong API key (when one is configured)",
+        404: "The model asked for is not served",
         408: "The body did not arrive before the request's deadline",
         413: "Body, image, text or number of inputs over the limits",
         415: "Unsupported content type or image format",
@@ -73,6 +77,14 @@ CLASSIFY_BODY = {
                             "maximum": 1,
                             "description": THRESHOLD_DESCRIPTION,
                         },
+                        "operating_point": {"type": "string", "description": OPERATING_POINT_DESCRIPTION},
+                        "min_confidence": {
+                            "type": "number",
+                            "minimum": 0,
+                            "maximum": 1,
+                            "description": MIN_CONFIDENCE_DESCRIPTION,
+                        },
+                        "model": {"type": "string", "description": MODEL_DESCRIPTION},
                     },
                 }
             },
@@ -90,9 +102,10 @@ CLASSIFY_BODY = {
     description="The router picks one expert path and only that path runs. Send JSON (base64 image) or a "
     "multipart form (image file). Either modality may be absent, not both.",
 )
-async def classify(request: Request, service: ServiceDep, settings: SettingsDep) -> JSONResponse:
+async def classify(request: Request, models: ModelsDep, settings: SettingsDep) -> JSONResponse:
     started = time.perf_counter()
     client = await _read_classify_body(request, settings.max_text_chars)
+    service = models.get(client.model)
     item = await service.prepare(client)
     [result] = await service.classify([item], deadline_of(request))
     request_id = _request_id(request)
@@ -106,18 +119,21 @@ async def classify(request: Request, service: ServiceDep, settings: SettingsDep)
     summary="Classify several image-text pairs in one call",
     description="Every input is routed on its own; outputs come back in input order with their ids.",
 )
-async def classify_batch(request: Request, service: ServiceDep, settings: SettingsDep) -> JSONResponse:
+async def classify_batch(request: Request, models: ModelsDep, settings: SettingsDep) -> JSONResponse:
     started = time.perf_counter()
     if _content_type(request) != "application/json":
         raise UnsupportedMediaType(f"content type {_content_type(request) or '(none)'!r}: send application/json")
     body = await _parse_json(request, BatchClassifyRequest)
+    service = models.get(body.model)
     if len(body.inputs) > settings.max_batch_inputs:
         raise PayloadTooLarge(f"inputs: {len(body.inputs)} is over the limit of {settings.max_batch_inputs} per call")
     items: list[PipelineInput] = []
     for position, entry in enumerate(body.inputs):
         try:
             image = decode_base64(entry.image) if entry.image is not None else None
-            client = ClientInput(image, entry.text, body.route, body.threshold)
+            client = ClientInput(
+                image, entry.text, body.route, body.threshold, body.operating_point, body.min_confidence
+            )
             items.append(await service.prepare(client))
         except ApiError as error:
             error.message = f"inputs[{position}]: {error.message}"
@@ -159,7 +175,15 @@ async def _parse_json(request: Request, model: type[ModelT]) -> ModelT:
 async def _read_json(request: Request) -> ClientInput:
     parsed = await _parse_json(request, ClassifyRequest)
     image = decode_base64(parsed.image) if parsed.image is not None else None
-    return ClientInput(image, parsed.text, parsed.route, parsed.threshold)
+    return ClientInput(
+        image,
+        parsed.text,
+        parsed.route,
+        parsed.threshold,
+        parsed.operating_point,
+        parsed.min_confidence,
+        model=parsed.model,
+    )
 
 
 async def _read_form(request: Request) -> ClientInput:
@@ -188,21 +212,30 @@ async def _read_form(request: Request) -> ClientInput:
     route = form.get("route", "auto")  # an empty field is an unknown route, as in JSON: leave it out instead
     if not isinstance(route, str):
         raise InvalidInput("route: must be a plain form field")
-    return ClientInput(image, text, route, _parse_threshold(form.get("threshold")))
+    point = form.get("operating_point")  # empty: an unknown point, as in JSON
+    if point is not None and not isinstance(point, str):
+        raise InvalidInput("operating_point: must be a plain form field")
+    model = form.get("model")
+    if model is not None and not isinstance(model, str):
+        raise InvalidInput("model: must be a plain form field")
+    threshold = _parse_unit("threshold", form.get("threshold"))
+    min_confidence = _parse_unit("min_confidence", form.get("min_confidence"))
+    return ClientInput(image, text, route, threshold, point, min_confidence, model=model)
 
 
-def _parse_threshold(value) -> float | None:
+def _parse_unit(field: str, value) -> float | None:
+    """A form field holding a number in [0, 1], or None when it is absent."""
     if value is None:
         return None
     if not isinstance(value, str) or not value.strip():  # a file part, or an empty field: leave it out instead
-        raise InvalidInput(f"threshold: {value!r} is not a number in [0, 1]; to use none, leave the field out")
+        raise InvalidInput(f"{field}: {value!r} is not a number in [0, 1]; to use none, leave the field out")
     try:
-        threshold = float(value)
+        number = float(value)
     except (TypeError, ValueError):
-        raise InvalidInput(f"threshold: {value!r} is not a number in [0, 1]") from None
-    if not 0.0 <= threshold <= 1.0:  # NaN fails it too
-        raise InvalidInput(f"threshold: {threshold} is outside [0, 1]")
-    return threshold
+        raise InvalidInput(f"{field}: {value!r} is not a number in [0, 1]") from None
+    if not 0.0 <= number <= 1.0:  # NaN fails it too
+        raise InvalidInput(f"{field}: {number} is outside [0, 1]")
+    return number
 
 
 def _request_id(request: Request) -> str:

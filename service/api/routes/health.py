@@ -23,15 +23,20 @@ async def healthz() -> dict:
 )
 async def readyz(request: Request) -> JSONResponse:
     state = request.app.state
-    if state.service is not None:
-        model = state.service.model
-        batcher = state.service.batcher
-        if not batcher.running:  # loaded, but nothing would answer a request now
-            body = {"status": "unavailable", "batcher": batcher.status()}
-            return JSONResponse(body, 503, headers={"Retry-After": "1"})
-        return JSONResponse({"status": "ready", "model": model.name, "version": model.version})
+    repository = state.repository
+    if repository.serving_any and not repository.starting:
+        for name, service in sorted(repository.models.items()):
+            if not service.batcher.running:  # loaded, but nothing would answer that model's requests now
+                body = {"status": "unavailable", "model": name, "batcher": service.batcher.status()}
+                return JSONResponse(body, 503, headers={"Retry-After": "1"})
+        body = {"status": "ready", "models": repository.versions()}
+        if state.service is not None:  # the default model, what a request without 'model' gets
+            body |= {"model": state.service.model.name, "version": state.service.model.version}
+        return JSONResponse(body)
     if state.load_error is not None:
         return JSONResponse({"status": "failed", "error": state.load_error}, 503)
+    if not repository.starting:  # every model was unloaded
+        return JSONResponse({"status": "unavailable", "error": repository.not_serving}, 503)
     return JSONResponse({"status": "loading"}, 503, headers={"Retry-After": "1"})
 
 

@@ -4,11 +4,12 @@
 The model as a v2 model (``GET /v2/models/{name}`` lists the same):
 
 - inputs ``image`` BYTES [N] (encoded image files: PNG, JPEG, ...) and ``text`` BYTES [N] (UTF-8);
-- request parameters ``route`` ('auto' or an expert's name) and ``threshold`` (0..1), as in /v1;
+- request parameters ``route`` ('auto', 'soft' or an expert's name), ``threshold`` (0..1),
+  ``operating_point`` (a router of the model) and ``min_confidence`` (0..1), as in /v1;
 - outputs ``label`` BYTES [N], ``probabilities`` FP32 [N, K] (columns in the order of the metadata's
   ``labels``), ``expert`` BYTES [N], ``decided_by`` BYTES [N] (router | threshold | request |
   missing_modality, as /v1's route.decided_by), ``importance`` FP32 [N, 2] (text, image), ``madds``
-  INT64 [N], ``saved_ratio`` FP32 [N].
+  INT64 [N], ``saved_ratio`` FP32 [N], ``operating_point`` BYTES [N] (the router that decided).
 
 Decisions where the protocol leaves room:
 
@@ -42,9 +43,9 @@ import numpy as np
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 
-from export.pipeline import AUTO, PipelineInput, PipelineOutput
+from export.pipeline import AUTO, SOFT, PipelineInput, PipelineOutput
 from service.admission import deadline_of
-from service.api.deps import ServiceDep, SettingsDep, require_api_key
+from service.api.deps import ModelsDep, SettingsDep, require_api_key
 from service.api.v2_codec import (
     HEADER_LENGTH,
     DecodedRequest,
@@ -69,14 +70,19 @@ from service.config import Settings
 from service.decode import decode_base64, is_blank
 from service.errors import ApiError, InvalidInput, NotFound, PayloadTooLarge
 from service.inference import ClientInput, InferenceService
-from service.schemas import ROUTE_DESCRIPTION, THRESHOLD_DESCRIPTION
+from service.schemas import (
+    MIN_CONFIDENCE_DESCRIPTION,
+    OPERATING_POINT_DESCRIPTION,
+    ROUTE_DESCRIPTION,
+    THRESHOLD_DESCRIPTION,
+)
 
 router = APIRouter(prefix="/v2", tags=["Open Inference Protocol (v2)"])
 guarded = [Depends(require_api_key)]
 
 SERVER_NAME = "dynfuse"
 PLATFORM = "dynfuse"
-EXTENSIONS = ["binary_tensor_data", "parameters"]
+EXTENSIONS = ["binary_tensor_data", "parameters", "model_repository"]
 INPUTS = ("image", "text")
 OUTPUT_DATATYPES = {
     "label": "BYTES",
@@ -86,8 +92,11 @@ OUTPUT_DATATYPES = {
     "importance": "FP32",
     "madds": "INT64",
     "saved_ratio": "FP32",
+    "operating_point": "BYTES",
 }
-REQUEST_PARAMETERS = {"route", "threshold", "binary_data_output", "priority", "timeout"}
+REQUEST_PARAMETERS = {
+    "route", "threshold", "operating_point", "min_confidence", "binary_data_output", "priority", "timeout",
+}  # fmt: skip
 # The protocol's code for a bad request; 413, 401, 404 and 503 keep their meaning.
 V2_STATUS = {415: 400, 422: 400}
 
@@ -148,10 +157,11 @@ async def live() -> dict:
     summary="Readiness: the model is loaded and warm",
 )
 async def ready(request: Request) -> JSONResponse:
-    service = request.app.state.service
-    if service is not None and service.batcher.running:
+    repository = request.app.state.repository
+    served = [] if repository.starting else repository.models.values()
+    if served and all(service.batcher.running for service in served):
         return JSONResponse({"ready": True})
-    if service is not None:
+    if served:
         return JSONResponse({"ready": False}, 503, headers={"Retry-After": "1"})
     return _not_ready(request, {"ready": False})
 
@@ -171,8 +181,8 @@ async def model_version_ready(request: Request, name: str, version: str) -> JSON
 @router.get(
     "/models/{name}", response_model=ModelMetadata, responses=ERRORS, dependencies=guarded, summary="Model metadata"
 )
-async def model_metadata(name: str, service: ServiceDep) -> dict:
-    return _describe(service, name, None)
+async def model_metadata(name: str, models: ModelsDep) -> dict:
+    return _describe(models.get(name), name, None)
 
 
 @router.get(
@@ -182,16 +192,17 @@ async def model_metadata(name: str, service: ServiceDep) -> dict:
     dependencies=guarded,
     summary="Model metadata",
 )
-async def model_version_metadata(name: str, version: str, service: ServiceDep) -> dict:
-    return _describe(service, name, version)
+async def model_version_metadata(name: str, version: str, models: ModelsDep) -> dict:
+    return _describe(models.get(name), name, version)
 
 
 def _model_ready(request: Request, name: str, version: str | None) -> JSONResponse:
-    service: InferenceService | None = request.app.state.service
+    repository = request.app.state.repository
+    service: InferenceService | None = repository.models.get(name)
     if service is None:
-        # Before the load the name is known (the store's layout), the version is not.
-        if name != request.app.state.metrics.model:
-            raise NotFound(f"unknown model {name!r}")
+        # While it loads the name is known (the store's layout), the version is not.
+        if name != repository.default or not (repository.starting or request.app.state.load_error):
+            repository.serving(name)  # 404 for a model not served, 503 for one loading
         return _not_ready(request, {"name": name, "ready": False})
     _check_model(service, name, version)
     if not service.batcher.running:
@@ -243,20 +254,21 @@ INFER = {
     "summary": "Inference",
     "description": "Inputs 'image' and 'text', BYTES [N]; either may be left out (a missing modality), and an "
     "empty element is a missing modality for its row. JSON images are base64 strings; binary data carries the raw "
-    f"file bytes. Request parameters: 'route': {ROUTE_DESCRIPTION} 'threshold': {THRESHOLD_DESCRIPTION}",
+    f"file bytes. Request parameters: 'route': {ROUTE_DESCRIPTION} 'threshold': {THRESHOLD_DESCRIPTION} "
+    f"'operating_point': {OPERATING_POINT_DESCRIPTION} 'min_confidence': {MIN_CONFIDENCE_DESCRIPTION}",
 }
 
 
 @router.post("/models/{name}/infer", **INFER)
-async def infer(request: Request, name: str, service: ServiceDep, settings: SettingsDep) -> Response:
-    return await _infer(request, service, settings, name, None)
+async def infer(request: Request, name: str, models: ModelsDep, settings: SettingsDep) -> Response:
+    return await _infer(request, models.get(name), settings, name, None)
 
 
 @router.post("/models/{name}/versions/{version}/infer", **INFER)
 async def infer_version(
-    request: Request, name: str, version: str, service: ServiceDep, settings: SettingsDep
+    request: Request, name: str, version: str, models: ModelsDep, settings: SettingsDep
 ) -> Response:
-    return await _infer(request, service, settings, name, version)
+    return await _infer(request, models.get(name), settings, name, version)
 
 
 async def _infer(
@@ -267,10 +279,10 @@ async def _infer(
         _check_model(service, name, version)
         body = decompress(await request.body(), request.headers.get("content-encoding"), settings.max_body_bytes)
         decoded = parse_request(body, request.headers.get(HEADER_LENGTH))
-        route, threshold = _options(service, decoded.request.parameters)
+        options = _options(service, decoded.request.parameters)
         selected = select_outputs(decoded.request, list(OUTPUT_DATATYPES))
         images, texts = _rows(decoded, settings.max_batch_inputs)
-        clients = [ClientInput(image, text, route, threshold) for image, text in zip(images, texts, strict=True)]
+        clients = [ClientInput(image, text, *options) for image, text in zip(images, texts, strict=True)]
         items = await _prepare(service, clients)
         results = await service.classify(items, deadline_of(request))
     except ApiError as error:
@@ -289,20 +301,32 @@ async def _infer(
     return encode_response(header | {"outputs": tensors}, binary)
 
 
-def _options(service: InferenceService, parameters: dict) -> tuple[str, float | None]:
-    """The request parameters route and threshold, checked once for the whole batch."""
+def _options(service: InferenceService, parameters: dict) -> tuple[str, float | None, str | None, float | None]:
+    """The request parameters route, threshold, operating_point and min_confidence, checked once for the batch."""
     check_parameters("request", parameters, REQUEST_PARAMETERS)
     route = parameters.get("route", AUTO)
-    if not isinstance(route, str) or (route != AUTO and route not in service.pipeline.experts):
-        raise InvalidInput(f"parameter route: {route!r} is not 'auto' or one of: {', '.join(service.pipeline.experts)}")
-    threshold = parameters.get("threshold")
-    if threshold is None:
-        return route, None
-    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not math.isfinite(threshold):
-        raise InvalidInput(f"parameter threshold: {threshold!r} is not a number in [0, 1]")
-    if not 0.0 <= threshold <= 1.0:
-        raise InvalidInput(f"parameter threshold: {threshold} is outside [0, 1]")
-    return route, float(threshold)
+    if not isinstance(route, str) or (route not in (AUTO, SOFT) and route not in service.pipeline.experts):
+        raise InvalidInput(
+            f"parameter route: {route!r} is not 'auto', 'soft' or one of: {', '.join(service.pipeline.experts)}"
+        )
+    point = parameters.get("operating_point")
+    if point is not None and (not isinstance(point, str) or point not in service.model.operating_points):
+        raise InvalidInput(
+            f"parameter operating_point: {point!r} is not one of: {', '.join(service.model.operating_points)}"
+        )
+    return route, _unit(parameters, "threshold"), point, _unit(parameters, "min_confidence")
+
+
+def _unit(parameters: dict, name: str) -> float | None:
+    """A request parameter holding a number in [0, 1], or None when it is absent."""
+    value = parameters.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise InvalidInput(f"parameter {name}: {value!r} is not a number in [0, 1]")
+    if not 0.0 <= value <= 1.0:
+        raise InvalidInput(f"parameter {name}: {value} is outside [0, 1]")
+    return float(value)
 
 
 def _rows(decoded: DecodedRequest, max_rows: int) -> tuple[list[bytes | None], list[str | None]]:
@@ -371,4 +395,5 @@ def _output_values(outputs: list[PipelineOutput], madds_full: int) -> dict:
         "importance": np.stack([o.importance for o in outputs]),  # (N, 2): text, image
         "madds": madds,
         "saved_ratio": 1.0 - madds / madds_full,  # (N,)
+        "operating_point": [o.operating_point for o in outputs],
     }

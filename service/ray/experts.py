@@ -1,0 +1,192 @@
+"""The model cut in two for Ray Serve: the ingress runs the shared encoders, the router and the policy; each
+expert runs in a deployment of its own. Nothing here imports Ray: the ingress talks to the experts through
+handles (``handle.run.remote(sub_batch).result(timeout_s=...)``), which is all a Serve ``DeploymentHandle`` is
+asked for.
+
+What crosses between the two is one sub-batch per expert and ingress batch: the tensors the expert's chain
+reads that it does not produce itself (the token ids, the text encoder's outputs, and the picture as uint8
+pixels, normalized on the expert's side: a quarter of the bytes of the float image), and the logits back.
+The answers are then the single-process pipeline's: the same policy code picks the expert, and the expert's
+components are the same files, run by the same ``BatchExecution``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from export.backends import Backend, Runner
+from export.execution import BatchExecution
+from export.pipeline import DynamicPipeline
+from export.store import StoredModel
+from service.errors import DeadlineExceeded, NotReady
+
+logger = logging.getLogger("dynfuse")
+
+PIXELS = "pixels"  # the sub-batch's images: (n, S, S, 3) uint8, where the chain reads the normalized "image"
+EXPERT_RETRY_AFTER_S = 1
+
+
+def expert_inputs(model: StoredModel, expert: str) -> tuple[str, ...]:
+    """The tensors an expert's chain reads that none of its components produces, in first-use order."""
+    produced: set[str] = set()
+    needed: dict[str, None] = {}
+    for component in model.expert(expert).components:
+        info = model.components[component]
+        for tensor in info.inputs:
+            if tensor.name not in produced:
+                needed.setdefault(tensor.name)
+        produced |= {tensor.name for tensor in info.outputs}
+    return tuple(needed)
+
+
+def wire_names(model: StoredModel, expert: str) -> tuple[str, ...]:
+    """What the ingress sends an expert: its inputs, with the normalized image as its uint8 pixels."""
+    return tuple(PIXELS if name == "image" else name for name in expert_inputs(model, expert))
+
+
+class ExpertWorker:
+    """One expert of a stored model, on its own: loads only its chain's components and runs a sub-batch."""
+
+    def __init__(self, model: StoredModel, backend: Backend, expert: str):
+        self.model = model
+        self.backend = backend
+        self.expert = expert
+        self.inputs = wire_names(model, expert)
+        chain = model.expert(expert).components
+        self._runners: dict[str, Runner] = {c: backend.load(model.components[c]) for c in chain}
+
+    def run(self, tensors: Mapping[str, np.ndarray]) -> np.ndarray:
+        """The expert's logits (n, K) for a sub-batch holding exactly ``self.inputs``."""
+        assert set(tensors) == set(self.inputs), f"{self.expert} reads {self.inputs}, got {sorted(tensors)}"
+        n = len(next(iter(tensors.values())))
+        side = self.model.preprocessing.image_size
+        pixels = tensors.get(PIXELS, np.zeros((n, side, side, 3), np.uint8))
+        execution = BatchExecution(
+            self.model, self._runners.__getitem__, dict(tensors), lambda _source, rows: self._normalize(pixels[rows])
+        )
+        logits, _ = execution.run({self.expert: np.arange(n)})
+        return logits[self.expert]
+
+    def _normalize(self, pixels: np.ndarray) -> dict[str, np.ndarray]:
+        """The model's own normalized image (experts with their own preprocessing specs do not run on Ray yet)."""
+        return {"image": self.model.preprocessing.normalize(pixels)}
+
+    def warmup(self, batch_sizes: tuple[int, ...] = (1, 4)) -> None:
+        """One run per batch size on random inputs, so the first request pays no start-up cost."""
+        rng = np.random.default_rng(0)
+        for batch_size in batch_sizes:
+            self.run({name: _random(self.model, name, batch_size, rng) for name in self.inputs})
+
+
+def _random(model: StoredModel, name: str, n: int, rng: np.random.Generator) -> np.ndarray:
+    if name == PIXELS:
+        side = model.preprocessing.image_size
+        return rng.integers(0, 256, (n, side, side, 3), dtype=np.uint8)
+    if name == "token_ids":
+        return rng.integers(2, model.tokenizer.vocab_size, (n, model.tokenizer.max_tokens)).astype(np.int64)
+    shapes = {t.name: t.shape[1:] for info in model.components.values() for t in info.outputs}
+    return rng.standard_normal((n, *shapes[name])).astype(np.float32)
+
+
+def concatenate(sub_batches: list[Mapping[str, np.ndarray]]) -> tuple[dict[str, np.ndarray], list[int]]:
+    """Sub-batches of one expert as one batch, and the rows each brought (to split the logits back)."""
+    sizes = [len(next(iter(b.values()))) for b in sub_batches]
+    joined = {name: np.concatenate([b[name] for b in sub_batches]) for name in sub_batches[0]}
+    return joined, sizes
+
+
+def split(logits: np.ndarray, sizes: list[int]) -> list[np.ndarray]:
+    assert len(logits) == sum(sizes), f"{len(logits)} rows of logits for sub-batches of {sizes}"
+    return np.split(logits, np.cumsum(sizes)[:-1])
+
+
+class RemoteExecution:
+    """``BatchExecution``'s ``run(members)``, with each expert's sub-batch sent to its deployment. The calls of
+    one batch go out together and run at once on their replicas."""
+
+    def __init__(
+        self,
+        model: StoredModel,
+        handles: Mapping[str, Any],
+        tensors: dict[str, np.ndarray],
+        pixels: np.ndarray,
+        timeout_s: float,
+    ):
+        self.model = model
+        self.handles = handles
+        self.tensors = tensors
+        self.pixels = pixels
+        self.timeout_s = timeout_s
+
+    def run(self, members: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+        calls = {
+            expert: self.handles[expert].run.remote(self._sub_batch(expert, rows)) for expert, rows in members.items()
+        }
+        logits = {expert: self._result(expert, call) for expert, call in calls.items()}
+        for expert, rows in members.items():
+            assert logits[expert].shape[0] == len(rows), f"{expert}: {logits[expert].shape[0]} rows for {len(rows)}"
+        # Each expert replica records its own time on its batches (dynfuse_expert_duration_seconds), where it
+        # is measured without the trip; the ingress adds none.
+        return logits, {}
+
+    def _sub_batch(self, expert: str, rows: np.ndarray) -> dict[str, np.ndarray]:
+        return {
+            name: self.pixels[rows] if name == PIXELS else self.tensors[name][rows]
+            for name in wire_names(self.model, expert)
+        }
+
+    def _result(self, expert: str, call) -> np.ndarray:
+        started = time.monotonic()
+        try:
+            return call.result(timeout_s=self.timeout_s)
+        except TimeoutError:
+            raise DeadlineExceeded(
+                f"expert {expert!r} did not answer within {time.monotonic() - started:.1f} s; retry later"
+            ) from None
+        except Exception as error:
+            if _is_unavailable(error):
+                raise NotReady(
+                    f"expert {expert!r} has no replica able to answer now ({type(error).__name__}); retry shortly",
+                    EXPERT_RETRY_AFTER_S,
+                ) from error
+            raise
+
+
+def _is_unavailable(error: BaseException) -> bool:
+    """A replica died, is restarting or refuses more work: the cluster's state, not the request's fault. Known by
+    name, so that this module needs no Ray import (RayActorError, ActorDiedError, ActorUnavailableError,
+    BackPressureError, DeploymentUnavailableError, RequestCancelledError)."""
+    names = {cls.__name__ for cls in type(error).__mro__}
+    return bool(
+        names
+        & {
+            "RayActorError",
+            "ActorDiedError",
+            "ActorUnavailableError",
+            "BackPressureError",
+            "DeploymentUnavailableError",
+            "RequestCancelledError",
+        }
+    )
+
+
+class RemoteExpertsPipeline(DynamicPipeline):
+    """The dynamic pipeline of the ingress: encoders, router and policy here, the experts in their deployments."""
+
+    def __init__(self, model: StoredModel, backend: Backend, handles: Mapping[str, Any], timeout_s: float):
+        missing = set(model.expert_names) - set(handles)
+        assert not missing, f"no deployment for the experts {sorted(missing)}"
+        self.handles = handles
+        self.timeout_s = timeout_s
+        super().__init__(model, backend)
+
+    def served_components(self) -> set[str]:
+        return set(self.model.shared_encoders.values()) | {self.model.router}
+
+    def execution(self, tensors: dict[str, np.ndarray], pixels: np.ndarray, inputs=None) -> RemoteExecution:
+        return RemoteExecution(self.model, self.handles, tensors, pixels, self.timeout_s)
