@@ -24,11 +24,11 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
-from bench.common import DEFAULT_DATA, DEFAULT_STORE, REPO, RESULTS, free_port, load_test_split, write_result
+from bench import common
+from bench.common import DEFAULT_DATA, DEFAULT_STORE, RESULTS, load_test_split, write_result
 from bench.soak_traffic import MAX_BODY_BYTES, Tally, Traffic, drive, prime
 
 REQUEST_TIMEOUT_S = 4.0  # the stalled clients get their 408 after this
@@ -108,33 +108,17 @@ def compare(start: dict, end: dict) -> dict:
 
 # -- a run ----------------------------------------------------------------------------------------
 def start_server(store: Path, log: Path, workers: int) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    env = {
-        **os.environ,
-        "DYNFUSE_LOG_LEVEL": "warning",
-        "DYNFUSE_MAX_BODY_BYTES": str(MAX_BODY_BYTES),
-        "DYNFUSE_REQUEST_TIMEOUT_S": str(REQUEST_TIMEOUT_S),
-        "PYTHONUNBUFFERED": "1",
-    }
-    command = [sys.executable, "-m", "service.cli", "serve", "--store", str(store), "--port", str(port)]
-    command += ["--workers", str(workers)]
-    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
+    """bench.common's server with the soak's limits, returned once every worker is up (``/readyz`` answers
+    from the first one)."""
+    settings = {"max_body_bytes": MAX_BODY_BYTES, "request_timeout_s": REQUEST_TIMEOUT_S}
+    process, base = common.start_server(store, log, workers, settings)
     deadline = time.monotonic() + 120
-    import urllib.request
-
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"dynfuse serve exited {process.returncode}: {log.read_text()[-2000:]}")
-        try:
-            with urllib.request.urlopen(f"{base}/readyz", timeout=1) as response:
-                if response.status == 200 and len(workers_of(process.pid)) == workers:
-                    return process, base
-        except OSError:
-            pass
+    while len(workers_of(process.pid)) != workers:
+        if time.monotonic() > deadline:
+            common.stop_server(process)
+            raise RuntimeError(f"dynfuse serve did not start {workers} workers in 120 s")
         time.sleep(0.2)
-    process.kill()
-    raise RuntimeError("dynfuse serve was not ready after 120 s")
+    return process, base
 
 
 def run(

@@ -172,15 +172,7 @@ def train(data_dir: Path, run_dir: Path, config: TrainConfig, *, progress: bool 
         "model_name": model_name,
         "config": model.config.to_dict(),
         "state_dict": model.state_dict(),
-        "routers": [
-            {
-                "name": r["name"],
-                "lambda": r["lambda"],
-                "temperature": r["temperature"],
-                "state_dict": r["router"].state_dict(),
-            }
-            for r in routers
-        ],
+        "routers": router_entries(routers),
         "default_router": default_router,
         "labels": dataset.labels,
         "tokenizer": dataset.tokenizer.to_dict(),
@@ -513,3 +505,16 @@ def rebuild_routers(checkpoint: dict, model: DynamicFusionModel) -> dict[str, Du
         router.load_state_dict(entry["state_dict"])
         routers[entry["name"]] = router.eval()
     return routers
+
+
+def router_entries(routers: list[dict]) -> list[dict]:
+    """The trained routers as a run checkpoint stores them: name, lambda, temperature and weights."""
+    return [
+        {
+            "name": r["name"],
+            "lambda": r["lambda"],
+            "temperature": r["temperature"],
+            "state_dict": r["router"].state_dict(),
+        }
+        for r in routers
+    ]

@@ -45,6 +45,7 @@ from models.training import (
     drop_words,
     expert_accuracy,
     load_dataset,
+    router_entries,
     shift_images,
     train_routers,
 )
@@ -128,15 +129,7 @@ def train_router_only(
         "model_name": ROUTER_ONLY,
         "config": model_config.to_dict(),
         "state_dict": model.state_dict(),
-        "routers": [
-            {
-                "name": r["name"],
-                "lambda": r["lambda"],
-                "temperature": r["temperature"],
-                "state_dict": r["router"].state_dict(),
-            }
-            for r in routers
-        ],
+        "routers": router_entries(routers),
         "default_router": default_router,
         "labels": dataset.labels,
         "tokenizer": dataset.tokenizer.to_dict(),
