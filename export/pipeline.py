@@ -377,9 +377,14 @@ def _members(ran: list[set[str]], experts: tuple[str, ...]) -> dict[str, np.ndar
 
 
 def _normalized(weights: np.ndarray, eligible: np.ndarray) -> np.ndarray:
-    """Soft fusion's weights: the fused router weights of the eligible experts, summing to 1."""
-    masked = np.where(eligible, weights, 0.0)
-    return masked / masked.sum()
+    """Soft fusion's weights: the fused router weights of the eligible experts, summing to 1. When the router
+    gives them all (numerically) nothing, as a router that always picks a two-modality expert may for a request
+    with one modality, the eligible experts share equally rather than dividing by zero."""
+    masked = np.where(eligible, weights, 0.0).astype(np.float64)
+    total = masked.sum()
+    if not total > 1e-12:
+        masked, total = eligible.astype(np.float64), float(eligible.sum())
+    return (masked / total).astype(np.float32)
 
 
 def _stack(items: list, present: np.ndarray, shape: tuple[int, ...], dtype) -> np.ndarray:

@@ -169,3 +169,16 @@ def test_water_marks_out_of_order_are_refused_when_the_settings_are_read():
 
     with pytest.raises(ValidationError, match="must be below degrade_high_water"):
         Settings(degrade_to="lambda_0.3", degrade_high_water=4, degrade_low_water=4)
+
+
+@pytest.mark.parametrize("point", sorted(POINTS))
+def test_soft_fusion_of_an_image_alone_is_a_distribution_at_every_operating_point(client, samples, point):
+    # lambda_0 always picks a two-modality expert: its weights for the image-only experts may all be ~0.
+    body = client.post(
+        "/v1/classify", json={"image": b64(samples[0]["png"]), "route": "soft", "operating_point": point}
+    )
+
+    assert body.status_code == 200, body.text
+    weights = body.json()["route"]["weights"]
+    assert sum(weights.values()) == pytest.approx(1.0, abs=1e-5)
+    assert weights["text"] == 0
