@@ -106,8 +106,9 @@ def test_a_forced_route_runs_that_expert(client, samples, manifest, expert):
     assert body["compute"]["madds"] == path
 
 
-def test_threshold_zero_is_the_router_and_one_is_always_the_full_path(client, samples, manifest):
+def test_threshold_zero_is_the_router_and_one_is_the_full_path_from_every_cheaper_pick(client, samples, manifest):
     full = manifest["full_expert"]
+    cost = {e["name"]: e["path_madds"] for e in manifest["experts"]}
     for sample in samples[:12]:
         pair = {"image": b64(sample["png"]), "text": sample["text"]}
         auto = client.post("/v1/classify", json=pair).json()
@@ -115,9 +116,32 @@ def test_threshold_zero_is_the_router_and_one_is_always_the_full_path(client, sa
         one = client.post("/v1/classify", json=pair | {"threshold": 1.0}).json()
 
         assert zero["route"] == auto["route"]
-        assert one["route"]["expert"] == full
-        expected = "router" if auto["route"]["expert"] == full else "threshold"
-        assert one["route"]["decided_by"] == expected
+        picked = auto["route"]["expert"]
+        escalates = cost[picked] < cost[full]  # from a path dearer than the full one, escalating saves nothing
+        assert one["route"]["expert"] == (full if escalates else picked)
+        assert one["route"]["decided_by"] == ("threshold" if escalates else "router")
+
+
+def test_threshold_and_confidence_floor_never_escalate_from_an_expert_dearer_than_the_full_path(
+    serve, store_copy, samples
+):
+    """A store whose every expert but the full one costs more than the full path: neither knob moves anything."""
+    [manifest_path] = store_copy.glob("shapes/*/model.json")
+    manifest = json.loads(manifest_path.read_text())
+    full = manifest["full_expert"]
+    dearest = max(e["path_madds"] for e in manifest["experts"])
+    for entry in manifest["experts"]:
+        if entry["name"] != full:
+            entry["path_madds"] = dearest * 2
+    manifest_path.write_text(json.dumps(manifest))
+    client = serve(store=store_copy)
+    pairs = [{"image": b64(s["png"]), "text": s["text"]} for s in samples[:16]]
+    auto = [client.post("/v1/classify", json=pair).json()["route"] for pair in pairs]
+    assert any(route["expert"] != full for route in auto)  # some picks are not the full path: the test can fail
+    for pair, routed in zip(pairs, auto, strict=True):
+        for knob in ({"threshold": 1.0}, {"min_confidence": 1.0}):
+            route = client.post("/v1/classify", json=pair | knob).json()["route"]
+            assert (route["expert"], route["decided_by"]) == (routed["expert"], "router"), knob
 
 
 def test_batch_answers_each_input_in_order_with_its_id(client, samples):
