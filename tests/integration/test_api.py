@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import b64
+from conftest import b64, scrape, value
 
+TEXT_V2 = {"inputs": [{"name": "text", "datatype": "BYTES", "shape": [1], "data": ["a red circle"]}]}
 EXPERTS = {"text", "image_lite", "image", "late_fusion", "mulmix", "mi2p", "muse"}
 
 
@@ -189,6 +190,7 @@ def test_probes_and_docs(client):
         "model": "shapes",
         "version": "1",
         "models": {"shapes": "1"},
+        "states": {"shapes": {"version": "1", "ready": True, "reason": ""}},
     }
     assert client.get("/docs").status_code == 200
     body = client.get("/openapi.json").json()["paths"]["/v1/classify"]["post"]["requestBody"]["content"]
@@ -223,3 +225,25 @@ def test_api_key_guards_inference_but_not_probes_or_metrics(serve, samples):
     assert ok.status_code == 200
     for open_path in ("/healthz", "/readyz", "/metrics"):
         assert client.get(open_path).status_code == 200
+
+
+def test_named_keys_label_the_request_metrics_by_name_never_by_key(serve, samples, tmp_path):
+    keys = tmp_path / "keys"
+    keys.write_text("ci: ci-s3cret\npartner: clé-🔑-partner\n", encoding="utf-8")
+    client = serve(api_keys_file=keys)
+    pair = {"text": samples[0]["text"]}
+    assert client.post("/v1/classify", json=pair, headers={"Authorization": "Bearer ci-s3cret"}).status_code == 200
+    # a key with non-ASCII characters, sent as its UTF-8 bytes
+    partner = {"Authorization": b"Bearer " + "clé-🔑-partner".encode()}
+    assert client.post("/v1/classify", json=pair, headers=partner).status_code == 200
+    assert client.post("/v2/models/shapes/infer", json=TEXT_V2, headers=partner).status_code == 200
+    for wrong in (b"Bearer " + "clé-🔑-partner".encode("utf-16"), b"Bearer \xff", b"Bearer " + b"k" * 30_000):
+        assert client.post("/v1/classify", json=pair, headers={"Authorization": wrong}).status_code == 401
+    assert client.post("/v1/classify", json=pair).status_code == 401
+    text = client.get("/metrics").text
+    samples_ = scrape(client)
+    assert value(samples_, "dynfuse_requests_total", model="shapes", status="200", key="ci") == 1
+    assert value(samples_, "dynfuse_requests_total", model="shapes", status="200", key="partner") == 2
+    assert value(samples_, "dynfuse_requests_total", model="shapes", status="401", key="anonymous") == 4
+    for secret in ("ci-s3cret", "clé", "🔑"):  # the keys themselves never reach the metrics
+        assert secret not in text
