@@ -419,7 +419,7 @@ def bad_requests(png: bytes) -> list[tuple[str, dict, int, str]]:
         ),
         ("too many pixels", json_request([b64(png_of_size(300, 300))]), 413, "row 0: image: 300x300"),
         ("text over the limit", json_request(texts=["word " * 100]), 413, "row 0: text: 500 characters"),
-        ("rows over the limit", json_request(texts=["a"] * 5), 413, "5 rows is over the limit of 4"),
+        ("rows over the limit", json_request(texts=["a"] * 5), 413, "inputs[0].data: over the limit of 4 elements"),
     ]
 
 
