@@ -220,6 +220,7 @@ def compare(args, data: Path) -> int:
     roots = {"this": REPO, "baseline": args.baseline.resolve()}
     script = Path(__file__).resolve()
     values: dict[str, list[float]] = {name: [] for name in roots}
+    loop_values: dict[str, list[float]] = {name: [] for name in roots}
     with tempfile.TemporaryDirectory(prefix="dynfuse-cost-") as work:
         for index in range(args.rounds):
             for name in roots if index % 2 == 0 else reversed(roots):
@@ -231,10 +232,18 @@ def compare(args, data: Path) -> int:
                 subprocess.run(command + ["--out", str(out)], cwd=roots[name], env=env, check=True, timeout=900)
                 run = json.loads(out.read_text())
                 values[name] += run["cpu_ms_per_request"]
+                loop_values[name] += run.get("event_loop_cpu_ms_per_request", [])
                 print(f"run {index + 1} {name}: {', '.join(f'{v:.3f}' for v in run['cpu_ms_per_request'])} CPU ms/req")
     medians = {name: statistics.median(v) for name, v in values.items()}
+    loop_medians = {name: statistics.median(v) for name, v in loop_values.items() if v}
     change = medians["this"] / medians["baseline"] - 1
     print(f"CPU ms/request: this {medians['this']:.3f}, baseline {medians['baseline']:.3f} ({change:+.1%})")
+    if len(loop_medians) == 2:
+        loop_change = loop_medians["this"] / loop_medians["baseline"] - 1
+        print(
+            f"of which the event loop: this {loop_medians['this']:.3f}, baseline {loop_medians['baseline']:.3f} "
+            f"({loop_change:+.1%})"
+        )
     write_result(
         args.out,
         {
@@ -245,6 +254,8 @@ def compare(args, data: Path) -> int:
             "cpu_ms_per_request": values,
             "median": medians,
             "change": change,
+            "event_loop_cpu_ms_per_request": loop_values,
+            "event_loop_median": loop_medians,
             "loadavg": os.getloadavg(),
         },
     )
