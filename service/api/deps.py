@@ -58,8 +58,9 @@ def _authorization(request: Request) -> bytes | None:
     return raw_header(request.scope, b"authorization")
 
 
-async def require_api_key(request: Request) -> None:
-    """Inference calls and model metadata: an inference key when any is configured (service/auth.py)."""
+async def require_api_key(request: Request, settings: SettingsDep) -> None:
+    """Inference calls and model metadata: an inference key when any is configured (service/auth.py). ``settings``
+    is unused: every route check takes ``(request, settings)`` (the fast path calls them so)."""
     access: AccessPolicy = request.app.state.access
     if not access.keys_required:
         return
