@@ -152,9 +152,9 @@ def cmd_serve(args) -> int:
     if args.engine == "ray":
         from service.ray.run import serve_on_ray
 
-        return serve_on_ray(Settings(**overrides), args.address)
-    if args.address:
-        raise ValueError("--address is for --engine ray")
+        return serve_on_ray(Settings(**overrides), args.address, args.deployments)
+    if args.address or args.deployments:
+        raise ValueError("--address and --deployments are for --engine ray")
     return serve(Settings(**overrides))
 
 
@@ -295,6 +295,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument(
         "--address", help="with --engine ray: the cluster (auto, ray://host:10001); default: start a local one"
+    )
+    serve.add_argument(
+        "--deployments",
+        metavar="FILE",
+        help="with --engine ray: each deployment's replicas and resources, from a Serve config (what dynfuse plan "
+        "--out writes) or a YAML file of the application's args; default: sized to the cluster",
     )
     serve.set_defaults(func=cmd_serve)
 
