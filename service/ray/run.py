@@ -147,7 +147,7 @@ class RayServe:
 
     # -- start -------------------------------------------------------------------------------------------
     def _start(self) -> None:
-        import ray
+        ray = _import_ray_without_its_failure_handler()
         from ray import serve
 
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # no token written under the home directory
@@ -273,6 +273,27 @@ class RayServe:
     def _remove_temp_dir(self) -> None:
         if self.temp_dir is not None:
             shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+
+def _import_ray_without_its_failure_handler():
+    """Ray, whose driver does not install Ray's C++ failure signal handler: it handles SIGTERM too, by dumping a
+    stack and aborting (exit -6, with the cluster left running), and is in place from the middle of ray.init
+    until this command's own handler is put back. The variable is read when Ray is imported, and removed again
+    so that Ray's processes, which inherit the environment, keep theirs (a crash there still leaves a stack)."""
+    name = "RAY_DISABLE_FAILURE_SIGNAL_HANDLER"
+    before = os.environ.get(name)
+    os.environ[name] = "1"
+    try:
+        import ray
+        from ray._private import ray_constants
+
+        ray_constants.RAY_DISABLE_FAILURE_SIGNAL_HANDLER = True
+    finally:
+        if before is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = before
+    return ray
 
 
 def _bounded(step, seconds: float, what: str) -> None:
