@@ -181,7 +181,7 @@ class RayServe:
         while True:
             application, missing, summary = build_checked(self.args)
             if not missing:
-                logger.info("deployments: %s", summary)
+                print(f"dynfuse: deployments: {summary}", flush=True)
                 return application
             if time.monotonic() >= deadline:
                 where = "this machine's local Ray cluster" if self.local else f"the Ray cluster at {self.address}"
