@@ -3,9 +3,11 @@
     serve run service.ray.app:build settings.store=store        # or a Serve config file (deploy/serve.yaml)
     dynfuse serve --engine ray                                    # the same, with the serve flags
 
-The model is resolved once, here (the version pinned as ``dynfuse serve`` pins it), and each of its experts
-gets a deployment named ``expert_<name>``; the ingress is named ``ingress``. A Serve config file's
-``deployments:`` entries override any of these options by name, which is what ``dynfuse plan`` writes.
+The model is resolved once, here (the version pinned as ``dynfuse serve`` pins it). The application is its
+ingress (named ``ingress``), which deploys the experts of the version it serves itself, each an application of
+its own (service/ray/versions.py) with the options ``args`` give it. Deployments whose ``num_cpus`` the args do
+not give are sized to the cluster (service/ray/sizing.py); ``dynfuse plan --out`` writes args for a planned
+cluster.
 """
 
 from __future__ import annotations

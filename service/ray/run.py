@@ -9,7 +9,9 @@ cluster stays.
 The steps, each one bounded or stopped by a signal:
 
 1. the store is resolved (a missing model is refused before any process starts);
-2. the cluster is started or joined, and the application sized to it (service/ray/sizing.py);
+2. the cluster is started or joined, and the application sized to it (service/ray/sizing.py): the deployments
+   whose resources ``--deployments`` (a Serve config, e.g. ``dynfuse plan --out``'s, or a file of the
+   application's args) does not give share the cluster's CPUs;
 3. the deployments are checked against the cluster's resources: what does not fit is refused at once on a local
    cluster, naming each deployment and what it lacks; on a remote one after ``DYNFUSE_RAY_PLACEMENT_WAIT_S``
    (nodes may be added meanwhile);
@@ -86,7 +88,6 @@ class RayServe:
         self.temp_dir: str | None = None
         self.ray_started = False
         self.serve_started = False
-        self.deployed = False
         self.signalled_at: float | None = None
         self.tearing_down = False
         self.code = 1
@@ -169,7 +170,6 @@ class RayServe:
         self.serve_started = True
         from service.ray.app import APP_NAME
 
-        self.deployed = True
         serve._run(application, _blocking=False, name=APP_NAME, route_prefix="/")
         self._wait_running()
 
