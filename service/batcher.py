@@ -363,14 +363,21 @@ class MicroBatcher:
         inference = time.perf_counter() - started
         queue_seconds = [started - p.enqueued for p in batch]
         for p, output, waited in zip(batch, outputs, queue_seconds, strict=True):
-            if not p.future.done():
+            if p.future.done():
+                continue
+            if isinstance(output, ApiError):  # this item alone could not be served (a Ray expert deployment down)
+                p.future.set_exception(output)
+            else:
                 p.future.set_result(BatchResult(output, waited, inference))
         self._in_hand = []
         try:
             self.metrics.observe_batch(len(batch), queue_seconds, expert_seconds)
         except Exception:  # noqa: BLE001 - bookkeeping must not take the answers or the loop down with it
             logger.exception("could not record a batch's metrics")
-        return len(batch)
+        failed = [o for o in outputs if isinstance(o, ApiError)]
+        if failed:
+            self._last_failure = f"{type(failed[0]).__name__}: {failed[0]}"[:300]
+        return len(batch) - len(failed)
 
     async def _process_one_by_one(self, batch: list[_Pending]) -> int:
         loop = asyncio.get_running_loop()
