@@ -21,7 +21,8 @@ What keeps it from wedging:
   good); if that fails too, the pipeline itself is broken (a lost device, a broken session). The batcher
   is then unhealthy: ``ready`` is False with the reason (``/readyz`` answers 503 with it), new work is
   refused with 503 at once, and the probe runs again every few seconds, without traffic, until it
-  passes. A batch that answers any request also ends it.
+  passes. A batch that answers any request also ends it. A refusal by the pipeline's own passing state
+  (an ApiError: a Ray expert deployment restarting, answered 503 with Retry-After) counts neither way.
 - The queue bound refuses a call only when the queue is already full, whatever its size: a call of
   many rows is admitted whenever a call of one would be (the queue may then briefly hold up to
   ``max_queue + rows - 1`` items), so no valid call is refused forever.
@@ -281,8 +282,10 @@ class MicroBatcher:
             logger.exception("on_batch_taken failed")
 
     # -- health ----------------------------------------------------------------------------------
-    async def _note_outcome(self, answered: int) -> None:
-        """After a batch: ``answered`` of its requests got an answer."""
+    async def _note_outcome(self, answered: int | None) -> None:
+        """After a batch: ``answered`` of its requests got an answer (None: refused by the pipeline's own state)."""
+        if answered is None:
+            return
         if answered:
             self._all_failed = 0
             self._recovered("a batch was answered")
@@ -332,8 +335,10 @@ class MicroBatcher:
                 self._failed_probes += 1
         return await self._queue.get()
 
-    async def _process(self, batch: list[_Pending]) -> int:
-        """Run one batch and answer its requests; how many got an answer (not an error)."""
+    async def _process(self, batch: list[_Pending]) -> int | None:
+        """Run one batch and answer its requests; how many got an answer (not an error), or None when the pipeline
+        refused them all with an ApiError: its own passing state (a Ray expert deployment restarting, answered 503
+        with Retry-After), which says nothing of its health either way."""
         loop = asyncio.get_running_loop()
         started = time.perf_counter()
         self._batch_started = time.monotonic()
@@ -347,9 +352,8 @@ class MicroBatcher:
             # The pipeline's own state, not an item's fault (an expert deployment of the Ray engine that cannot
             # answer now: 503 with Retry-After): every request of the batch gets it as it is.
             logger.warning("the pipeline refused a batch of %d: %s", len(batch), error)
-            self._last_failure = f"{type(error).__name__}: {error}"[:300]
             self._fail_in_hand(error)
-            return 0
+            return None
         except Exception as error:  # noqa: BLE001 - one bad item must not fail its neighbours: find it
             self._last_failure = f"{type(error).__name__}: {error}"[:300]
             if len(batch) > 1:
@@ -374,10 +378,8 @@ class MicroBatcher:
             self.metrics.observe_batch(len(batch), queue_seconds, expert_seconds)
         except Exception:  # noqa: BLE001 - bookkeeping must not take the answers or the loop down with it
             logger.exception("could not record a batch's metrics")
-        failed = [o for o in outputs if isinstance(o, ApiError)]
-        if failed:
-            self._last_failure = f"{type(failed[0]).__name__}: {failed[0]}"[:300]
-        return len(batch) - len(failed)
+        refused = sum(isinstance(output, ApiError) for output in outputs)
+        return None if refused == len(batch) else len(batch) - refused
 
     async def _process_one_by_one(self, batch: list[_Pending]) -> int:
         loop = asyncio.get_running_loop()

@@ -419,3 +419,27 @@ def test_a_degraded_spell_ends_when_the_queue_drains_not_at_the_next_request():
 
     drained = run(scenario)
     assert 0 < sum(seconds) <= drained + 0.5
+
+
+def test_refusals_by_the_pipelines_own_state_do_not_make_it_unready():
+    """An ApiError from the pipeline (the Ray engine's expert deployment restarting) is answered as it is, 503 with
+    Retry-After; it says nothing of the pipeline's health, so any number of them leave the batcher ready."""
+
+    class Restarting(FakePipeline):
+        def predict(self, items):
+            raise NotReady("expert 'mi2p' has no replica able to answer now; retry shortly")
+
+    probes = []
+
+    async def scenario():
+        b = batcher(Restarting(), probe=lambda: probes.append(1) or [item()])
+        b.start()
+        errors = [await failed(b) for _ in range(UNHEALTHY_AFTER * 3)]
+        ready = b.ready
+        await b.stop()
+        return errors, ready
+
+    errors, ready = run(scenario)
+    assert all(isinstance(e, NotReady) for e in errors)
+    assert ready
+    assert probes == []
