@@ -65,9 +65,10 @@ def ray_store(tiny_store, tmp_path_factory) -> Path:
 def cluster(ray_store):
     """(the application's base URL, the node's Ray metrics URL). No deployment option is given: every one is
     sized to the cluster (Ray counts this machine's CPUs), as for a user. Version 1 is pinned (the store's highest
-    is 2, which the swap test loads)."""
+    is 2, which the swap test loads). Model control is on (off by default): the swap test loads versions; the
+    application listens on loopback, where no admin key is needed."""
     metrics_port = free_port()
-    args = {"settings": {"store": str(ray_store), "model_version": "1"}}
+    args = {"settings": {"store": str(ray_store), "model_version": "1", "model_control": "explicit"}}
     with ray_application(args, free_port(), metrics_port=metrics_port) as base:
         yield base, f"http://127.0.0.1:{metrics_port}/metrics"
 
