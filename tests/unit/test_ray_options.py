@@ -36,6 +36,7 @@ def test_no_file_gives_the_defaults_with_the_commands_settings(tmp_path):
     assert args.settings["store"] == str(tmp_path)
     assert args.settings["max_batch_size"] == 8
     assert "port" not in args.settings  # the proxy's, not a replica's
+    assert args.settings["host"] == "127.0.0.1"  # where the proxy listens: what checks of exposure see
 
 
 def test_a_plans_serve_config_gives_its_deployments_under_the_commands_settings(tmp_path):
@@ -44,7 +45,8 @@ def test_a_plans_serve_config_gives_its_deployments_under_the_commands_settings(
     args = app_args_of(Settings(store=tmp_path / "store"), path)
     assert (args.expert("mi2p").num_replicas, args.expert("mi2p").max_batch_size) == (2, 4)
     assert args.ingress.num_cpus == 1
-    assert args.settings == {"store": str(tmp_path / "store"), "model": "shapes"}  # --store wins over the file's
+    # --store wins over the file's.
+    assert args.settings == {"store": str(tmp_path / "store"), "model": "shapes", "host": "127.0.0.1"}
 
 
 def test_a_file_of_args_is_read_as_is(tmp_path):
