@@ -69,6 +69,7 @@ def application(args: AppArgs, experts: list[str], settings: dict[str, Any]) -> 
         ingress_replicas=most_replicas(args.ingress),
         experts={expert: args.expert(expert) for expert in experts},
         expert_defaults=args.expert_defaults,
+        settings=settings,
     )
     return Ingress.options(**deployment_options(args.ingress, INGRESS_MAX_ONGOING)).bind(
         ingress_settings, swap.model_dump(mode="json")

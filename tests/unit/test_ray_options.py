@@ -74,7 +74,12 @@ def test_a_bad_file_is_refused_naming_it(tmp_path, content, message):
 def test_a_swap_is_refused_when_the_ingress_has_several_replicas():
     sets = ExpertSets.__new__(ExpertSets)  # no sweep timer, no cluster: the refusal comes first
     sets.plan = SwapPlan(
-        model="shapes", version="1", ingress_replicas=3, experts={}, expert_defaults=ExpertOptions(num_cpus=1)
+        model="shapes",
+        version="1",
+        ingress_replicas=3,
+        experts={},
+        expert_defaults=ExpertOptions(num_cpus=1),
+        settings={},
     )
     with pytest.raises(SwapRefused, match=r"up to 3 ingress replicas.*settings.model_version"):
         sets.handles_for(SimpleNamespace(name="shapes", version="2", expert_names=("text",)))
@@ -83,3 +88,27 @@ def test_a_swap_is_refused_when_the_ingress_has_several_replicas():
 def test_an_experts_options_must_let_a_replica_hold_a_full_batch():
     with pytest.raises(ValueError, match="must exceed max_batch_size"):
         AppArgs.model_validate({"experts": {"text": {"max_batch_size": 16, "max_ongoing_requests": 16}}})
+
+
+def test_each_expert_is_built_with_its_own_threads_and_a_fingerprint_of_what_it_is_built_from():
+    plan = SwapPlan(
+        model="shapes",
+        version="1",
+        ingress_replicas=1,
+        experts={"mi2p": ExpertOptions(num_cpus=4), "text": ExpertOptions(num_cpus=0.25)},
+        expert_defaults=ExpertOptions(num_cpus=1),
+        settings={"store": "/s", "model": "shapes", "model_version": "1"},
+    )
+    sets = ExpertSets(plan, "dynfuse")
+    try:
+        v2 = SimpleNamespace(name="shapes", version="2")
+        assert sets._settings(v2, "mi2p")["threads"] == 4
+        assert sets._settings(v2, "text")["threads"] == 1
+        assert sets._settings(v2, "text")["model_version"] == "2"
+        assert sets.fingerprint(v2, "text") != sets.fingerprint(v2, "mi2p")
+        assert sets.fingerprint(v2, "text") != sets.fingerprint(SimpleNamespace(name="shapes", version="1"), "text")
+        pinned = ExpertSets(plan.model_copy(update={"settings": {**plan.settings, "threads": 2}}), "dynfuse")
+        assert pinned._settings(v2, "mi2p")["threads"] == 2  # DYNFUSE_THREADS, when given, for every replica
+        pinned.close()
+    finally:
+        sets.close()
