@@ -188,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
         args.out,
         {
             "model": f"{model} v{version.name}",
-            "settings": "defaults (DYNFUSE_MAX_BODY_BYTES 10 MiB, DYNFUSE_MAX_BATCH_INPUTS 64)",
+            "settings": "default limits (DYNFUSE_MAX_BODY_BYTES 10 MiB, DYNFUSE_MAX_BATCH_INPUTS 64), one worker",
             "single": single,
             "concurrent": together,
             "server_alive_after": alive,

@@ -34,7 +34,7 @@ expected-statuses = ["400", "401", "403", "404", "405", "406", "409", "413", "41
 
 def test_schemathesis_finds_no_failure_with_every_check(server_process, tmp_path):
     st = require_tool("st")
-    process, base = server_process(log_level="warning")
+    process, base = server_process(log_level="warning", workers=0)  # every default: one worker per core too
     config = tmp_path / "schemathesis.toml"
     config.write_text(CONFIG)
     env = {
