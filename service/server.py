@@ -39,7 +39,8 @@ def serve(settings: Settings) -> int:
     logging.basicConfig(level=settings.log_level.upper(), format=LOG_FORMAT)
     try:  # fail fast on the common mistakes, before binding a port
         path = resolve(settings.store, settings.model, settings.model_version)
-        check_settings_for(load_model_dir(path, verify=False), settings)
+        if settings.operating_point is not None or settings.degrade_to is not None:  # names a part of the model
+            check_settings_for(load_model_dir(path, verify=False), settings)
     except StoreError as error:
         print(f"dynfuse serve: error: {error}", file=sys.stderr)
         return 1
