@@ -10,7 +10,7 @@ HOST   ?= 127.0.0.1
 PORT   ?= 8000
 TORCH  := torch==2.13.0
 
-.PHONY: run test lint build-default clean
+.PHONY: run test test-tools lint build-default clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -32,8 +32,14 @@ build-default: $(VENV)/.installed-train
 run: build-default
 	$(BIN)/dynfuse serve --store $(STORE) --host $(HOST) --port $(PORT)
 
+# The whole suite, as CI runs it. A test whose system tool is missing is skipped here (under CI=true it fails), and
+# the run ends by listing each skip and what installs it: `make test-tools`.
 test: $(VENV)/.installed-dev
 	$(BIN)/python -m pytest
+
+# The system tools the tests run (Prometheus, docker-compose, chromium and its driver), with apt-get.
+test-tools:
+	.ci/tools
 
 lint: $(VENV)/.installed-dev
 	$(BIN)/ruff check .
