@@ -15,7 +15,9 @@ The bodies are the test split of a synthetic data set whose seed the model's tra
 it is missing), base64 PNG in JSON. Besides req/s the script records each server's CPU time per answered
 request: utime + stime of the server's whole process tree (``/proc/<pid>/stat``) over the measured level,
 divided by the 2xx answers. That figure depends far less on what else runs on the machine than req/s does, so it
-is the one to compare optimizations by on a shared machine; req/s is the goal's, to be read on a quiet one.
+is the one to compare optimizations by on a shared machine; req/s is the goal's, to be read on a quiet one. How
+long the server's threads waited, runnable, for a CPU (``schedstat``) says how much a reading was starved: on a
+busy machine the scheduler shares the cores per thread, so a server of several processes gets more of them.
 Before the load, 48 bodies are sent one by one and their answers checked against the labels, so every server is
 seen serving the real model.
 
@@ -169,6 +171,15 @@ class Server:
             frontier.extend(children)
         return {pid: ticks[pid] for pid in tree if pid in ticks}
 
+    def run_queue_wait_s(self) -> float:
+        """Seconds the tree's live threads have waited, runnable, for a CPU (/proc/<pid>/task/<tid>/schedstat)."""
+        waited = 0
+        for pid in self.cpu_ticks():
+            for task in Path(f"/proc/{pid}/task").glob("*"):
+                with contextlib.suppress(OSError, ValueError):
+                    waited += int((task / "schedstat").read_text().split()[1])
+        return waited / 1e9
+
     def stop(self) -> None:
         if self.process.poll() is None:
             os.killpg(self.process.pid, signal.SIGTERM)
@@ -212,10 +223,10 @@ def measure(server: Server, bodies: Path, concurrency: int, seconds: float) -> d
     """One level of load; req/s, latency and the server's CPU seconds per answered request."""
     load_before = os.getloadavg()
     children = resource.getrusage(resource.RUSAGE_CHILDREN)
-    before = server.cpu_ticks()
+    before, waited = server.cpu_ticks(), server.run_queue_wait_s()
     with CpuWatch(tuple(before)) as watch:
         load = wrk(server.base, bodies, concurrency, seconds)
-    after = server.cpu_ticks()
+    after, waited = server.cpu_ticks(), server.run_queue_wait_s() - waited
     wrk_usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu_s = sum(ticks - before.get(pid, 0) for pid, ticks in after.items()) / os.sysconf("SC_CLK_TCK")
     answered = load["requests"] - load["errors"]["status"]
@@ -229,6 +240,8 @@ def measure(server: Server, bodies: Path, concurrency: int, seconds: float) -> d
         "server_cpu_ms_per_request": 1000 * cpu_s / max(answered, 1),
         "server_cores": cpu_s / wall,
         "server_processes": len(after),
+        # Runnable but not running: on a busy machine, what the server's threads lost to other processes.
+        "server_run_queue_wait_per_s": waited / wall,
         "wrk_cores": (wrk_usage.ru_utime + wrk_usage.ru_stime - children.ru_utime - children.ru_stime) / wall,
         "foreign_cpu_share": watch.foreign_share,
         "loadavg_before": load_before,
@@ -270,6 +283,7 @@ def summary(runs: list[dict]) -> dict:
         "server_cpu_ms_per_request": median("server_cpu_ms_per_request"),
         "server_cpu_ms_range": extent("server_cpu_ms_per_request"),
         "server_cores": median("server_cores"),
+        "server_run_queue_wait_per_s": median("server_run_queue_wait_per_s"),
         "p50_ms": statistics.median(r["latency_ms"]["p50"] for r in runs),
         "p99_ms": statistics.median(r["latency_ms"]["p99"] for r in runs),
         "errors": sum(sum(r["errors"].values()) for r in runs),
@@ -337,7 +351,8 @@ def main(argv: list[str] | None = None) -> int:
             print(
                 f"round {index + 1} {name}: {run['requests_per_second']:,.0f} req/s, "
                 f"{run['server_cpu_ms_per_request']:.3f} CPU ms/request ({run['server_cores']:.2f} cores), "
-                f"p99 {run['latency_ms']['p99']:.0f} ms, load {run['loadavg_before'][0]:.1f}, "
+                f"p99 {run['latency_ms']['p99']:.0f} ms, waited for a CPU {run['server_run_queue_wait_per_s']:.2f} "
+                f"thread-s/s, load {run['loadavg_before'][0]:.1f}, "
                 f"others {run['foreign_cpu_share'] or 0:.0%}",
                 flush=True,
             )
@@ -350,6 +365,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{s['requests_per_second_range'][0]:,.0f}–{s['requests_per_second_range'][1]:,.0f}",
             f"{s['server_cpu_ms_per_request']:.3f}",
             f"{s['server_cores']:.2f}",
+            f"{s['server_run_queue_wait_per_s']:.2f}",
             f"{s['p50_ms']:.1f}",
             f"{s['p99_ms']:.1f}",
             s["errors"],
@@ -359,7 +375,8 @@ def main(argv: list[str] | None = None) -> int:
         ]
         for name, s in summaries.items()
     ]
-    header = ["server", "req/s (median)", "range", "CPU ms/request", "cores", "p50 ms", "p99 ms", "errors"]
+    header = ["server", "req/s (median)", "range", "CPU ms/request", "cores", "waited for a CPU", "p50 ms", "p99 ms"]
+    header.append("errors")
     print(markdown_table([*header, "checked right", "others' CPU", "load (1 min)"], rows))
 
     goals = []
