@@ -68,6 +68,7 @@ GOALS = (
     ("dynfuse-full", "litserve-full", 1.0),
 )
 CHECKED_BODIES = 48
+IDLE_S = 5.0  # the server's CPU with no load, measured before each level
 
 
 def held_out_data(store: Path, data: Path | None, seed: int) -> Path:
@@ -208,6 +209,14 @@ def check_answers(base: str, bodies: Path, samples: list[dict]) -> dict:
     return {"bodies": len(lines), "accuracy": right / len(lines)}
 
 
+def idle_cores(server: Server, seconds: float) -> float:
+    """Cores the server uses with no request in flight (a server that polls its queues spends CPU idle)."""
+    before = server.cpu_ticks()
+    time.sleep(seconds)
+    after = server.cpu_ticks()
+    return sum(ticks - before.get(pid, 0) for pid, ticks in after.items()) / os.sysconf("SC_CLK_TCK") / seconds
+
+
 def wrk(base: str, bodies: Path, concurrency: int, seconds: float) -> dict:
     lua = REPO / "bench" / "wrk_classify.lua"
     command = ["wrk", "-t1", f"-c{concurrency}", f"-d{seconds:g}s", "--timeout", "10s", "-s", str(lua), base]
@@ -283,6 +292,7 @@ def summary(runs: list[dict]) -> dict:
         "server_cpu_ms_per_request": median("server_cpu_ms_per_request"),
         "server_cpu_ms_range": extent("server_cpu_ms_per_request"),
         "server_cores": median("server_cores"),
+        "idle_cores": median("idle_cores"),
         "server_run_queue_wait_per_s": median("server_run_queue_wait_per_s"),
         "p50_ms": statistics.median(r["latency_ms"]["p50"] for r in runs),
         "p99_ms": statistics.median(r["latency_ms"]["p99"] for r in runs),
@@ -341,8 +351,9 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 ready_s = server.wait_ready()
                 checks[name].append(check_answers(server.base, bodies, samples))
+                idle = idle_cores(server, IDLE_S)
                 wrk(server.base, bodies, args.concurrency, args.warmup)
-                run = measure(server, bodies, args.concurrency, args.seconds) | {"ready_s": ready_s}
+                run = measure(server, bodies, args.concurrency, args.seconds) | {"ready_s": ready_s, "idle_cores": idle}
                 if args.profile and name == "dynfuse-auto" and index == 0:  # this checkout's
                     profiles[name] = profile(server, bodies, args.concurrency, args.seconds, args.profile)
             finally:
@@ -365,6 +376,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{s['requests_per_second_range'][0]:,.0f}–{s['requests_per_second_range'][1]:,.0f}",
             f"{s['server_cpu_ms_per_request']:.3f}",
             f"{s['server_cores']:.2f}",
+            f"{s['idle_cores']:.2f}",
             f"{s['server_run_queue_wait_per_s']:.2f}",
             f"{s['p50_ms']:.1f}",
             f"{s['p99_ms']:.1f}",
@@ -375,7 +387,8 @@ def main(argv: list[str] | None = None) -> int:
         ]
         for name, s in summaries.items()
     ]
-    header = ["server", "req/s (median)", "range", "CPU ms/request", "cores", "waited for a CPU", "p50 ms", "p99 ms"]
+    header = ["server", "req/s (median)", "range", "CPU ms/request", "cores", "idle cores", "waited for a CPU"]
+    header += ["p50 ms", "p99 ms"]
     header.append("errors")
     print(markdown_table([*header, "checked right", "others' CPU", "load (1 min)"], rows))
 
