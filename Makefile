@@ -10,7 +10,7 @@ HOST   ?= 127.0.0.1
 PORT   ?= 8000
 TORCH  := torch==2.13.0
 
-.PHONY: run test test-tools lint build-default clean
+.PHONY: run test test-tools mutation lint build-default clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,12 @@ run: build-default
 # the run ends by listing each skip and what installs it: `make test-tools`.
 test: $(VENV)/.installed-dev
 	$(BIN)/python -m pytest
+
+# Mutation testing of the decision code (tests/mutation/run.py, mutmut under nice -n 10): each module's score and
+# surviving mutants, in build/mutation/results.json; tests/mutation/EQUIVALENT.md lists the survivors reviewed.
+# One module: `.venv/bin/python tests/mutation/run.py service/degrade.py`.
+mutation: $(VENV)/.installed-dev
+	$(BIN)/python tests/mutation/run.py
 
 # The system tools the tests run (Prometheus, docker-compose, chromium and its driver), with apt-get.
 test-tools:

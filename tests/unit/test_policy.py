@@ -185,3 +185,12 @@ def test_temperature_scaling_takes_zero_scores_without_log_of_zero():
     with np.errstate(divide="raise", invalid="raise"):
         temperature = fit_temperature(scores, np.array([0, 1, 0]))
     assert 0.05 <= temperature <= 50.0
+
+
+def test_the_oracle_breaks_a_tie_in_cost_by_the_routers_order_among_many_experts():
+    """Among experts of one cost the first in the router's order is the cheapest; with more experts than NumPy's
+    insertion sort handles (16), only a stable sort keeps that order (this one is where its quicksort does not)."""
+    costs = np.array([2, 2, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 1, 2, 2, 1, 1, 2, 2, 1, 2, 2, 2, 1, 1, 2,
+                      1, 2, 1, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 1, 2, 2, 1, 1, 2, 2, 2, 1])  # fmt: skip
+    correct = np.ones((1, len(costs)), dtype=bool)
+    assert oracle_routes(correct, costs, 0).tolist() == [2]  # the first of cost 1
