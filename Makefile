@@ -38,7 +38,7 @@ test: $(VENV)/.installed-dev
 	$(BIN)/python -m pytest
 
 # Mutation testing of the decision code (tests/mutation/run.py, mutmut under nice -n 10): each module's score and
-# surviving mutants, in build/mutation/results.json; tests/mutation/EQUIVALENT.md lists the survivors reviewed.
+# surviving mutants, in bench/results/mutation.json; tests/mutation/EQUIVALENT.md lists the survivors reviewed.
 # One module: `.venv/bin/python tests/mutation/run.py service/degrade.py`.
 mutation: $(VENV)/.installed-dev
 	$(BIN)/python tests/mutation/run.py
