@@ -27,7 +27,7 @@ PYTHON = Path(sys.executable)
 MODULES: dict[str, list[str]] = {
     "models/policy.py": ["tests/unit/test_policy.py", "tests/unit/test_evaluation.py"],
     "service/degrade.py": ["tests/unit/test_degrade.py", "tests/unit/test_batcher.py"],
-    "service/batcher.py": ["tests/unit/test_batcher.py"],
+    "service/batcher.py": ["tests/unit/test_batcher.py", "tests/unit/test_batcher_states.py"],
     # The fuzzer (150 mutants of 21 files) runs for every mutant of the decoder: minutes each on 2 cores. The
     # tests of what each step decides (formats, limits, orientation, reduction, pixels) cover the same code.
     "service/decode.py": [
