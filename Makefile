@@ -10,6 +10,8 @@ STORE  ?= store
 HOST   ?= 127.0.0.1
 PORT   ?= 8000
 TORCH  := torch==2.13.0
+# pytest-xdist workers for `make test` (tests/conftest.py keeps the tests that train on one of them).
+TEST_WORKERS ?= 2
 # Where `make build-default` writes a model built from scratch (the shipped one stays as it is).
 BUILD_STORE ?= build/default-store
 SHIP_STORE  := build/ship-store
@@ -39,7 +41,7 @@ run: $(VENV)/.installed-serve
 	$(BIN)/dynfuse serve --store $(STORE) --host $(HOST) --port $(PORT)
 
 test: $(VENV)/.installed-dev
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadgroup --durations=25
 
 lint: $(VENV)/.installed-dev
 	$(BIN)/ruff check .
@@ -64,6 +66,7 @@ ship-default: $(VENV)/.installed-dev
 # computed from the shipped files.
 figures: $(VENV)/.installed-dev
 	$(BIN)/python -m bench.figures
+	$(BIN)/python -m bench.doc_examples --update
 
 clean:
 	rm -rf $(VENV) build .pytest_cache .ruff_cache

@@ -1,6 +1,10 @@
-"""Shared fixtures: one tiny synthetic data set, one tiny trained run and one exported store per session.
+"""Shared fixtures. What a test serves is the default model the repository ships (``store/shapes/1``, copied
+once per session: ``tiny_store``, ``serve``, ``server_process``); nothing is trained for it. Tests of training
+and export use one tiny synthetic data set, one tiny trained run and its export, made once per session
+(``tiny_data``, ``tiny_run``, ``tiny_export``) and only when such a test runs.
 
-The tiny preset trains in seconds on 2 cores; everything that needs a real model uses these.
+Under pytest-xdist (``make test`` runs two workers) every test that needs the tiny run goes to one worker
+(``xdist_group``), so it is trained once; so do the tests that start a Ray cluster.
 """
 
 from __future__ import annotations
@@ -19,6 +23,11 @@ from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
 MODEL_NAME = "shapes"
+ROOT = Path(__file__).resolve().parents[1]
+SHIPPED_MODEL = ROOT / "store" / MODEL_NAME / "1"  # export/default_model.py SHIPPED_STORE, SHIPPED_VERSION
+# Fixtures that train: the tests that use them share one xdist worker, so the tiny model is trained once.
+TRAINING_FIXTURES = {"tiny_run", "tiny_export"}
+TRAINING_TIMEOUT_S = 1200
 
 # Servers and other test processes share the cores with the suite's own training. torch's OpenMP threads
 # spin-wait for each other, and beside another busy process they stall: a training step that takes 0.4 s
@@ -88,37 +97,73 @@ def tiny_run(tiny_data, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def tiny_store(tiny_run, tmp_path_factory) -> Path:
-    """A store with one version of the tiny model; treat it as read-only (copy it to change it)."""
-    from export.writer import export_run
+def tiny_export(tiny_run, tmp_path_factory) -> Path:
+    """A store with one version of the tiny trained run, exported in both formats by ``dynfuse export`` (the
+    command line, as users run it); treat it as read-only. For tests of export itself and of the TorchScript
+    backend (the shipped model has ONNX files only)."""
+    import subprocess
 
-    store = tmp_path_factory.mktemp("tiny-store") / "store"
-    export_run(tiny_run, store, name=MODEL_NAME, progress=False, log=quiet)
+    store = tmp_path_factory.mktemp("tiny-export") / "store"
+    command = [sys.executable, "-m", "service.cli", "export", str(tiny_run), "--store", str(store), "--quiet"]
+    exported = subprocess.run([*command, "--name", MODEL_NAME], capture_output=True, text=True, timeout=1500)
+    assert exported.returncode == 0, f"dynfuse export exited {exported.returncode}:\n{exported.stderr[-4000:]}"
     return store
+
+
+@pytest.fixture(scope="session")
+def shipped_store(tmp_path_factory) -> Path:
+    """A store holding a copy of the shipped default model only (the checkout's store/ may hold more)."""
+    assert (SHIPPED_MODEL / "model.json").is_file(), f"{SHIPPED_MODEL} is missing: the repository ships it"
+    store = tmp_path_factory.mktemp("shipped") / "store"
+    shutil.copytree(SHIPPED_MODEL, store / MODEL_NAME / SHIPPED_MODEL.name)
+    return store
+
+
+@pytest.fixture(scope="session")
+def tiny_store(shipped_store) -> Path:
+    """The store that tests serve: the shipped default model (the name is older than the model); treat it as
+    read-only (``store_copy`` to change it)."""
+    return shipped_store
 
 
 @pytest.fixture
 def store_copy(tiny_store, tmp_path) -> Path:
-    """A private copy of the tiny store, free to tamper with."""
+    """A private copy of the served store, free to tamper with."""
     return Path(shutil.copytree(tiny_store, tmp_path / "store"))
 
 
 @pytest.fixture
 def manifest(tiny_store) -> dict:
-    """The tiny store's model.json."""
+    """The served store's model.json."""
     return json.loads(next(tiny_store.glob("shapes/*/model.json")).read_text())
 
 
 @pytest.fixture(scope="session")
-def samples(tiny_data) -> list[dict]:
-    """Test-split samples of the tiny data set: id, png bytes, text, label, kind."""
-    import json
+def samples(tmp_path_factory, tiny_store) -> list[dict]:
+    """Test-split samples for the served model: id, png bytes, text, label, kind. The benchmark at the model's
+    image size, from a seed it was not trained on (a test split alone is quick to generate)."""
+    from models.data.synthetic import SynthConfig, generate
 
+    side = json.loads(next(tiny_store.glob("shapes/*/model.json")).read_text())["preprocessing"]["image_size"]
+    data = tmp_path_factory.mktemp("samples") / "data"
+    generate(data, SynthConfig(size=960, seed=1, image_size=side, ood_size=0), progress=False, splits=("test",))
     out = []
-    for line in (tiny_data / "test.jsonl").read_text().splitlines():
+    for line in (data / "test.jsonl").read_text().splitlines():
         entry = json.loads(line)
-        out.append({**entry, "png": (tiny_data / entry["img"]).read_bytes()})
+        out.append({**entry, "png": (data / entry["img"]).read_bytes()})
     return out
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """Under pytest-xdist, the tests that train share a worker, and so do those that start a Ray cluster."""
+    for item in items:
+        if TRAINING_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.xdist_group("tiny-run"))
+            # The first such test also waits for the training and the export (minutes on a busy machine).
+            if item.get_closest_marker("timeout") is None:
+                item.add_marker(pytest.mark.timeout(TRAINING_TIMEOUT_S))
+        elif item.get_closest_marker("ray") is not None:
+            item.add_marker(pytest.mark.xdist_group("ray"))
 
 
 def wait_ready(client, timeout: float = 60.0) -> None:
