@@ -155,7 +155,9 @@ def samples(tmp_path_factory, tiny_store) -> list[dict]:
 
 
 def pytest_collection_modifyitems(config, items) -> None:
-    """Under pytest-xdist, the tests that train share a worker, and so do those that start a Ray cluster."""
+    """Under pytest-xdist (``--dist loadgroup``): the tests that train share a worker, so do those that start a Ray
+    cluster, and every other module runs whole on one worker, so a module-scoped fixture (a server, a browser, a
+    trained walkthrough) is made once."""
     for item in items:
         if TRAINING_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.xdist_group("tiny-run"))
@@ -164,6 +166,8 @@ def pytest_collection_modifyitems(config, items) -> None:
                 item.add_marker(pytest.mark.timeout(TRAINING_TIMEOUT_S))
         elif item.get_closest_marker("ray") is not None:
             item.add_marker(pytest.mark.xdist_group("ray"))
+        elif item.get_closest_marker("xdist_group") is None:
+            item.add_marker(pytest.mark.xdist_group(item.module.__name__ if item.module else item.nodeid))
 
 
 def wait_ready(client, timeout: float = 60.0) -> None:
