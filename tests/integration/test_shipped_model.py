@@ -7,6 +7,7 @@ When the code that trains or exports the default model changes, the shipped file
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -70,3 +71,27 @@ def test_the_shipped_files_are_tracked_by_git():
     listed = {entry["file"] for c in manifest["components"].values() for entry in c["files"].values()}
     listed |= {example["file"] for example in manifest["examples"]} | {"model.json", "tokenizer.json"}
     assert {f"{SHIPPED_STORE}/shapes/{SHIPPED_VERSION}/{name}" for name in listed} <= set(tracked)
+
+
+def test_make_run_installs_the_serving_core_only_and_serves_the_shipped_store():
+    make = shutil.which("make")
+    assert make, "make is what users run"
+    planned = subprocess.run([make, "-n", "-B", "run"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    assert "pip install --quiet -e .\n" in planned  # the serving core: no extra, no torch
+    assert "torch" not in planned
+    assert "build-default" not in planned
+    assert planned.rstrip().endswith("dynfuse serve --store store --host 127.0.0.1 --port 8000")
+
+
+def test_make_ship_default_rebuilds_from_scratch_and_replaces_the_shipped_version():
+    planned = subprocess.run(["make", "-n", "-B", "ship-default"], cwd=ROOT, capture_output=True, text=True).stdout
+    setup = ("python3 -m venv", ".venv/bin/pip", "touch")
+    steps = [line for line in planned.splitlines() if not line.startswith(setup)]
+    assert steps[:5] == [
+        "rm -rf build/ship-store build/ship-work",
+        ".venv/bin/dynfuse build-default --store build/ship-store --work build/ship-work --formats onnx",
+        f"rm -rf store/shapes/{SHIPPED_VERSION}",
+        "mkdir -p store/shapes",
+        f"cp -R build/ship-store/shapes/{SHIPPED_VERSION} store/shapes/{SHIPPED_VERSION}",
+    ]
+    assert "figures" in steps[5]  # then every figure and example output from the new files
