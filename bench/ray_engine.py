@@ -135,7 +135,12 @@ def kill_an_expert_replica(base: str, sample: dict, seconds_after: float) -> dic
     for thread in threads:
         thread.start()
     time.sleep(5)
-    victims = [pid for pid in all_pids() if f".{KILLED_EXPERT}:expert_{KILLED_EXPERT}" in cmdline(pid)]
+    deadline = time.monotonic() + 30  # a replica being replaced (a failed health check) has no process a moment
+    while True:
+        victims = [pid for pid in all_pids() if f".{KILLED_EXPERT}:expert_{KILLED_EXPERT}" in cmdline(pid)]
+        if victims or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
     if not victims:
         stop.set()
         replicas = [cmdline(pid).strip() for pid in all_pids() if "ServeReplica" in cmdline(pid)]

@@ -294,7 +294,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--device", choices=("cpu", "cuda"))
     serve.add_argument("--model", help="model name (default: the store's only model)")
     serve.add_argument(
-        "--workers", type=int, help="server processes sharing the port (default 1; metrics are summed across them)"
+        "--workers",
+        type=int,
+        help="server processes sharing the port (default: one per core; metrics are summed across them)",
     )
     serve.add_argument("--version", help="pin a version (default: the highest)")
     serve.add_argument("--threads", type=int, help="runtime threads per worker (default: the cores, split)")

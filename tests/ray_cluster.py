@@ -131,17 +131,22 @@ def processes_marked(mark: str) -> list[tuple[int, str]]:
     return found
 
 
-def replica_pids(deployment_app: str) -> list[int]:
+def replica_pids(deployment_app: str, timeout: float = 30.0) -> list[int]:
     """The processes of a Serve application's replicas, by the title Ray gives an actor's worker process
-    (``ray::ServeReplica:<app>:<deployment>``)."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if f"ServeReplica:{deployment_app}:" in command:
-            pids.append(int(entry.name))
-    return pids
+    (``ray::ServeReplica:<app>:<deployment>``); waits for at least one (a replica Serve is replacing, after a
+    health check a busy machine made it miss, has no process for a moment)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        pids = []
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if f"ServeReplica:{deployment_app}:" in command:
+                pids.append(int(entry.name))
+        if pids or time.monotonic() > deadline:
+            return pids
+        time.sleep(0.2)

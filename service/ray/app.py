@@ -69,6 +69,7 @@ def application(args: AppArgs, experts: list[str], settings: dict[str, Any]) -> 
         ingress_replicas=most_replicas(args.ingress),
         experts={expert: args.expert(expert) for expert in experts},
         expert_defaults=args.expert_defaults,
+        settings=settings,
     )
     return Ingress.options(**deployment_options(args.ingress, INGRESS_MAX_ONGOING)).bind(
         ingress_settings, swap.model_dump(mode="json")
@@ -116,7 +117,10 @@ def most_replicas(options: DeploymentOptions) -> int:
 def pinned_settings(overrides: dict[str, Any]) -> dict[str, Any]:
     """The settings every replica builds its ``Settings`` from: validated here, with an absolute store (a
     replica's working directory is not the caller's) and the model and version resolved once, so that every
-    replica serves the same version even if a newer one is exported while they start."""
+    replica serves the same version even if a newer one is exported while they start. ``host`` is the address
+    clients reach the application on, Serve's proxy's: unless said, taken as reachable from anywhere (a Serve
+    config's proxy listens on 0.0.0.0), so that checks of what the host exposes hold on Ray too."""
+    overrides = {"host": "0.0.0.0", **overrides}
     settings = Settings(**overrides)
     path = resolve(settings.store, settings.model, settings.model_version)
     return {

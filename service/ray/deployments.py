@@ -91,7 +91,7 @@ class Ingress:
     def __init__(self, settings: dict[str, Any], swap: dict[str, Any]):
         self.settings = Settings(**settings)
         app_name = serve.get_replica_context().app_name
-        self.expert_sets = ExpertSets(SwapPlan.model_validate(swap), settings, app_name)
+        self.expert_sets = ExpertSets(SwapPlan.model_validate(swap), app_name)
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         from service.main import create_app

@@ -95,7 +95,8 @@ def app_args_of(settings: Settings, path: Path | None = None) -> AppArgs:
     """``dynfuse serve --engine ray``'s application arguments: the deployments of ``path`` (a Serve config, whose
     dynfuse application's args are taken, or a file of args), with the settings of the command (its flags and
     ``DYNFUSE_*`` environment) over the file's."""
-    overrides = settings.model_dump(mode="json", exclude_unset=True, exclude={"host", "port", "workers"})
+    overrides = settings.model_dump(mode="json", exclude_unset=True, exclude={"port", "workers"})
+    overrides["host"] = settings.host  # where Serve's proxy listens: what the replicas' checks of exposure see
     if path is None:
         return AppArgs(settings={"store": str(settings.store), **overrides})
     import yaml

@@ -58,6 +58,7 @@ class SwapPlan(BaseModel):
     ingress_replicas: int  # the most the ingress may have (its fixed count, or its autoscaling maximum)
     experts: dict[str, ExpertOptions]  # sized options of each expert of that version
     expert_defaults: ExpertOptions  # for an expert another version has and this one does not
+    settings: dict[str, Any]  # the pinned settings the experts are built from (their threads are their own)
 
 
 def app_prefix(app_name: str) -> str:
@@ -72,9 +73,9 @@ class ExpertSets:
     """``handles_for(model)``: the handles of that version's expert deployments, deployed first when needed, and
     the function that releases them when the version stops serving."""
 
-    def __init__(self, plan: SwapPlan, settings: dict[str, Any], app_name: str):
+    def __init__(self, plan: SwapPlan, app_name: str):
         self.plan = plan
-        self.settings = settings
+        self.settings = plan.settings
         self.app_name = app_name
         self._lock = threading.Lock()
         self._in_use: dict[str, str] = {}  # model -> the version whose experts were handed out last

@@ -36,6 +36,7 @@ def test_no_file_gives_the_defaults_with_the_commands_settings(tmp_path):
     assert args.settings["store"] == str(tmp_path)
     assert args.settings["max_batch_size"] == 8
     assert "port" not in args.settings  # the proxy's, not a replica's
+    assert args.settings["host"] == "127.0.0.1"  # where the proxy listens: what checks of exposure see
 
 
 def test_a_plans_serve_config_gives_its_deployments_under_the_commands_settings(tmp_path):
@@ -44,7 +45,8 @@ def test_a_plans_serve_config_gives_its_deployments_under_the_commands_settings(
     args = app_args_of(Settings(store=tmp_path / "store"), path)
     assert (args.expert("mi2p").num_replicas, args.expert("mi2p").max_batch_size) == (2, 4)
     assert args.ingress.num_cpus == 1
-    assert args.settings == {"store": str(tmp_path / "store"), "model": "shapes"}  # --store wins over the file's
+    # --store wins over the file's.
+    assert args.settings == {"store": str(tmp_path / "store"), "model": "shapes", "host": "127.0.0.1"}
 
 
 def test_a_file_of_args_is_read_as_is(tmp_path):
@@ -72,7 +74,12 @@ def test_a_bad_file_is_refused_naming_it(tmp_path, content, message):
 def test_a_swap_is_refused_when_the_ingress_has_several_replicas():
     sets = ExpertSets.__new__(ExpertSets)  # no sweep timer, no cluster: the refusal comes first
     sets.plan = SwapPlan(
-        model="shapes", version="1", ingress_replicas=3, experts={}, expert_defaults=ExpertOptions(num_cpus=1)
+        model="shapes",
+        version="1",
+        ingress_replicas=3,
+        experts={},
+        expert_defaults=ExpertOptions(num_cpus=1),
+        settings={},
     )
     with pytest.raises(SwapRefused, match=r"up to 3 ingress replicas.*settings.model_version"):
         sets.handles_for(SimpleNamespace(name="shapes", version="2", expert_names=("text",)))
@@ -81,3 +88,27 @@ def test_a_swap_is_refused_when_the_ingress_has_several_replicas():
 def test_an_experts_options_must_let_a_replica_hold_a_full_batch():
     with pytest.raises(ValueError, match="must exceed max_batch_size"):
         AppArgs.model_validate({"experts": {"text": {"max_batch_size": 16, "max_ongoing_requests": 16}}})
+
+
+def test_each_expert_is_built_with_its_own_threads_and_a_fingerprint_of_what_it_is_built_from():
+    plan = SwapPlan(
+        model="shapes",
+        version="1",
+        ingress_replicas=1,
+        experts={"mi2p": ExpertOptions(num_cpus=4), "text": ExpertOptions(num_cpus=0.25)},
+        expert_defaults=ExpertOptions(num_cpus=1),
+        settings={"store": "/s", "model": "shapes", "model_version": "1"},
+    )
+    sets = ExpertSets(plan, "dynfuse")
+    try:
+        v2 = SimpleNamespace(name="shapes", version="2")
+        assert sets._settings(v2, "mi2p")["threads"] == 4
+        assert sets._settings(v2, "text")["threads"] == 1
+        assert sets._settings(v2, "text")["model_version"] == "2"
+        assert sets.fingerprint(v2, "text") != sets.fingerprint(v2, "mi2p")
+        assert sets.fingerprint(v2, "text") != sets.fingerprint(SimpleNamespace(name="shapes", version="1"), "text")
+        pinned = ExpertSets(plan.model_copy(update={"settings": {**plan.settings, "threads": 2}}), "dynfuse")
+        assert pinned._settings(v2, "mi2p")["threads"] == 2  # DYNFUSE_THREADS, when given, for every replica
+        pinned.close()
+    finally:
+        sets.close()
