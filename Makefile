@@ -10,7 +10,7 @@ STORE  ?= store
 HOST   ?= 127.0.0.1
 PORT   ?= 8000
 TORCH  := torch==2.13.0
-# pytest-xdist workers for `make test` (tests/conftest.py keeps the tests that train on one of them).
+# pytest-xdist workers for `make test` (0: one process); tests/conftest.py trains the tiny model once for all.
 TEST_WORKERS ?= 2
 # Where `make build-default` writes a model built from scratch (the shipped one stays as it is).
 BUILD_STORE ?= build/default-store
@@ -40,8 +40,11 @@ $(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
 run: $(VENV)/.installed-serve
 	$(BIN)/dynfuse serve --store $(STORE) --host $(HOST) --port $(PORT)
 
+# Two steps: every file whole on one of TEST_WORKERS workers (a module's fixtures are made once), then the tests
+# that start a Ray cluster, one at a time (a cluster starting beside other work on 2 cores times out).
 test: $(VENV)/.installed-dev
-	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadgroup --durations=25
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile -m "not ray" --durations=25
+	$(BIN)/python -m pytest -m ray --durations=10
 
 lint: $(VENV)/.installed-dev
 	$(BIN)/ruff check .

@@ -1,15 +1,15 @@
 """Shared fixtures. What a test serves is the default model the repository ships (``store/shapes/1``, copied
 once per session: ``tiny_store``, ``serve``, ``server_process``); nothing is trained for it. Tests of training
-and export use one tiny synthetic data set, one tiny trained run and its export, made once per session
-(``tiny_data``, ``tiny_run``, ``tiny_export``) and only when such a test runs.
-
-Under pytest-xdist (``make test`` runs two workers) every test that needs the tiny run goes to one worker
-(``xdist_group``), so it is trained once; so do the tests that start a Ray cluster.
+and export use one tiny synthetic data set, one tiny trained run and its export (``tiny_data``, ``tiny_run``,
+``tiny_export``), made only when such a test runs, and once per run: under pytest-xdist (``make test`` runs
+two workers) the first worker that needs one makes it under a file lock and the others wait for it and reuse
+it.
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import json
 import os
@@ -25,7 +25,7 @@ from prometheus_client.parser import text_string_to_metric_families
 MODEL_NAME = "shapes"
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED_MODEL = ROOT / "store" / MODEL_NAME / "1"  # export/default_model.py SHIPPED_STORE, SHIPPED_VERSION
-# Fixtures that train: the tests that use them share one xdist worker, so the tiny model is trained once.
+# Fixtures that train (once per run, shared by the xdist workers): their tests get a longer timeout.
 TRAINING_FIXTURES = {"tiny_run", "tiny_export"}
 TRAINING_TIMEOUT_S = 1200
 
@@ -78,22 +78,45 @@ def value(samples, name: str, **labels) -> float:
     return samples.get((name, tuple(sorted(labels.items()))), 0.0)
 
 
+def shared(tmp_path_factory, name: str, make) -> Path:
+    """``make(path)`` once per test run: pytest-xdist's workers share the result through their common base
+    directory, the first to get the lock making it while the others wait."""
+    import fcntl
+
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the run's directory, above each worker's own
+    target = root / "shared" / name
+    target.parent.mkdir(exist_ok=True)
+    with open(target.parent / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, even if make() fails
+        done = target.parent / f"{name}.done"
+        if not done.exists():
+            shutil.rmtree(target, ignore_errors=True)  # what a failed attempt left
+            make(target)
+            done.touch()
+    return target
+
+
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory) -> Path:
     from models.data.synthetic import SynthConfig, generate
 
-    out = tmp_path_factory.mktemp("tiny") / "data"
-    generate(out, SynthConfig(size=960, seed=0, image_size=32), progress=False)
-    return out
+    return shared(
+        tmp_path_factory,
+        "tiny-data",
+        lambda out: generate(out, SynthConfig(size=960, seed=0, image_size=32), progress=False),
+    )
 
 
 @pytest.fixture(scope="session")
 def tiny_run(tiny_data, tmp_path_factory) -> Path:
     from models.training import TrainConfig, train
 
-    run = tmp_path_factory.mktemp("tiny-run") / "run"
-    train(tiny_data, run, TrainConfig(preset="tiny", lambdas=(0.0, 0.3)), progress=False, log=quiet)
-    return run
+    def make(run: Path) -> None:
+        train(tiny_data, run, TrainConfig(preset="tiny", lambdas=(0.0, 0.3)), progress=False, log=quiet)
+
+    return shared(tmp_path_factory, "tiny-run", make)
 
 
 @pytest.fixture(scope="session")
@@ -103,11 +126,12 @@ def tiny_export(tiny_run, tmp_path_factory) -> Path:
     backend (the shipped model has ONNX files only)."""
     import subprocess
 
-    store = tmp_path_factory.mktemp("tiny-export") / "store"
-    command = [sys.executable, "-m", "service.cli", "export", str(tiny_run), "--store", str(store), "--quiet"]
-    exported = subprocess.run([*command, "--name", MODEL_NAME], capture_output=True, text=True, timeout=1500)
-    assert exported.returncode == 0, f"dynfuse export exited {exported.returncode}:\n{exported.stderr[-4000:]}"
-    return store
+    def make(store: Path) -> None:
+        command = [sys.executable, "-m", "service.cli", "export", str(tiny_run), "--store", str(store), "--quiet"]
+        exported = subprocess.run([*command, "--name", MODEL_NAME], capture_output=True, text=True, timeout=1500)
+        assert exported.returncode == 0, f"dynfuse export exited {exported.returncode}:\n{exported.stderr[-4000:]}"
+
+    return shared(tmp_path_factory, "tiny-export", make)
 
 
 @pytest.fixture(scope="session")
@@ -155,19 +179,10 @@ def samples(tmp_path_factory, tiny_store) -> list[dict]:
 
 
 def pytest_collection_modifyitems(config, items) -> None:
-    """Under pytest-xdist (``--dist loadgroup``): the tests that train share a worker, so do those that start a Ray
-    cluster, and every other module runs whole on one worker, so a module-scoped fixture (a server, a browser, a
-    trained walkthrough) is made once."""
+    """A test that needs the tiny run may wait for its training and export (minutes on a busy machine)."""
     for item in items:
-        if TRAINING_FIXTURES & set(getattr(item, "fixturenames", ())):
-            item.add_marker(pytest.mark.xdist_group("tiny-run"))
-            # The first such test also waits for the training and the export (minutes on a busy machine).
-            if item.get_closest_marker("timeout") is None:
-                item.add_marker(pytest.mark.timeout(TRAINING_TIMEOUT_S))
-        elif item.get_closest_marker("ray") is not None:
-            item.add_marker(pytest.mark.xdist_group("ray"))
-        elif item.get_closest_marker("xdist_group") is None:
-            item.add_marker(pytest.mark.xdist_group(item.module.__name__ if item.module else item.nodeid))
+        if TRAINING_FIXTURES & set(getattr(item, "fixturenames", ())) and item.get_closest_marker("timeout") is None:
+            item.add_marker(pytest.mark.timeout(TRAINING_TIMEOUT_S))
 
 
 def wait_ready(client, timeout: float = 60.0) -> None:
@@ -274,10 +289,34 @@ def launch_server(store: Path, started: list, **env) -> tuple:
 
 
 def stop_servers(started: list) -> None:
+    """Kill what is still running, with the worker processes of a ``--workers N`` server: a killed parent leaves
+    its multiprocessing children behind otherwise (they outlived the test run)."""
+    import signal
+
     for process in started:
         if process.poll() is None:
+            children = multiprocessing_children(process.pid)
             process.kill()
             process.wait(timeout=10)
+            for pid in children:
+                with contextlib.suppress(ProcessLookupError):  # gone with its parent
+                    os.kill(pid, signal.SIGKILL)
+
+
+def multiprocessing_children(parent: int) -> list[int]:
+    """The spawned workers and the resource tracker a process started."""
+    children = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            cmdline = (entry / "cmdline").read_bytes()
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == parent and b"multiprocessing" in cmdline:
+            children.append(int(entry.name))
+    return children
 
 
 @pytest.fixture
