@@ -14,6 +14,7 @@ import io
 import json
 import os
 import shutil
+import subprocess
 import sys
 import threading
 from pathlib import Path
@@ -289,16 +290,21 @@ def launch_server(store: Path, started: list, **env) -> tuple:
 
 
 def stop_servers(started: list) -> None:
-    """Kill what is still running, with the worker processes of a ``--workers N`` server: a killed parent leaves
-    its multiprocessing children behind otherwise (they outlived the test run)."""
+    """SIGTERM first: a server of several workers stops them with it (SIGKILL to its supervisor alone would leave
+    them running, holding the port); SIGKILL only if it does not stop in time, and then its worker processes too."""
     import signal
 
+    children = {id(process): multiprocessing_children(process.pid) for process in started if process.poll() is None}
     for process in started:
         if process.poll() is None:
-            children = multiprocessing_children(process.pid)
+            process.terminate()
+    for process in started:
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
             process.kill()
             process.wait(timeout=10)
-            for pid in children:
+            for pid in children.get(id(process), []):
                 with contextlib.suppress(ProcessLookupError):  # gone with its parent
                     os.kill(pid, signal.SIGKILL)
 
