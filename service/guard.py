@@ -22,7 +22,6 @@ says whether it is on. Every worker process guards its own traffic.
 from __future__ import annotations
 
 import logging
-import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -54,7 +53,6 @@ class Guard:
         safety: dict,
         settings: GuardSettings,
         on_change: Callable[[str, str, bool], None] = lambda _from, _to, _active: None,
-        clock: Callable[[], float] = time.monotonic,
     ):
         """``operating_point`` and ``min_confidence``: the policy served to requests that name neither (the
         server's settings); ``safety``: model.json's ``safety`` section; ``on_change(from, to, active)``: told of
@@ -63,7 +61,6 @@ class Guard:
         self.operating_point = operating_point
         self.settings = settings
         self.on_change = on_change
-        self.clock = clock
         self.served_policy = policy_name(operating_point, min_confidence)
         point = safety.get("operating_points", {}).get(operating_point, {})
         safer = safety.get("guard", {}).get(operating_point, {})
@@ -78,7 +75,7 @@ class Guard:
         self.state = OFF if self.reason else WATCHING
         self.outcomes: deque[bool] = deque(maxlen=settings.window)
         self.changes = 0
-        self.since = clock()
+        self.since = _now()  # when it entered its state
         self.last_change: dict | None = None
 
     @staticmethod
@@ -127,12 +124,12 @@ class Guard:
         audits = len(self.outcomes)
         self.state = state
         self.changes += 1
-        self.since = self.clock()
+        self.since = _now()
         self.outcomes.clear()
         self.last_change = {
             "from": before,
             "to": after,
-            "at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "at": self.since,
             "agreement": round(agreement, 4),
             "audits": audits,
         }
@@ -172,9 +169,13 @@ class Guard:
             "window": self.settings.window,
             "min_audits": self.settings.min_audits,
             "changes": self.changes,
-            "seconds_in_state": round(self.clock() - self.since, 1),
+            "since": self.since,
             "last_change": self.last_change,
         }
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
 def _rounded(value: float | None) -> float | None:
