@@ -330,10 +330,26 @@ def train_routers(
 
     context = {"model": model, "dataset": dataset, "routers": routers, "costs": costs, "full_expert": full_expert}
     validation = _evaluate(**context, outputs=cache["val"], routes=validation_routes, split="val")
-    default_router = select_router(validation, routers, config.select_tolerance)
+    # The same validation samples with their captions reworded (word dropout), routed by the same cross-fitted
+    # routers: the served router must hold up there too.
+    reworded = [
+        _evaluate(
+            **context, outputs=variant, routes={n: r["variants"][k] for n, r in validation_routes.items()}, split="val"
+        )
+        for k, variant in enumerate(cache["val"].get("augmented") or [])
+    ]
+    default_router = select_router(validation, routers, config.select_tolerance, reworded)
     model.router.load_state_dict(next(r for r in routers if r["name"] == default_router)["router"].state_dict())
     evaluation = {"val": _evaluate(**context, outputs=cache["val"], routes=validation_routes, split="val",
                                    default_router=default_router)}  # fmt: skip
+    if reworded:  # what the selection saw of each router on the reworded captions
+        evaluation["val_reworded"] = [
+            {
+                "word_dropout": rate,
+                "policies": [_policy_figures(row) for row in rows if row["policy"].startswith(("full", "lambda="))],
+            }
+            for rate, rows in zip(config.stage2_word_dropout, reworded, strict=True)
+        ]
     for split in EVALUATED_SPLITS[1:]:
         if split in dataset.splits:
             routes = {r["name"]: route(r["router"], cache[split]) for r in routers}
@@ -423,14 +439,23 @@ def cross_fitted_routes(model, cache: dict, costs: dict, lam: float, config: Tra
     folds = torch.randperm(n, generator=torch.Generator().manual_seed(config.seed)) % max(
         1, min(config.router_folds, n)
     )
-    routes = {"scores": torch.zeros(n, len(model.experts)), "importance": torch.zeros(n, 2)}
-    routes["weights"] = torch.zeros(n, len(model.experts))
+
+    def empty() -> dict:
+        return {
+            "scores": torch.zeros(n, len(model.experts)),
+            "importance": torch.zeros(n, 2),
+            "weights": torch.zeros(n, len(model.experts)),
+        }
+
+    variants = cache.get("augmented") or []
+    routes = empty() | {"variants": [empty() for _ in variants]}  # the caption variants' rows, routed likewise
     for fold in folds.unique():
         held_out = folds == fold
         train_part = {k: _rows(v, ~held_out) for k, v in cache.items()}
         router = train_router(model, train_part, costs, lam, config) if (~held_out).any() else model.new_router()
-        for name, values in route(router, {k: _rows(v, held_out) for k, v in cache.items()}).items():
-            routes[name][held_out] = values
+        for target, outputs in ((routes, cache), *zip(routes["variants"], variants, strict=True)):
+            for name, values in route(router, {k: _rows(v, held_out) for k, v in outputs.items()}).items():
+                target[name][held_out] = values
     return routes
 
 
@@ -510,11 +535,25 @@ def routing_outputs(
     )
 
 
-def select_router(validation_rows: list[dict], routers: list[dict], tolerance: float) -> str:
-    """The cheapest router whose validation accuracy is within ``tolerance`` of the full expert's."""
+def _policy_figures(row: dict) -> dict:
+    return {k: row[k] for k in ("policy", "accuracy", "saved_ratio")}
+
+
+def select_router(
+    validation_rows: list[dict], routers: list[dict], tolerance: float, reworded: list[list[dict]] = ()
+) -> str:
+    """The cheapest router whose validation accuracy is within ``tolerance`` of the full expert's, on the
+    validation split and on each of its reworded copies (``reworded``: their policy tables)."""
     full_accuracy = find_row(validation_rows, "full")["accuracy"]
     candidates = [find_row(validation_rows, f"lambda={r['lambda']:g}") | {"name": r["name"]} for r in routers]
-    good = [c for c in candidates if c["accuracy"] >= full_accuracy - tolerance]
+
+    def holds_up(candidate: dict) -> bool:
+        return all(
+            find_row(rows, candidate["policy"])["accuracy"] >= find_row(rows, "full")["accuracy"] - tolerance
+            for rows in reworded
+        )
+
+    good = [c for c in candidates if c["accuracy"] >= full_accuracy - tolerance and holds_up(c)]
     if good:
         return min(good, key=lambda c: c["madds_per_sample"])["name"]
     return max(candidates, key=lambda c: (c["accuracy"], -c["madds_per_sample"]))["name"]
