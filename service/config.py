@@ -178,6 +178,15 @@ class Settings(BaseSettings):
     api_key: str | None = Field(None, description="When set, inference endpoints need 'Authorization: Bearer <key>'.")
     log_level: str = "info"
 
+    ray_placement_wait_s: float = Field(
+        25.0,
+        ge=0,
+        le=3600,
+        description="With --engine ray --address: how long deployments the cluster has no room for wait for it (an "
+        "autoscaling cluster adding nodes) before the start is refused, naming what is missing. A local cluster "
+        "refuses at once: nothing will be added to it.",
+    )
+
     @field_validator("store")
     @classmethod
     def _store_is_not_a_file(cls, value: Path) -> Path:
