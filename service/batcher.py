@@ -363,6 +363,10 @@ class MicroBatcher:
             return
         finally:
             self._batch_started = None
+        refused = next((output for output in outputs if isinstance(output, ApiError)), None)
+        if refused is not None:  # an item the pipeline could not serve now (a Ray expert deployment down)
+            _tell(job.failed, refused)
+            return
         _tell(job.finished, outputs)
 
     # -- answering what cannot be served ---------------------------------------------------------

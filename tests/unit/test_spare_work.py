@@ -200,3 +200,23 @@ def test_a_failing_spare_job_fails_alone_and_the_batcher_stays_ready():
     broken, result = run(scenario)
     assert broken.outcome == "failed:ValueError"
     assert result.output.label == "request"
+
+
+def test_a_spare_job_whose_item_the_pipeline_refused_fails():
+    """The Ray engine's pipeline answers an item it cannot serve now with the error in its place."""
+    from service.errors import NotReady
+
+    class Refusing(RecordingPipeline):
+        def predict(self, items):
+            return [NotReady("expert 'mi2p' has no replica able to answer now", 1) for _ in items], {}
+
+    async def scenario():
+        b = batcher(Refusing())
+        b.start()
+        job = Job("audit")
+        b.offer_spare(job)
+        await job.done.wait()
+        await b.stop()
+        return job
+
+    assert run(scenario).outcome == "failed:NotReady"
