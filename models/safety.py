@@ -41,11 +41,12 @@ def measure(outputs: RoutingOutputs) -> dict:
     """The ``safety`` section of model.json from one split's outputs (validation, cross-fitted routes)."""
     experts, n = outputs.experts, len(outputs.labels)
     full = experts.index(outputs.full_expert)
+    path_madds = np.array([outputs.path_madds[e] for e in experts], dtype=np.float64)
     answers = np.stack([outputs.expert_probs[e].argmax(axis=1) for e in experts], axis=1)  # (N, E)
     agrees = answers == answers[:, full : full + 1]  # (N, E): each expert's answer is the full path's
     points = {
         router["name"]: _point_figures(
-            decide_routes(outputs.router_scores[router["name"]], full)[0], agrees, experts, full
+            decide_routes(outputs.router_scores[router["name"]], full, path_madds=path_madds)[0], agrees, experts, full
         )
         for router in outputs.routers
     }
@@ -83,13 +84,15 @@ def _policies(outputs: RoutingOutputs, point: str, answers: np.ndarray, agrees: 
     """The point alone and with each confidence floor: accuracy, agreement with full over all answers, saved."""
     experts, n = outputs.experts, len(outputs.labels)
     full = experts.index(outputs.full_expert)
-    choice, _ = decide_routes(outputs.router_scores[point], full)
+    path_madds = np.array([outputs.path_madds[e] for e in experts], dtype=np.float64)
+    choice, _ = decide_routes(outputs.router_scores[point], full, path_madds=path_madds)
     top = np.stack([outputs.expert_probs[e].max(axis=1) for e in experts], axis=1)[np.arange(n), choice]  # (N,)
     alone = np.array([outputs.path_madds[experts[c]] for c in range(len(experts))], np.float64)
     both = np.array([outputs.madds_of({experts[c], outputs.full_expert}) for c in range(len(experts))], np.float64)
     rows = []
     for floor in (None, *CONFIDENCE_FLOORS):
-        fallback = np.zeros(n, bool) if floor is None else confidence_fallback(choice, top, full, np.full(n, floor))
+        floors = np.full(n, np.nan if floor is None else floor)
+        fallback = confidence_fallback(choice, top, path_madds, full, floors)
         final = np.where(fallback, full, choice)
         madds = np.where(fallback, both[choice], alone[choice])
         rows.append(

@@ -129,7 +129,7 @@ def cmd_build_default(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    from service.config import Settings
+    from service.config import load_settings
     from service.server import serve
 
     overrides = {
@@ -153,10 +153,10 @@ def cmd_serve(args) -> int:
     if args.engine == "ray":
         from service.ray.run import serve_on_ray
 
-        return serve_on_ray(Settings(**overrides), args.address, args.deployments)
+        return serve_on_ray(load_settings(**overrides), args.address, args.deployments)
     if args.address or args.deployments:
         raise ValueError("--address and --deployments are for --engine ray")
-    return serve(Settings(**overrides))
+    return serve(load_settings(**overrides))
 
 
 def cmd_plan(args) -> int:
@@ -279,7 +279,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--device", choices=("cpu", "cuda"))
     serve.add_argument("--model", help="model name (default: the store's only model)")
     serve.add_argument(
-        "--workers", type=int, help="server processes sharing the port (default 1; metrics are summed across them)"
+        "--workers",
+        type=int,
+        help="server processes sharing the port (default: one per core; metrics are summed across them)",
     )
     serve.add_argument("--version", help="pin a version (default: the highest)")
     serve.add_argument("--threads", type=int, help="runtime threads per worker (default: the cores, split)")

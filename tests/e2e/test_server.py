@@ -80,7 +80,7 @@ def test_workers_share_the_port_and_report_summed_metrics(server_process, sample
         for sample in family.samples
     }
     model = responses[0].json()["model"]
-    assert scraped[("dynfuse_requests_total", (("model", model), ("status", "200")))] == 12
+    assert scraped[("dynfuse_requests_total", (("key", "anonymous"), ("model", model), ("status", "200")))] == 12
     assert scraped[("dynfuse_compute_madds_total", (("model", model),))] == sum(
         r.json()["compute"]["madds"] for r in responses
     )
@@ -88,6 +88,17 @@ def test_workers_share_the_port_and_report_summed_metrics(server_process, sample
     [info] = [value for (name, _), value in scraped.items() if name == "dynfuse_model_info"]
     assert info == 1
 
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=30) == 0
+
+
+def test_serve_starts_one_worker_per_core_by_default(server_process, samples):
+    from service.server import available_cores
+
+    process, base = server_process(workers=0)  # DYNFUSE_WORKERS=0, as when it is not set
+    assert len(worker_pids(process.pid)) == (available_cores() if available_cores() > 1 else 0)
+    pair = {"image": base64.b64encode(samples[0]["png"]).decode(), "text": samples[0]["text"]}
+    assert httpx.post(f"{base}/v1/classify", json=pair, timeout=30).status_code == 200
     process.send_signal(signal.SIGTERM)
     assert process.wait(timeout=30) == 0
 
