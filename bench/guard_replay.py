@@ -1,7 +1,8 @@
 """Figure: what the guard detects, and how fast, at a given audit rate: the shift of bench/shift.py replayed
 offline many times over.
 
-The stored model answers the test split, then test_ood, through its own pipeline (``dynfuse evaluate``'s
+The stored model answers the test split, then test_ood (``--ood-repeats`` times over: a shift that lasts, so
+that a low audit rate's delay can be seen), through its own pipeline (``dynfuse evaluate``'s
 outputs: every expert and the served router on every pair), which says for each request whether the router
 picked a cheaper expert and whether that expert's answer agrees with the full path's: what an audit of it would
 find. The stream is then replayed ``--trials`` times through the server's own ``Guard`` (service/guard.py, the
@@ -78,16 +79,18 @@ def replay(manifest: dict, cheaper, agrees, n_test: int, rate: float, settings, 
         engaged_at.append(first_ood)
     reached = np.array([e if e is not None else np.inf for e in engaged_at], dtype=float)
     n_ood = len(cheaper) - n_test
+
+    def quantile(q: float) -> float | None:
+        value = float(np.quantile(reached, q, method="higher"))
+        return value if np.isfinite(value) else None
+
     return {
         "rate": rate,
         "trials": trials,
         "false_engagement_in_test": false_engagements / trials,
         "test_requests_guarded_mean": float(np.mean(guarded_test)),
         "engaged_in_ood": float(np.isfinite(reached).mean()),
-        "ood_requests_to_engage": {
-            "median": float(np.median(reached)) if np.isfinite(np.median(reached)) else None,
-            "p90": float(np.quantile(reached, 0.9)) if np.isfinite(np.quantile(reached, 0.9)) else None,
-        },
+        "ood_requests_to_engage": {"median": quantile(0.5), "p90": quantile(0.9)},
         f"within_{GOAL_ENGAGE_WITHIN}": float((reached <= GOAL_ENGAGE_WITHIN).mean()),
         "within_600": float((reached <= 600).mean()),
         f"within_{n_ood}": float((reached <= n_ood).mean()),
@@ -101,6 +104,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", type=Path, default=HELD_OUT)
     parser.add_argument("--rates", default="0.02,0.05,0.1,0.25")
     parser.add_argument("--trials", type=int, default=500)
+    parser.add_argument(
+        "--ood-repeats", type=int, default=4, help="test_ood streamed this many times over (a longer shift)"
+    )
     parser.add_argument("--out", type=Path, default=RESULTS / "guard_replay.json")
     args = parser.parse_args(argv)
 
@@ -110,6 +116,9 @@ def main(argv: list[str] | None = None) -> int:
     settings = Settings(store=args.store)
     data = held_out_data(args.data)
     manifest, cheaper, agrees, n_test = stream(args.store, args.model, data)
+    # A shift that lasts: test_ood's requests again, in the same order (each audit is a fresh random draw).
+    cheaper = np.concatenate([cheaper[:n_test], *[cheaper[n_test:]] * args.ood_repeats])
+    agrees = np.concatenate([agrees[:n_test], *[agrees[n_test:]] * args.ood_repeats])
     point = manifest["router"]["operating_point"]
     validated = manifest["safety"]["operating_points"][point]["agreement"]
     observed = {

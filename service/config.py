@@ -146,7 +146,7 @@ class Settings(BaseSettings):
         "guard_recover_margin.",
     )
     guard_margin: float = Field(
-        0.05, gt=0.0, lt=1.0, description="Agreement this far below the validation figure engages the guard."
+        0.06, gt=0.0, lt=1.0, description="Agreement this far below the validation figure engages the guard."
     )
     guard_recover_margin: float = Field(
         0.02,
@@ -159,7 +159,7 @@ class Settings(BaseSettings):
         100, ge=1, description="Audit outcomes the guard judges agreement over (the most recent ones)."
     )
     guard_min_audits: int = Field(
-        30,
+        50,
         ge=1,
         description="Audit outcomes, since the guard last changed, needed before it engages or releases.",
     )
