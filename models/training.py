@@ -70,7 +70,7 @@ class TrainConfig:
     # Stage II also learns from copies of the validation split whose captions lost this share of their words to
     # <unk> (one copy per value), with the experts' losses on those captions: a router that sees only the
     # training family's captions keys on their template words, and sends captions worded otherwise astray.
-    stage2_word_dropout: tuple[float, ...] = ()
+    stage2_word_dropout: tuple[float, ...] = (0.3, 0.6)
     # Stage II's two supervised terms beside DynMM's loss (see train_router): the fused gate towards each sample's
     # best expert, and each modality's router on its own towards it.
     best_expert_weight: float = 1.0
