@@ -54,27 +54,34 @@ def descendants(pid: int | None = None) -> list[int]:
 
 
 def stop_descendants(grace_s: float) -> list[int]:
-    """SIGTERM every descendant, SIGKILL the ones still alive after ``grace_s``; reap what is ours to reap.
-    Returns the pids that had to be killed."""
-    pids = descendants()
-    for pid in pids:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.kill(pid, signal.SIGTERM)
+    """SIGTERM every descendant, then SIGKILL, again and again, whatever is still alive (or was started meanwhile)
+    after ``grace_s``; reap what is ours to reap. Returns the pids that had to be killed."""
+    for pid in descendants():
+        _send(pid, signal.SIGTERM)
     deadline = time.monotonic() + grace_s
     while time.monotonic() < deadline:
         _reap()
         if not descendants():
             return []
         time.sleep(0.05)
-    killed = descendants()
-    for pid in killed:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.kill(pid, signal.SIGKILL)
+    killed: list[int] = []
     deadline = time.monotonic() + 2.0
-    while descendants() and time.monotonic() < deadline:
-        _reap()
+    while time.monotonic() < deadline:
+        alive = descendants()
+        if not alive:
+            break
+        for pid in alive:
+            if pid not in killed:
+                killed.append(pid)
+            _send(pid, signal.SIGKILL)
         time.sleep(0.02)
+        _reap()
     return killed
+
+
+def _send(pid: int, signum: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.kill(pid, signum)
 
 
 def _reap() -> None:

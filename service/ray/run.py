@@ -51,10 +51,6 @@ POLL_S = 0.25
 logger = logging.getLogger("dynfuse")
 
 
-class Stopping(BaseException):
-    """A signal asked the command to stop (a BaseException, so no ``except Exception`` on the way swallows it)."""
-
-
 class Refused(Exception):
     """The application cannot run on this cluster (the message says why and what to change)."""
 
@@ -80,6 +76,11 @@ def serve_on_ray(settings: Settings, address: str | None, deployments: str | Non
 
 
 class RayServe:
+    """The command. Its main thread only waits: for a signal, or for the start (run in a thread of its own, which
+    is where every Ray call is made) to fail. So a signal never lands inside Ray's code (an exception raised there
+    by a handler is swallowed or turned into another, and Ray defers or replaces signal handlers on the main
+    thread), and the stop never waits for a Ray call that may not return."""
+
     def __init__(self, args, settings: Settings, address: str | None):
         self.args = args  # the application's AppArgs
         self.settings = settings
@@ -88,9 +89,12 @@ class RayServe:
         self.temp_dir: str | None = None
         self.ray_started = False
         self.serve_started = False
+        self.deployed = False
         self.signalled_at: float | None = None
         self.tearing_down = False
-        self.code = 1
+        self.wake = threading.Event()  # a signal, or the start ended in failure
+        self.failure: BaseException | None = None
+        self.starter: threading.Thread | None = None
 
     # -- the command -----------------------------------------------------------------------------------
     def main(self) -> int:
@@ -98,39 +102,33 @@ class RayServe:
             signal.signal(signum, self._on_signal)
         if self.local:
             become_subreaper()
-        started = time.monotonic()
-        try:
-            self._start()
-            base = self._base_url()
-            where = "a local Ray cluster" if self.local else f"the Ray cluster at {self.address}"
-            print(f"dynfuse: deployed on {where}; readiness at {base}/readyz, metrics at {base}/metrics", flush=True)
-            self._wait_ready(base)
-            print(f"dynfuse: ready in {time.monotonic() - started:.1f} s", flush=True)
-            while True:
-                time.sleep(3600)
-        except (Stopping, KeyboardInterrupt):
-            self.code = 0
-        except SystemExit as exit_:  # Ray's own SIGTERM handler, while ray.init ran: a stop too
-            self.code = 0 if self.signalled_at is not None or exit_.code in (0, signal.SIGTERM) else 1
-        except Refused as error:
-            print(f"dynfuse serve: error: {error}", file=sys.stderr, flush=True)
-            self.code = 1
-        except Exception as error:  # noqa: BLE001 - one line for the user, the traceback in the log
-            logger.exception("dynfuse serve --engine ray failed")
-            print(f"dynfuse serve: error: {type(error).__name__}: {error}", file=sys.stderr, flush=True)
-            self.code = 1
-        finally:
-            self._teardown()
-        return self.code
+        self.starter = threading.Thread(target=self._start_and_serve, name="dynfuse-ray-start", daemon=True)
+        self.starter.start()
+        self.wake.wait()
+        code = 0
+        if self.signalled_at is None and self.failure is not None:
+            code = 1
+            if isinstance(self.failure, Refused):
+                print(f"dynfuse serve: error: {self.failure}", file=sys.stderr, flush=True)
+            else:
+                logger.error("dynfuse serve --engine ray failed", exc_info=self.failure)
+                message = f"{type(self.failure).__name__}: {self.failure}"
+                print(f"dynfuse serve: error: {message}", file=sys.stderr, flush=True)
+        self._teardown()
+        return code
 
     def _on_signal(self, signum, _frame) -> None:
-        if self.tearing_down:  # a second signal while stopping: stop now
+        """Only notes the signal (the main thread then stops everything), and arms the watchdog."""
+        if self.tearing_down or self.signalled_at is not None:  # a second signal: stop now
             self._kill_and_exit(0)
         self.signalled_at = time.monotonic()
+        threading.Thread(target=self._watchdog, name="dynfuse-stop-watchdog", daemon=True).start()
+        self.wake.set()
         logger.info("signal %s: stopping", signal.Signals(signum).name)
-        watchdog = threading.Thread(target=self._watchdog, name="dynfuse-stop-watchdog", daemon=True)
-        watchdog.start()
-        raise Stopping()
+
+    @property
+    def stopping(self) -> bool:
+        return self.wake.is_set()
 
     def _watchdog(self) -> None:
         """Whatever the shutdown is stuck on, the command ends within STOP_WITHIN_S of the signal."""
@@ -146,7 +144,22 @@ class RayServe:
         sys.stderr.flush()
         os._exit(code)
 
-    # -- start -------------------------------------------------------------------------------------------
+    # -- start (the starter thread) --------------------------------------------------------------------
+    def _start_and_serve(self) -> None:
+        started = time.monotonic()
+        try:
+            self._start()
+            if self.stopping:
+                return
+            base = self._base_url()
+            where = "a local Ray cluster" if self.local else f"the Ray cluster at {self.address}"
+            print(f"dynfuse: deployed on {where}; readiness at {base}/readyz, metrics at {base}/metrics", flush=True)
+            if self._wait_ready(base):
+                print(f"dynfuse: ready in {time.monotonic() - started:.1f} s", flush=True)
+        except BaseException as error:  # noqa: BLE001 - handed to the main thread, which reports it and stops
+            self.failure = error
+            self.wake.set()
+
     def _start(self) -> None:
         ray = _import_ray_without_its_failure_handler()
         from ray import serve
@@ -159,10 +172,10 @@ class RayServe:
             self.temp_dir = tempfile.mkdtemp(prefix="dynfuse-ray-", dir="/tmp")
             options |= {"include_dashboard": False, "_temp_dir": self.temp_dir}
         self.ray_started = True
-        ray.init(address=self.address, **options)
-        for signum in (signal.SIGTERM, signal.SIGINT):  # ray.init installs its own SIGTERM handler
-            signal.signal(signum, self._on_signal)
+        ray.init(address=self.address, **options)  # off the main thread, Ray leaves the signal handlers alone
         application = self._placed_application()
+        if self.stopping:
+            return
         serve.start(
             http_options={"host": self.settings.host, "port": self.settings.port},
             logging_config={"enable_access_log": False},
@@ -170,6 +183,9 @@ class RayServe:
         self.serve_started = True
         from service.ray.app import APP_NAME
 
+        if self.stopping:
+            return
+        self.deployed = True
         serve._run(application, _blocking=False, name=APP_NAME, route_prefix="/")
         self._wait_running()
 
@@ -183,6 +199,8 @@ class RayServe:
             if not missing:
                 print(f"dynfuse: deployments: {summary}", flush=True)
                 return application
+            if self.stopping:
+                return None
             if time.monotonic() >= deadline:
                 where = "this machine's local Ray cluster" if self.local else f"the Ray cluster at {self.address}"
                 raise Refused(
@@ -194,12 +212,12 @@ class RayServe:
             time.sleep(1.0)
 
     def _wait_running(self) -> None:
-        """Until Serve reports the application running; Refused when a deployment failed."""
+        """Until Serve reports the application running (or a stop); Refused when a deployment failed."""
         from ray import serve
 
         from service.ray.app import APP_NAME
 
-        while True:
+        while not self.stopping:
             status = serve.status().applications.get(APP_NAME)
             if status is not None and status.status == "RUNNING":
                 return
@@ -212,14 +230,15 @@ class RayServe:
                 raise Refused(f"the application failed to start ({status.status}): {status.message} {details}")
             time.sleep(POLL_S)
 
-    def _wait_ready(self, base: str) -> None:
-        """Until /readyz answers 200 (the ingress deployed its experts and warmed the model through them); Refused
-        when the ingress says the model cannot be served (its experts cannot be placed or failed to start)."""
-        while True:
+    def _wait_ready(self, base: str) -> bool:
+        """Until /readyz answers 200 (the ingress deployed its experts and warmed the model through them): True;
+        False on a stop. Refused when the ingress says the model cannot be served (its experts cannot be placed,
+        or failed to start)."""
+        while not self.stopping:
             try:
                 with urllib.request.urlopen(f"{base}/readyz", timeout=2) as response:
                     if response.status == 200:
-                        return
+                        return True
             except urllib.error.HTTPError as error:
                 with contextlib.suppress(ValueError):
                     body = json.loads(error.read())
@@ -228,6 +247,7 @@ class RayServe:
             except OSError:
                 pass  # the proxy or the ingress replica is not up yet
             time.sleep(POLL_S)
+        return False
 
     def _base_url(self) -> str:
         host = self.settings.host
@@ -236,20 +256,30 @@ class RayServe:
 
     # -- stop --------------------------------------------------------------------------------------------
     def _teardown(self) -> None:
-        """Drain, shut down, kill what is left: bounded by the watchdog when a signal started it."""
+        """Drain, shut down, kill what is left; bounded by the watchdog when a signal started it. While the start
+        is still inside a Ray call (ray.init, serve.start), Ray is not called again from here: on a local cluster
+        its processes are stopped directly (nothing was served yet, nothing to drain)."""
         self.tearing_down = True
         began = self.signalled_at or time.monotonic()
         left = lambda: HARD_STOP_S - 1.0 - (time.monotonic() - began)  # noqa: E731 - a clock, read below
-        if self.serve_started:
-            _bounded(self._drain, min(DRAIN_S, max(0.0, left())), "Serve's shutdown")
-        if self.ray_started:
-            import ray
+        if self.starter is not None:
+            self.starter.join(min(2 * POLL_S + 0.5, max(0.0, left())))  # it leaves its waiting loops at once
+        start_returned = self.starter is None or not self.starter.is_alive()
+        if start_returned or not self.local:
+            if self.serve_started and start_returned:
+                _bounded(self._drain, min(DRAIN_S, max(0.0, left())), "Serve's shutdown")
+            elif self.deployed:
+                logger.warning("the start is still inside a Ray call: the application %s may be left", "dynfuse")
+            if self.ray_started and start_returned and not self.local:
+                import ray
 
-            _bounded(ray.shutdown, max(0.5, left()), "ray.shutdown()")
+                _bounded(ray.shutdown, max(0.5, left()), "ray.shutdown()")  # disconnects; the cluster stays
         if self.local:
-            killed = stop_descendants(grace_s=max(0.2, min(1.0, left())))
+            # The local cluster's processes are ours: SIGTERM (GCS, raylet and workers end on it), then SIGKILL.
+            # ray.shutdown() would do the same, slower, and it cannot be called while ray.init still runs.
+            killed = stop_descendants(grace_s=max(0.5, min(1.0, left())))
             if killed:
-                logger.info("killed %d Ray processes that outlived the shutdown", len(killed))
+                logger.info("killed %d Ray processes that outlived SIGTERM", len(killed))
             left_alive = descendants()
             if left_alive:
                 logger.error("processes of the local cluster still alive: %s", left_alive)

@@ -9,13 +9,16 @@ Every Ray process inherits the command's environment, so a mark put there finds 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import pytest
@@ -82,6 +85,9 @@ class RayServe:
             self.process.wait(timeout=10)
         for pid, _ in processes_marked(self.mark):
             os.kill(pid, signal.SIGKILL)
+        # The private temporary directory of a cluster killed that way (Ray names its session after the pid).
+        for session in Path(tempfile.gettempdir()).glob(f"dynfuse-ray-*/session_*_{self.process.pid}"):
+            shutil.rmtree(session.parent, ignore_errors=True)
 
 
 @pytest.fixture
