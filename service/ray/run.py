@@ -19,8 +19,9 @@ The steps, each one bounded or stopped by a signal:
    command with Serve's message. Once the ingress replica runs (a few seconds after the proxy; requests wait for
    it meanwhile), ``/readyz`` answers 503 while it deploys the experts and warms the model through them, and 200
    after; if the experts cannot be placed or fail to start, the command ends with the ingress's reason;
-5. SIGTERM or SIGINT, at any of these steps: Serve lets the requests in flight finish (at most ``DRAIN_S``),
-   the cluster is shut down, and whatever process of it is still alive is killed, all within ``STOP_WITHIN_S``.
+5. SIGTERM or SIGINT, at any of these steps: once served, Serve lets the requests in flight finish (at most
+   ``DRAIN_S``); the local cluster's processes get SIGTERM, then SIGKILL while any is left (on another cluster
+   the application is deleted), all within ``STOP_WITHIN_S``. A second signal stops at once.
 """
 
 from __future__ import annotations
@@ -79,7 +80,9 @@ class RayServe:
     """The command. Its main thread only waits: for a signal, or for the start (run in a thread of its own, which
     is where every Ray call is made) to fail. So a signal never lands inside Ray's code (an exception raised there
     by a handler is swallowed or turned into another, and Ray defers or replaces signal handlers on the main
-    thread), and the stop never waits for a Ray call that may not return."""
+    thread), and the stop never waits for a Ray call that may not return. The handler itself only assigns and
+    writes a byte to a pipe: it takes no lock (one the main thread held when the signal came would never be
+    released), raises nothing, starts no thread."""
 
     def __init__(self, args, settings: Settings, address: str | None):
         self.args = args  # the application's AppArgs
@@ -89,22 +92,26 @@ class RayServe:
         self.temp_dir: str | None = None
         self.ray_started = False
         self.serve_started = False
-        self.deployed = False
         self.signalled_at: float | None = None
+        self.signal_name = ""
         self.tearing_down = False
-        self.wake = threading.Event()  # a signal, or the start ended in failure
-        self.failure: BaseException | None = None
+        self.failure: BaseException | None = None  # the start's, handed to the main thread
         self.starter: threading.Thread | None = None
+        self.signal_read, self.signal_write = os.pipe()  # the handler's byte wakes the watchdog
 
     # -- the command -----------------------------------------------------------------------------------
     def main(self) -> int:
+        threading.Thread(target=self._watchdog, name="dynfuse-stop-watchdog", daemon=True).start()
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, self._on_signal)
         if self.local:
             become_subreaper()
         self.starter = threading.Thread(target=self._start_and_serve, name="dynfuse-ray-start", daemon=True)
         self.starter.start()
-        self.wake.wait()
+        while not self.stopping:
+            time.sleep(POLL_S)  # where a signal's handler runs (the sleep goes on after it; the loop then ends)
+        if self.signalled_at is not None:
+            logger.info("signal %s: stopping", self.signal_name)
         code = 0
         if self.signalled_at is None and self.failure is not None:
             code = 1
@@ -118,30 +125,32 @@ class RayServe:
         return code
 
     def _on_signal(self, signum, _frame) -> None:
-        """Only notes the signal (the main thread then stops everything), and arms the watchdog."""
-        if self.tearing_down or self.signalled_at is not None:  # a second signal: stop now
+        """Notes the signal (the main thread then stops everything) and wakes the watchdog; a second signal, or one
+        during a stop after a failure, stops now."""
+        if self.tearing_down or self.signalled_at is not None:
             self._kill_and_exit(0)
         self.signalled_at = time.monotonic()
-        threading.Thread(target=self._watchdog, name="dynfuse-stop-watchdog", daemon=True).start()
-        self.wake.set()
-        logger.info("signal %s: stopping", signal.Signals(signum).name)
+        self.signal_name = signal.Signals(signum).name
+        os.write(self.signal_write, b"s")
 
     @property
     def stopping(self) -> bool:
-        return self.wake.is_set()
+        return self.signalled_at is not None or self.failure is not None
 
     def _watchdog(self) -> None:
         """Whatever the shutdown is stuck on, the command ends within STOP_WITHIN_S of the signal."""
-        time.sleep(HARD_STOP_S)
+        os.read(self.signal_read, 1)  # until the first signal
+        time.sleep(max(0.0, HARD_STOP_S - (time.monotonic() - self.signalled_at)))
         logger.warning("the shutdown took more than %.1f s: killing what is left", HARD_STOP_S)
         self._kill_and_exit(0)
 
     def _kill_and_exit(self, code: int) -> None:
         if self.local:
-            stop_descendants(grace_s=0.2)
+            stop_descendants(grace_s=0.2, settle_s=0.3)
         self._remove_temp_dir()
-        sys.stdout.flush()
-        sys.stderr.flush()
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):  # in a handler, the main thread may be inside a write
+                stream.flush()
         os._exit(code)
 
     # -- start (the starter thread) --------------------------------------------------------------------
@@ -158,7 +167,6 @@ class RayServe:
                 print(f"dynfuse: ready in {time.monotonic() - started:.1f} s", flush=True)
         except BaseException as error:  # noqa: BLE001 - handed to the main thread, which reports it and stops
             self.failure = error
-            self.wake.set()
 
     def _start(self) -> None:
         ray = _import_ray_without_its_failure_handler()
@@ -185,7 +193,6 @@ class RayServe:
 
         if self.stopping:
             return
-        self.deployed = True
         serve._run(application, _blocking=False, name=APP_NAME, route_prefix="/")
         self._wait_running()
 
@@ -256,28 +263,28 @@ class RayServe:
 
     # -- stop --------------------------------------------------------------------------------------------
     def _teardown(self) -> None:
-        """Drain, shut down, kill what is left; bounded by the watchdog when a signal started it. While the start
-        is still inside a Ray call (ray.init, serve.start), Ray is not called again from here: on a local cluster
-        its processes are stopped directly (nothing was served yet, nothing to drain)."""
+        """Drain, shut down, kill what is left; bounded by the watchdog when a signal started it. The start leaves its
+        waiting loops at once; while it is still inside a Ray call (ray.init, serve.start) on the local cluster, Ray
+        is not called again from here (ray.shutdown cannot run beside ray.init): the cluster's processes are
+        stopped directly, and nothing was served yet, so nothing is lost. On another cluster, whatever was
+        deployed there is deleted (the cluster stays)."""
         self.tearing_down = True
         began = self.signalled_at or time.monotonic()
         left = lambda: HARD_STOP_S - 1.0 - (time.monotonic() - began)  # noqa: E731 - a clock, read below
         if self.starter is not None:
-            self.starter.join(min(2 * POLL_S + 0.5, max(0.0, left())))  # it leaves its waiting loops at once
+            self.starter.join(min(2 * POLL_S + 1.0, max(0.0, left())))
         start_returned = self.starter is None or not self.starter.is_alive()
-        if start_returned or not self.local:
-            if self.serve_started and start_returned:
-                _bounded(self._drain, min(DRAIN_S, max(0.0, left())), "Serve's shutdown")
-            elif self.deployed:
-                logger.warning("the start is still inside a Ray call: the application %s may be left", "dynfuse")
-            if self.ray_started and start_returned and not self.local:
-                import ray
+        if self.serve_started and (start_returned or not self.local):
+            _bounded(self._drain, min(DRAIN_S, max(0.0, left())), "Serve's shutdown")
+        if self.ray_started and start_returned and not self.local:
+            import ray
 
-                _bounded(ray.shutdown, max(0.5, left()), "ray.shutdown()")  # disconnects; the cluster stays
+            _bounded(ray.shutdown, max(0.5, left()), "ray.shutdown()")  # disconnects; the cluster stays
         if self.local:
             # The local cluster's processes are ours: SIGTERM (GCS, raylet and workers end on it), then SIGKILL.
-            # ray.shutdown() would do the same, slower, and it cannot be called while ray.init still runs.
-            killed = stop_descendants(grace_s=max(0.5, min(1.0, left())))
+            # ray.shutdown() would do the same, slower. A start still inside ray.init may spawn one more: watched.
+            settle_s = 0.0 if start_returned else 0.5
+            killed = stop_descendants(grace_s=max(0.5, min(1.0, left())), settle_s=settle_s)
             if killed:
                 logger.info("killed %d Ray processes that outlived SIGTERM", len(killed))
             left_alive = descendants()
