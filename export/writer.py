@@ -26,6 +26,7 @@ from export.examples import write_examples
 from export.onnx import OnnxComponent, export_onnx
 from export.parity import TOLERANCE, ParityError, check_parity, max_abs_difference
 from export.pipeline import DynamicPipeline, PipelineInput
+from export.safety import measure_safety
 from export.store import FORMATS, MANIFEST, MODEL_FORMAT, list_store, load_model_dir, sha256_file
 from export.torchscript import TorchScriptComponent, export_torchscript
 from models.byo.model import ROUTER_ONLY, RouterOnlyModel, rebuild_router_only
@@ -55,12 +56,14 @@ def export_run(
     version: str | None = None,
     data_dir: Path | None = None,
     formats: tuple[str, ...] = FORMATS,
+    provenance: dict | None = None,
     progress: bool = True,
     log=print,
 ) -> Path:
     """Export a run into ``store/<name>/<version>`` and return that directory.
 
-    ``formats`` may leave one out, e.g. TorchScript only on a GPU machine without onnxscript."""
+    ``formats`` may leave one out, e.g. TorchScript only on a GPU machine without onnxscript. ``provenance``
+    (export/provenance.py) goes into model.json as it is: how the default model was built."""
     run_dir, store = Path(run_dir), Path(store)
     unknown = set(formats) - set(FORMATS)
     if not formats or unknown:
@@ -100,10 +103,17 @@ def export_run(
             )
         Tokenizer.from_dict(checkpoint["tokenizer"]).save(staging / TOKENIZER_FILE)
         files = {TOKENIZER_FILE: {"sha256": sha256_file(staging / TOKENIZER_FILE)}}
+        safety = measure_safety(checkpoint, model, data_dir, staging, log)
+        if safety is not None:
+            files[safety["ood"]["file"]] = {"sha256": safety["ood"]["sha256"]}
         manifest = _manifest(checkpoint, name, version, entries, parity, files)
+        if safety is not None:
+            manifest["safety"] = safety
         if router_only:
             byo.add_specs(manifest, byo.write_spec_files(checkpoint, staging))
         manifest["examples"] = write_examples(data_dir or checkpoint["data"]["dir"], staging, log=log)
+        if provenance is not None:
+            manifest["provenance"] = provenance
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
         if checked is not None:
             agreement = _pipeline_agreement(model, staging, checked, backend=formats[0])

@@ -54,12 +54,16 @@ def project(tmp_path_factory) -> Path:
     return root
 
 
-def run_pytest(project: Path, ci: str | None, *paths: str) -> subprocess.CompletedProcess:
+def run_pytest(project: Path, ci: str | None, *args: str) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != "CI"}
     if ci is not None:
         env["CI"] = ci
-    command = [sys.executable, "-m", "pytest", "-p", "no:randomly", "-p", "no:cacheprovider", "-q", "-rA", *paths]
-    return subprocess.run(command, cwd=project, env=env, capture_output=True, text=True, timeout=120)
+    command = [sys.executable, "-m", "pytest", "-p", "no:randomly", "-p", "no:cacheprovider", "-q", "-rA", *args]
+    return subprocess.run(command, cwd=project, env=env, capture_output=True, text=True, timeout=300)
+
+
+# make test's first step: the tests run in pytest-xdist's workers, and their reports reach the controller.
+XDIST = ("-n", "2", "--dist", "loadfile")
 
 
 @pytest.mark.parametrize(
@@ -102,3 +106,25 @@ def test_outside_ci_skips_stay_skips_and_the_run_lists_them_with_what_installs_t
     assert "4 skipped, for these reasons:" in listing
     assert "no-such-tool-dynfuse is not installed; install it:" in listing
     assert "make test-tools" in listing
+
+
+def test_under_ci_the_hooks_hold_in_xdist_workers_as_make_test_runs_them(project):
+    result = run_pytest(project, "true", *XDIST, "tests")
+
+    assert result.returncode == 1, result.stdout
+    # Each skip, the module-level one included, reaches the controller as a failure or an error; nothing is skipped.
+    assert result.stdout.strip().splitlines()[-1].startswith("2 failed, 1 passed, 1 xfailed, 2 errors"), result.stdout
+    for reason in ("no-such-tool-dynfuse is not installed", "no_such_module_dynfuse", "a condition"):
+        assert f"skipped under CI, where every test must run (a skip there hides what users meet): {reason}" in (
+            result.stdout.replace("could not import 'no_such_module_dynfuse'", "no_such_module_dynfuse")
+        ), reason
+
+
+def test_outside_ci_the_controller_lists_the_skips_of_xdist_workers(project):
+    result = run_pytest(project, "false", *XDIST, "tests")
+
+    assert result.returncode == 0, result.stdout
+    assert result.stdout.strip().splitlines()[-1].startswith("1 passed, 4 skipped, 1 xfailed"), result.stdout
+    listing = result.stdout[result.stdout.index("skipped here; CI runs them") :]
+    assert "4 skipped, for these reasons:" in listing
+    assert "no-such-tool-dynfuse is not installed; install it:" in listing
