@@ -39,11 +39,11 @@ MODULES: dict[str, list[str]] = {
         "tests/unit/test_decode.py",
         "--deselect=tests/unit/test_decode.py::test_every_mutant_of_every_accepted_format_decodes_or_is_a_4xx",
     ],
-    "service/admission.py": ["tests/unit/test_admission_unit.py"],
+    "service/admission.py": ["tests/unit/test_admission_unit.py", "tests/unit/test_admission_edges.py"],
     "export/execution.py": ["tests/unit/test_pipeline_decisions.py", "tests/unit/test_pipeline_answers.py"],
     "export/pipeline.py": ["tests/unit/test_pipeline_decisions.py", "tests/unit/test_pipeline_answers.py"],
     # Routing safety (issue 22): the guard's engage/release decisions and the validation figures it compares with.
-    "service/guard.py": ["tests/unit/test_guard.py"],
+    "service/guard.py": ["tests/unit/test_guard.py", "tests/unit/test_guard_report.py"],
     "models/safety.py": ["tests/unit/test_safety.py"],
 }
 PYTEST_ARGS = ["-p", "no:randomly", "-p", "no:cacheprovider", "-q", "-x"]
