@@ -44,7 +44,7 @@ MODULES: dict[str, list[str]] = {
     "export/pipeline.py": ["tests/unit/test_pipeline_decisions.py", "tests/unit/test_pipeline_answers.py"],
     # Routing safety (issue 22): the guard's engage/release decisions and the validation figures it compares with.
     "service/guard.py": ["tests/unit/test_guard.py", "tests/unit/test_guard_report.py"],
-    "models/safety.py": ["tests/unit/test_safety.py"],
+    "models/safety.py": ["tests/unit/test_safety.py", "tests/unit/test_safety_section.py"],
 }
 PYTEST_ARGS = ["-p", "no:randomly", "-p", "no:cacheprovider", "-q", "-x"]
 # pytest-timeout's limit per test (a failure: the mutant is killed). A mutant that makes a test wait on a condition
