@@ -395,3 +395,34 @@ def test_serve_refuses_to_start_when_pillow_lacks_a_promised_codec(monkeypatch, 
     (version / "model.json").write_text("{}")
     assert serve(Settings(store=store)) == 1
     assert "cannot decode WEBP (webp), which the API accepts" in capsys.readouterr().err
+
+
+def test_base64_is_read_as_the_standard_library_reads_it():
+    """decode_base64 (pybase64 first) against base64.b64decode(validate=True): the same bytes for what it
+    accepts, a 422 naming the standard library's error for what it refuses, on random strings rich in padding
+    and foreign characters, as data URLs too."""
+    import base64
+    import binascii
+
+    from service.decode import decode_base64
+    from service.errors import InvalidInput
+
+    rng = random.Random(5)
+    accepted = refused = 0
+    for _ in range(30000):
+        text = "".join(rng.choice("QUJDabc01+/=\n -_é") for _ in range(rng.randint(0, 14)))
+        sent = f"data:image/png;base64,{text}" if rng.random() < 0.2 else text
+        try:
+            expected, reason = base64.b64decode(text, validate=True), None
+        except (binascii.Error, ValueError) as error:
+            expected, reason = None, str(error)
+        if expected is not None:
+            assert decode_base64(sent) == expected, sent
+            accepted += 1
+        else:
+            with pytest.raises(InvalidInput, match="not valid base64") as refusal:
+                decode_base64(sent)
+            assert reason in refusal.value.message, sent
+            refused += 1
+    assert accepted > 1000  # both outcomes exercised
+    assert refused > 1000
