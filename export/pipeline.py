@@ -55,7 +55,8 @@ class PipelineOutput:
     expert: str
     decided_by: str  # router | threshold | request | missing_modality | confidence
     route_scores: np.ndarray  # (E,) the router's calibrated scores
-    importance: np.ndarray  # (2,) text, image
+    modality_weights: np.ndarray  # (2,) text, image: DRDF's modal weights, how decisive each router was
+    importance: np.ndarray  # (2,) text, image: what each modality did for the answer
     madds: int  # what this request executed
     operating_point: str  # the router that decided
     weights: np.ndarray | None = None  # (E,) soft fusion's weight per expert (0 for an ineligible one)
@@ -163,7 +164,7 @@ class DynamicPipeline:
         return self.runner(self._glimpse)({"thumbnail": thumbnails})["glimpse_features"]
 
     def route(self, text_features, glimpse_features, text_present, image_present, router: str | None = None):
-        """Router scores (N, E, uncalibrated), modality importance (N, 2) and fused weights (N, E)."""
+        """Router scores (N, E, uncalibrated), DRDF's modality weights (N, 2) and fused weights (N, E)."""
         out = self.runner(router or self.model.router)(
             {
                 "text_features": text_features,
@@ -210,7 +211,7 @@ class DynamicPipeline:
         if has_image.any():
             tensors["glimpse_features"][has_image] = self.encode_glimpse(pixels[has_image])
         points = [x.operating_point or self.model.default_point for x in inputs]
-        scores, importance, weights = self._route_by_point(points, tensors, has_text, has_image)
+        scores, modality_weights, weights = self._route_by_point(points, tensors, has_text, has_image)
 
         eligible = (~self._needs[None, :, 0] | has_text[:, None]) & (~self._needs[None, :, 1] | has_image[:, None])
         soft = np.array([x.route == SOFT for x in inputs])
@@ -250,7 +251,8 @@ class DynamicPipeline:
                 expert=SOFT if soft[i] else self.experts[self.full_index if fallback[i] else choice[i]],
                 decided_by=DECIDED_BY[decided_by[i]],
                 route_scores=scores[i],
-                importance=importance[i],
+                modality_weights=modality_weights[i],
+                importance=modality_weights[i],
                 madds=int(shared_madds[i] + self._experts_madds(ran[i])),
                 operating_point=points[i],
                 weights=_normalized(weights[i], eligible[i]) if soft[i] else None,
@@ -277,11 +279,12 @@ class DynamicPipeline:
         return preprocess
 
     def _route_by_point(self, points: list[str], tensors: dict, has_text, has_image):
-        """Scores (calibrated), importance and fused weights of each request, from its operating point's router."""
+        """Scores (calibrated), modality weights and fused weights of each request, from its operating point's
+        router."""
         n = len(points)
         scores = np.empty((n, len(self.experts)), np.float32)
         weights = np.empty((n, len(self.experts)), np.float32)
-        importance = np.empty((n, 2), np.float32)
+        modality_weights = np.empty((n, 2), np.float32)
         for name in dict.fromkeys(points):
             rows = np.flatnonzero(np.asarray(points) == name)
             point = self.model.operating_points[name]
@@ -290,8 +293,8 @@ class DynamicPipeline:
                 point.component,
             )  # fmt: skip
             scores[rows] = calibrate(routed[0], point.temperature)
-            importance[rows], weights[rows] = routed[1], routed[2]
-        return scores, importance, weights
+            modality_weights[rows], weights[rows] = routed[1], routed[2]
+        return scores, modality_weights, weights
 
     def _combine(self, ran, logits, soft, weights, eligible, choice) -> np.ndarray:
         """Each request's class probabilities: its expert's, or for soft fusion the weighted mixture of every

@@ -194,6 +194,7 @@ class InferenceService:
                 madds=out.madds,
                 madds_full=self.model.madds_full,
                 importance=out.importance,
+                modality_weights=out.modality_weights,
                 operating_point=out.operating_point,
                 degraded=out.degraded,
             )
@@ -212,7 +213,7 @@ class InferenceService:
                 label: round(float(p), 6) for label, p in zip(self.model.labels, out.probabilities, strict=True)
             },
             "route": self._route(out),
-            "importance": {"text": round(float(out.importance[0]), 6), "image": round(float(out.importance[1]), 6)},
+            "importance": _per_modality(out.importance),
             "compute": {
                 "madds": out.madds,
                 "madds_full": madds_full,
@@ -231,6 +232,7 @@ class InferenceService:
             "expert": out.expert,
             "decided_by": out.decided_by,
             "scores": {e: round(float(s), 6) for e, s in zip(experts, out.route_scores, strict=True)},
+            "modality_weights": _per_modality(out.modality_weights),
             "operating_point": out.operating_point,
             "degraded": out.degraded,
         }
@@ -285,3 +287,8 @@ class InferenceService:
                 for e in manifest.get("examples", [])
             ],
         }
+
+
+def _per_modality(values) -> dict[str, float]:
+    """(2,) text, image -> {"text": ..., "image": ...}, rounded as every figure of a response."""
+    return {"text": round(float(values[0]), 6), "image": round(float(values[1]), 6)}

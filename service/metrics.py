@@ -83,6 +83,13 @@ class Metrics:
             buckets=IMPORTANCE_BUCKETS,
             registry=r,
         )
+        self.modality_weight = Histogram(
+            "dynfuse_modality_weight",
+            "DRDF's modal weight per request: how decisive each modality's router was for the choice of path.",
+            ["model", "modality"],
+            buckets=IMPORTANCE_BUCKETS,
+            registry=r,
+        )
 
         # Operating points and degradation
         self.operating_point_requests = Counter(
@@ -155,6 +162,7 @@ class Metrics:
         self._duration = self.request_duration.labels(model)
         for modality in MODALITIES:
             self.modality_importance.labels(model, modality)
+            self.modality_weight.labels(model, modality)
 
     def init_routes(self, experts, decided_by, operating_points=(), soft: str | None = None) -> None:
         """The per-expert and per-operating-point series, created once the model is known. ``soft``: the expert
@@ -194,6 +202,7 @@ class Metrics:
             series.labels(model)
         for modality in MODALITIES:
             self.modality_importance.labels(model, modality)
+            self.modality_weight.labels(model, modality)
         view._by_status = {status: self.requests.labels(model, status) for status in STATUSES}
         view._by_reason = {reason: self.rejected.labels(model, reason) for reason in REJECT_REASONS}
         view._duration = self.request_duration.labels(model)
@@ -207,6 +216,7 @@ class Metrics:
         madds: int,
         madds_full: int,
         importance,
+        modality_weights=None,
         operating_point: str | None = None,
         degraded: bool = False,
     ) -> None:
@@ -219,6 +229,9 @@ class Metrics:
         self.compute_full_madds.labels(self.model).inc(madds_full)
         self.modality_importance.labels(self.model, "text").observe(float(importance[0]))
         self.modality_importance.labels(self.model, "image").observe(float(importance[1]))
+        if modality_weights is not None:
+            self.modality_weight.labels(self.model, "text").observe(float(modality_weights[0]))
+            self.modality_weight.labels(self.model, "image").observe(float(modality_weights[1]))
 
     def observe_batch(self, size: int, queue_seconds: list[float], expert_seconds: dict[str, float]) -> None:
         self.batch_size.labels(self.model).observe(size)

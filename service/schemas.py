@@ -65,6 +65,11 @@ class RouteInfo(BaseModel):
         "confidence (the cheaper expert was unsure: the full path ran too)",
     )
     scores: dict[str, float] = Field(..., description="The router's calibrated score per expert (sums to 1).")
+    modality_weights: dict[str, float] = Field(
+        ...,
+        description="DRDF's modal weights: how decisive each modality's router was for the choice of path "
+        "(text + image = 1; a modality the request lacks gets 0). A property of the routing step, not of the answer.",
+    )
     operating_point: str = Field(..., description="The router (operating point) that decided.")
     degraded: bool = Field(
         ..., description="True when the server chose a cheaper operating point because it was under load."

@@ -357,6 +357,7 @@ def v2_request(routes, max_rows: int, points=None) -> dict:
         "expert",
         "decided_by",
         "importance",
+        "modality_weights",
         "madds",
         "saved_ratio",
         "operating_point",

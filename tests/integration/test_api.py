@@ -72,6 +72,7 @@ def test_without_an_image_only_the_text_expert_runs(client, samples, manifest):
     assert body["route"]["expert"] == "text"
     assert body["route"]["decided_by"] == "missing_modality"
     assert body["importance"] == {"text": 1.0, "image": 0.0}
+    assert body["route"]["modality_weights"] == {"text": 1.0, "image": 0.0}  # DRDF: a modality alone weighs 1
     assert body["compute"]["madds"] == component_madds(
         manifest, "text_encoder", manifest["router"]["component"], "text_head"
     )
@@ -83,6 +84,7 @@ def test_without_text_only_the_image_expert_runs(client, samples, manifest):
     assert body["route"]["expert"] == "image"
     assert body["route"]["decided_by"] == "missing_modality"
     assert body["importance"] == {"text": 0.0, "image": 1.0}
+    assert body["route"]["modality_weights"] == {"text": 0.0, "image": 1.0}
     assert body["compute"]["madds"] == component_madds(
         manifest, "image_glimpse", manifest["router"]["component"], *expert_components(manifest, "image")
     )

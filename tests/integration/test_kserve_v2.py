@@ -18,7 +18,10 @@ import pytest
 from conftest import b64, png_of_size, scrape, value
 
 INFER = "/v2/models/shapes/infer"
-OUTPUTS = ["label", "probabilities", "expert", "decided_by", "importance", "madds", "saved_ratio", "operating_point"]
+OUTPUTS = [
+    "label", "probabilities", "expert", "decided_by", "importance", "modality_weights", "madds", "saved_ratio",
+    "operating_point",
+]  # fmt: skip
 NUMPY = {"FP32": "<f4", "INT64": "<i8"}
 
 
@@ -112,6 +115,8 @@ def assert_rows_match_v1(values: dict, v1: list[dict], labels: list[str]) -> Non
         assert values["decided_by"][row] == expected["route"]["decided_by"], row
         importance = values["importance"][row]
         assert importance.tolist() == pytest.approx([expected["importance"][m] for m in ("text", "image")], abs=1e-6)
+        weights = values["modality_weights"][row].tolist()
+        assert weights == pytest.approx([expected["route"]["modality_weights"][m] for m in ("text", "image")], abs=1e-6)
         assert values["probabilities"][row].tolist() == pytest.approx([expected["scores"][k] for k in labels], abs=1e-6)
         assert values["madds"][row] == expected["compute"]["madds"]
         assert values["saved_ratio"][row] == pytest.approx(expected["compute"]["saved_ratio"], abs=1e-6)
@@ -152,6 +157,7 @@ def test_model_metadata_lists_inputs_outputs_and_labels(client, manifest):
             {"name": "expert", "datatype": "BYTES", "shape": [-1]},
             {"name": "decided_by", "datatype": "BYTES", "shape": [-1]},
             {"name": "importance", "datatype": "FP32", "shape": [-1, 2]},
+            {"name": "modality_weights", "datatype": "FP32", "shape": [-1, 2]},
             {"name": "madds", "datatype": "INT64", "shape": [-1]},
             {"name": "saved_ratio", "datatype": "FP32", "shape": [-1]},
             {"name": "operating_point", "datatype": "BYTES", "shape": [-1]},

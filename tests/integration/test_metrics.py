@@ -46,6 +46,10 @@ def test_counters_equal_the_sums_of_the_responses(serve, samples):
         assert value(metrics, "dynfuse_modality_importance_sum", model="shapes", modality=modality) == pytest.approx(
             sum(r["importance"][modality] for r in responses), abs=1e-3
         )
+        assert value(metrics, "dynfuse_modality_weight_count", model="shapes", modality=modality) == len(responses)
+        assert value(metrics, "dynfuse_modality_weight_sum", model="shapes", modality=modality) == pytest.approx(
+            sum(r["route"]["modality_weights"][modality] for r in responses), abs=1e-3
+        )
     assert value(metrics, "dynfuse_request_duration_seconds_count", model="shapes") == 13
     assert value(metrics, "dynfuse_queue_duration_seconds_count", model="shapes") == len(responses)
     assert value(metrics, "dynfuse_batch_size_sum", model="shapes") == len(responses)

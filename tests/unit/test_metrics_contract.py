@@ -10,6 +10,7 @@ CONTRACT = {
     "dynfuse_compute_madds": ("counter", {"model"}),
     "dynfuse_compute_full_madds": ("counter", {"model"}),
     "dynfuse_modality_importance": ("histogram", {"model", "modality"}),
+    "dynfuse_modality_weight": ("histogram", {"model", "modality"}),
     "dynfuse_request_duration_seconds": ("histogram", {"model"}),
     "dynfuse_queue_duration_seconds": ("histogram", {"model"}),
     "dynfuse_expert_duration_seconds": ("histogram", {"model", "expert"}),
@@ -27,8 +28,9 @@ def exercised_metrics() -> Metrics:
     """Metrics with one observation in each, so every family has labelled samples to read."""
     metrics = Metrics("m")
     metrics.observe_prediction(
-        expert="text", decided_by="router", madds=10, madds_full=100, importance=(0.7, 0.3), operating_point="lambda_0"
-    )
+        expert="text", decided_by="router", madds=10, madds_full=100, importance=(0.7, 0.3),
+        modality_weights=(0.6, 0.4), operating_point="lambda_0",
+    )  # fmt: skip
     metrics.observe_batch(4, [0.001] * 4, {"text": 0.002})
     metrics.reject("queue_full")
     metrics.set_model_info("1", "onnx", "cpu")

@@ -8,7 +8,8 @@ The model as a v2 model (``GET /v2/models/{name}`` lists the same):
   ``operating_point`` (a router of the model) and ``min_confidence`` (0..1), as in /v1;
 - outputs ``label`` BYTES [N], ``probabilities`` FP32 [N, K] (columns in the order of the metadata's
   ``labels``), ``expert`` BYTES [N], ``decided_by`` BYTES [N] (router | threshold | request |
-  missing_modality, as /v1's route.decided_by), ``importance`` FP32 [N, 2] (text, image), ``madds``
+  missing_modality, as /v1's route.decided_by), ``importance`` FP32 [N, 2] (text, image),
+  ``modality_weights`` FP32 [N, 2] (text, image: /v1's route.modality_weights), ``madds``
   INT64 [N], ``saved_ratio`` FP32 [N], ``operating_point`` BYTES [N] (the router that decided).
 
 Decisions where the protocol leaves room:
@@ -90,6 +91,7 @@ OUTPUT_DATATYPES = {
     "expert": "BYTES",
     "decided_by": "BYTES",
     "importance": "FP32",
+    "modality_weights": "FP32",
     "madds": "INT64",
     "saved_ratio": "FP32",
     "operating_point": "BYTES",
@@ -218,7 +220,7 @@ def _not_ready(request: Request, body: dict) -> JSONResponse:
 def _describe(service: InferenceService, name: str, version: str | None) -> dict:
     _check_model(service, name, version)
     model = service.model
-    shapes = {"probabilities": [-1, len(model.labels)], "importance": [-1, 2]}
+    shapes = {"probabilities": [-1, len(model.labels)], "importance": [-1, 2], "modality_weights": [-1, 2]}
     return {
         "name": model.name,
         "versions": [model.version],
@@ -393,6 +395,7 @@ def _output_values(outputs: list[PipelineOutput], madds_full: int) -> dict:
         "expert": [o.expert for o in outputs],
         "decided_by": [o.decided_by for o in outputs],
         "importance": np.stack([o.importance for o in outputs]),  # (N, 2): text, image
+        "modality_weights": np.stack([o.modality_weights for o in outputs]),  # (N, 2): text, image
         "madds": madds,
         "saved_ratio": 1.0 - madds / madds_full,  # (N,)
         "operating_point": [o.operating_point for o in outputs],
