@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
+from export.attribution import EXACT, HEAD, Answer, Attributor
 from export.backends import Backend, Runner
 from export.execution import IMAGE_SOURCE, BatchExecution
 from export.store import StoredModel
@@ -43,6 +44,7 @@ class PipelineInput:
     operating_point: str | None = None  # which router decides; None: the model's default
     min_confidence: float | None = None  # run the full path too when a cheaper expert's top probability is below
     degraded: bool = False  # the server chose a cheaper operating point under load (passed through to the output)
+    explain: bool = False  # also compute the exact Shapley values of the answer (export/attribution.py)
     # Kept only for a model whose experts bring their own preprocessing (``model.specs``):
     text: str | None = None  # the raw text, for the experts' tokenizers
     spec_image: np.ndarray | None = None  # (L, L, 3) uint8, L the largest side the experts' image specs read
@@ -56,12 +58,15 @@ class PipelineOutput:
     decided_by: str  # router | threshold | request | missing_modality | confidence
     route_scores: np.ndarray  # (E,) the router's calibrated scores
     modality_weights: np.ndarray  # (2,) text, image: DRDF's modal weights, how decisive each router was
-    importance: np.ndarray  # (2,) text, image: what each modality did for the answer
-    madds: int  # what this request executed
+    importance: np.ndarray  # (2,) text, image: each modality's share of what raised the answer's log-probability
+    madds: int  # what this request executed, its attribution included
     operating_point: str  # the router that decided
     weights: np.ndarray | None = None  # (E,) soft fusion's weight per expert (0 for an ineligible one)
     fallback_from: str | None = None  # the cheaper expert whose answer the confidence fallback replaced
     degraded: bool = False  # served at a cheaper operating point because the server was under load
+    importance_method: str = ""  # one_modality | exact | head | mixture | unavailable (export/attribution.py)
+    attribution_madds: int = 0  # the part of madds spent on importance and explanation
+    explanation: dict | None = None  # explain=true: the exact Shapley values, their shares and the four log p
 
 
 class DynamicPipeline:
@@ -84,6 +89,7 @@ class DynamicPipeline:
         finals = [e.components[-1] for e in model.experts]
         assert len(set(finals)) == len(finals), f"two experts end in the same component: {finals}"
         self._madds_cache: dict[frozenset, int] = {}
+        self.attributor = Attributor(model)
 
     def served_components(self) -> set[str]:
         """The components this process runs, loaded at start: the shared encoders, the router and every expert's
@@ -96,7 +102,9 @@ class DynamicPipeline:
     ) -> BatchExecution:
         """What runs the experts of one batch: here, in this process (service/ray/ sends them to their own
         deployments instead, with the same ``run(members)``)."""
-        return BatchExecution(self.model, self.runner, tensors, self._preprocessor(pixels, inputs))
+        return BatchExecution(
+            self.model, self.runner, tensors, self._preprocessor(pixels, inputs), self.attributor.experts
+        )
 
     def runner(self, component: str) -> Runner:
         """The loaded component (loaded on first use: evaluation asks for routers the server never runs)."""
@@ -146,6 +154,18 @@ class DynamicPipeline:
         lacking = [m for m in missing if m in self.model.expert(route).modalities]
         if lacking:
             raise RouteError(f"route {route!r} needs {' and '.join(lacking)}, which the request does not carry")
+
+    def check_explain(self, route: str, explain: bool) -> None:
+        """Raise RouteError when an explanation is asked of a model that cannot give one."""
+        if not explain:
+            return
+        experts = self.experts if route in (AUTO, SOFT) else (route,)
+        unavailable = [e for e in experts if not self.attributor.can_explain(e)]
+        if unavailable:
+            raise RouteError(
+                f"explain: this model version was exported before attribution existed ({', '.join(unavailable)} "
+                "cannot be explained); export it again with this dynfuse, or leave explain out"
+            )
 
     def check_operating_point(self, name: str | None) -> None:
         """Raise RouteError for an operating point the model does not have (None: the default)."""
@@ -198,6 +218,7 @@ class DynamicPipeline:
         for x in inputs:
             self.check_route(x.route, x.token_ids is not None, x.image is not None)
             self.check_operating_point(x.operating_point)
+            self.check_explain(x.route, x.explain)
 
         pixels = _stack([x.image for x in inputs], has_image, _pixel_shape(self.model), np.uint8)
         tensors = {
@@ -226,7 +247,9 @@ class DynamicPipeline:
         ran = [{self.experts[c]} for c in choice]  # the experts each request runs
         for i in np.flatnonzero(soft):
             ran[i] = {e for e, ok in zip(self.experts, eligible[i], strict=True) if ok}
-        logits, seconds = execution.run(_members(ran, self.experts))
+        explain = np.array([x.explain for x in inputs])
+        members = _members(ran, self.experts)
+        logits, seconds = execution.run(members, self._wants(members, explain))
         probabilities = self._combine(ran, logits, soft, weights, eligible, choice)
 
         # The cascade: a cheaper expert unsure of its answer hands the request to the full path too.
@@ -235,7 +258,9 @@ class DynamicPipeline:
         fallback = confidence_fallback(choice, probabilities.max(axis=1), self.full_index, floors) & may_fall_back
         if fallback.any():
             rows = np.flatnonzero(fallback)
-            full_logits, more_seconds = execution.run({self.model.full_expert: rows})
+            full = {self.model.full_expert: rows}
+            full_logits, more_seconds = execution.run(full, self._wants(full, explain))
+            logits[f"{self.model.full_expert}@fallback"] = full_logits[self.model.full_expert]
             probabilities[rows] = softmax(full_logits[self.model.full_expert])
             for expert, value in more_seconds.items():
                 seconds[expert] = seconds.get(expert, 0.0) + value
@@ -244,6 +269,10 @@ class DynamicPipeline:
             decided_by[rows] = CONFIDENCE
 
         shared_madds = self._shared_madds(has_text, has_image)
+        answers = self._answers(execution.coalitions, members, logits, probabilities, soft, weights, eligible, choice,
+                                fallback)  # fmt: skip
+        spent = self._attribution_madds(execution.coalitions, n)
+        attributed = [self.attributor.attribute(answers[i], bool(explain[i]), modality_weights[i]) for i in range(n)]
         outputs = [
             PipelineOutput(
                 label=str(self.labels[probabilities[i].argmax()]),
@@ -252,17 +281,68 @@ class DynamicPipeline:
                 decided_by=DECIDED_BY[decided_by[i]],
                 route_scores=scores[i],
                 modality_weights=modality_weights[i],
-                importance=modality_weights[i],
-                madds=int(shared_madds[i] + self._experts_madds(ran[i])),
+                importance=attributed[i].importance,
+                madds=int(shared_madds[i] + self._experts_madds(ran[i]) + spent[i]),
                 operating_point=points[i],
                 weights=_normalized(weights[i], eligible[i]) if soft[i] else None,
                 fallback_from=self.experts[choice[i]] if fallback[i] else None,
                 degraded=inputs[i].degraded,
+                importance_method=attributed[i].method,
+                attribution_madds=int(spent[i]),
+                explanation=attributed[i].explanation,
             )
             for i in range(n)
         ]
         assert len(outputs) == n, f"pipeline produced {len(outputs)} outputs for {n} inputs"
         return outputs, seconds
+
+    def _wants(self, members: dict[str, np.ndarray], explain: np.ndarray) -> dict[str, np.ndarray]:
+        """What each expert's side must compute for attribution, per row it runs (export/attribution.py)."""
+        wants = {}
+        for expert, rows in members.items():
+            flags = np.array([self.attributor.wants(expert, bool(explain[r])) for r in rows], np.int64)
+            if flags.any():
+                wants[expert] = flags
+        return wants
+
+    def _answers(self, coalitions, members, logits, probabilities, soft, weights, eligible, choice, fallback):
+        """Each request's answer as attribution sees it: the experts mixed into it, their probabilities and the
+        coalition logits computed for them, and the label returned."""
+        full = self.model.full_expert
+        position = {expert: {row: k for k, row in enumerate(rows)} for expert, rows in members.items()}
+        if fallback.any():
+            position[f"{full}@fallback"] = {row: k for k, row in enumerate(np.flatnonzero(fallback))}
+        answers = []
+        for i in range(len(probabilities)):
+            if soft[i]:
+                mixed = _normalized(weights[i], eligible[i])
+                experts = [e for e, w in zip(self.experts, mixed, strict=True) if w > 0]
+                share = mixed[mixed > 0]
+            else:
+                experts = [full if fallback[i] else self.experts[choice[i]]]
+                share = np.ones(1)
+            sources = [f"{full}@fallback" if fallback[i] else e for e in experts]
+            answers.append(
+                Answer(
+                    label=int(probabilities[i].argmax()),
+                    experts=experts,
+                    weights=share.astype(np.float64),
+                    probabilities=[softmax(logits[s][position[s][i]][None])[0] for s in sources],
+                    coalitions=[
+                        {how: coalitions.get(e, {}).get(how, {}).get(i) for how in (HEAD, EXACT)} for e in experts
+                    ],
+                )
+            )
+        return answers
+
+    def _attribution_madds(self, coalitions: dict, n: int) -> np.ndarray:
+        """What each request spent on attribution: the heads and exact reruns computed for it."""
+        spent = np.zeros(n, np.int64)
+        for expert, kinds in coalitions.items():
+            info = self.attributor.experts[expert]
+            for how, rows in kinds.items():
+                spent[list(rows)] += info.madds if how == HEAD else info.explain_madds
+        return spent
 
     def _preprocessor(self, pixels: np.ndarray, inputs: list[PipelineInput]):
         """What BatchExecution calls to make a lazy source's tensors for some rows: the model's normalized image,

@@ -48,6 +48,7 @@ class ClientInput:
     operating_point: str | None = None  # None: the server's default (DYNFUSE_OPERATING_POINT, else the store's)
     min_confidence: float | None = None  # None: the server's DYNFUSE_MIN_CONFIDENCE (off unless set)
     model: str | None = None  # the served model to ask; None: the default one
+    explain: bool = False  # also compute the exact Shapley values of the answer over {text, image}
 
 
 class ImageDecoder:
@@ -148,6 +149,7 @@ class InferenceService:
         try:
             self.pipeline.check_route(client.route, text is not None, opened is not None)
             self.pipeline.check_operating_point(client.operating_point)
+            self.pipeline.check_explain(client.route, client.explain)
         except RouteError as error:
             raise InvalidInput(str(error)) from None
         return text, opened
@@ -179,6 +181,7 @@ class InferenceService:
             operating_point=point,
             min_confidence=min_confidence,
             degraded=degraded,
+            explain=client.explain,
             # What the experts' own preprocessing starts from, kept only when the model has such experts.
             text=text if self.model.specs.keeps_text else None,
             spec_image=spec_pixels,
@@ -214,10 +217,13 @@ class InferenceService:
             },
             "route": self._route(out),
             "importance": _per_modality(out.importance),
+            "importance_method": out.importance_method,
+            **({"explanation": out.explanation} if out.explanation is not None else {}),
             "compute": {
                 "madds": out.madds,
                 "madds_full": madds_full,
                 "saved_ratio": round(1.0 - out.madds / madds_full, 6),
+                "attribution_madds": out.attribution_madds,
             },
             "timing_ms": {
                 "queue": round(1000 * result.queue_seconds, 3),

@@ -78,8 +78,8 @@ class Metrics:
         )
         self.modality_importance = Histogram(
             "dynfuse_modality_importance",
-            "DRDF modal-weight-fusion importance per request.",
-            ["model", "modality"],
+            "Each modality's share of what raised the answer's log-probability (Shapley), per answering expert.",
+            ["model", "expert", "modality"],
             buckets=IMPORTANCE_BUCKETS,
             registry=r,
         )
@@ -161,7 +161,6 @@ class Metrics:
         self._by_reason = {reason: self.rejected.labels(model, reason) for reason in REJECT_REASONS}
         self._duration = self.request_duration.labels(model)
         for modality in MODALITIES:
-            self.modality_importance.labels(model, modality)
             self.modality_weight.labels(model, modality)
 
     def init_routes(self, experts, decided_by, operating_points=(), soft: str | None = None) -> None:
@@ -171,6 +170,9 @@ class Metrics:
             self.expert_duration.labels(self.model, expert)
             for who in decided_by:
                 self.route_decisions.labels(self.model, expert, who)
+        for expert in (*experts, *((soft,) if soft is not None else ())):
+            for modality in MODALITIES:
+                self.modality_importance.labels(self.model, expert, modality)
         if soft is not None:
             self.route_decisions.labels(self.model, soft, "request")
         for point in operating_points:
@@ -201,7 +203,6 @@ class Metrics:
         ):
             series.labels(model)
         for modality in MODALITIES:
-            self.modality_importance.labels(model, modality)
             self.modality_weight.labels(model, modality)
         view._by_status = {status: self.requests.labels(model, status) for status in STATUSES}
         view._by_reason = {reason: self.rejected.labels(model, reason) for reason in REJECT_REASONS}
@@ -227,8 +228,8 @@ class Metrics:
             self.degraded_requests.labels(self.model).inc()
         self.compute_madds.labels(self.model).inc(madds)
         self.compute_full_madds.labels(self.model).inc(madds_full)
-        self.modality_importance.labels(self.model, "text").observe(float(importance[0]))
-        self.modality_importance.labels(self.model, "image").observe(float(importance[1]))
+        self.modality_importance.labels(self.model, expert, "text").observe(float(importance[0]))
+        self.modality_importance.labels(self.model, expert, "image").observe(float(importance[1]))
         if modality_weights is not None:
             self.modality_weight.labels(self.model, "text").observe(float(modality_weights[0]))
             self.modality_weight.labels(self.model, "image").observe(float(modality_weights[1]))

@@ -28,6 +28,12 @@ def expert_components(manifest: dict, expert: str) -> list[str]:
     return next(e["components"] for e in manifest["experts"] if e["name"] == expert)
 
 
+def routed_madds(manifest: dict, expert: str) -> int:
+    """A request with both modalities routed to ``expert``: its path and its default attribution (model.json)."""
+    path = next(e for e in manifest["experts"] if e["name"] == expert)["path_madds"]
+    return path + manifest["attribution"]["experts"][expert]["madds"]
+
+
 def test_classify_json_answers_with_every_contract_field(client, samples, manifest):
     sample = samples[0]
     response = client.post("/v1/classify", json={"image": b64(sample["png"]), "text": sample["text"]})
@@ -45,10 +51,13 @@ def test_classify_json_answers_with_every_contract_field(client, samples, manife
     assert sum(body["route"]["scores"].values()) == pytest.approx(1.0, abs=1e-4)
     assert body["route"]["expert"] == max(body["route"]["scores"], key=body["route"]["scores"].get)
     assert body["importance"]["text"] + body["importance"]["image"] == pytest.approx(1.0, abs=1e-5)
-    expert = next(e for e in manifest["experts"] if e["name"] == body["route"]["expert"])
-    assert body["compute"]["madds"] == expert["path_madds"]
+    madds = routed_madds(manifest, body["route"]["expert"])
+    assert body["compute"]["madds"] == madds
     assert body["compute"]["madds_full"] == manifest["madds_full"]
-    assert body["compute"]["saved_ratio"] == pytest.approx(1 - expert["path_madds"] / manifest["madds_full"], abs=1e-5)
+    assert body["compute"]["saved_ratio"] == pytest.approx(1 - madds / manifest["madds_full"], abs=1e-5)
+    assert body["compute"]["attribution_madds"] == manifest["attribution"]["experts"][body["route"]["expert"]]["madds"]
+    assert body["route"]["modality_weights"]["text"] + body["route"]["modality_weights"]["image"] == pytest.approx(1.0)
+    assert "explanation" not in body  # only when asked
     assert set(body["timing_ms"]) == {"queue", "inference", "total"}
     assert body["timing_ms"]["total"] >= body["timing_ms"]["inference"] >= 0
     assert response.headers["x-request-id"] == body["id"]
@@ -78,22 +87,29 @@ def test_without_an_image_only_the_text_expert_runs(client, samples, manifest):
     )
 
 
-def test_without_text_only_the_image_expert_runs(client, samples, manifest):
-    body = client.post("/v1/classify", json={"image": b64(samples[0]["png"])}).json()
+def test_without_text_only_an_image_expert_runs(client, samples, manifest):
+    image_only = [e["name"] for e in manifest["experts"] if e["modalities"] == ["image"]]
+    assert image_only == ["image_lite", "image"]
+    for sample in samples[:6]:
+        body = client.post("/v1/classify", json={"image": b64(sample["png"])}).json()
 
-    assert body["route"]["expert"] == "image"
-    assert body["route"]["decided_by"] == "missing_modality"
-    assert body["importance"] == {"text": 0.0, "image": 1.0}
-    assert body["route"]["modality_weights"] == {"text": 0.0, "image": 1.0}
-    assert body["compute"]["madds"] == component_madds(
-        manifest, "image_glimpse", manifest["router"]["component"], *expert_components(manifest, "image")
-    )
+        expert = body["route"]["expert"]
+        assert expert in image_only  # the router picks among them
+        assert body["route"]["decided_by"] == "missing_modality"
+        assert body["importance"] == {"text": 0.0, "image": 1.0}
+        assert body["route"]["modality_weights"] == {"text": 0.0, "image": 1.0}
+        assert body["compute"]["madds"] == component_madds(
+            manifest, "image_glimpse", manifest["router"]["component"], *expert_components(manifest, expert)
+        )
 
 
 def test_a_blank_text_counts_as_missing(client, samples):
     body = client.post("/v1/classify", json={"image": b64(samples[0]["png"]), "text": "   "}).json()
 
-    assert (body["route"]["expert"], body["route"]["decided_by"]) == ("image", "missing_modality")
+    without_text = client.post("/v1/classify", json={"image": b64(samples[0]["png"])}).json()
+    assert body["route"]["decided_by"] == "missing_modality"
+    assert body["route"] == without_text["route"]  # the same image-only choice as with no text at all
+    assert body["importance"] == {"text": 0.0, "image": 1.0}
 
 
 @pytest.mark.parametrize("expert", sorted(EXPERTS))
@@ -104,8 +120,7 @@ def test_a_forced_route_runs_that_expert(client, samples, manifest, expert):
 
     assert body["route"]["expert"] == expert
     assert body["route"]["decided_by"] == "request"
-    path = next(e for e in manifest["experts"] if e["name"] == expert)["path_madds"]
-    assert body["compute"]["madds"] == path
+    assert body["compute"]["madds"] == routed_madds(manifest, expert)
 
 
 def test_threshold_zero_is_the_router_and_one_is_always_the_full_path(client, samples, manifest):

@@ -158,6 +158,7 @@ def test_model_metadata_lists_inputs_outputs_and_labels(client, manifest):
             {"name": "decided_by", "datatype": "BYTES", "shape": [-1]},
             {"name": "importance", "datatype": "FP32", "shape": [-1, 2]},
             {"name": "modality_weights", "datatype": "FP32", "shape": [-1, 2]},
+            {"name": "shapley", "datatype": "FP32", "shape": [-1, 2]},
             {"name": "madds", "datatype": "INT64", "shape": [-1]},
             {"name": "saved_ratio", "datatype": "FP32", "shape": [-1]},
             {"name": "operating_point", "datatype": "BYTES", "shape": [-1]},
@@ -470,7 +471,11 @@ def test_metrics_count_v2_infers_like_v1(client, samples):
         assert value(metrics, "dynfuse_route_decisions_total", **labels) == count
     assert value(metrics, "dynfuse_compute_madds_total", model="shapes") == sum(int(r["madds"].sum()) for r in rows)
     assert value(metrics, "dynfuse_queue_duration_seconds_count", model="shapes") == 6
-    assert value(metrics, "dynfuse_modality_importance_count", model="shapes", modality="text") == 6
+    for expert, count in Counter(e for r in rows for e in r["expert"]).items():
+        assert (
+            value(metrics, "dynfuse_modality_importance_count", model="shapes", expert=expert, modality="text") == count
+        )
+    assert value(metrics, "dynfuse_modality_weight_count", model="shapes", modality="text") == 6
 
 
 def test_api_key_guards_infer_and_model_metadata_not_health(serve):

@@ -9,7 +9,7 @@ CONTRACT = {
     "dynfuse_route_decisions": ("counter", {"model", "expert", "decided_by"}),
     "dynfuse_compute_madds": ("counter", {"model"}),
     "dynfuse_compute_full_madds": ("counter", {"model"}),
-    "dynfuse_modality_importance": ("histogram", {"model", "modality"}),
+    "dynfuse_modality_importance": ("histogram", {"model", "expert", "modality"}),
     "dynfuse_modality_weight": ("histogram", {"model", "modality"}),
     "dynfuse_request_duration_seconds": ("histogram", {"model"}),
     "dynfuse_queue_duration_seconds": ("histogram", {"model"}),
@@ -56,7 +56,7 @@ def test_counters_are_exposed_with_the_total_suffix():
         'dynfuse_route_decisions_total{decided_by="router",expert="text",model="m"} 1.0',
         'dynfuse_compute_madds_total{model="m"} 10.0',
         'dynfuse_compute_full_madds_total{model="m"} 100.0',
-        'dynfuse_modality_importance_bucket{le="0.3",modality="image",model="m"} 1.0',
+        'dynfuse_modality_importance_bucket{expert="text",le="0.3",modality="image",model="m"} 1.0',
     ):
         assert line in text
 

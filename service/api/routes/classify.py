@@ -25,6 +25,7 @@ from service.errors import (
 )
 from service.inference import ClientInput
 from service.schemas import (
+    EXPLAIN_DESCRIPTION,
     MIN_CONFIDENCE_DESCRIPTION,
     MODEL_DESCRIPTION,
     OPERATING_POINT_DESCRIPTION,
@@ -41,7 +42,8 @@ ModelT = TypeVar("ModelT", bound=BaseModel)
 
 router = APIRouter(prefix="/v1", tags=["inference"], dependencies=[Depends(require_api_key)])
 
-FORM_FIELDS = {"image", "text", "route", "threshold", "operating_point", "min_confidence", "model"}
+FORM_FIELDS = {"image", "text", "route", "threshold", "operating_point", "min_confidence", "model", "explain"}
+FORM_TRUE, FORM_FALSE = ("true", "1", "on", "yes"), ("false", "0", "off", "no")
 
 ERROR_RESPONSES = {
     status: {"model": ErrorResponse, "description": description}
@@ -85,6 +87,7 @@ CLASSIFY_BODY = {
                             "description": MIN_CONFIDENCE_DESCRIPTION,
                         },
                         "model": {"type": "string", "description": MODEL_DESCRIPTION},
+                        "explain": {"type": "boolean", "default": False, "description": EXPLAIN_DESCRIPTION},
                     },
                 }
             },
@@ -132,7 +135,13 @@ async def classify_batch(request: Request, models: ModelsDep, settings: Settings
         try:
             image = decode_base64(entry.image) if entry.image is not None else None
             client = ClientInput(
-                image, entry.text, body.route, body.threshold, body.operating_point, body.min_confidence
+                image,
+                entry.text,
+                body.route,
+                body.threshold,
+                body.operating_point,
+                body.min_confidence,
+                explain=body.explain,
             )
             items.append(await service.prepare(client))
         except ApiError as error:
@@ -183,6 +192,7 @@ async def _read_json(request: Request) -> ClientInput:
         parsed.operating_point,
         parsed.min_confidence,
         model=parsed.model,
+        explain=parsed.explain,
     )
 
 
@@ -220,7 +230,17 @@ async def _read_form(request: Request) -> ClientInput:
         raise InvalidInput("model: must be a plain form field")
     threshold = _parse_unit("threshold", form.get("threshold"))
     min_confidence = _parse_unit("min_confidence", form.get("min_confidence"))
-    return ClientInput(image, text, route, threshold, point, min_confidence, model=model)
+    explain = _parse_flag("explain", form.get("explain"))
+    return ClientInput(image, text, route, threshold, point, min_confidence, model=model, explain=explain)
+
+
+def _parse_flag(field: str, value) -> bool:
+    """A form field holding true or false (1/0, on/off, yes/no), False when it is absent."""
+    if value is None:
+        return False
+    if isinstance(value, str) and value.strip().lower() in FORM_TRUE + FORM_FALSE:
+        return value.strip().lower() in FORM_TRUE
+    raise InvalidInput(f"{field}: {value if isinstance(value, str) else 'a file'!r} is not true or false")
 
 
 def _parse_unit(field: str, value) -> float | None:
