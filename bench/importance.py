@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import base64
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -251,6 +252,15 @@ def held_out_data(data: Path, seed: int, store_model) -> Path:
     return data
 
 
+def wait_ready(client, timeout_s: float = 900.0) -> None:
+    """Until the app has loaded and warmed the model (minutes on a busy machine)."""
+    deadline = time.monotonic() + timeout_s
+    while client.get("/readyz").status_code != 200:
+        if time.monotonic() > deadline:
+            raise SystemExit(f"the model was not ready after {timeout_s:.0f} s: {client.get('/readyz').text}")
+        time.sleep(0.2)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--store", type=Path, default=DEFAULT_STORE)
@@ -271,6 +281,7 @@ def main(argv: list[str] | None = None) -> int:
     data = held_out_data(args.data or Path("build") / f"importance-heldout-s{args.seed}", args.seed, model)
     figures = {}
     with TestClient(create_app(Settings(store=args.store, model=model.name))) as client:
+        wait_ready(client)
         for split in SPLITS:
             samples = load_test_split(data, split)
             answers = run_split(client, samples, model.name)

@@ -184,11 +184,12 @@ def test_explain_in_forms_batches_and_v2(client, samples):
         "/v1/classify/batch", json={"inputs": [{"image": b64(sample["png"]), "text": sample["text"]}], "explain": True}
     ).json()["outputs"][0]
     assert as_form["explanation"] == as_json["explanation"] == batch["explanation"]
-    refused = client.post(
-        "/v1/classify", files={"image": ("x.png", sample["png"], "image/png")}, data={"explain": "maybe"}
-    )
-    assert refused.status_code == 422
-    assert "explain" in refused.json()["error"]["message"]
+    for loose in ("maybe", "1", "True"):  # the document says boolean: true or false, nothing looser
+        refused = client.post(
+            "/v1/classify", files={"image": ("x.png", sample["png"], "image/png")}, data={"explain": loose}
+        )
+        assert refused.status_code == 422
+        assert "explain" in refused.json()["error"]["message"]
 
     v2 = {
         "inputs": [
@@ -213,3 +214,22 @@ def test_soft_fusion_s_explanation_is_of_the_mixture(client, samples):
     assert log_prob["both"] == pytest.approx(math.log(body["scores"][body["label"]]), abs=1e-4)
     phi = body["explanation"]["shapley"]
     assert phi["text"] + phi["image"] == pytest.approx(log_prob["both"] - log_prob["neither"], abs=2e-6)
+
+
+def test_a_model_exported_before_attribution_still_serves_and_says_so(serve, store_copy, samples):
+    path = next(store_copy.glob("shapes/*/model.json"))
+    manifest = json.loads(path.read_text())
+    del manifest["attribution"]
+    path.write_text(json.dumps(manifest))
+    client = serve(store=store_copy)
+
+    body = classify(client, samples[0], route="late_fusion")
+    assert body["importance_method"] == "unavailable"
+    assert body["importance"] == body["route"]["modality_weights"]  # what importance was, said to be that
+    assert body["compute"]["attribution_madds"] == 0
+    assert classify(client, samples[0], route="text")["importance"] == {"text": 1.0, "image": 0.0}
+    refused = client.post(
+        "/v1/classify", json={"image": b64(samples[0]["png"]), "text": samples[0]["text"], "explain": True}
+    )
+    assert refused.status_code == 422
+    assert "exported before attribution" in refused.json()["error"]["message"]

@@ -43,7 +43,7 @@ ModelT = TypeVar("ModelT", bound=BaseModel)
 router = APIRouter(prefix="/v1", tags=["inference"], dependencies=[Depends(require_api_key)])
 
 FORM_FIELDS = {"image", "text", "route", "threshold", "operating_point", "min_confidence", "model", "explain"}
-FORM_TRUE, FORM_FALSE = ("true", "1", "on", "yes"), ("false", "0", "off", "no")
+FORM_BOOLEANS = {"true": True, "false": False}  # as the document's boolean type says, nothing looser
 
 ERROR_RESPONSES = {
     status: {"model": ErrorResponse, "description": description}
@@ -235,12 +235,13 @@ async def _read_form(request: Request) -> ClientInput:
 
 
 def _parse_flag(field: str, value) -> bool:
-    """A form field holding true or false (1/0, on/off, yes/no), False when it is absent."""
+    """A form field holding true or false, False when it is absent."""
     if value is None:
         return False
-    if isinstance(value, str) and value.strip().lower() in FORM_TRUE + FORM_FALSE:
-        return value.strip().lower() in FORM_TRUE
-    raise InvalidInput(f"{field}: {value if isinstance(value, str) else 'a file'!r} is not true or false")
+    if isinstance(value, str) and value in FORM_BOOLEANS:
+        return FORM_BOOLEANS[value]
+    shown = repr(value) if isinstance(value, str) else "a file"
+    raise InvalidInput(f"{field}: {shown} is not true or false; send explain=true, or leave the field out")
 
 
 def _parse_unit(field: str, value) -> float | None:
