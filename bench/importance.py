@@ -135,8 +135,15 @@ def split_figures(samples: list[dict], answers: dict[str, list[dict]], madds_ful
             "image_share_default": round(float(default[rows, 1].mean()), 4),
             "image_share_exact": round(float(exact[rows, 1].mean()), 4),
         }
+    # What the answering expert keeps of its answer with one modality removed: where the text alone keeps it, the
+    # text could have decided; where only the image does, the image did (a caption of unknown words, say).
+    kept = {
+        coalition: np.array([a["explanation"]["labels"][coalition] == a["label"] for a in explained])
+        for coalition in ("text_only", "image_only")
+    }
     return {
         "samples": len(samples),
+        "label_kept_by_kind": {coalition: by_kind(values.astype(float)) for coalition, values in kept.items()},
         "route_mix": {e: round(float((experts == e).mean()), 4) for e in sorted(set(experts))},
         "image_share_by_kind": {
             "default": by_kind(default[:, 1]),
@@ -233,8 +240,9 @@ def plot(figures: dict, path: Path) -> None:
         )
         ax.set_ylim(0, 1)
     np.atleast_1d(axes)[0].set_ylabel("mean image share")
-    np.atleast_1d(axes)[0].legend(loc="upper left", fontsize=8)
-    fig.tight_layout()
+    handles, labels = np.atleast_1d(axes)[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=9, frameon=False)
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
@@ -269,7 +277,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", type=Path, default=None, help="default: build/importance-heldout-s<seed>")
     parser.add_argument("--out", type=Path, default=RESULTS / "importance.json")
     parser.add_argument("--plot", type=Path, default=RESULTS / "importance.png")
+    parser.add_argument("--plot-only", action="store_true", help="redraw the figure from --out's figures")
     args = parser.parse_args(argv)
+    if args.plot_only:
+        plot(json.loads(args.out.read_text())["splits"], args.plot)
+        return 0
 
     from fastapi.testclient import TestClient
 
