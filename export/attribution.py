@@ -190,7 +190,10 @@ class Attributor:
         return Attributed(self._mix(answer, per_expert), self.default_method(answer.experts), explanation)
 
     def _values(self, info: ExpertAttribution, probabilities, pair: np.ndarray, label: int) -> np.ndarray:
-        """(4,) v(S) of one expert and label, from its probabilities and its (2, K) coalition logits."""
+        """(4,) v(S) of one expert and label, from its probabilities and its (2, K) coalition logits (NaN when
+        they are missing: an expert deployment that did not answer, whose requests get its error instead)."""
+        if pair is None:
+            return np.full(4, np.nan)
         both = np.log(max(float(probabilities[label]), 1e-30))
         singles = attribution.log_softmax(np.asarray(pair, np.float64), axis=1)[:, label]
         return np.array([both, singles[0], singles[1], info.neither[label]])
@@ -233,7 +236,8 @@ class Attributor:
         out[BOTH] = probabilities
         out[NEITHER] = np.exp(info.neither)
         if info.reads_both:
-            out[[TEXT_ONLY, IMAGE_ONLY]] = attribution.softmax(np.asarray(exact_pair, np.float64), axis=1)
+            pair = np.full((2, len(probabilities)), np.nan) if exact_pair is None else exact_pair
+            out[[TEXT_ONLY, IMAGE_ONLY]] = attribution.softmax(np.asarray(pair, np.float64), axis=1)
         else:
             present = info.modalities[0]
             out[TEXT_ONLY] = probabilities if present == "text" else out[NEITHER]

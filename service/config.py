@@ -36,10 +36,12 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     workers: int = Field(
-        1,
-        ge=1,
+        0,
+        ge=0,
         description="Server processes sharing the port. Each loads the model and batches on its own, and the "
-        "runtime's threads are split between them; metrics are summed across them.",
+        "runtime's threads are split between them; metrics are summed across them. 0 (the default): one per core "
+        "this process may use (its CPU affinity and cgroup quota), since a process runs its requests' Python under "
+        "one GIL; one with device=cuda.",
     )
 
     max_batch_size: int = Field(16, ge=1, le=1024, description="Most requests one micro-batch holds.")
@@ -122,6 +124,15 @@ class Settings(BaseSettings):
 
     api_key: str | None = Field(None, description="When set, inference endpoints need 'Authorization: Bearer <key>'.")
     log_level: str = "info"
+
+    ray_placement_wait_s: float = Field(
+        25.0,
+        ge=0,
+        le=3600,
+        description="With --engine ray --address: how long deployments the cluster has no room for wait for it (an "
+        "autoscaling cluster adding nodes) before the start is refused, naming what is missing. A local cluster "
+        "refuses at once: nothing will be added to it.",
+    )
 
     @field_validator("store")
     @classmethod
