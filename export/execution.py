@@ -94,6 +94,8 @@ class BatchExecution:
         info = self.attributions[expert]
         kept = self.coalitions.setdefault(expert, {HEAD: {}, EXACT: {}})
         for how, flag in ((HEAD, WANT_HEAD), (EXACT, WANT_EXACT)):
+            if not info.reads_both or (how == HEAD and info.head is None):
+                continue  # nothing of the kind to compute: a one-modality expert, or one without a head
             asked = rows[(flags & flag) != 0]
             if not len(asked):
                 continue

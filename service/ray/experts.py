@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from export.attribution import EXACT, HEAD, read_attribution
+from export.attribution import EXACT, HEAD, WANT_EXACT, WANT_HEAD, read_attribution
 from export.backends import Backend, Runner
 from export.execution import BatchExecution
 from export.pipeline import SOFT, DynamicPipeline, PipelineInput, PipelineOutput
@@ -108,8 +108,8 @@ def _random(model: StoredModel, name: str, n: int, rng: np.random.Generator) -> 
     if name == PIXELS:
         side = model.preprocessing.image_size
         return rng.integers(0, 256, (n, side, side, 3), dtype=np.uint8)
-    if name == WANTS:  # the warm-up runs the head and the exact values too
-        return np.full(n, 3, np.int64)
+    if name == WANTS:  # the warm-up asks for all attribution can compute (only what the expert has is run)
+        return np.full(n, WANT_HEAD | WANT_EXACT, np.int64)
     if name == "token_ids":
         return rng.integers(2, model.tokenizer.vocab_size, (n, model.tokenizer.max_tokens)).astype(np.int64)
     shapes = {t.name: t.shape[1:] for info in model.components.values() for t in info.outputs}

@@ -233,3 +233,53 @@ def test_a_model_exported_before_attribution_still_serves_and_says_so(serve, sto
     )
     assert refused.status_code == 422
     assert "exported before attribution" in refused.json()["error"]["message"]
+
+
+def test_each_expert_s_own_deployment_computes_what_the_single_process_does(tiny_store, samples):
+    """service/ray/'s two halves without Ray: the ingress's RemoteExecution sends each expert's sub-batch, with
+    what its rows ask for attribution, to an ExpertWorker (here called in process through a stand-in handle),
+    and the answers, importance and explanations are the single-process pipeline's."""
+    from export.backends import create_backend
+    from service.ray.experts import ExpertWorker, RemoteExpertsPipeline
+
+    model = load_model(tiny_store)
+    backend = create_backend("onnx", "cpu")
+
+    class Call:
+        def __init__(self, value):
+            self.value = value
+
+        def result(self, timeout_s):
+            return self.value
+
+    class Handle:
+        def __init__(self, worker):
+            self.worker = worker
+            self.run = self
+            self.describe = self
+
+        def remote(self, *args):
+            if not args:  # describe
+                return Call({"model": model.name, "version": model.version, "expert": self.worker.expert})
+            return Call(self.worker.run(args[0]))
+
+    workers = {e: ExpertWorker(model, backend, e) for e in model.expert_names}
+    for worker in workers.values():
+        worker.warmup((1, 3))  # every expert, the one-modality ones included, warms what attribution asks
+    remote = RemoteExpertsPipeline(model, backend, {e: Handle(w) for e, w in workers.items()}, timeout_s=30)
+    local = DynamicPipeline(model, backend)
+    images = [Image.open(io.BytesIO(s["png"])).convert("RGB") for s in samples[:8]]
+    for route in ("auto", "soft", "mi2p", "late_fusion"):
+        inputs = [local.prepare(s["text"], image, route=route, explain=k % 2 == 0)
+                  for k, (s, image) in enumerate(zip(samples[:8], images, strict=True))]  # fmt: skip
+        for mine, theirs in zip(remote.predict(inputs)[0], local.predict(inputs)[0], strict=True):
+            assert (mine.label, mine.expert, mine.madds, mine.importance_method) == (
+                theirs.label,
+                theirs.expert,
+                theirs.madds,
+                theirs.importance_method,
+            )
+            np.testing.assert_allclose(mine.importance, theirs.importance, atol=1e-5)
+            assert (mine.explanation is None) == (theirs.explanation is None)
+            if theirs.explanation is not None:
+                assert mine.explanation["shapley"] == pytest.approx(theirs.explanation["shapley"], abs=1e-5)
