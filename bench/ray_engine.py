@@ -1,6 +1,6 @@
-"""The Ray engine against the single process, side by side on one machine: ``dynfuse serve`` and ``dynfuse serve
---engine ray`` with their defaults (nothing but the store and the port), the same test-split bodies, the same load
-generator and concurrency levels, one after the other. For the Ray engine also: the time to ready from the
+"""The Ray engine against the single process, side by side on one machine: ``dynfuse serve --workers 1`` and
+``dynfuse serve --engine ray`` with its defaults (nothing but the store and the port), the same test-split bodies,
+the same load generator and concurrency levels, one after the other. For the Ray engine also: the time to ready from the
 command's start, an expert replica killed under load (what its requests and the others' got, and when its
 requests were answered again), and the time SIGTERM takes to stop it with every process of its cluster.
 
@@ -229,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     bodies_file.write_bytes(b"\n".join(bodies) + b"\n")
     result: dict = {"generator": generator, "levels": levels, "seconds_per_level": args.seconds}
 
-    print("single process (dynfuse serve)")
+    print("single process (dynfuse serve --workers 1)")
     state = machine_state()
     process, base = start_server(args.store, work / "single.log")
     try:

@@ -27,3 +27,6 @@ done
 # The Ray engine against one process, and one replica's throughput per expert deployment (dynfuse plan reads it).
 "$PYTHON" -m bench.expert_throughput
 "$PYTHON" -m bench.ray_engine
+# Figure 7: limits before work (over-limit bodies, one at a time and 8 at once) and big-image decoding memory.
+"$PYTHON" -m bench.body_bomb
+"$PYTHON" -m bench.decode_memory

@@ -129,7 +129,7 @@ def cmd_build_default(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    from service.config import Settings
+    from service.config import load_settings
     from service.server import serve
 
     overrides = {
@@ -153,10 +153,10 @@ def cmd_serve(args) -> int:
     if args.engine == "ray":
         from service.ray.run import serve_on_ray
 
-        return serve_on_ray(Settings(**overrides), args.address, args.deployments)
+        return serve_on_ray(load_settings(**overrides), args.address, args.deployments)
     if args.address or args.deployments:
         raise ValueError("--address and --deployments are for --engine ray")
-    return serve(Settings(**overrides))
+    return serve(load_settings(**overrides))
 
 
 def cmd_plan(args) -> int:

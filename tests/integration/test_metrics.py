@@ -38,8 +38,10 @@ def test_counters_equal_the_sums_of_the_responses(serve, samples):
             value(metrics, "dynfuse_route_decisions_total", model="shapes", expert=expert, decided_by=decided_by)
             == count
         )
-    assert value(metrics, "dynfuse_requests_total", model="shapes", status="200") == 11  # 10 single + 1 batch call
-    assert value(metrics, "dynfuse_requests_total", model="shapes", status="422") == 2
+    assert (
+        value(metrics, "dynfuse_requests_total", model="shapes", status="200", key="anonymous") == 11
+    )  # 10 single + 1 batch call
+    assert value(metrics, "dynfuse_requests_total", model="shapes", status="422", key="anonymous") == 2
     assert value(metrics, "dynfuse_rejected_requests_total", model="shapes", reason="invalid") == 2
     for modality in ("text", "image"):
         for expert in {r["route"]["expert"] for r in responses}:  # the importance of each expert's answers

@@ -64,11 +64,14 @@ def ray_store(tiny_store, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def cluster(ray_store):
     """(the application's base URL, the node's Ray metrics URL). No deployment option is given: every one is
-    sized to the cluster (Ray counts this machine's CPUs), as for a user. Version 1 is pinned (the store's highest
-    is 2, which the swap test loads)."""
+    sized to the cluster (Ray counts this machine's CPUs), as for a user. Where this differs from the defaults,
+    for the swap test: version 1 is pinned (the store's highest is 2, which the swap test loads), and model
+    control is on (explicit, on loopback, so no admin key), which also sizes the experts with room for a second
+    version's. tests/e2e/test_ray_cli.py runs the defaults as they are."""
     metrics_port = free_port()
-    args = {"settings": {"store": str(ray_store), "model_version": "1"}}
-    with ray_application(args, free_port(), metrics_port=metrics_port) as base:
+    args = {"settings": {"store": str(ray_store), "model_version": "1", "host": "127.0.0.1"}}
+    env = {"DYNFUSE_MODEL_CONTROL": "explicit"}
+    with ray_application(args, free_port(), metrics_port=metrics_port, env=env) as base:
         yield base, f"http://127.0.0.1:{metrics_port}/metrics"
 
 

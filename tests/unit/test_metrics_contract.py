@@ -5,7 +5,7 @@ from __future__ import annotations
 from service.metrics import Metrics
 
 CONTRACT = {
-    "dynfuse_requests": ("counter", {"model", "status"}),
+    "dynfuse_requests": ("counter", {"model", "status", "key"}),
     "dynfuse_route_decisions": ("counter", {"model", "expert", "decided_by"}),
     "dynfuse_compute_madds": ("counter", {"model"}),
     "dynfuse_compute_full_madds": ("counter", {"model"}),
@@ -21,6 +21,7 @@ CONTRACT = {
     "dynfuse_operating_point_requests": ("counter", {"model", "operating_point"}),
     "dynfuse_degraded_requests": ("counter", {"model"}),
     "dynfuse_degraded_seconds": ("counter", {"model"}),
+    "dynfuse_background_restarts": ("counter", {"model", "loop"}),
 }
 
 
@@ -34,7 +35,7 @@ def exercised_metrics() -> Metrics:
     metrics.observe_batch(4, [0.001] * 4, {"text": 0.002})
     metrics.reject("queue_full")
     metrics.set_model_info("1", "onnx", "cpu")
-    metrics.requests.labels("m", "200").inc()
+    metrics.count_request(200, 0.01, key="ci")
     metrics.inflight.labels("m").inc()
     metrics.request_duration.labels("m").observe(0.01)
     return metrics
@@ -104,4 +105,23 @@ def test_every_rejection_reason_and_status_is_a_series_from_the_first_scrape():
     for reason in REJECTION_REASONS:
         assert f'dynfuse_rejected_requests_total{{model="m",reason="{reason}"}} 0.0' in text, reason
     for status in STATUSES:
-        assert f'dynfuse_requests_total{{model="m",status="{status}"}} 0.0' in text, status
+        assert f'dynfuse_requests_total{{key="anonymous",model="m",status="{status}"}} 0.0' in text, status
+
+
+def test_a_request_is_counted_under_its_key_name_and_the_rest_as_anonymous():
+    metrics = Metrics("m")
+    metrics.count_request(200, 0.01, key="ci")
+    metrics.count_request(200, 0.01, key="ci")
+    metrics.count_request(401, 0.01)
+    text = metrics.render().decode()
+    assert 'dynfuse_requests_total{key="ci",model="m",status="200"} 2.0' in text
+    assert 'dynfuse_requests_total{key="anonymous",model="m",status="401"} 1.0' in text
+    assert 'dynfuse_requests_total{key="anonymous",model="m",status="200"} 0.0' in text
+
+
+def test_the_background_loops_restarts_exist_from_the_first_scrape():
+    metrics = Metrics("m")
+    metrics.restarted("follow")()
+    text = metrics.render().decode()
+    assert 'dynfuse_background_restarts_total{loop="follow",model="m"} 1.0' in text
+    assert 'dynfuse_background_restarts_total{loop="store_poll",model="m"} 0.0' in text

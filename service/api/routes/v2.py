@@ -73,6 +73,7 @@ from service.config import Settings
 from service.decode import decode_base64, is_blank
 from service.errors import ApiError, InvalidInput, NotFound, PayloadTooLarge
 from service.inference import ClientInput, InferenceService
+from service.json_limits import JsonLimits
 from service.schemas import (
     EXPLAIN_DESCRIPTION,
     IMPORTANCE_DESCRIPTION,
@@ -166,7 +167,7 @@ async def live() -> dict:
 async def ready(request: Request) -> JSONResponse:
     repository = request.app.state.repository
     served = [] if repository.starting else repository.models.values()
-    if served and all(service.batcher.running for service in served):
+    if any(service.batcher.ready for service in served):  # as /readyz: some model answers (each: model ready)
         return JSONResponse({"ready": True})
     if served:
         return JSONResponse({"ready": False}, 503, headers={"Retry-After": "1"})
@@ -212,8 +213,9 @@ def _model_ready(request: Request, name: str, version: str | None) -> JSONRespon
             repository.serving(name)  # 404 for a model not served, 503 for one loading
         return _not_ready(request, {"name": name, "ready": False})
     _check_model(service, name, version)
-    if not service.batcher.running:
-        return JSONResponse({"name": name, "ready": False}, 503, headers={"Retry-After": "1"})
+    if not service.batcher.ready:  # loaded, but not answering: the reason comes along (beyond the protocol)
+        body = {"name": name, "ready": False, "reason": service.batcher.status()}
+        return JSONResponse(body, 503, headers={"Retry-After": "1"})
     return JSONResponse({"name": name, "ready": True})
 
 
@@ -290,7 +292,9 @@ async def _infer(
     try:
         _check_model(service, name, version)
         body = decompress(await request.body(), request.headers.get("content-encoding"), settings.max_body_bytes)
-        decoded = parse_request(body, request.headers.get(HEADER_LENGTH))
+        decoded = parse_request(
+            body, request.headers.get(HEADER_LENGTH), JsonLimits.for_rows(settings.max_batch_inputs)
+        )
         options = _options(service, decoded.request.parameters)
         selected = select_outputs(decoded.request, _available_outputs(decoded.request, options["explain"]))
         images, texts = _rows(decoded, settings.max_batch_inputs)
