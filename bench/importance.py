@@ -1,4 +1,4 @@
-"""Figure 7: does ``importance`` say what decided the answer? Measured on a held-out benchmark-v2 set.
+"""Figure 9: does ``importance`` say what decided the answer? Measured on a held-out benchmark-v2 set.
 
 A data set is generated with a seed the model's training never saw (``dynfuse data synth --seed``), and its test
 and test_ood splits go through the served API (``/v1/classify/batch`` in process, 32 pairs a call), three times:

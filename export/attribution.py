@@ -164,30 +164,37 @@ class Attributor:
         return flags | (WANT_EXACT if explain else 0)
 
     def can_explain(self, expert: str) -> bool:
-        return self.experts[expert].method != UNAVAILABLE
+        """False for every expert of a model exported before attribution existed: it lacks the experts'
+        v(neither), which even a one-modality expert's exact values need."""
+        info = self.experts[expert]
+        return info.method != UNAVAILABLE and info.neither is not None
 
     def default_method(self, experts: list[str]) -> str:
         methods = {self.experts[e].method for e in experts}
+        if UNAVAILABLE in methods:
+            return UNAVAILABLE
         return methods.pop() if len(methods) == 1 else "mixture"
 
     def attribute(self, answer: Answer, explain: bool, fallback_weights: np.ndarray | None = None) -> Attributed:
         """The answer's importance (each modality's share of what raised its label's log-probability) and, when
         asked, the exact values. ``fallback_weights``: DRDF's modality weights, for a model exported before
-        attribution existed."""
+        attribution existed (its answers by an expert of two modalities, alone or in a soft mixture, report them:
+        a mixture of attributions and router weights would be neither)."""
+        method = self.default_method(answer.experts)
+        if method == UNAVAILABLE:
+            return Attributed(np.asarray(fallback_weights, np.float32), method, None)
         per_expert = []
         parts = zip(answer.experts, answer.probabilities, answer.coalitions, strict=True)
         for expert, probabilities, computed in parts:
             info = self.experts[expert]
             if info.method == ONE_MODALITY:
                 per_expert.append(attribution.one_modality(info.modalities, 1)[0])
-            elif info.method == UNAVAILABLE:
-                per_expert.append(np.asarray(fallback_weights, np.float32))
             else:
                 pair = computed[EXACT if info.method == EXACT else HEAD]
                 values = self._values(info, probabilities, pair, answer.label)
                 per_expert.append(attribution.shares(attribution.shapley(values[None]))[0])
         explanation = self.explain(answer) if explain else None
-        return Attributed(self._mix(answer, per_expert), self.default_method(answer.experts), explanation)
+        return Attributed(self._mix(answer, per_expert), method, explanation)
 
     def _values(self, info: ExpertAttribution, probabilities, pair: np.ndarray, label: int) -> np.ndarray:
         """(4,) v(S) of one expert and label, from its probabilities and its (2, K) coalition logits (NaN when

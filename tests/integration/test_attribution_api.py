@@ -228,11 +228,22 @@ def test_a_model_exported_before_attribution_still_serves_and_says_so(serve, sto
     assert body["importance"] == body["route"]["modality_weights"]  # what importance was, said to be that
     assert body["compute"]["attribution_madds"] == 0
     assert classify(client, samples[0], route="text")["importance"] == {"text": 1.0, "image": 0.0}
-    refused = client.post(
-        "/v1/classify", json={"image": b64(samples[0]["png"]), "text": samples[0]["text"], "explain": True}
-    )
-    assert refused.status_code == 422
-    assert "exported before attribution" in refused.json()["error"]["message"]
+    # a soft mixture reports the modality weights too, rather than a blend of attributions and router weights
+    soft = classify(client, samples[0], route="soft")
+    assert (soft["importance_method"], soft["importance"]) == ("unavailable", soft["route"]["modality_weights"])
+    # explain is refused for every route, one-modality experts' too (their exact values need v(neither), which such
+    # a model lacks): a 422 that says why, never a failed batch
+    pair = {"image": b64(samples[0]["png"]), "text": samples[0]["text"], "explain": True}
+    for body in (
+        pair,
+        pair | {"route": "text"},
+        pair | {"route": "image"},
+        {"text": samples[0]["text"], "explain": True},
+    ):
+        refused = client.post("/v1/classify", json=body)
+        assert refused.status_code == 422, (body.get("route"), refused.text)
+        assert "exported before attribution" in refused.json()["error"]["message"]
+    assert client.get("/readyz").status_code == 200
 
 
 def test_each_expert_s_own_deployment_computes_what_the_single_process_does(tiny_store, samples):
