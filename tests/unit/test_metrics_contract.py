@@ -21,6 +21,14 @@ CONTRACT = {
     "dynfuse_operating_point_requests": ("counter", {"model", "operating_point"}),
     "dynfuse_degraded_requests": ("counter", {"model"}),
     "dynfuse_degraded_seconds": ("counter", {"model"}),
+    "dynfuse_audits": ("counter", {"model", "expert", "operating_point", "outcome"}),
+    "dynfuse_audit_madds": ("counter", {"model"}),
+    "dynfuse_validated_agreement": ("gauge", {"model", "operating_point"}),
+    "dynfuse_route_mix_drift": ("gauge", {"model", "operating_point"}),
+    "dynfuse_guard_changes": ("counter", {"model", "from", "to"}),
+    "dynfuse_guard_active": ("gauge", {"model"}),
+    "dynfuse_uncertain_requests": ("counter", {"model", "reason"}),
+    "dynfuse_top_probability": ("histogram", {"model", "expert"}),
     "dynfuse_background_restarts": ("counter", {"model", "loop"}),
 }
 
@@ -38,6 +46,10 @@ def exercised_metrics() -> Metrics:
     metrics.count_request(200, 0.01, key="ci")
     metrics.inflight.labels("m").inc()
     metrics.request_duration.labels("m").observe(0.01)
+    metrics.init_routes(["text", "mi2p"], ["router"], ["lambda_0"])
+    metrics.init_safety(["text", "mi2p"], "mi2p", {"lambda_0": 0.9}, ("lambda_0", "lambda_0+min_confidence=0.5"))
+    metrics.route_mix_drift.labels("m", "lambda_0").set(0.1)
+    metrics.observe_answer("text", 0.7, "low_confidence")
     return metrics
 
 
@@ -106,6 +118,31 @@ def test_every_rejection_reason_and_status_is_a_series_from_the_first_scrape():
         assert f'dynfuse_rejected_requests_total{{model="m",reason="{reason}"}} 0.0' in text, reason
     for status in STATUSES:
         assert f'dynfuse_requests_total{{key="anonymous",model="m",status="{status}"}} 0.0' in text, status
+
+
+def test_the_safety_series_exist_from_the_first_scrape():
+    """Audits per cheaper expert, operating point and outcome, the guard's two changes, uncertain reasons, the
+    validated agreement and the guard's state: rate() and the alert rules see their first increments."""
+    metrics = Metrics("m")
+    metrics.init_routes(["text", "mi2p"], ["router"], ["lambda_0"])
+    metrics.init_safety(["text", "mi2p"], "mi2p", {"lambda_0": 0.9}, ("lambda_0", "lambda_0+min_confidence=0.5"))
+    text = metrics.render().decode()
+    for line in (
+        'dynfuse_audits_total{expert="text",model="m",operating_point="lambda_0",outcome="agreed"} 0.0',
+        'dynfuse_audits_total{expert="text",model="m",operating_point="lambda_0",outcome="disagreed"} 0.0',
+        'dynfuse_audits_total{expert="text",model="m",operating_point="lambda_0",outcome="dropped"} 0.0',
+        'dynfuse_audit_madds_total{model="m"} 0.0',
+        'dynfuse_guard_changes_total{from="lambda_0",model="m",to="lambda_0+min_confidence=0.5"} 0.0',
+        'dynfuse_guard_changes_total{from="lambda_0+min_confidence=0.5",model="m",to="lambda_0"} 0.0',
+        'dynfuse_guard_active{model="m"} 0.0',
+        'dynfuse_validated_agreement{model="m",operating_point="lambda_0"} 0.9',
+        'dynfuse_uncertain_requests_total{model="m",reason="low_confidence"} 0.0',
+        'dynfuse_uncertain_requests_total{model="m",reason="out_of_distribution"} 0.0',
+        'dynfuse_top_probability_count{expert="mi2p",model="m"} 0.0',
+    ):
+        assert line in text, line
+    # The full path's answers are never audited: no series for them.
+    assert 'dynfuse_audits_total{expert="mi2p"' not in text
 
 
 def test_a_request_is_counted_under_its_key_name_and_the_rest_as_anonymous():

@@ -44,6 +44,7 @@ from importlib import metadata
 import numpy as np
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
+from starlette.background import BackgroundTask
 
 from export.pipeline import AUTO, SOFT, PipelineInput, PipelineOutput
 from models.attribution import MODALITIES
@@ -314,7 +315,9 @@ async def _infer(
     header = {"model_name": service.model.name, "model_version": service.model.version}
     if decoded.request.id is not None:
         header["id"] = decoded.request.id
-    return encode_response(header | {"outputs": tensors}, binary)
+    response = encode_response(header | {"outputs": tensors}, binary)
+    response.background = BackgroundTask(service.after_response, items, results)  # audits: once it is sent
+    return response
 
 
 def _options(service: InferenceService, parameters: dict) -> dict:
