@@ -22,6 +22,27 @@ ONE_MODALITY = {"text": {"text": 1.0, "image": 0.0}, "image_lite": {"text": 0.0,
 TWO_MODALITIES = ("late_fusion", "mulmix", "mi2p", "muse")
 
 
+@pytest.fixture(scope="module")
+def tiny_store(tiny_export):
+    """The tiny run exported by this checkout's code: attribution as the code exports it now, whichever model the
+    repository ships (its store/shapes/1 may predate attribution). serve, store_copy and the fixtures below take it."""
+    return tiny_export
+
+
+@pytest.fixture(scope="module")
+def samples(tmp_path_factory, tiny_store) -> list[dict]:
+    """Test-split samples at the tiny model's image size, from a seed it was not trained on."""
+    from models.data.synthetic import SynthConfig, generate
+
+    side = json.loads(next(tiny_store.glob("shapes/*/model.json")).read_text())["preprocessing"]["image_size"]
+    data = tmp_path_factory.mktemp("attribution-samples") / "data"
+    generate(data, SynthConfig(size=480, seed=1, image_size=side, ood_size=0), progress=False, splits=("test",))
+    return [
+        {**entry, "png": (data / entry["img"]).read_bytes()}
+        for entry in map(json.loads, (data / "test.jsonl").read_text().splitlines())
+    ]
+
+
 @pytest.fixture
 def client(serve):
     return serve()

@@ -110,6 +110,21 @@ def test_images_do_not_depend_on_generation_order(dataset: Path, samples: dict[s
         assert np.array_equal(np.asarray(load_image_rgb(sample)), again)
 
 
+def test_a_subset_of_splits_is_byte_for_byte_the_whole_data_sets(dataset: Path, tmp_path: Path) -> None:
+    """Evaluating a model needs its test splits only: they are the same files as in the whole data set."""
+    subset = tmp_path / "subset"
+    summary = generate(subset, SMALL, progress=False, splits=("test", "test_ood"))
+    assert summary["written_splits"] == ["test", "test_ood"]
+    assert sorted(p.name for p in subset.glob("*.jsonl")) == ["test.jsonl", "test_ood.jsonl"]
+    for split in ("test", "test_ood"):
+        assert (subset / f"{split}.jsonl").read_bytes() == (dataset / f"{split}.jsonl").read_bytes()
+    images = sorted(p.name for p in (subset / "img").iterdir())
+    assert len(images) == SPLIT_SIZES["test"] + SPLIT_SIZES["test_ood"]
+    assert all((subset / "img" / name).read_bytes() == (dataset / "img" / name).read_bytes() for name in images)
+    with pytest.raises(ValueError, match=r"splits \['dev'\] are not in"):
+        generate(tmp_path / "bad", SMALL, progress=False, splits=("dev",))
+
+
 # ---- what was generated ----
 
 
