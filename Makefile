@@ -20,7 +20,7 @@ SHIP_WORK   := build/ship-work
 # far faster than two (two threads that wait on each other crawl when other jobs hold the cores).
 SHIP_THREADS ?= 1
 
-.PHONY: run test lint build-default ship-default figures clean
+.PHONY: run test test-tools mutation lint build-default ship-default figures clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -43,11 +43,23 @@ $(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
 run: $(VENV)/.installed-serve
 	$(BIN)/dynfuse serve --store $(STORE) --host $(HOST) --port $(PORT)
 
-# Two steps: every file whole on one of TEST_WORKERS workers (a module's fixtures are made once), then the tests
-# that start a Ray cluster, one at a time (a cluster starting beside other work on 2 cores times out).
+# The whole suite, as CI runs it, in two steps: every file whole on one of TEST_WORKERS workers (a module's fixtures
+# are made once), then the tests that start a Ray cluster, one at a time (a cluster starting beside other work on 2
+# cores times out). A test whose system tool is missing is skipped here (under CI=true it fails), and each step ends
+# by listing each skip and what installs it: `make test-tools`.
 test: $(VENV)/.installed-dev
 	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile -m "not ray" --durations=25
 	$(BIN)/python -m pytest -m ray --durations=10
+
+# Mutation testing of the decision code (tests/mutation/run.py, mutmut under nice -n 10): each module's score and
+# surviving mutants, in bench/results/mutation.json; tests/mutation/EQUIVALENT.md lists the survivors reviewed.
+# One module: `.venv/bin/python tests/mutation/run.py service/degrade.py`.
+mutation: $(VENV)/.installed-dev
+	$(BIN)/python tests/mutation/run.py
+
+# The system tools the tests run (Prometheus, docker-compose, chromium and its driver), with apt-get.
+test-tools:
+	.ci/tools
 
 lint: $(VENV)/.installed-dev
 	$(BIN)/ruff check .

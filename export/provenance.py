@@ -23,8 +23,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 # Relative to the repository root: what the default model's files are made by.
+# export/safety.py measures the safety figures (and writes the density file) that model.json ships with.
 TRAINING_INPUTS = ("models/**/*.py", "export/writer.py", "export/onnx.py", "export/torchscript.py",
-                   "export/parity.py", "export/examples.py", "export/default_model.py")  # fmt: skip
+                   "export/parity.py", "export/examples.py", "export/safety.py", "export/default_model.py")  # fmt: skip
 EXCLUDED = ("models/byo/",)  # router-only training over users' experts: not on the default model's path
 DIGEST_SCHEME = "python-ast-v1"  # how a file is hashed; a new scheme makes every recorded digest differ
 

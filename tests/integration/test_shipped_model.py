@@ -7,6 +7,7 @@ When the code that trains or exports the default model changes, the shipped file
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -73,10 +74,18 @@ def test_the_shipped_files_are_tracked_by_git():
     assert {f"{SHIPPED_STORE}/shapes/{SHIPPED_VERSION}/{name}" for name in listed} <= set(tracked)
 
 
-def test_make_run_installs_the_serving_core_only_and_serves_the_shipped_store():
+def _planned(target: str) -> str:
+    """What ``make TARGET`` would run, as a user's shell sees it: under ``make test`` the environment carries
+    the outer make's MAKEFLAGS and MAKELEVEL, which would make this one print its "Entering directory" lines."""
     make = shutil.which("make")
     assert make, "make is what users run"
-    planned = subprocess.run([make, "-n", "-B", "run"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MAKELEVEL", "MFLAGS")}
+    command = [make, "--no-print-directory", "-n", "-B", target]
+    return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, check=True).stdout
+
+
+def test_make_run_installs_the_serving_core_only_and_serves_the_shipped_store():
+    planned = _planned("run")
     assert "pip install --quiet -e .\n" in planned  # the serving core: no extra, no torch
     assert "torch" not in planned
     assert "build-default" not in planned
@@ -84,7 +93,7 @@ def test_make_run_installs_the_serving_core_only_and_serves_the_shipped_store():
 
 
 def test_make_ship_default_rebuilds_from_scratch_and_replaces_the_shipped_version():
-    planned = subprocess.run(["make", "-n", "-B", "ship-default"], cwd=ROOT, capture_output=True, text=True).stdout
+    planned = _planned("ship-default")
     setup = ("python3 -m venv", ".venv/bin/pip", "touch")
     steps = [line for line in planned.splitlines() if not line.startswith(setup)]
     assert steps[:5] == [

