@@ -9,13 +9,13 @@ from typing import TypeVar
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ValidationError
-from starlette.background import BackgroundTask
 from starlette.datastructures import UploadFile
 
 from export.pipeline import PipelineInput
 from service.admission import deadline_of
 from service.api.deps import ModelsDep, SettingsDep, require_api_key
 from service.api.forms import MULTIPART, URLENCODED, read_form
+from service.background import OnTheLoop
 from service.config import Settings
 from service.decode import decode_base64
 from service.errors import (
@@ -130,7 +130,7 @@ async def classify_one(request: Request, models: Leases, settings: Settings) -> 
     return JSONResponse(
         service.render(result, request_id, started),
         headers={"X-Request-ID": request_id},
-        background=BackgroundTask(service.after_response, [item], [result]),  # audits: once the answer is sent
+        background=OnTheLoop(service.after_response, [item], [result]),  # audits: once the answer is sent
     )
 
 
@@ -173,7 +173,7 @@ async def classify_batch(request: Request, models: ModelsDep, settings: Settings
     ]
     return JSONResponse(
         {"model": service.model.name, "model_version": service.model.version, "outputs": outputs},
-        background=BackgroundTask(service.after_response, items, results),  # audits: once the answers are sent
+        background=OnTheLoop(service.after_response, items, results),  # audits: once the answers are sent
     )
 
 

@@ -44,7 +44,6 @@ from importlib import metadata
 import numpy as np
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
-from starlette.background import BackgroundTask
 
 from export.pipeline import AUTO, SOFT, PipelineInput, PipelineOutput
 from models.attribution import MODALITIES
@@ -70,6 +69,7 @@ from service.api.v2_codec import (
     parse_request,
     select_outputs,
 )
+from service.background import OnTheLoop
 from service.config import Settings
 from service.decode import decode_base64, is_blank
 from service.errors import ApiError, InvalidInput, NotFound, PayloadTooLarge
@@ -316,7 +316,7 @@ async def _infer(
     if decoded.request.id is not None:
         header["id"] = decoded.request.id
     response = encode_response(header | {"outputs": tensors}, binary)
-    response.background = BackgroundTask(service.after_response, items, results)  # audits: once it is sent
+    response.background = OnTheLoop(service.after_response, items, results)  # audits: once it is sent
     return response
 
 
