@@ -5,10 +5,12 @@ The model as a v2 model (``GET /v2/models/{name}`` lists the same):
 
 - inputs ``image`` BYTES [N] (encoded image files: PNG, JPEG, ...) and ``text`` BYTES [N] (UTF-8);
 - request parameters ``route`` ('auto', 'soft' or an expert's name), ``threshold`` (0..1),
-  ``operating_point`` (a router of the model) and ``min_confidence`` (0..1), as in /v1;
+  ``operating_point`` (a router of the model), ``min_confidence`` (0..1) and ``explain`` (boolean), as in /v1;
 - outputs ``label`` BYTES [N], ``probabilities`` FP32 [N, K] (columns in the order of the metadata's
   ``labels``), ``expert`` BYTES [N], ``decided_by`` BYTES [N] (router | threshold | request |
-  missing_modality, as /v1's route.decided_by), ``importance`` FP32 [N, 2] (text, image), ``madds``
+  missing_modality, as /v1's route.decided_by), ``importance`` FP32 [N, 2] (text, image),
+  ``modality_weights`` FP32 [N, 2] (text, image: /v1's route.modality_weights), ``shapley`` FP32 [N, 2]
+  (only with the request parameter ``explain``: /v1's explanation.shapley), ``madds``
   INT64 [N], ``saved_ratio`` FP32 [N], ``operating_point`` BYTES [N] (the router that decided).
 
 Decisions where the protocol leaves room:
@@ -44,6 +46,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 
 from export.pipeline import AUTO, SOFT, PipelineInput, PipelineOutput
+from models.attribution import MODALITIES
 from service.admission import deadline_of
 from service.api.deps import ModelsDep, SettingsDep, require_api_key
 from service.api.v2_codec import (
@@ -73,6 +76,8 @@ from service.errors import ApiError, InvalidInput, NotFound, PayloadTooLarge
 from service.inference import ClientInput, InferenceService
 from service.json_limits import JsonLimits
 from service.schemas import (
+    EXPLAIN_DESCRIPTION,
+    IMPORTANCE_DESCRIPTION,
     MIN_CONFIDENCE_DESCRIPTION,
     OPERATING_POINT_DESCRIPTION,
     ROUTE_DESCRIPTION,
@@ -92,12 +97,14 @@ OUTPUT_DATATYPES = {
     "expert": "BYTES",
     "decided_by": "BYTES",
     "importance": "FP32",
+    "modality_weights": "FP32",
+    "shapley": "FP32",
     "madds": "INT64",
     "saved_ratio": "FP32",
     "operating_point": "BYTES",
 }
 REQUEST_PARAMETERS = {
-    "route", "threshold", "operating_point", "min_confidence", "binary_data_output", "priority", "timeout",
+    "route", "threshold", "operating_point", "min_confidence", "explain", "binary_data_output", "priority", "timeout",
 }  # fmt: skip
 # The protocol's code for a bad request; 413, 401, 404 and 503 keep their meaning.
 V2_STATUS = {415: 400, 422: 400}
@@ -221,7 +228,9 @@ def _not_ready(request: Request, body: dict) -> JSONResponse:
 def _describe(service: InferenceService, name: str, version: str | None) -> dict:
     _check_model(service, name, version)
     model = service.model
-    shapes = {"probabilities": [-1, len(model.labels)], "importance": [-1, 2]}
+    per_modality = [-1, len(MODALITIES)]
+    shapes = {"probabilities": [-1, len(model.labels)], "importance": per_modality, "modality_weights": per_modality,
+              "shapley": per_modality}  # fmt: skip
     return {
         "name": model.name,
         "versions": [model.version],
@@ -258,7 +267,10 @@ INFER = {
     "description": "Inputs 'image' and 'text', BYTES [N]; either may be left out (a missing modality), and an "
     "empty element is a missing modality for its row. JSON images are base64 strings; binary data carries the raw "
     f"file bytes. Request parameters: 'route': {ROUTE_DESCRIPTION} 'threshold': {THRESHOLD_DESCRIPTION} "
-    f"'operating_point': {OPERATING_POINT_DESCRIPTION} 'min_confidence': {MIN_CONFIDENCE_DESCRIPTION}",
+    f"'operating_point': {OPERATING_POINT_DESCRIPTION} 'min_confidence': {MIN_CONFIDENCE_DESCRIPTION} "
+    f"'explain': {EXPLAIN_DESCRIPTION} Outputs 'importance' (FP32 [N, 2], text, image): {IMPORTANCE_DESCRIPTION} "
+    "'modality_weights' (FP32 [N, 2]): DRDF's modal weights, how decisive each modality's router was for the choice "
+    "of path. 'shapley' (FP32 [N, 2]): the exact Shapley values, returned only when 'explain' is true.",
 }
 
 
@@ -285,9 +297,9 @@ async def _infer(
             body, request.headers.get(HEADER_LENGTH), JsonLimits.for_rows(settings.max_batch_inputs)
         )
         options = _options(service, decoded.request.parameters)
-        selected = select_outputs(decoded.request, list(OUTPUT_DATATYPES))
+        selected = select_outputs(decoded.request, _available_outputs(decoded.request, options["explain"]))
         images, texts = _rows(decoded, settings.max_batch_inputs)
-        clients = [ClientInput(image, text, *options) for image, text in zip(images, texts, strict=True)]
+        clients = [ClientInput(image, text, **options) for image, text in zip(images, texts, strict=True)]
         items = await _prepare(service, clients)
         results = await service.classify(items, deadline_of(request))
     except ApiError as error:
@@ -308,8 +320,9 @@ async def _infer(
     return response
 
 
-def _options(service: InferenceService, parameters: dict) -> tuple[str, float | None, str | None, float | None]:
-    """The request parameters route, threshold, operating_point and min_confidence, checked once for the batch."""
+def _options(service: InferenceService, parameters: dict) -> dict:
+    """The request parameters route, threshold, operating_point, min_confidence and explain, checked once for the
+    batch, as ClientInput's fields."""
     check_parameters("request", parameters, REQUEST_PARAMETERS)
     route = parameters.get("route", AUTO)
     if not isinstance(route, str) or (route not in (AUTO, SOFT) and route not in service.pipeline.experts):
@@ -321,7 +334,25 @@ def _options(service: InferenceService, parameters: dict) -> tuple[str, float | 
         raise InvalidInput(
             f"parameter operating_point: {point!r} is not one of: {', '.join(service.model.operating_points)}"
         )
-    return route, _unit(parameters, "threshold"), point, _unit(parameters, "min_confidence")
+    explain = parameters.get("explain", False)
+    if not isinstance(explain, bool):
+        raise InvalidInput(f"parameter explain: {explain!r} is not true or false")
+    return {
+        "route": route,
+        "threshold": _unit(parameters, "threshold"),
+        "operating_point": point,
+        "min_confidence": _unit(parameters, "min_confidence"),
+        "explain": explain,
+    }
+
+
+def _available_outputs(request, explain: bool) -> list[str]:
+    """Every output, but ``shapley`` only for an explained request (it has no value otherwise)."""
+    if explain:
+        return list(OUTPUT_DATATYPES)
+    if any(output.name == "shapley" for output in request.outputs or ()):
+        raise InvalidInput("output 'shapley' needs the request parameter explain: true")
+    return [name for name in OUTPUT_DATATYPES if name != "shapley"]
 
 
 def _unit(parameters: dict, name: str) -> float | None:
@@ -400,7 +431,16 @@ def _output_values(outputs: list[PipelineOutput], madds_full: int) -> dict:
         "expert": [o.expert for o in outputs],
         "decided_by": [o.decided_by for o in outputs],
         "importance": np.stack([o.importance for o in outputs]),  # (N, 2): text, image
+        "modality_weights": np.stack([o.modality_weights for o in outputs]),  # (N, 2): text, image
+        "shapley": np.stack([_shapley(o.explanation) for o in outputs]).astype(np.float32),  # (N, 2)
         "madds": madds,
         "saved_ratio": 1.0 - madds / madds_full,  # (N,)
         "operating_point": [o.operating_point for o in outputs],
     }
+
+
+def _shapley(explanation: dict | None) -> np.ndarray:
+    """(2,) text, image Shapley values of an explained answer (zeros for one not explained: never sent)."""
+    if explanation is None:
+        return np.zeros(2)
+    return np.array([explanation["shapley"]["text"], explanation["shapley"]["image"]])
