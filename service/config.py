@@ -35,6 +35,14 @@ class Settings(BaseSettings):
     threads: int | None = Field(None, ge=1, description="Intra-op threads of the runtime; default: all cores.")
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
+    grpc_port: int | None = Field(
+        None,
+        ge=0,
+        le=65535,
+        description="Also serve the Open Inference Protocol over gRPC (inference.GRPCInferenceService, which "
+        "tritonclient.grpc and KServe's gRPC client speak) on this port of the same host, in the same process as HTTP: "
+        "same models, batcher, limits and metrics. Default: off (8001 in the Docker image); 0 picks a free port.",
+    )
     workers: int = Field(
         1,
         ge=1,
@@ -143,6 +151,20 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"max_queue ({self.max_queue}) is smaller than max_batch_size ({self.max_batch_size}): "
                 "raise DYNFUSE_MAX_QUEUE or lower DYNFUSE_MAX_BATCH_SIZE"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _grpc_port_of_its_own(self) -> Settings:
+        if self.grpc_port is not None and self.grpc_port != 0 and self.grpc_port == self.port:
+            raise ValueError(
+                f"DYNFUSE_GRPC_PORT ({self.grpc_port}) is the HTTP port (DYNFUSE_PORT): gRPC needs a port of its own, "
+                "e.g. 8001 beside 8000"
+            )
+        if self.grpc_port == 0 and self.workers > 1:
+            raise ValueError(
+                "DYNFUSE_GRPC_PORT=0 (any free port) would give each of the DYNFUSE_WORKERS processes a different "
+                "port: name the port"
             )
         return self
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import socket
 import sys
 import tempfile
 from pathlib import Path
@@ -40,10 +41,18 @@ def serve(settings: Settings) -> int:
         print(f"dynfuse serve: error: {error}", file=sys.stderr)
         return 1
     settings = pinned(settings, path)
+    if settings.grpc_port:
+        problem = port_in_use(settings.host, settings.grpc_port)
+        if problem is not None:
+            print(f"dynfuse serve: error: cannot serve gRPC on port {settings.grpc_port} (--grpc-port, "
+                  f"DYNFUSE_GRPC_PORT): {problem}", file=sys.stderr)  # fmt: skip
+            return 1
     base = f"http://{settings.host}:{settings.port}"
     runtime = f"{settings.backend}, {settings.device}"
     print(f"dynfuse: serving {path.parent.name} v{path.name} from {settings.store} ({runtime})")
     print(f"dynfuse: API docs at {base}/docs, readiness at {base}/readyz, metrics at {base}/metrics", flush=True)
+    if settings.grpc_port is not None:
+        print(f"dynfuse: Open Inference Protocol over gRPC on {settings.host}:{settings.grpc_port or '(a free port)'}")
     if settings.workers > 1:
         return _serve_workers(settings)
     from service.main import create_app  # here, not at the top: the supervisor of N workers never needs it
@@ -63,6 +72,19 @@ def serve(settings: Settings) -> int:
     signal.signal(signal.SIGTERM, lambda *_: None)
     uvicorn.Server(config).run()
     return 0
+
+
+def port_in_use(host: str, port: int) -> str | None:
+    """Why ``port`` can't be bound on ``host`` (in use, not allowed), or None. The socket sets no SO_REUSEPORT, so
+    a server that holds the port with it (as gRPC's workers do) counts as in use too."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers bind: TIME_WAIT is no obstacle
+        try:
+            probe.bind((host, port))
+        except OSError as error:
+            return error.strerror or str(error)
+    return None
 
 
 def pinned(settings: Settings, path) -> Settings:

@@ -54,8 +54,14 @@ ServiceDep = Annotated[InferenceService, Depends(get_service)]
 
 async def require_api_key(request: Request, settings: SettingsDep) -> None:
     """With DYNFUSE_API_KEY set, inference endpoints need ``Authorization: Bearer <key>``."""
+    authorize(settings, request.headers.get("authorization"))
+
+
+def authorize(settings: Settings, authorization: str | None) -> None:
+    """The check of an ``Authorization`` value (an HTTP header, gRPC's ``authorization`` metadata): Unauthorized
+    unless it is ``Bearer <key>`` with the API key, when one is set."""
     if settings.api_key is None:
         return
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    scheme, _, token = (authorization or "").partition(" ")
     if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), settings.api_key.encode()):
         raise Unauthorized("missing or wrong API key: send 'Authorization: Bearer <key>'")

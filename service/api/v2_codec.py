@@ -343,20 +343,32 @@ def select_outputs(request: InferenceRequest, available: list[str]) -> list[tupl
     default = request.parameters.get("binary_data_output", False)
     if not isinstance(default, bool):
         raise MalformedRequest(f"parameter binary_data_output must be true or false, not {default!r}")
-    if request.outputs is None:
-        return [(name, default) for name in available]
-    selected: dict[str, bool] = {}
-    for output in request.outputs:
-        if output.name not in available:
-            raise MalformedRequest(f"unknown output {output.name!r}; this model has: {', '.join(available)}")
-        if output.name in selected:
-            raise MalformedRequest(f"output {output.name!r} is requested twice")
-        check_parameters(f"output {output.name!r}", output.parameters, {"binary_data"})
-        binary = output.parameters.get("binary_data", default)
+    requested = None if request.outputs is None else [(o.name, o.parameters) for o in request.outputs]
+    selected = []
+    for name, parameters in requested_outputs(requested, available, {"binary_data"}):
+        binary = parameters.get("binary_data", default)
         if not isinstance(binary, bool):
-            raise MalformedRequest(f"output {output.name!r}: binary_data must be true or false, not {binary!r}")
-        selected[output.name] = binary
-    return list(selected.items())
+            raise MalformedRequest(f"output {name!r}: binary_data must be true or false, not {binary!r}")
+        selected.append((name, binary))
+    return selected
+
+
+def requested_outputs(
+    requested: list[tuple[str, dict]] | None, available: list[str], accepted: set[str]
+) -> list[tuple[str, dict]]:
+    """(output name, its parameters) in response order: the requested outputs, checked, or all of them. Either
+    transport's request names its outputs this way (HTTP's JSON, gRPC's InferRequestedOutputTensor)."""
+    if requested is None:
+        return [(name, {}) for name in available]
+    seen: set[str] = set()
+    for name, parameters in requested:
+        if name not in available:
+            raise MalformedRequest(f"unknown output {name!r}; this model has: {', '.join(available)}")
+        if name in seen:
+            raise MalformedRequest(f"output {name!r} is requested twice")
+        check_parameters(f"output {name!r}", parameters, accepted)
+        seen.add(name)
+    return requested
 
 
 # -- writing a response --------------------------------------------------------------------------

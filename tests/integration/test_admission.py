@@ -113,7 +113,8 @@ def test_over_capacity_is_refused_503_before_its_body_is_read(tiny_store):
     assert refused_in < 2.0  # held briefly so that clients retrying at once are paced, not longer
     labels = {"model": "shapes", "reason": "over_capacity"}
     assert registry.get_sample_value("dynfuse_rejected_requests_total", labels) == 1
-    assert registry.get_sample_value("dynfuse_requests_total", {"model": "shapes", "status": "503"}) == 1
+    http_503 = {"model": "shapes", "status": "503", "protocol": "http"}
+    assert registry.get_sample_value("dynfuse_requests_total", http_503) == 1
     assert registry.get_sample_value("dynfuse_inflight_requests", {"model": "shapes"}) == 0
 
 
@@ -165,7 +166,8 @@ def test_a_request_past_its_deadline_is_504_and_counted(tiny_store):
     assert 0.25 < took < 3.0
     assert after.status == 200  # the server keeps serving
     assert registry.get_sample_value("dynfuse_rejected_requests_total", {"model": "shapes", "reason": "deadline"}) == 1
-    assert registry.get_sample_value("dynfuse_requests_total", {"model": "shapes", "status": "504"}) == 1
+    http_504 = {"model": "shapes", "status": "504", "protocol": "http"}
+    assert registry.get_sample_value("dynfuse_requests_total", http_504) == 1
 
 
 def test_a_body_that_never_arrives_is_408_and_closes_the_connection(tiny_store):
@@ -251,7 +253,8 @@ def test_every_refusal_and_answer_is_counted_by_status(serve, path):
     response = client.post(path, content=b"{", headers={"content-type": "application/json"})
     assert 400 <= response.status_code < 500
     samples = scrape(client)
-    assert value(samples, "dynfuse_requests_total", model="shapes", status=str(response.status_code)) == 1
+    status = str(response.status_code)
+    assert value(samples, "dynfuse_requests_total", model="shapes", status=status, protocol="http") == 1
     assert value(samples, "dynfuse_inflight_requests", model="shapes") == 0
 
 

@@ -454,8 +454,9 @@ def test_metrics_count_v2_infers_like_v1(client, samples):
     rows = [read_outputs(r)[1] for r in responses]
 
     metrics = scrape(client)
-    assert value(metrics, "dynfuse_requests_total", model="shapes", status="200") == 3  # one per HTTP call
-    assert value(metrics, "dynfuse_requests_total", model="shapes", status="400") == 1
+    # one per HTTP call
+    assert value(metrics, "dynfuse_requests_total", model="shapes", status="200", protocol="http") == 3
+    assert value(metrics, "dynfuse_requests_total", model="shapes", status="400", protocol="http") == 1
     assert value(metrics, "dynfuse_rejected_requests_total", model="shapes", reason="invalid") == 1
     decisions = Counter((e, d) for r in rows for e, d in zip(r["expert"], r["decided_by"], strict=True))
     assert sum(decisions.values()) == 6

@@ -38,15 +38,16 @@ def test_counters_equal_the_sums_of_the_responses(serve, samples):
             value(metrics, "dynfuse_route_decisions_total", model="shapes", expert=expert, decided_by=decided_by)
             == count
         )
-    assert value(metrics, "dynfuse_requests_total", model="shapes", status="200") == 11  # 10 single + 1 batch call
-    assert value(metrics, "dynfuse_requests_total", model="shapes", status="422") == 2
+    # 10 single + 1 batch call
+    assert value(metrics, "dynfuse_requests_total", model="shapes", status="200", protocol="http") == 11
+    assert value(metrics, "dynfuse_requests_total", model="shapes", status="422", protocol="http") == 2
     assert value(metrics, "dynfuse_rejected_requests_total", model="shapes", reason="invalid") == 2
     for modality in ("text", "image"):
         assert value(metrics, "dynfuse_modality_importance_count", model="shapes", modality=modality) == len(responses)
         assert value(metrics, "dynfuse_modality_importance_sum", model="shapes", modality=modality) == pytest.approx(
             sum(r["importance"][modality] for r in responses), abs=1e-3
         )
-    assert value(metrics, "dynfuse_request_duration_seconds_count", model="shapes") == 13
+    assert value(metrics, "dynfuse_request_duration_seconds_count", model="shapes", protocol="http") == 13
     assert value(metrics, "dynfuse_queue_duration_seconds_count", model="shapes") == len(responses)
     assert value(metrics, "dynfuse_batch_size_sum", model="shapes") == len(responses)
     assert value(metrics, "dynfuse_inflight_requests", model="shapes") == 0

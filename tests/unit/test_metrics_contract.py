@@ -5,12 +5,12 @@ from __future__ import annotations
 from service.metrics import Metrics
 
 CONTRACT = {
-    "dynfuse_requests": ("counter", {"model", "status"}),
+    "dynfuse_requests": ("counter", {"model", "status", "protocol"}),
     "dynfuse_route_decisions": ("counter", {"model", "expert", "decided_by"}),
     "dynfuse_compute_madds": ("counter", {"model"}),
     "dynfuse_compute_full_madds": ("counter", {"model"}),
     "dynfuse_modality_importance": ("histogram", {"model", "modality"}),
-    "dynfuse_request_duration_seconds": ("histogram", {"model"}),
+    "dynfuse_request_duration_seconds": ("histogram", {"model", "protocol"}),
     "dynfuse_queue_duration_seconds": ("histogram", {"model"}),
     "dynfuse_expert_duration_seconds": ("histogram", {"model", "expert"}),
     "dynfuse_batch_size": ("histogram", {"model"}),
@@ -32,9 +32,9 @@ def exercised_metrics() -> Metrics:
     metrics.observe_batch(4, [0.001] * 4, {"text": 0.002})
     metrics.reject("queue_full")
     metrics.set_model_info("1", "onnx", "cpu")
-    metrics.requests.labels("m", "200").inc()
+    metrics.requests.labels("m", "200", "grpc").inc()
     metrics.inflight.labels("m").inc()
-    metrics.request_duration.labels("m").observe(0.01)
+    metrics.request_duration.labels("m", "grpc").observe(0.01)
     return metrics
 
 
@@ -102,4 +102,25 @@ def test_every_rejection_reason_and_status_is_a_series_from_the_first_scrape():
     for reason in REJECTION_REASONS:
         assert f'dynfuse_rejected_requests_total{{model="m",reason="{reason}"}} 0.0' in text, reason
     for status in STATUSES:
-        assert f'dynfuse_requests_total{{model="m",status="{status}"}} 0.0' in text, status
+        for protocol in ("http", "grpc"):
+            line = f'dynfuse_requests_total{{model="m",protocol="{protocol}",status="{status}"}} 0.0'
+            assert line in text, line
+    for protocol in ("http", "grpc"):
+        assert f'dynfuse_request_duration_seconds_count{{model="m",protocol="{protocol}"}} 0.0' in text, protocol
+
+
+def test_a_request_counts_under_its_protocol():
+    metrics = Metrics("m")
+    metrics.count_request(200, 0.003, "grpc")
+    metrics.count_request(413, 0.001, "grpc")
+    metrics.count_request(200, 0.02)  # HTTP by default: the front door's own calls
+    text = metrics.render().decode()
+    for line in (
+        'dynfuse_requests_total{model="m",protocol="grpc",status="200"} 1.0',
+        'dynfuse_requests_total{model="m",protocol="grpc",status="413"} 1.0',
+        'dynfuse_requests_total{model="m",protocol="http",status="200"} 1.0',
+        'dynfuse_request_duration_seconds_count{model="m",protocol="grpc"} 2.0',
+        'dynfuse_request_duration_seconds_bucket{le="0.0025",model="m",protocol="grpc"} 1.0',
+        'dynfuse_request_duration_seconds_count{model="m",protocol="http"} 1.0',
+    ):
+        assert line in text, line
