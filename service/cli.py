@@ -151,14 +151,14 @@ def cmd_serve(args) -> int:
         if value is not None
     }
     if args.engine == "ray":
-        from service.ray.run import serve_on_ray
-
         settings = Settings(**overrides)
         if settings.grpc_port is not None:
             raise ValueError(
                 "gRPC (--grpc-port, DYNFUSE_GRPC_PORT) is served by the uvicorn engine only: --engine ray serves the "
                 "Open Inference Protocol over HTTP (/v2); leave the gRPC port unset, or serve with --engine uvicorn"
             )
+        from service.ray.run import serve_on_ray
+
         return serve_on_ray(settings, args.address)
     if args.address:
         raise ValueError("--address is for --engine ray")

@@ -275,9 +275,8 @@ def check_parameters(where: str, parameters: dict, accepted: set[str]) -> None:
         raise MalformedRequest(f"{where}: the shared memory extension is not supported; send the data in the body")
     if "classification" in unknown:
         raise MalformedRequest(f"{where}: the classification extension is not supported; request the outputs")
-    raise MalformedRequest(
-        f"{where}: unknown parameter(s) {', '.join(map(repr, unknown))}; accepted: {', '.join(sorted(accepted))}"
-    )
+    known = f"accepted: {', '.join(sorted(accepted))}" if accepted else "it takes none"
+    raise MalformedRequest(f"{where}: unknown parameter(s) {', '.join(map(repr, unknown))}; {known}")
 
 
 def bytes_elements(tensor: RequestInput, binary: bytes | None) -> list[str] | list[bytes]:

@@ -7,7 +7,8 @@ The model as a v2 model (model metadata lists the same):
 
 - inputs ``image`` BYTES [N] (encoded image files: PNG, JPEG, ...) and ``text`` BYTES [N] (UTF-8);
 - request parameters ``route`` ('auto', 'soft' or an expert's name), ``threshold`` (0..1),
-  ``operating_point`` (a router of the model) and ``min_confidence`` (0..1), as in /v1;
+  ``operating_point`` (a router of the model) and ``min_confidence`` (0..1), as in /v1; a number may also come as
+  a string holding it (KServe's gRPC InferParameter has no double);
 - outputs ``label`` BYTES [N], ``probabilities`` FP32 [N, K] (columns in the order of the metadata's
   ``labels``), ``expert`` BYTES [N], ``decided_by`` BYTES [N] (router | threshold | request |
   missing_modality, as /v1's route.decided_by), ``importance`` FP32 [N, 2] (text, image), ``madds``
@@ -174,6 +175,11 @@ def _unit(parameters: dict, name: str) -> float | None:
     value = parameters.get(name)
     if value is None:
         return None
+    if isinstance(value, str):  # KServe's gRPC parameters have no double: a fraction travels as a string there
+        try:
+            value = float(value)
+        except ValueError:
+            raise InvalidInput(f"parameter {name}: {value!r} is not a number in [0, 1]") from None
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise InvalidInput(f"parameter {name}: {value!r} is not a number in [0, 1]")
     if not 0.0 <= value <= 1.0:

@@ -4,7 +4,8 @@ writes (the same objects the HTTP binding makes from JSON and binary tensor data
 - Inputs: a BYTES tensor's elements come either in ``raw_input_contents`` (one entry per input, in input order:
   each element a 4-byte little-endian length then its bytes, as tritonclient.grpc sends them) or in
   ``contents.bytes_contents`` (one entry per element, as KServe's client may send them); not both. An image element
-  is the image file's bytes, a text element UTF-8.
+  is the image file's bytes, a text element UTF-8. An input's one parameter is ``binary_data_size``, which KServe's
+  client sends beside raw contents: it must be their length.
 - Outputs: always in ``raw_output_contents`` (Triton's choice, which every client reads), in output order.
 - Parameters: the ``InferParameter`` oneof's value (bool, int64, string, double, uint64) as the Python value the
   HTTP binding gets from JSON, so one check reads both.
@@ -47,7 +48,13 @@ def input_tensors(request: pb.ModelInferRequest) -> list[InputTensor]:
         )
     tensors = []
     for index, tensor in enumerate(request.inputs):
-        check_parameters(f"input {tensor.name!r}", parameters(tensor.parameters, f"input {tensor.name!r}"), set())
+        where = f"input {tensor.name!r}"
+        given = parameters(tensor.parameters, where)
+        check_parameters(where, given, {"binary_data_size"})
+        size = given.get("binary_data_size")  # KServe's client sends it with raw contents; it must agree
+        if size is not None and (not raw or isinstance(size, bool) or size != len(raw[index])):
+            held = f"{len(raw[index])} bytes of raw_input_contents" if raw else "no raw_input_contents"
+            raise MalformedRequest(f"{where}: binary_data_size is {size!r} but it has {held}")
         elements = partial(_elements, tensor, raw[index] if raw else None)
         tensors.append(InputTensor(tensor.name, tensor.datatype, tensor.shape, elements))
     return tensors
