@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from export.evaluate import evaluate_store
-    from models.evaluation import find_row, plot_pareto, summarize
+    from models.evaluation import compare_points, find_row, plot_pareto, summarize
 
     started = time.perf_counter()
     rows, outputs = evaluate_store(args.store, args.model, args.data, split=args.split, progress=False)
@@ -59,8 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n{title}, {outputs.extra['backend']}, madds_full {outputs.madds_full:,}, evaluated in {seconds:.1f} s\n")
     print(table(rows))
     print(
-        f"\nauto: {auto['saved_ratio']:.1%} MAdds saved at {summary['auto_accuracy_drop_points']:+.2f} points "
-        f"against full ({full['accuracy']:.2%} -> {auto['accuracy']:.2%}); "
+        f"\n{compare_points('auto', auto['accuracy'], 'full', full['accuracy'])}, saving {auto['saved_ratio']:.1%} "
+        "of the MAdds; "
         f"{summary['auto_share_of_oracle_savings']:.1%} of the oracle's savings. "
         f"Goal (saved >= {GOAL_SAVED:.0%} at <= {GOAL_DROP_POINTS} points): {'MET' if goal_met else 'NOT MET'}"
     )

@@ -73,7 +73,7 @@ def cmd_export(args) -> int:
 
 def cmd_evaluate(args) -> int:
     from export.evaluate import evaluate_store
-    from models.evaluation import format_table, plot_pareto, summarize
+    from models.evaluation import compare_points, format_table, plot_pareto, summarize
 
     rows, outputs = evaluate_store(
         Path(args.store),
@@ -92,8 +92,9 @@ def cmd_evaluate(args) -> int:
     print(format_table(rows))
     summary = summarize(rows)
     print(
-        f"auto: {summary['auto_saved_ratio']:.1%} MAdds saved at {summary['auto_accuracy_drop_points']:+.2f} points "
-        f"against full; {summary['auto_share_of_oracle_savings']:.1%} of what the oracle saves"
+        f"{compare_points('auto', summary['auto_accuracy'], 'full', summary['full_accuracy'])}, "
+        f"saving {summary['auto_saved_ratio']:.1%} of the MAdds: "
+        f"{summary['auto_share_of_oracle_savings']:.1%} of what the oracle saves"
     )
     if args.json:
         payload = {

@@ -1,4 +1,4 @@
-"""README's "Add routing to your models", run as a user runs it: the commands of the walkthrough in subprocesses.
+"""docs/own-experts.md ("Add routing to your models"), run as a user runs it: its commands in subprocesses.
 
 Synthetic data -> two Hugging Face models saved with save_pretrained (examples/hf_experts/make_models.py) ->
 ``dynfuse train-router`` over two experts of examples/hf_experts/experts.py -> ``dynfuse export`` -> ``dynfuse

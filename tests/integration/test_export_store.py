@@ -195,6 +195,16 @@ def test_cli_export_and_evaluate_from_the_store(tiny_run, tiny_data, tmp_path):
     assert report["summary"]["auto_accuracy"] == pytest.approx(train_summary["auto_accuracy"], abs=1e-9)
     assert report["summary"]["auto_saved_ratio"] == pytest.approx(train_summary["auto_saved_ratio"], abs=1e-9)
     assert (tmp_path / "p.png").stat().st_size > 1000
+    # The printed comparison reads the way a reader says it: the sign and the word follow auto - full.
+    auto, full = policies["auto"]["accuracy"], policies["full"]["accuracy"]
+    difference = round(100 * auto - 100 * full, 2)
+    word = (
+        "level with full"
+        if difference == 0
+        else f"{abs(difference):.2f} points {'above' if difference > 0 else 'below'} full"
+    )
+    assert f"auto is {word} ({auto:.2%} against {full:.2%})" in evaluated.stdout
+    assert report["summary"]["auto_minus_full_points"] == pytest.approx(100 * (auto - full))
 
 
 def test_cli_reports_user_errors_in_one_line(tmp_path):

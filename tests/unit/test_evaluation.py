@@ -5,7 +5,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from models.evaluation import RoutingOutputs, evaluate_policies, find_row, format_table, plot_pareto, summarize
+from models.evaluation import (
+    RoutingOutputs,
+    compare_points,
+    evaluate_policies,
+    find_row,
+    format_table,
+    plot_pareto,
+    summarize,
+)
 
 
 def one_hot_probs(predictions, k=3):
@@ -100,3 +108,15 @@ def test_the_confidence_fallback_escalates_unsure_answers_and_pays_both_paths(ou
     assert row["fallback_share"] == 0.5
     assert row["route_mix"] == {"text": 0.0, "image": 0.0, "late_fusion": 1.0}
     assert row["madds_per_sample"] == pytest.approx((2 + 8 + 80 + 11) * 2 / 4 + 101 * 2 / 4)
+
+
+def test_a_difference_reads_with_the_sign_a_reader_expects():
+    assert compare_points("auto", 0.9375, "full", 0.925) == "auto is 1.25 points above full (93.75% against 92.50%)"
+    assert compare_points("auto", 0.799, "full", 0.851) == "auto is 5.20 points below full (79.90% against 85.10%)"
+    assert compare_points("auto", 0.5, "full", 0.5) == "auto is level with full (50.00% against 50.00%)"
+    rows = [
+        {"policy": "full", "accuracy": 0.8, "saved_ratio": 0.0},
+        {"policy": "auto", "accuracy": 0.85, "saved_ratio": 0.5},
+        {"policy": "oracle", "accuracy": 0.9, "saved_ratio": 0.6},
+    ]
+    assert summarize(rows)["auto_minus_full_points"] == pytest.approx(5.0)
