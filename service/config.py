@@ -138,6 +138,13 @@ class Settings(BaseSettings):
             raise ValueError(f"{value} is a file; DYNFUSE_STORE must be a directory (STORE/<name>/<version>/)")
         return value
 
+    @field_validator("grpc_port", mode="before")
+    @classmethod
+    def _grpc_off_when_blank(cls, value):
+        if isinstance(value, str) and not value.strip():
+            return None  # DYNFUSE_GRPC_PORT= (empty) turns gRPC off, e.g. over the image's 8001
+        return value
+
     @field_validator("api_key")
     @classmethod
     def _key_not_blank(cls, value: str | None) -> str | None:
