@@ -8,6 +8,7 @@ BIN    := $(VENV)/bin
 STORE  ?= store
 HOST   ?= 127.0.0.1
 PORT   ?= 8000
+GRPC_PORT ?=
 TORCH  := torch==2.13.0
 
 .PHONY: run test lint build-default clean
@@ -30,7 +31,7 @@ build-default: $(VENV)/.installed-train
 	$(BIN)/dynfuse build-default --store $(STORE)
 
 run: build-default
-	$(BIN)/dynfuse serve --store $(STORE) --host $(HOST) --port $(PORT)
+	$(BIN)/dynfuse serve --store $(STORE) --host $(HOST) --port $(PORT) $(if $(GRPC_PORT),--grpc-port $(GRPC_PORT))
 
 test: $(VENV)/.installed-dev
 	$(BIN)/python -m pytest
