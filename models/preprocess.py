@@ -79,12 +79,17 @@ class ImagePreprocessing:
         return cls(int(data["image_size"]), tuple(data["mean"]), tuple(data["std"]))
 
 
-def to_rgb(image: Image.Image) -> Image.Image:
+def to_rgb(image: Image.Image, *, in_place: bool = False) -> Image.Image:
     """Upright RGB: the camera's EXIF orientation applied, alpha and palettes dropped.
 
-    Training data and served requests both pass through here, so a picture means the same to both.
+    Training data and served requests both pass through here, so a picture means the same to both. With
+    ``in_place`` an RGB picture is turned where it is and returned, not copied first (Pillow copies even a picture
+    with nothing to turn): for a caller that does not need the picture as it was. The pixels are the same.
     """
-    image = ImageOps.exif_transpose(image)
+    if in_place:
+        ImageOps.exif_transpose(image, in_place=True)
+    else:
+        image = ImageOps.exif_transpose(image)
     return image if image.mode == "RGB" else image.convert("RGB")
 
 

@@ -116,10 +116,7 @@ def install_error_handlers(app: FastAPI, on_rejected=None) -> None:
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, error: ApiError) -> JSONResponse:
-        if on_rejected is not None:
-            on_rejected(error.reason)
-        body = error_body(request.url.path, error.code, error.message)
-        return JSONResponse(body, error.status, headers=error.headers)
+        return api_error_response(request.url.path, error, on_rejected)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
@@ -136,15 +133,32 @@ def install_error_handlers(app: FastAPI, on_rejected=None) -> None:
 
     @app.exception_handler(ClientDisconnect)
     async def _client_gone(request: Request, error: ClientDisconnect) -> Response:
-        logger.debug("client went away during %s %s", request.method, request.url.path)
-        if on_rejected is not None:
-            on_rejected("client_disconnect")
-        return Response(status_code=CLIENT_CLOSED_REQUEST)
+        return client_gone_response(request, on_rejected)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, error: Exception) -> JSONResponse:
-        logger.exception("unhandled error on %s %s", request.method, request.url.path)
-        return JSONResponse(error_body(request.url.path, "internal_error", "internal server error"), 500)
+        return unexpected_error_response(request, error)
+
+
+def api_error_response(path: str, error: ApiError, on_rejected=None) -> JSONResponse:
+    """A client error's answer, in the shape of the path's protocol."""
+    if on_rejected is not None:
+        on_rejected(error.reason)
+    return JSONResponse(error_body(path, error.code, error.message), error.status, headers=error.headers)
+
+
+def client_gone_response(request: Request, on_rejected=None) -> Response:
+    """What a request whose client went away mid-body is answered (if anyone still listens): 499."""
+    logger.debug("client went away during %s %s", request.method, request.url.path)
+    if on_rejected is not None:
+        on_rejected("client_disconnect")
+    return Response(status_code=CLIENT_CLOSED_REQUEST)
+
+
+def unexpected_error_response(request: Request, error: Exception) -> JSONResponse:
+    """A server fault: logged with its traceback, answered with a plain 500."""
+    logger.error("unhandled error on %s %s", request.method, request.url.path, exc_info=error)
+    return JSONResponse(error_body(request.url.path, "internal_error", "internal server error"), 500)
 
 
 def describe_validation_errors(errors: list[dict]) -> str:

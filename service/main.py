@@ -18,6 +18,7 @@ from fastapi import FastAPI
 
 from export.store import StoreError, resolve
 from service.admission import Admission
+from service.api.fast_path import FastClassify
 from service.api.openapi import install_openapi
 from service.api.routes import classify, docs, health, models, playground, repository, v2
 from service.config import Settings, get_settings
@@ -43,6 +44,7 @@ class DynfuseApp(FastAPI):
     middleware, exception handling and routing (service/admission.py says why that matters)."""
 
     front_door: Admission | None = None
+    fast_path: FastClassify | None = None  # POST /v1/classify without FastAPI's routing (service/api/fast_path.py)
 
     async def __call__(self, scope, receive, send) -> None:
         if self.front_door is None:
@@ -50,7 +52,9 @@ class DynfuseApp(FastAPI):
         return await self.front_door(scope, receive, send)
 
     async def behind_the_front_door(self, scope, receive, send) -> None:
-        await super().__call__(scope, receive, send)
+        if self.fast_path is not None and self.fast_path.handles(scope):
+            return await self.fast_path(scope, receive, send)
+        return await super().__call__(scope, receive, send)
 
 
 def create_app(
@@ -117,6 +121,7 @@ def create_app(
         retry_after_s=settings.retry_after_s,
         refusals_per_s=settings.refusals_per_s,
     )
+    app.fast_path = FastClassify(app, settings, metrics)
     app.include_router(health.router)
     app.include_router(classify.router)
     app.include_router(models.router)

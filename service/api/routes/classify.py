@@ -14,6 +14,7 @@ from starlette.datastructures import UploadFile
 from export.pipeline import PipelineInput
 from service.admission import deadline_of
 from service.api.deps import ModelsDep, SettingsDep, require_api_key
+from service.config import Settings
 from service.decode import decode_base64
 from service.errors import (
     ApiError,
@@ -24,6 +25,7 @@ from service.errors import (
     describe_validation_errors,
 )
 from service.inference import ClientInput
+from service.repository import Leases
 from service.schemas import (
     MIN_CONFIDENCE_DESCRIPTION,
     MODEL_DESCRIPTION,
@@ -39,7 +41,11 @@ from service.schemas import (
 
 ModelT = TypeVar("ModelT", bound=BaseModel)
 
-router = APIRouter(prefix="/v1", tags=["inference"], dependencies=[Depends(require_api_key)])
+# What every route here checks before its own work, as ``check(request, settings)``: FastAPI runs them as the router's
+# dependencies, and the fast path of POST /v1/classify (service/api/fast_path.py) calls them itself.
+ROUTER_CHECKS = (require_api_key,)
+
+router = APIRouter(prefix="/v1", tags=["inference"], dependencies=[Depends(check) for check in ROUTER_CHECKS])
 
 FORM_FIELDS = {"image", "text", "route", "threshold", "operating_point", "min_confidence", "model"}
 
@@ -103,6 +109,12 @@ CLASSIFY_BODY = {
     "multipart form (image file). Either modality may be absent, not both.",
 )
 async def classify(request: Request, models: ModelsDep, settings: SettingsDep) -> JSONResponse:
+    return await classify_one(request, models, settings)
+
+
+async def classify_one(request: Request, models: Leases, settings: Settings) -> JSONResponse:
+    """``POST /v1/classify``: the route above, and the fast path (service/api/fast_path.py) that calls it without
+    FastAPI's routing and dependency injection."""
     started = time.perf_counter()
     client = await _read_classify_body(request, settings.max_text_chars)
     service = models.get(client.model)
