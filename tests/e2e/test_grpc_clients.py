@@ -225,7 +225,11 @@ def test_each_worker_serves_grpc_on_the_one_port(server_process, samples):
     process, base, url = start(server_process, workers=2)
     workers = worker_pids(process.pid)
     assert len(workers) == 2
-    assert listening_pids(int(url.rsplit(":", 1)[1]), workers) == set(workers)
+    # Each worker binds the port once its model is warm; /readyz answered from the first one ready.
+    port, deadline = int(url.rsplit(":", 1)[1]), time.monotonic() + 60
+    while listening_pids(port, workers) != set(workers):
+        assert time.monotonic() < deadline, f"only {listening_pids(port, workers)} of {workers} listen"
+        time.sleep(0.05)
     text = grpc_inputs([samples[0]["png"]], [samples[0]["text"]])
     for _ in range(8):  # new channels, each one connection that the kernel gives to one worker
         client = triton_grpc.InferenceServerClient(url)

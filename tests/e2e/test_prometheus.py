@@ -16,8 +16,11 @@ from concurrent.futures import ThreadPoolExecutor
 
 import dashboard_queries as dq
 import httpx
+import numpy as np
 import pytest
+import tritonclient.grpc as triton_grpc
 from conftest import MODEL_NAME, b64, free_port, require_tool
+from tritonclient.utils import InferenceServerException
 
 pytestmark = pytest.mark.e2e
 
@@ -171,6 +174,27 @@ def send(base: str, requests: list[dict]) -> list[httpx.Response]:
         return list(pool.map(lambda r: client.post("/v1/classify", **r["kwargs"]), requests))
 
 
+def send_grpc(url: str, samples: list[dict]) -> tuple[list[int], set[str]]:
+    """A few calls of the Open Inference Protocol over gRPC (tritonclient.grpc): (MAdds of each answered row,
+    the HTTP statuses the metrics count them under)."""
+    client = triton_grpc.InferenceServerClient(url)
+    madds, statuses = [], set()
+    for rows in (samples[:3], samples[3:4]):
+        inputs = []
+        for name, elements in (("image", [s["png"] for s in rows]), ("text", [s["text"].encode() for s in rows])):
+            tensor = triton_grpc.InferInput(name, [len(rows)], "BYTES")
+            tensor.set_data_from_numpy(np.array(elements, dtype=np.object_))
+            inputs.append(tensor)
+        madds += client.infer(MODEL_NAME, inputs).as_numpy("madds").tolist()
+        statuses.add("200")
+    with pytest.raises(InferenceServerException) as refused:
+        client.infer(MODEL_NAME, inputs, parameters={"route": "no_such_expert"})
+    assert refused.value.status() == "StatusCode.INVALID_ARGUMENT"
+    statuses.add("400")
+    client.close()
+    return madds, statuses
+
+
 # --- the test -----------------------------------------------------------------------------------
 
 
@@ -180,7 +204,9 @@ def test_every_dashboard_query_returns_data_and_compute_saved_matches_the_respon
     started = time.monotonic()
     # Degrading from one waiting request on, with batches that wait 100 ms to fill: the burst's concurrent
     # requests find one waiting, so some are served degraded.
+    grpc_port = free_port()
     _, base = server_process(
+        grpc_port=grpc_port,
         max_body_bytes=MAX_BODY_BYTES,
         degrade_to="lambda_0.3",
         degrade_high_water=1,
@@ -198,6 +224,8 @@ def test_every_dashboard_query_returns_data_and_compute_saved_matches_the_respon
 
     requests = burst(samples)
     responses = send(base, requests)
+    grpc_madds, grpc_statuses = send_grpc(f"127.0.0.1:{grpc_port}", samples)
+    grpc_calls = 3  # two answered, one refused
 
     for request, response in zip(requests, responses, strict=True):
         if request["reason"] is None:
@@ -214,7 +242,8 @@ def test_every_dashboard_query_returns_data_and_compute_saved_matches_the_respon
 
     # Until Prometheus has a sample with the whole burst, then one scrape more, so that even a series
     # first scraped in that sample has two samples in the window (rate() needs two).
-    prom.wait_for(f'sum(dynfuse_requests_total{{model="{MODEL_NAME}"}})', lambda v: v == len(requests), "burst scraped")
+    everything = len(requests) + grpc_calls
+    prom.wait_for(f'sum(dynfuse_requests_total{{model="{MODEL_NAME}"}})', lambda v: v == everything, "burst scraped")
     scrapes = prom.scalar(f"count_over_time(up{job}[1m])")
     prom.wait_for(f"count_over_time(up{job}[1m])", lambda v: v > scrapes, "one scrape after the burst")
     assert time.monotonic() - started < 45, "the [1m] windows must cover the run from the first scrape"
@@ -224,8 +253,9 @@ def test_every_dashboard_query_returns_data_and_compute_saved_matches_the_respon
     # extrapolate below zero). Both counters are scraped at the same instants and are 0 at the
     # window's first sample (scraped before the burst), so the factor is the same for both and
     # cancels in the ratio: what is left is float rounding.
-    madds = sum(r["compute"]["madds"] for r in ok)
-    madds_full = sum(r["compute"]["madds_full"] for r in ok)
+    madds_full_per_row = httpx.get(f"{base}/v1/models/{MODEL_NAME}", timeout=10).json()["madds_full"]
+    madds = sum(r["compute"]["madds"] for r in ok) + sum(grpc_madds)
+    madds_full = sum(r["compute"]["madds_full"] for r in ok) + madds_full_per_row * len(grpc_madds)
     expected = 1 - madds / madds_full
     saved_queries = [
         expr
@@ -267,5 +297,6 @@ def test_every_dashboard_query_returns_data_and_compute_saved_matches_the_respon
     assert positive("Route mix by expert", "expert") == experts_run
     assert positive("Route decisions by decided_by", "decided_by") == deciders
     assert positive("Rejections / s by reason", "reason") == {r["reason"] for r in requests if r["reason"]}
-    assert positive("Requests / s by status", "status") == statuses
+    assert positive("Requests / s by protocol and status", "status") == statuses | grpc_statuses
+    assert positive("Requests / s by protocol and status", "protocol") == {"http", "grpc"}
     assert positive("Requests / s by operating point", "operating_point") == {r["route"]["operating_point"] for r in ok}
