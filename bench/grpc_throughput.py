@@ -8,7 +8,9 @@ gRPC (grpc.aio, pre-serialized requests on one channel, as a gRPC client holds o
 each round records the server's CPU time per request (what the transport costs the server; contention moves it
 less than throughput), the load generator's CPU, the load average and what other processes used.
 
-    python -m bench.grpc_throughput [--rounds 3] [--seconds 10] [--concurrency 32]
+    python -m bench.grpc_throughput [--rounds 3] [--seconds 10] [--concurrency 32] [--profile]
+
+``--profile`` then records a py-spy profile of the server under the gRPC load (bench/results/profile_c32_grpc.*).
 """
 
 from __future__ import annotations
@@ -179,6 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--max-wait", type=float, default=120.0, help="seconds to wait for a quiet machine")
     parser.add_argument("--out", type=Path, default=RESULTS / "grpc_throughput.json")
+    parser.add_argument("--profile", action="store_true", help="py-spy the server under gRPC load after the rounds")
     args = parser.parse_args(argv)
     if not shutil.which("wrk"):
         raise SystemExit("wrk is needed: apt-get install wrk")
@@ -212,6 +215,14 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"round {index + 1} {transport}: {result['requests_per_second']:,.0f} req/s, "
                           f"server {result['server_cpu_ms_per_request']:.2f} ms CPU/request, "
                           f"load {result['loadavg_1m_before']:.1f}")  # fmt: skip
+        profile = None
+        if args.profile:
+            from bench.profile_report import record_profile
+
+            def grpc_load(seconds: float) -> dict:
+                return drive("grpc", base, grpc_target, files["grpc"], model, args.concurrency, seconds)[0]
+
+            profile = record_profile(process.pid, args.seconds, "_grpc", grpc_load)
     finally:
         stop_server(process)
         shutil.rmtree(work, ignore_errors=True)
@@ -268,6 +279,7 @@ def main(argv: list[str] | None = None) -> int:
             "loadavg_end": loadavg_end,
             "summary": summary,
             "rounds": rounds,
+            "profile": profile,
         },
     )
     return 0
