@@ -14,12 +14,13 @@ right shapes: an expert's time does not depend on its inputs' values. ``dynfuse 
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from pathlib import Path
 
 import numpy as np
 
-from bench.common import DEFAULT_STORE, RESULTS, write_result
+from bench.common import DEFAULT_STORE, RESULTS, CpuWatch, write_result
 from export.backends import create_backend
 from export.pipeline import DynamicPipeline, PipelineInput
 from export.store import load_model
@@ -108,7 +109,15 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args()
     sizes = [int(v) for v in args.batch_sizes.split(",")]
-    result = measure(args.store, args.model, sizes, args.seconds)
+    load_before = os.getloadavg()
+    with CpuWatch() as watch:
+        result = measure(args.store, args.model, sizes, args.seconds)
+    # Timings on a shared machine: how busy it was, so a reader can tell a quiet reading from a contended one.
+    result["machine_state"] = {
+        "loadavg_before": [round(v, 2) for v in load_before],
+        "loadavg_after": [round(v, 2) for v in os.getloadavg()],
+        "other_processes_cpu_share": None if watch.foreign_share is None else round(watch.foreign_share, 3),
+    }
     tables = [("ingress", result["ingress"]), *result["experts"].items(), ("static_full", result["static_full"])]
     for name, rows in tables:
         cells = [f"b{n} {row['rows_per_s']:>8.0f}/s ({row['batch_ms']} ms)" for n, row in rows.items()]

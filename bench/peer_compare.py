@@ -104,11 +104,15 @@ def write_bodies(samples: list[dict], work: Path, full_expert: str) -> dict[str,
 class Server:
     """One server under test in its own session (so that it and every process it starts are stopped together)."""
 
-    def __init__(self, name: str, store: Path, log: Path, workers: int | None):
+    def __init__(self, name: str, store: Path, log: Path, workers: int | None, baseline: Path | None = None):
         self.name = name
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "DYNFUSE_LOG_LEVEL": "warning"}
+        root = REPO
+        if name.endswith("@baseline"):  # dynfuse from another checkout, in the same Python environment
+            root = baseline
+            env["PYTHONPATH"] = str(baseline)
         if name.startswith("dynfuse"):
             command = [sys.executable, "-m", "service.cli", "serve", "--store", str(store), "--host", "127.0.0.1"]
             command += ["--port", str(self.port), *(["--workers", str(workers)] if workers else [])]
@@ -126,7 +130,7 @@ class Server:
             ]
             self.ready_path = "/health"
         self.process = subprocess.Popen(
-            command, cwd=REPO, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True
+            command, cwd=root, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True
         )
         self.log = log
 
@@ -284,6 +288,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=float, default=3.0, help="load before each measurement, not recorded")
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--workers", type=int, help="dynfuse serve --workers (default: dynfuse's own default)")
+    parser.add_argument(
+        "--baseline",
+        type=Path,
+        help="another checkout (git worktree add DIR <commit>): each dynfuse server runs from it too, as NAME@baseline",
+    )
     parser.add_argument("--out", type=Path, default=RESULTS / "peer_compare.json")
     parser.add_argument(
         "--profile", type=Path, help="also record py-spy's raw stacks of dynfuse-auto here (after round 1's level)"
@@ -293,6 +302,9 @@ def main(argv: list[str] | None = None) -> int:
     unknown = set(servers) - set(SERVERS)
     if unknown:
         raise SystemExit(f"unknown servers {sorted(unknown)}; choose from {SERVERS}")
+    if args.baseline is not None:
+        args.baseline = args.baseline.resolve()
+        servers += [f"{name}@baseline" for name in servers if name.startswith("dynfuse")]
 
     from export.store import load_model
 
@@ -310,14 +322,14 @@ def main(argv: list[str] | None = None) -> int:
     for index in range(args.rounds):
         order = servers if index % 2 == 0 else servers[::-1]
         for name in order:
-            bodies = files["full" if name == "dynfuse-full" else "plain"]
-            server = Server(name, args.store, work / f"{name}-{index}.log", args.workers)
+            bodies = files["full" if name.startswith("dynfuse-full") else "plain"]
+            server = Server(name, args.store.resolve(), work / f"{name}-{index}.log", args.workers, args.baseline)
             try:
                 ready_s = server.wait_ready()
                 checks[name].append(check_answers(server.base, bodies, samples))
                 wrk(server.base, bodies, args.concurrency, args.warmup)
                 run = measure(server, bodies, args.concurrency, args.seconds) | {"ready_s": ready_s}
-                if args.profile and name == "dynfuse-auto" and index == 0:
+                if args.profile and name == "dynfuse-auto" and index == 0:  # this checkout's
                     profiles[name] = profile(server, bodies, args.concurrency, args.seconds, args.profile)
             finally:
                 server.stop()
@@ -358,6 +370,13 @@ def main(argv: list[str] | None = None) -> int:
             goals.append({"server": mine, "peer": peer, "goal": ratio, "req_per_s_ratio": measured,
                           "met": measured >= ratio, "cpu_per_request_ratio": cpu})  # fmt: skip
             print(f"{mine} / {peer}: {measured:.2f}x req/s (goal >= {ratio}), {cpu:.2f}x less CPU per request")
+    against_baseline = {}
+    for name in summaries:
+        if name.endswith("@baseline") and name.removesuffix("@baseline") in summaries:
+            this, base = summaries[name.removesuffix("@baseline")], summaries[name]
+            change = this["server_cpu_ms_per_request"] / base["server_cpu_ms_per_request"] - 1
+            against_baseline[name.removesuffix("@baseline")] = change
+            print(f"{name.removesuffix('@baseline')}: {change:+.1%} CPU per request against {args.baseline}")
     write_result(
         args.out,
         {
@@ -373,6 +392,8 @@ def main(argv: list[str] | None = None) -> int:
             "summary": summaries,
             "goals": goals,
             "profiles": profiles,
+            "baseline": str(args.baseline) if args.baseline else None,
+            "cpu_per_request_against_baseline": against_baseline,
         },
     )  # fmt: skip
     return 0

@@ -36,6 +36,7 @@ from bench.common import DEFAULT_STORE, REPO, RESULTS, load_test_split, write_re
 HELD_OUT_SEED = 7  # bench/peer_compare.py's
 
 PATH = "/v1/classify"
+BATCH_PATH = "/v1/classify/batch"
 
 
 def scope_of(body: bytes, path: str = PATH) -> dict:
@@ -60,7 +61,7 @@ def scope_of(body: bytes, path: str = PATH) -> dict:
     }
 
 
-async def call(app, body: bytes) -> tuple[int, bytes]:
+async def call(app, body: bytes, path: str = PATH) -> tuple[int, bytes]:
     """One request through the ASGI app; its status and body."""
     delivered = False
     status, chunks = 0, []
@@ -80,7 +81,7 @@ async def call(app, body: bytes) -> tuple[int, bytes]:
         elif message["type"] == "http.response.body":
             chunks.append(message.get("body", b""))
 
-    await app(scope_of(body), receive, send)
+    await app(scope_of(body, path), receive, send)
     return status, b"".join(chunks)
 
 
@@ -92,8 +93,9 @@ def batches(app) -> tuple[float, float]:
     )
 
 
-async def one_pass(app, bodies: list[bytes], concurrency: int) -> dict:
-    """Every body once, ``concurrency`` in flight; CPU and wall seconds, the statuses, the mean batch."""
+async def one_pass(app, bodies: list[bytes], concurrency: int, path: str = PATH, pairs: int = 1) -> dict:
+    """Every body once, ``concurrency`` in flight; CPU and wall seconds, the statuses, the mean batch. ``requests``
+    counts pairs: ``pairs`` per body (the inputs of a batch call)."""
     statuses: dict[int, int] = {}
     position = 0
     batched, count = batches(app)
@@ -103,7 +105,7 @@ async def one_pass(app, bodies: list[bytes], concurrency: int) -> dict:
         while position < len(bodies):
             body = bodies[position]
             position += 1
-            status, _ = await call(app, body)
+            status, _ = await call(app, body, path)
             statuses[status] = statuses.get(status, 0) + 1
 
     cpu, loop_cpu, wall = time.process_time(), time.thread_time(), time.perf_counter()
@@ -115,7 +117,7 @@ async def one_pass(app, bodies: list[bytes], concurrency: int) -> dict:
         "cpu_s": cpu,
         "event_loop_cpu_s": loop_cpu,  # the thread that runs the requests' Python; the batch worker and runtime aside
         "wall_s": wall,
-        "requests": len(bodies),
+        "requests": len(bodies) * pairs,
         "statuses": statuses,
         "mean_batch": mean_batch,
     }
@@ -134,14 +136,15 @@ async def measure(args, bodies: list[bytes]) -> dict:
                 raise RuntimeError(f"the model did not load: {app.state.load_error}")
             await asyncio.sleep(0.05)
         tune_for_serving()
-        status, answer = await call(app, bodies[0])
+        path, pairs = (BATCH_PATH, args.batch) if args.batch else (PATH, 1)
+        status, answer = await call(app, bodies[0], path)
         assert status == 200, f"the first request was answered {status}: {answer[:500]!r}"
-        await one_pass(app, bodies, args.concurrency)  # warm-up
-        passes = [await one_pass(app, bodies, args.concurrency) for _ in range(args.rounds)]
+        await one_pass(app, bodies, args.concurrency, path, pairs)  # warm-up
+        passes = [await one_pass(app, bodies, args.concurrency, path, pairs) for _ in range(args.rounds)]
         if args.profile is not None:
             profiler = cProfile.Profile(time.thread_time)  # CPU time: what other processes take is left out
             profiler.enable()
-            await one_pass(app, bodies, args.concurrency)
+            await one_pass(app, bodies, args.concurrency, path, pairs)
             profiler.disable()
             profiler.dump_stats(str(args.profile))
     return {"passes": passes}
@@ -154,6 +157,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--route", default="auto", help="route of every request: auto, or an expert's name")
+    parser.add_argument(
+        "--batch", type=int, default=0, help="send /v1/classify/batch calls of this many pairs (figures per pair)"
+    )
     parser.add_argument(
         "--batch-delay-ms",
         type=float,
@@ -177,10 +183,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.baseline is not None:
         return compare(args, data.resolve())
     samples = load_test_split(data)
-    bodies = [
-        json.dumps({"image": base64.b64encode(s["png"]).decode(), "text": s["text"], "route": args.route}).encode()
-        for s in samples
-    ]
+    inputs = [{"image": base64.b64encode(s["png"]).decode(), "text": s["text"]} for s in samples]
+    if args.batch:
+        bodies = [
+            json.dumps({"inputs": inputs[i : i + args.batch], "route": args.route}).encode()
+            for i in range(0, len(inputs) - args.batch + 1, args.batch)
+        ]
+    else:
+        bodies = [json.dumps(entry | {"route": args.route}).encode() for entry in inputs]
     result = uvloop.run(measure(args, bodies))
     per_request = [1000 * p["cpu_s"] / p["requests"] for p in result["passes"]]
     loop_per_request = [1000 * p["event_loop_cpu_s"] / p["requests"] for p in result["passes"]]
@@ -190,8 +200,9 @@ def main(argv: list[str] | None = None) -> int:
         for status, count in p["statuses"].items():
             statuses[status] = statuses.get(status, 0) + count
     mean_batch = statistics.mean(p["mean_batch"] for p in result["passes"])
+    unit = "pair" if args.batch else "request"
     print(
-        f"CPU ms/request: median {statistics.median(per_request):.3f} ({', '.join(f'{v:.3f}' for v in per_request)}); "
+        f"CPU ms/{unit}: median {statistics.median(per_request):.3f} ({', '.join(f'{v:.3f}' for v in per_request)}); "
         f"of which the event loop {statistics.median(loop_per_request):.3f}; "
         f"req/s {statistics.median(rates):,.0f}; mean batch {mean_batch:.1f}; statuses {statuses}"
     )
@@ -200,6 +211,7 @@ def main(argv: list[str] | None = None) -> int:
         {
             "figure": "CPU time per request of the app in process",
             "route": args.route,
+            "batch": args.batch,
             "concurrency": args.concurrency,
             "bodies": len(bodies),
             "cpu_ms_per_request": per_request,
@@ -227,7 +239,7 @@ def compare(args, data: Path) -> int:
                 out = Path(work) / f"{name}-{index}.json"
                 command = [sys.executable, str(script), "--rounds", "2", "--store", str(args.store.resolve())]
                 command += ["--data", str(data), "--route", args.route, "--concurrency", str(args.concurrency)]
-                command += ["--batch-delay-ms", str(args.batch_delay_ms)]
+                command += ["--batch-delay-ms", str(args.batch_delay_ms), "--batch", str(args.batch)]
                 env = {**os.environ, "PYTHONPATH": str(roots[name]), "DYNFUSE_LOG_LEVEL": "warning"}
                 subprocess.run(command + ["--out", str(out)], cwd=roots[name], env=env, check=True, timeout=900)
                 run = json.loads(out.read_text())

@@ -26,3 +26,6 @@ done
 # Figure 5: goodput under overload, one worker and two (needs wrk); then the 10-minute soak and chaos run.
 "$PYTHON" -m bench.overload
 "$PYTHON" -m bench.soak
+# The Ray engine against one process, and one replica's throughput per expert deployment (dynfuse plan reads it).
+"$PYTHON" -m bench.expert_throughput
+"$PYTHON" -m bench.ray_engine

@@ -331,6 +331,11 @@ class DynamicPipeline:
             + components[self.model.router].madds
         )
 
+    def close(self) -> None:
+        """Release what the pipeline holds beyond its runners (nothing here; the Ray engine's pipeline releases its
+        version's expert deployments)."""
+        return
+
     def warmup(self, batch_sizes: tuple[int, ...] = (1, 4)) -> None:
         """Run every served path once per batch size, and every operating point's router once, so the first real
         request (or the first degraded one) pays no start-up cost."""

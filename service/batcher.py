@@ -268,7 +268,11 @@ class MicroBatcher:
         inference = time.perf_counter() - started
         queue_seconds = [started - p.enqueued for p in batch]
         for p, output, waited in zip(batch, outputs, queue_seconds, strict=True):
-            if not p.future.done():
+            if p.future.done():
+                continue
+            if isinstance(output, ApiError):  # this item alone could not be served (a Ray expert deployment down)
+                p.future.set_exception(output)
+            else:
                 p.future.set_result(BatchResult(output, waited, inference))
         self._in_hand = []
         try:

@@ -160,9 +160,9 @@ def cmd_serve(args) -> int:
             )
         from service.ray.run import serve_on_ray
 
-        return serve_on_ray(settings, args.address)
-    if args.address:
-        raise ValueError("--address is for --engine ray")
+        return serve_on_ray(settings, args.address, args.deployments)
+    if args.address or args.deployments:
+        raise ValueError("--address and --deployments are for --engine ray")
     return serve(Settings(**overrides))
 
 
@@ -170,8 +170,13 @@ def cmd_plan(args) -> int:
     from service import plan
 
     throughput = json.loads(Path(args.throughput).read_text())
-    mix = plan.parse_mix(args.mix) if args.mix else plan.route_mix_of(Path(args.store), args.model)
-    lines, static = plan.make_plan(args.rps, mix, throughput, args.p99_ms, args.utilization)
+    store = Path(args.store or "store")
+    # With --mix alone, the mix names the experts; with a store, its model does (and each needs a replica).
+    experts = plan.experts_of(store, args.model) if args.store or not args.mix else None
+    mix = plan.parse_mix(args.mix) if args.mix else plan.route_mix_of(store, args.model)
+    if experts is not None:
+        plan.check_measured(experts, throughput, args.throughput)
+    lines, static = plan.make_plan(args.rps, mix, throughput, args.p99_ms, args.utilization, experts)
     bound = f", p99 <= {args.p99_ms:g} ms" if args.p99_ms else ""
     print(
         f"{throughput['model']} v{throughput['version']}: {args.rps:g} req/s{bound}, replicas at "
@@ -286,7 +291,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--device", choices=("cpu", "cuda"))
     serve.add_argument("--model", help="model name (default: the store's only model)")
     serve.add_argument(
-        "--workers", type=int, help="server processes sharing the port (default 1; metrics are summed across them)"
+        "--workers",
+        type=int,
+        help="server processes sharing the port (default: one per core; metrics are summed across them)",
     )
     serve.add_argument("--version", help="pin a version (default: the highest)")
     serve.add_argument("--threads", type=int, help="runtime threads per worker (default: the cores, split)")
@@ -309,6 +316,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--address", help="with --engine ray: the cluster (auto, ray://host:10001); default: start a local one"
     )
+    serve.add_argument(
+        "--deployments",
+        metavar="FILE",
+        help="with --engine ray: each deployment's replicas and resources, from a Serve config (what dynfuse plan "
+        "--out writes) or a YAML file of the application's args; default: sized to the cluster",
+    )
     serve.set_defaults(func=cmd_serve)
 
     planner = sub.add_parser(
@@ -316,7 +329,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     planner.add_argument("--rps", type=float, required=True, help="requests per second to serve")
     planner.add_argument("--p99-ms", type=float, help="latency bound: each deployment batches within half of it")
-    planner.add_argument("--store", default="store", help="where the model's measured route mix is read")
+    planner.add_argument(
+        "--store", help="where the model's experts and measured route mix are read (default: store; with --mix, none)"
+    )
     planner.add_argument("--model", help="model name (default: the store's only model)")
     planner.add_argument("--mix", help="route mix instead of the model's, e.g. text=0.4,image=0.3,mi2p=0.3")
     planner.add_argument(
@@ -325,7 +340,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="one replica's throughput per deployment (python -m bench.expert_throughput)",
     )
     planner.add_argument("--utilization", type=float, default=0.7, help="planned share of a replica's throughput")
-    planner.add_argument("--out", default="deploy/serve.plan.yaml", help="the Serve config to write ('' for none)")
+    planner.add_argument(
+        "--out", help="write the plan as a Serve config here (dynfuse serve --engine ray --deployments reads it)"
+    )
     planner.add_argument(
         "--serve-store", default="/opt/dynfuse/store", help="the store's path on the cluster (the image's by default)"
     )

@@ -44,10 +44,12 @@ class Settings(BaseSettings):
         "same models, batcher, limits and metrics. Default: off (8001 in the Docker image); 0 picks a free port.",
     )
     workers: int = Field(
-        1,
-        ge=1,
+        0,
+        ge=0,
         description="Server processes sharing the port. Each loads the model and batches on its own, and the "
-        "runtime's threads are split between them; metrics are summed across them.",
+        "runtime's threads are split between them; metrics are summed across them. 0 (the default): one per core "
+        "this process may use (its CPU affinity and cgroup quota), since a process runs its requests' Python under "
+        "one GIL; one with device=cuda.",
     )
 
     max_batch_size: int = Field(16, ge=1, le=1024, description="Most requests one micro-batch holds.")
@@ -131,6 +133,15 @@ class Settings(BaseSettings):
     api_key: str | None = Field(None, description="When set, inference endpoints need 'Authorization: Bearer <key>'.")
     log_level: str = "info"
 
+    ray_placement_wait_s: float = Field(
+        25.0,
+        ge=0,
+        le=3600,
+        description="With --engine ray --address: how long deployments the cluster has no room for wait for it (an "
+        "autoscaling cluster adding nodes) before the start is refused, naming what is missing. A local cluster "
+        "refuses at once: nothing will be added to it.",
+    )
+
     @field_validator("store")
     @classmethod
     def _store_is_not_a_file(cls, value: Path) -> Path:
@@ -168,10 +179,10 @@ class Settings(BaseSettings):
                 f"DYNFUSE_GRPC_PORT ({self.grpc_port}) is the HTTP port (DYNFUSE_PORT): gRPC needs a port of its own, "
                 "e.g. 8001 beside 8000"
             )
-        if self.grpc_port == 0 and self.workers > 1:
+        if self.grpc_port == 0 and self.workers != 1:
             raise ValueError(
                 "DYNFUSE_GRPC_PORT=0 (any free port) would give each of the DYNFUSE_WORKERS processes a different "
-                "port: name the port"
+                "port: name the port, or serve one process (DYNFUSE_WORKERS=1)"
             )
         return self
 

@@ -130,10 +130,11 @@ class InferenceService:
         return cls(settings, model, pipeline, metrics)
 
     async def stop(self) -> None:
-        """Answer everything accepted, then release the threads."""
+        """Answer everything accepted, then release the threads and what the pipeline holds."""
         await self.batcher.stop()
         self.decoder.close()
         self.degrade.close()
+        await asyncio.to_thread(self.pipeline.close)
 
     # -- request path: decode -> batch -> predict -> unbatch -> encode ---------------------------
     def check(self, client: ClientInput) -> tuple[str | None, OpenedImage | None]:

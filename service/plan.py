@@ -84,17 +84,45 @@ def replicas_for(rate: float, per_replica: float, utilization: float) -> int:
     return max(1, math.ceil(rate / (per_replica * utilization)))
 
 
+def experts_of(store: Path, model: str | None, version: str | None = None) -> list[str]:
+    """The model's experts, in its router's order (model.json)."""
+    path = resolve(store, model, version)
+    return [expert["name"] for expert in json.loads((path / "model.json").read_text())["experts"]]
+
+
+def check_measured(experts: list[str], throughput: dict, source: str) -> None:
+    """Every expert to plan has a measurement in ``throughput`` (bench/expert_throughput.py's file, ``source``)."""
+    measured = throughput.get("experts", {})
+    missing = [expert for expert in experts if expert not in measured]
+    if missing:
+        which = ", ".join(repr(e) for e in missing)
+        raise PlanError(
+            f"no throughput measured for expert {which} in {source} (it measured {throughput.get('model')} "
+            f"v{throughput.get('version')}: {', '.join(measured) or 'no expert'}); measure every expert of the "
+            "model with: python -m bench.expert_throughput --store STORE --out FILE, then pass --throughput FILE"
+        )
+
+
 def make_plan(
-    rps: float, mix: dict[str, float], throughput: dict, p99_ms: float | None, utilization: float
+    rps: float,
+    mix: dict[str, float],
+    throughput: dict,
+    p99_ms: float | None,
+    utilization: float,
+    experts: list[str] | None = None,
 ) -> tuple[list[Line], Line]:
-    """Lines for the ingress and each expert deployment, and the static full model's."""
-    unknown = set(mix) - set(throughput["experts"])
+    """Lines for the ingress and each expert deployment (``experts``: the model's, by default the route mix's),
+    and the static full model's."""
+    experts = list(experts if experts is not None else mix)
+    unknown = set(mix) - set(experts)
     if unknown:
-        raise PlanError(f"the route mix names experts the throughput file has not measured: {sorted(unknown)}")
+        raise PlanError(f"the route mix names experts the model does not have: {sorted(unknown)}; it has {experts}")
+    check_measured(experts, throughput, "the throughput file")
     lines = []
     batch, per_replica = best_batch(throughput["ingress"], p99_ms, "ingress")
     lines.append(Line("ingress", 1.0, rps, batch, per_replica, replicas_for(rps, per_replica, utilization)))
-    for expert, table in throughput["experts"].items():
+    for expert in experts:
+        table = throughput["experts"][expert]
         share = mix.get(expert, 0.0)
         batch, per_replica = best_batch(table, p99_ms, expert)
         rate = rps * share

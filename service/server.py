@@ -1,15 +1,17 @@
 """``dynfuse serve``: uvicorn around ``create_app``, with a graceful SIGTERM (stop accepting, finish
 in-flight requests, exit 0).
 
-One process serves by default. Its Python (HTTP parsing, decoding, the pipeline's glue) runs under one
-GIL, so on a machine with more cores ``--workers N`` starts N processes on the same port, each with its
-own model, micro-batcher and a share of the cores for the runtime; prometheus_client's multiprocess
-mode sums their metrics. A worker gets its settings through the ``DYNFUSE_*`` environment.
+A process runs its requests' Python (HTTP parsing, decoding, the pipeline's glue) under one GIL, so by default
+``dynfuse serve`` starts one worker process per core it may use (``--workers N`` sets another number; one core,
+or ``--workers 1``, serves in this process), all on the same port, each with its own model, micro-batcher and a
+share of the cores for the runtime; prometheus_client's multiprocess mode sums their metrics. A worker gets its
+settings through the ``DYNFUSE_*`` environment.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import signal
 import socket
@@ -47,6 +49,8 @@ def serve(settings: Settings) -> int:
             print(f"dynfuse serve: error: cannot serve gRPC on port {settings.grpc_port} (--grpc-port, "
                   f"DYNFUSE_GRPC_PORT): {problem}", file=sys.stderr)  # fmt: skip
             return 1
+    if not settings.workers:  # one per core; on a GPU one process (N would hold N copies of the model there)
+        settings = settings.model_copy(update={"workers": 1 if settings.device == "cuda" else available_cores()})
     base = f"http://{settings.host}:{settings.port}"
     runtime = f"{settings.backend}, {settings.device}"
     print(f"dynfuse: serving {path.parent.name} v{path.name} from {settings.store} ({runtime})")
@@ -85,6 +89,27 @@ def port_in_use(host: str, port: int) -> str | None:
         except OSError as error:
             return error.strerror or str(error)
     return None
+def available_cores(cgroup: Path = Path("/sys/fs/cgroup")) -> int:
+    """The cores this process may use: its CPU affinity, within its cgroup's CPU quota (a container limited to 2
+    CPUs on a 64-core host sees 64 in its affinity)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    quota = _cgroup_quota(cgroup)
+    return max(1, min(cores, math.ceil(quota))) if quota else max(1, cores)
+
+
+def _cgroup_quota(cgroup: Path) -> float | None:
+    """CPUs the cgroup may use (quota / period), or None without a limit: cgroup v2's cpu.max, else v1's files."""
+    try:
+        quota, _, period = (cgroup / "cpu.max").read_text().partition(" ")
+        return None if quota == "max" else int(quota) / int(period)
+    except (OSError, ValueError):
+        pass
+    try:
+        quota = int((cgroup / "cpu" / "cpu.cfs_quota_us").read_text())
+        period = int((cgroup / "cpu" / "cpu.cfs_period_us").read_text())
+    except (OSError, ValueError):
+        return None
+    return quota / period if quota > 0 and period > 0 else None
 
 
 def pinned(settings: Settings, path) -> Settings:
@@ -97,8 +122,7 @@ def _serve_workers(settings: Settings) -> int:
     """N uvicorn worker processes on one socket; uvicorn's supervisor restarts a worker that dies (the
     metrics drop a dead worker's in-flight gauge at the next scrape), and on SIGTERM stops them all
     gracefully."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    threads = settings.threads or max(1, cores // settings.workers)  # N runtimes on all cores would thrash
+    threads = settings.threads or max(1, available_cores() // settings.workers)  # N runtimes on all cores would thrash
     print(f"dynfuse: {settings.workers} worker processes, {threads} runtime thread(s) each", flush=True)
     worker_settings = settings.model_copy(update={"threads": threads})
     # A fresh directory per run: files left by an earlier run would be summed into this one's metrics.

@@ -203,7 +203,10 @@ def launch_server(store: Path, started: list, **env) -> tuple:
     import httpx
 
     port = free_port()
-    variables = {**os.environ, "PYTHONUNBUFFERED": "1", **{f"DYNFUSE_{k.upper()}": str(v) for k, v in env.items()}}
+    # One worker process unless a test asks for more: dynfuse serve's default, one per core, is tested as such
+    # (tests/e2e/test_server.py); the other tests look at one process.
+    settings = {"workers": 1, **env}
+    variables = {**os.environ, "PYTHONUNBUFFERED": "1", **{f"DYNFUSE_{k.upper()}": str(v) for k, v in settings.items()}}
     command = [sys.executable, "-m", "service.cli", "serve", "--store", str(store), "--port", str(port)]
     process = subprocess.Popen(command, env=variables, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     started.append(process)

@@ -13,20 +13,22 @@ components are the same files, run by the same ``BatchExecution``.
 from __future__ import annotations
 
 import logging
+import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
 
 from export.backends import Backend, Runner
 from export.execution import BatchExecution
-from export.pipeline import DynamicPipeline
+from export.pipeline import SOFT, DynamicPipeline, PipelineInput, PipelineOutput
 from export.store import StoredModel
-from service.errors import DeadlineExceeded, NotReady
+from service.errors import ApiError, DeadlineExceeded, NotReady
 
 logger = logging.getLogger("dynfuse")
 
+READY_TIMEOUT_S = 300.0  # an expert deployment answers its first call within this (it may still be starting)
 PIXELS = "pixels"  # the sub-batch's images: (n, S, S, 3) uint8, where the chain reads the normalized "image"
 EXPERT_RETRY_AFTER_S = 1
 
@@ -105,6 +107,10 @@ def split(logits: np.ndarray, sizes: list[int]) -> list[np.ndarray]:
     return np.split(logits, np.cumsum(sizes)[:-1])
 
 
+class VersionMismatch(RuntimeError):
+    """An expert replica was asked to finish a request that another model version routed."""
+
+
 class RemoteExecution:
     """``BatchExecution``'s ``run(members)``, with each expert's sub-batch sent to its deployment. The calls of
     one batch go out together and run at once on their replicas."""
@@ -122,12 +128,28 @@ class RemoteExecution:
         self.tensors = tensors
         self.pixels = pixels
         self.timeout_s = timeout_s
+        self.failed: dict[str, ApiError] = {}  # expert -> why its deployment did not answer this batch
 
     def run(self, members: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+        """Each expert's logits for its rows. An expert deployment that cannot answer fails only its own rows:
+        its logits are zeros and its error is kept in ``failed`` (RemoteExpertsPipeline answers those requests with
+        it); when every expert of the call failed, the call raises the first error."""
+        model, version = self.model.name, self.model.version
         calls = {
-            expert: self.handles[expert].run.remote(self._sub_batch(expert, rows)) for expert, rows in members.items()
+            expert: self.handles[expert].run.remote(self._sub_batch(expert, rows), model, version)
+            for expert, rows in members.items()
         }
-        logits = {expert: self._result(expert, call) for expert, call in calls.items()}
+        logits = {}
+        errors = {}
+        for expert, call in calls.items():
+            try:
+                logits[expert] = self._result(expert, call)
+            except (NotReady, DeadlineExceeded) as error:
+                errors[expert] = error
+                logits[expert] = np.zeros((len(members[expert]), len(self.model.labels)), np.float32)
+        if errors and len(errors) == len(calls):
+            raise next(iter(errors.values()))
+        self.failed.update(errors)
         for expert, rows in members.items():
             assert logits[expert].shape[0] == len(rows), f"{expert}: {logits[expert].shape[0]} rows for {len(rows)}"
         # Each expert replica records its own time on its batches (dynfuse_expert_duration_seconds), where it
@@ -160,7 +182,8 @@ class RemoteExecution:
 def _is_unavailable(error: BaseException) -> bool:
     """A replica died, is restarting or refuses more work: the cluster's state, not the request's fault. Known by
     name, so that this module needs no Ray import (RayActorError, ActorDiedError, ActorUnavailableError,
-    BackPressureError, DeploymentUnavailableError, RequestCancelledError)."""
+    BackPressureError, DeploymentUnavailableError, RequestCancelledError); and an expert replica of another
+    version (a redeploy under way)."""
     names = {cls.__name__ for cls in type(error).__mro__}
     return bool(
         names
@@ -171,22 +194,75 @@ def _is_unavailable(error: BaseException) -> bool:
             "BackPressureError",
             "DeploymentUnavailableError",
             "RequestCancelledError",
+            "VersionMismatch",
         }
     )
 
 
 class RemoteExpertsPipeline(DynamicPipeline):
-    """The dynamic pipeline of the ingress: encoders, router and policy here, the experts in their deployments."""
+    """The dynamic pipeline of the ingress: encoders, router and policy here, the experts in their deployments.
 
-    def __init__(self, model: StoredModel, backend: Backend, handles: Mapping[str, Any], timeout_s: float):
+    Built only over expert deployments that hold this very version (each is asked first), so the answers never
+    mix versions; ``on_close`` releases them when the version stops serving (service/ray/versions.py)."""
+
+    def __init__(
+        self,
+        model: StoredModel,
+        backend: Backend,
+        handles: Mapping[str, Any],
+        timeout_s: float,
+        on_close: Callable[[], None] | None = None,
+    ):
         missing = set(model.expert_names) - set(handles)
         assert not missing, f"no deployment for the experts {sorted(missing)}"
         self.handles = handles
         self.timeout_s = timeout_s
+        self.on_close = on_close
+        self._warm = False
+        self._executions = threading.local()  # the execution of the predict call running on this thread
+        self._check_versions(model)
         super().__init__(model, backend)
+
+    def _check_versions(self, model: StoredModel) -> None:
+        calls = {expert: self.handles[expert].describe.remote() for expert in model.expert_names}
+        for expert, call in calls.items():
+            held = call.result(timeout_s=READY_TIMEOUT_S)
+            wanted = {"model": model.name, "version": model.version, "expert": expert}
+            if {key: held.get(key) for key in wanted} != wanted:
+                raise VersionMismatch(f"the deployment for expert {expert} of {wanted} holds {held}")
 
     def served_components(self) -> set[str]:
         return set(self.model.shared_encoders.values()) | {self.model.router}
 
     def execution(self, tensors: dict[str, np.ndarray], pixels: np.ndarray, inputs=None) -> RemoteExecution:
-        return RemoteExecution(self.model, self.handles, tensors, pixels, self.timeout_s)
+        execution = RemoteExecution(self.model, self.handles, tensors, pixels, self.timeout_s)
+        self._executions.current = execution
+        return execution
+
+    def predict(self, inputs: list[PipelineInput]) -> tuple[list[PipelineOutput | ApiError], dict[str, float]]:
+        """The pipeline's outputs, where a request that needed an expert whose deployment did not answer gets
+        that error instead (the batcher answers it alone: the requests of the batch on other experts are served)."""
+        self._executions.current = None
+        outputs, seconds = super().predict(inputs)
+        execution = self._executions.current
+        failed = execution.failed if execution is not None else {}
+        if not failed:
+            return outputs, seconds
+        first = next(iter(failed.values()))
+
+        def error_of(output: PipelineOutput) -> ApiError | None:
+            if output.expert == SOFT:  # it ran every expert it may use: any of them may be the one down
+                return first
+            return failed.get(output.expert) or (failed.get(output.fallback_from) if output.fallback_from else None)
+
+        return [error_of(output) or output for output in outputs], seconds
+
+    def warmup(self, batch_sizes: tuple[int, ...] = (1, 4)) -> None:
+        """Once: the ingress warms the pipeline as soon as it is built, to release the experts if that fails."""
+        if not self._warm:
+            super().warmup(batch_sizes)
+            self._warm = True
+
+    def close(self) -> None:
+        if self.on_close is not None:
+            self.on_close()

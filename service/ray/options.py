@@ -7,9 +7,14 @@ refused with pydantic's message, naming the field.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from service.config import Settings
+
+IMPORT_PATH = "service.ray.app:build"
 
 # Serve's default of 5 requests in flight per replica throttled a test app 16-fold on this machine: a replica
 # must hold more calls than it batches.
@@ -28,7 +33,12 @@ class DeploymentOptions(BaseModel):
     autoscaling_config: dict[str, Any] | None = Field(
         None, description="Serve's autoscaling (min_replicas, max_replicas, target_ongoing_requests, ...)."
     )
-    num_cpus: float = Field(1.0, ge=0, description="CPUs one replica reserves; also its runtime's threads.")
+    num_cpus: float | None = Field(
+        None,
+        ge=0,
+        description="CPUs one replica reserves; also its runtime's threads (at least 1). Unset: sized to the "
+        "cluster (service/ray/sizing.py): 1 when every replica can have one, else an equal share of the CPUs.",
+    )
     num_gpus: float = Field(0.0, ge=0, description="GPUs one replica reserves (with device=cuda).")
     resources: dict[str, float] = Field(
         default_factory=dict, description="Custom Ray resources, e.g. {'heavy': 1} to place a replica on a node."
@@ -36,6 +46,7 @@ class DeploymentOptions(BaseModel):
     max_ongoing_requests: int | None = Field(None, ge=1, description="Calls one replica holds at once.")
 
     def ray_actor_options(self) -> dict[str, Any]:
+        assert self.num_cpus is not None, "size the application to the cluster first (service/ray/sizing.py)"
         options: dict[str, Any] = {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus}
         if self.resources:
             options["resources"] = dict(self.resources)
@@ -43,7 +54,7 @@ class DeploymentOptions(BaseModel):
 
     def threads(self) -> int:
         """The runtime's intra-op threads: the CPUs the replica reserves (a replica never takes the node's)."""
-        return max(1, round(self.num_cpus))
+        return max(1, round(self.num_cpus or 0))
 
 
 class ExpertOptions(DeploymentOptions):
@@ -78,3 +89,28 @@ class AppArgs(BaseModel):
 
     def expert(self, name: str) -> ExpertOptions:
         return self.experts.get(name, self.expert_defaults)
+
+
+def app_args_of(settings: Settings, path: Path | None = None) -> AppArgs:
+    """``dynfuse serve --engine ray``'s application arguments: the deployments of ``path`` (a Serve config, whose
+    dynfuse application's args are taken, or a file of args), with the settings of the command (its flags and
+    ``DYNFUSE_*`` environment) over the file's."""
+    overrides = settings.model_dump(mode="json", exclude_unset=True, exclude={"port", "workers"})
+    overrides["host"] = settings.host  # where Serve's proxy listens: what the replicas' checks of exposure see
+    if path is None:
+        return AppArgs(settings={"store": str(settings.store), **overrides})
+    import yaml
+
+    loaded = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(loaded, dict):
+        raise ValueError(f"{path}: expected a Serve config or the application's args, got {type(loaded).__name__}")
+    if "applications" in loaded:
+        found = [a for a in loaded["applications"] if a.get("import_path") == IMPORT_PATH]
+        if len(found) != 1:
+            raise ValueError(f"{path}: expected one application with import_path {IMPORT_PATH}, found {len(found)}")
+        loaded = found[0].get("args") or {}
+    try:
+        args = AppArgs.model_validate(loaded)
+    except ValueError as error:
+        raise ValueError(f"{path}: {error}") from None
+    return args.model_copy(update={"settings": {**args.settings, **overrides}})

@@ -92,6 +92,17 @@ def test_workers_share_the_port_and_report_summed_metrics(server_process, sample
     assert process.wait(timeout=30) == 0
 
 
+def test_serve_starts_one_worker_per_core_by_default(server_process, samples):
+    from service.server import available_cores
+
+    process, base = server_process(workers=0)  # DYNFUSE_WORKERS=0, as when it is not set
+    assert len(worker_pids(process.pid)) == (available_cores() if available_cores() > 1 else 0)
+    pair = {"image": base64.b64encode(samples[0]["png"]).decode(), "text": samples[0]["text"]}
+    assert httpx.post(f"{base}/v1/classify", json=pair, timeout=30).status_code == 200
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=30) == 0
+
+
 def test_serve_refuses_an_empty_store_with_a_clear_message(tmp_path):
     import subprocess
     import sys

@@ -1,14 +1,20 @@
-"""The Ray Serve engine on a local cluster: an ingress and one deployment per expert answer exactly what the
-single-process server answers, with the same error bodies, and every replica reports the dynfuse metrics
-through Ray's agent, which a real Prometheus with docker/prometheus/ray.yml reads under the dashboard's names.
+"""The Ray Serve engine on a local cluster, as a user gets it (this machine's CPUs, the application's defaults
+sized to them): an ingress and one deployment per expert answer exactly what the single-process server answers,
+with the same error bodies; every replica reports the dynfuse metrics through Ray's agent, which a real Prometheus
+with docker/prometheus/ray.yml reads under the dashboard's names; a killed expert replica fails only its own
+requests, and comes back; a model swap deploys the new version's experts beside the old ones and never mixes
+versions in an answer.
 
-One cluster for the module (it takes 20-60 s to start on a busy 2-core machine), torn down at the end.
+One cluster for the module (it takes 50-90 s to start on a busy 2-core machine), torn down at the end. The CLI
+that starts one (``dynfuse serve --engine ray``) has its own test: tests/e2e/test_ray_cli.py.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -20,7 +26,10 @@ import yaml
 from conftest import MODEL_NAME, b64, free_port, require_tool, wait_ready
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
-from ray_cluster import ray_application
+from ray_cluster import publish_biased_version, ray_application, replica_pids
+
+from service.ray.app import APP_NAME
+from service.ray.versions import version_app_name
 
 # Generous: the session fixtures train and export the tiny model first (1-5 min on a busy 2-core machine).
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(900)]
@@ -38,28 +47,40 @@ INGRESS_NAMES = (
     "inflight_requests",
     "model_info",
 )
-APP_ARGS = {
-    "ingress": {"num_cpus": 0.5},
-    # Small on purpose: several replicas of the heavy path, to see that each one reports.
-    "expert_defaults": {"num_cpus": 0.25, "max_batch_size": 8},
-}
+# Version 2 of the module's store answers this label whenever its text expert runs (tests/ray_cluster.py).
+V2_TEXT_LABEL = "green_cross"
+REQUEST_TIMEOUT_S = 10.0  # the default DYNFUSE_REQUEST_TIMEOUT_S: no request may take much longer
 
 
 @pytest.fixture(scope="module")
-def cluster(tiny_store):
-    """(the application's base URL, the node's Ray metrics URL)."""
+def ray_store(tiny_store, tmp_path_factory) -> Path:
+    """The tiny model's version 1, and a version 2 whose text expert always answers V2_TEXT_LABEL."""
+    store = tmp_path_factory.mktemp("ray-store") / "store"
+    shutil.copytree(tiny_store, store)
+    publish_biased_version(store, "2", expert="text", label=V2_TEXT_LABEL)
+    return store
+
+
+@pytest.fixture(scope="module")
+def cluster(ray_store):
+    """(the application's base URL, the node's Ray metrics URL). No deployment option is given: every one is
+    sized to the cluster (Ray counts this machine's CPUs), as for a user. Where this differs from the defaults,
+    for the swap test: version 1 is pinned (the store's highest is 2, which the swap test loads), and model
+    control is on (explicit, on loopback, so no admin key), which also sizes the experts with room for a second
+    version's. tests/e2e/test_ray_cli.py runs the defaults as they are."""
     metrics_port = free_port()
-    args = {**APP_ARGS, "settings": {"store": str(tiny_store)}}
-    with ray_application(args, free_port(), metrics_port=metrics_port) as base:
+    args = {"settings": {"store": str(ray_store), "model_version": "1", "host": "127.0.0.1"}}
+    env = {"DYNFUSE_MODEL_CONTROL": "explicit"}
+    with ray_application(args, free_port(), metrics_port=metrics_port, env=env) as base:
         yield base, f"http://127.0.0.1:{metrics_port}/metrics"
 
 
 @pytest.fixture(scope="module")
-def single_process(tiny_store):
+def single_process(ray_store):
     from service.config import Settings
     from service.main import create_app
 
-    with TestClient(create_app(Settings(store=tiny_store)), raise_server_exceptions=False) as client:
+    with TestClient(create_app(Settings(store=ray_store, model_version="1")), raise_server_exceptions=False) as client:
         wait_ready(client)
         yield client
 
@@ -257,3 +278,123 @@ def test_prometheus_reads_the_cluster_under_the_dashboards_names(cluster, sample
     finally:
         process.terminate()
         process.wait(timeout=10)
+
+
+class Traffic:
+    """Clients sending one request body in a loop until stopped; each answer as (sent at, status, seconds, body)."""
+
+    def __init__(self, base: str, body: dict, clients: int):
+        self.answers: list[tuple[float, int | str, float, dict]] = []
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._client, args=(base, body)) for _ in range(clients)]
+        for thread in self._threads:
+            thread.start()
+
+    def _client(self, base: str, body: dict) -> None:
+        # A request the server has not answered well past its own deadline counts as hung.
+        with httpx.Client(base_url=base, timeout=REQUEST_TIMEOUT_S + 20) as client:
+            while not self._stop.is_set():
+                sent = time.monotonic()
+                try:
+                    response = client.post("/v1/classify", json=body)
+                    status, payload = response.status_code, response.json()
+                except httpx.TimeoutException:
+                    status, payload = "hung", {}
+                self.answers.append((sent, status, time.monotonic() - sent, payload))
+
+    def wait_for(self, condition, timeout: float, what: str) -> None:
+        deadline = time.monotonic() + timeout
+        while not condition(list(self.answers)):
+            assert time.monotonic() < deadline, f"{what} not seen within {timeout} s: {self.summary()}"
+            time.sleep(0.1)
+
+    def stop(self) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(REQUEST_TIMEOUT_S + 30)
+
+    def summary(self) -> dict:
+        counts: dict = {}
+        for _, status, _, _ in self.answers:
+            counts[status] = counts.get(status, 0) + 1
+        return counts
+
+
+def test_a_killed_expert_replica_fails_only_its_own_requests_and_comes_back(cluster, samples):
+    """SIGKILL the one replica of the image expert under load. Serve replaces it, and its router sends the calls
+    the dead replica held to the replacement, so every request is answered: 200, or 503/504 when the replacement
+    takes longer than the request deadline (never a 500, never a hang). Requests forced to the text expert are
+    all answered 200. bench/ray_engine.py measures the same on the default model."""
+    base, _ = cluster
+    pair = {"image": b64(samples[0]["png"]), "text": samples[0]["text"]}
+    victim_app = version_app_name(APP_NAME, MODEL_NAME, "1", "image")
+    [victim_pid] = replica_pids(victim_app)
+    bystanders = Traffic(base, {**pair, "route": "text"}, clients=2)
+    victims = Traffic(base, {**pair, "route": "image"}, clients=2)
+    try:
+        for traffic in (bystanders, victims):
+            traffic.wait_for(lambda a: sum(s == 200 for _, s, _, _ in a) >= 5, 60, "five answers before the kill")
+        killed_at = time.monotonic()
+        subprocess.run(["kill", "-9", str(victim_pid)], check=True)
+        # Answered after the kill, and sent after it too: the expert's deployment serves again.
+        victims.wait_for(
+            lambda a: any(sent > killed_at and status == 200 for sent, status, _, _ in a), 120, "an answer after"
+        )
+        bystanders.wait_for(lambda a: sum(sent > killed_at for sent, *_ in a) >= 5, 60, "text answers after")
+    finally:
+        bystanders.stop()
+        victims.stop()
+    in_flight = [a for a in victims.answers if a[0] < killed_at < a[0] + a[2]]
+    assert in_flight, "no request to the image expert was in flight at the kill"
+    assert {status for _, status, _, _ in bystanders.answers} == {200}, bystanders.summary()
+    assert {status for _, status, _, _ in victims.answers} <= {200, 503, 504}, victims.summary()
+    failed = [body for _, status, _, body in victims.answers if status != 200]
+    assert all(body["error"]["code"] in ("not_ready", "deadline_exceeded") for body in failed), failed[:3]
+    slowest = max(seconds for _, _, seconds, _ in victims.answers + bystanders.answers)
+    assert slowest < REQUEST_TIMEOUT_S + 5, f"a request took {slowest:.1f} s: past its deadline"
+    [replacement] = replica_pids(victim_app)
+    assert replacement != victim_pid
+
+
+def test_a_swap_deploys_the_new_experts_beside_the_old_and_never_mixes_versions(cluster, samples):
+    """Version 2's text expert answers V2_TEXT_LABEL for everything. Under traffic forced to the text expert, a
+    load of version 2 answers 200 only once v2's experts run beside v1's; every answer says the version whose
+    expert computed it (v1's labels on v1, V2_TEXT_LABEL on v2), v1's expert applications are deleted after,
+    and a swap back to v1 works the same way (the test leaves the cluster as it found it)."""
+    base, _ = cluster
+    pair = {"text": samples[3]["text"], "route": "text"}
+    v1_label = httpx.post(f"{base}/v1/classify", json=pair, timeout=30).json()["label"]
+    assert v1_label != V2_TEXT_LABEL, "pick a sample version 1 does not already answer with the label"
+    traffic = Traffic(base, pair, clients=2)
+    try:
+        for version, expected in (("2", V2_TEXT_LABEL), ("1", v1_label)):
+            other = "1" if version == "2" else "2"
+            load = httpx.post(
+                f"{base}/v2/repository/models/{MODEL_NAME}/load",
+                json={"parameters": {"version": version}},
+                timeout=400,
+            )
+            assert load.status_code == 200, load.text
+            swapped_at = time.monotonic()
+            traffic.wait_for(lambda a, s=swapped_at: sum(t > s for t, *_ in a) >= 5, 60, f"answers on v{version}")
+            after = {
+                (body["model_version"], body["label"]) for sent, _, _, body in traffic.answers if sent > swapped_at
+            }
+            assert after == {(version, expected)}, after
+            old = [version_app_name(APP_NAME, MODEL_NAME, other, e) for e in ("text", "image", "mi2p")]
+            deadline = time.monotonic() + 60
+            while any(name in serve_applications() for name in old) and time.monotonic() < deadline:
+                time.sleep(0.5)
+            assert not any(name in serve_applications() for name in old), serve_applications()
+            assert version_app_name(APP_NAME, MODEL_NAME, version, "text") in serve_applications()
+    finally:
+        traffic.stop()
+    assert {status for _, status, _, _ in traffic.answers} == {200}, traffic.summary()
+    labels = {(body["model_version"], body["label"]) for _, _, _, body in traffic.answers}
+    assert labels == {("1", v1_label), ("2", V2_TEXT_LABEL)}, labels
+
+
+def serve_applications() -> set[str]:
+    from ray import serve
+
+    return set(serve.status().applications)

@@ -36,6 +36,28 @@ def test_the_serve_config_passes_rays_schema_and_the_apps_arguments():
         assert expert.max_batch_size >= 1, name
 
 
+def experts_missing_from(config: dict) -> set[str]:
+    """The default model's experts (those ``dynfuse build-default`` trains) that a Serve config gives no options:
+    they would run with the defaults (one replica sized to the cluster), not as planned."""
+    from models.dynamic_fusion import preset_config
+
+    return set(preset_config("default").experts) - set(dynfuse_application(config)["args"]["experts"])
+
+
+def test_the_serve_config_names_every_expert_of_the_default_model():
+    from export.default_model import DEFAULT_NAME
+
+    config = yaml.safe_load((DEPLOY / "serve.yaml").read_text())
+    assert dynfuse_application(config)["args"]["settings"]["model"] == DEFAULT_NAME
+    assert experts_missing_from(config) == set()
+
+
+def test_a_serve_config_without_an_expert_of_the_default_model_is_noticed():
+    config = yaml.safe_load((DEPLOY / "serve.yaml").read_text())
+    del dynfuse_application(config)["args"]["experts"]["mulmix"]
+    assert experts_missing_from(config) == {"mulmix"}
+
+
 def test_a_bad_serve_config_is_refused_by_rays_schema():
     config = yaml.safe_load((DEPLOY / "serve.yaml").read_text())
     config["applications"][0]["runtime_env"] = "not a mapping"

@@ -49,10 +49,45 @@ def test_a_latency_bound_keeps_each_batch_within_half_of_it():
         plan.make_plan(1000, MIX, THROUGHPUT, p99_ms=10, utilization=0.5)
 
 
-def test_a_mix_naming_an_unmeasured_expert_is_refused():
-    with pytest.raises(plan.PlanError, match="not measured"):
+def test_an_expert_without_a_measurement_is_named():
+    with pytest.raises(plan.PlanError, match=r"no throughput measured for expert 'other' in the throughput file"):
         plan.make_plan(10, {"cheap": 0.5, "other": 0.5}, THROUGHPUT, None, 0.7)
+    # An expert of the model the route mix never takes still needs a replica, and so a measurement.
+    with pytest.raises(plan.PlanError, match=r"expert 'idle'.*bench.expert_throughput"):
+        plan.make_plan(10, MIX, THROUGHPUT, None, 0.7, experts=["cheap", "heavy", "idle"])
     assert plan.parse_mix("cheap=3,heavy=1") == {"cheap": 0.75, "heavy": 0.25}
+
+
+def test_every_expert_of_the_model_gets_a_line_even_one_the_mix_never_takes():
+    lines, _ = plan.make_plan(100, {"cheap": 1.0}, THROUGHPUT, None, 0.7, experts=["cheap", "heavy"])
+    heavy = by_name(lines)["expert_heavy"]
+    assert (heavy.share, heavy.rate, heavy.replicas) == (0.0, 0.0, 1)
+
+
+def test_the_command_on_a_stored_model_names_the_expert_the_throughput_file_lacks(tiny_store, tmp_path, capsys):
+    """The model's experts come from its model.json; a throughput file measured before an expert joined the
+    ladder (the default model's mulmix once) is refused naming it, and nothing is written."""
+    measured = {**THROUGHPUT, "experts": {"text": THROUGHPUT["experts"]["cheap"]}}
+    throughput = tmp_path / "throughput.json"
+    throughput.write_text(json.dumps(measured))
+    code = main(["plan", "--rps", "100", "--store", str(tiny_store), "--throughput", str(throughput)])
+    assert code == 1
+    error = capsys.readouterr().err
+    assert "no throughput measured for expert 'image_lite', 'image', 'late_fusion', 'mulmix', 'mi2p', 'muse'" in error
+    assert str(throughput) in error
+
+
+def test_the_command_writes_nothing_unless_asked(tiny_store, tmp_path, capsys, monkeypatch):
+    table = THROUGHPUT["experts"]["cheap"]
+    experts = ["text", "image_lite", "image", "late_fusion", "mulmix", "mi2p", "muse"]
+    throughput = tmp_path / "throughput.json"
+    throughput.write_text(json.dumps({**THROUGHPUT, "experts": dict.fromkeys(experts, table)}))
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    assert main(["plan", "--rps", "100", "--store", str(tiny_store), "--throughput", str(throughput)]) == 0
+    assert list(work.rglob("*")) == []
+    assert "expert_mulmix" in capsys.readouterr().out
 
 
 def test_the_command_prints_the_plan_and_writes_a_serve_config_rays_schema_accepts(tmp_path, capsys):

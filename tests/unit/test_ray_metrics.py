@@ -8,9 +8,7 @@ import time
 
 import pytest
 
-pytest.importorskip("ray")
-
-from service.ray.metrics import RayMetrics  # noqa: E402 - after the skip
+from service.ray.metrics import RayMetrics
 
 
 class RecordedRemote:

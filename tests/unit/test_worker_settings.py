@@ -78,3 +78,61 @@ def test_serve_flags_become_settings(monkeypatch, tmp_path):
     assert (settings.workers, settings.threads, settings.max_inflight) == (2, 1, 64)
     assert settings.capacity == 64
     assert (settings.request_timeout_s, settings.log_level) == (2.5, "warning")
+
+
+def write_cgroup(root, v2: str | None = None, v1: tuple[str, str] | None = None):
+    if v2 is not None:
+        (root / "cpu.max").write_text(v2 + "\n")
+    if v1 is not None:
+        (root / "cpu").mkdir()
+        (root / "cpu" / "cpu.cfs_quota_us").write_text(v1[0] + "\n")
+        (root / "cpu" / "cpu.cfs_period_us").write_text(v1[1] + "\n")
+    return root
+
+
+def test_available_cores_is_the_affinity_within_the_cgroup_quota(monkeypatch, tmp_path):
+    from service import server
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)))
+    cases = {
+        "no cgroup files": (None, None, 8),
+        "v2 without a limit": ("max 100000", None, 8),
+        "v2, 2 CPUs": ("200000 100000", None, 2),
+        "v2, 1.5 CPUs: two cores, each partly": ("150000 100000", None, 2),
+        "v2, a quota above the affinity": ("1600000 100000", None, 8),
+        "v2, a tenth of a CPU": ("10000 100000", None, 1),
+        "v1 without a limit": (None, ("-1", "100000"), 8),
+        "v1, 3 CPUs": (None, ("300000", "100000"), 3),
+    }
+    for name, (v2, v1, expected) in cases.items():
+        root = tmp_path / name.replace(" ", "_").replace(",", "").replace(":", "")
+        root.mkdir()
+        assert server.available_cores(write_cgroup(root, v2, v1)) == expected, name
+
+
+def test_serve_starts_one_worker_per_core_unless_told_otherwise(monkeypatch, tmp_path):
+    """Workers 0 (the default) is one per core; a number given is kept; one core, or a GPU, serves in this
+    process."""
+    from service import server
+
+    for name in [name for name in os.environ if name.startswith("DYNFUSE_")]:
+        monkeypatch.delenv(name)
+    (tmp_path / "shapes" / "1").mkdir(parents=True)
+    (tmp_path / "shapes" / "1" / "model.json").write_text("{}")
+    started = {}
+    monkeypatch.setattr(server, "_serve_workers", lambda settings: started.setdefault("workers", settings) and 0)
+    monkeypatch.setattr(server.uvicorn.Server, "run", lambda self: started.setdefault("one process", True))
+    monkeypatch.setattr(server, "tune_for_serving", lambda: None)  # not this test process's GC
+    monkeypatch.setattr(server.signal, "signal", lambda *args: None)  # nor its SIGTERM handler
+    monkeypatch.setattr(server, "available_cores", lambda: 3)
+    assert Settings(store=tmp_path).workers == 0
+    server.serve(Settings(store=tmp_path))
+    assert started.pop("workers").workers == 3
+    server.serve(Settings(store=tmp_path, workers=2))
+    assert started.pop("workers").workers == 2
+    monkeypatch.setattr(server, "available_cores", lambda: 1)
+    server.serve(Settings(store=tmp_path))
+    assert started.pop("one process")
+    monkeypatch.setattr(server, "available_cores", lambda: 3)
+    server.serve(Settings(store=tmp_path, device="cuda"))  # one process holds the model on the GPU
+    assert started == {"one process": True}

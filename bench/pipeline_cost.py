@@ -1,0 +1,126 @@
+"""Where the pipeline's CPU goes, per pair: each component's ONNX Runtime calls, and the Python and NumPy around them
+(stacking, routing, gathering sub-batches, normalizing, the outputs), for ``route=auto`` and the full expert forced.
+
+In process, one runtime thread (so that the calling thread's CPU time is all the runtime's work), batches of
+``--batch`` pre-decoded held-out pairs, the two routes alternating ``--rounds`` times; the median of each figure.
+The difference between the routes is what routing saves in the model; the glue is paid whatever the route.
+
+    python -m bench.pipeline_cost [--batch 16] [--rounds 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import dataclasses
+import statistics
+import time
+from pathlib import Path
+
+from bench.common import DEFAULT_STORE, RESULTS, chunks, decoded_inputs, load_test_split, markdown_table, write_result
+
+HELD_OUT_SEED = 7  # bench/peer_compare.py's
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--store", type=Path, default=DEFAULT_STORE)
+    parser.add_argument("--data", type=Path, help=f"held-out data set (default: made with seed {HELD_OUT_SEED})")
+    parser.add_argument("--batch", type=int, default=16, help="pairs per predict call (the serving max_batch_size)")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--pairs", type=int, default=480, help="held-out pairs per round")
+    parser.add_argument("--out", type=Path, default=RESULTS / "pipeline_cost.json")
+    args = parser.parse_args(argv)
+
+    from bench.peer_compare import held_out_data
+    from export.backends import create_backend
+    from export.pipeline import DynamicPipeline
+    from export.store import load_model
+
+    data = args.data or held_out_data(args.store, None, HELD_OUT_SEED)
+    model = load_model(args.store)
+    backend = create_backend("onnx", "cpu", 1)
+    seconds: dict[str, float] = collections.defaultdict(float)
+    calls: collections.Counter = collections.Counter()
+    rows: collections.Counter = collections.Counter()
+    load = backend.load
+
+    def timed_load(component):
+        run = load(component)
+
+        def timed(inputs):
+            started = time.thread_time()
+            outputs = run(inputs)
+            seconds[component.name] += time.thread_time() - started
+            calls[component.name] += 1
+            rows[component.name] += len(next(iter(outputs.values())))
+            return outputs
+
+        return timed
+
+    backend.load = timed_load
+    pipeline = DynamicPipeline(model, backend)
+    pipeline.warmup(batch_sizes=(1, args.batch))
+    inputs = decoded_inputs(pipeline, load_test_split(data)[: args.pairs])
+    routes = {"auto": inputs, model.full_expert: [dataclasses.replace(x, route=model.full_expert) for x in inputs]}
+    runs: dict[str, list[dict]] = {route: [] for route in routes}
+    for index in range(args.rounds):
+        for route in routes if index % 2 == 0 else reversed(routes):
+            seconds.clear()
+            calls.clear()
+            rows.clear()
+            started = time.thread_time()
+            for batch in chunks(routes[route], args.batch):
+                pipeline.predict(batch)
+            total = time.thread_time() - started
+            n = len(routes[route])
+            runs[route].append(
+                {
+                    "total_us_per_pair": 1e6 * total / n,
+                    "components_us_per_pair": {name: 1e6 * s / n for name, s in seconds.items()},
+                    "glue_us_per_pair": 1e6 * (total - sum(seconds.values())) / n,
+                    "calls": dict(calls),
+                    "rows": dict(rows),
+                }
+            )
+
+    summary = {}
+    for route, route_runs in runs.items():
+        components = {name for r in route_runs for name in r["components_us_per_pair"]}
+        summary[route] = {
+            "total_us_per_pair": statistics.median(r["total_us_per_pair"] for r in route_runs),
+            "glue_us_per_pair": statistics.median(r["glue_us_per_pair"] for r in route_runs),
+            "components_us_per_pair": {
+                name: statistics.median(r["components_us_per_pair"].get(name, 0.0) for r in route_runs)
+                for name in sorted(components)
+            },
+            "calls_per_batch": {
+                name: count / (len(inputs) / args.batch) for name, count in route_runs[-1]["calls"].items()
+            },
+        }
+    names = sorted({n for s in summary.values() for n in s["components_us_per_pair"]})
+    header = ["", *summary]
+    body = [[name, *(f"{s['components_us_per_pair'].get(name, 0.0):.1f}" for s in summary.values())] for name in names]
+    body.append(["Python and NumPy around them", *(f"{s['glue_us_per_pair']:.1f}" for s in summary.values())])
+    body.append(["**total**", *(f"**{s['total_us_per_pair']:.1f}**" for s in summary.values())])
+    print(f"CPU us per pair, batches of {args.batch}, one runtime thread:\n")
+    print(markdown_table(header, body))
+    auto, full = summary["auto"]["total_us_per_pair"], summary[model.full_expert]["total_us_per_pair"]
+    print(f"\nauto saves {1 - auto / full:.1%} of the pipeline's CPU per pair")
+    write_result(
+        args.out,
+        {
+            "figure": "the pipeline's CPU per pair, by component",
+            "data": str(data),
+            "batch": args.batch,
+            "pairs": len(inputs),
+            "runs": runs,
+            "summary": summary,
+            "auto_saves": 1 - auto / full,
+        },
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
