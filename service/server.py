@@ -89,6 +89,8 @@ def port_in_use(host: str, port: int) -> str | None:
         except OSError as error:
             return error.strerror or str(error)
     return None
+
+
 def available_cores(cgroup: Path = Path("/sys/fs/cgroup")) -> int:
     """The cores this process may use: its CPU affinity, within its cgroup's CPU quota (a container limited to 2
     CPUs on a 64-core host sees 64 in its affinity)."""
