@@ -179,7 +179,7 @@ class Settings(BaseSettings):
                 f"DYNFUSE_GRPC_PORT ({self.grpc_port}) is the HTTP port (DYNFUSE_PORT): gRPC needs a port of its own, "
                 "e.g. 8001 beside 8000"
             )
-        if self.grpc_port == 0 and self.workers != 1:
+        if self.grpc_port == 0 and self.workers > 1:  # 0 workers (one per core): serve() checks once resolved
             raise ValueError(
                 "DYNFUSE_GRPC_PORT=0 (any free port) would give each of the DYNFUSE_WORKERS processes a different "
                 "port: name the port, or serve one process (DYNFUSE_WORKERS=1)"

@@ -51,6 +51,13 @@ def serve(settings: Settings) -> int:
             return 1
     if not settings.workers:  # one per core; on a GPU one process (N would hold N copies of the model there)
         settings = settings.model_copy(update={"workers": 1 if settings.device == "cuda" else available_cores()})
+    if settings.grpc_port == 0 and settings.workers > 1:
+        message = (
+            f"DYNFUSE_GRPC_PORT=0 (any free port) would give each of the {settings.workers} worker processes a "
+            "different port: name the port, or serve one process (--workers 1)"
+        )
+        print(f"dynfuse serve: error: {message}", file=sys.stderr)
+        return 1
     base = f"http://{settings.host}:{settings.port}"
     runtime = f"{settings.backend}, {settings.device}"
     print(f"dynfuse: serving {path.parent.name} v{path.name} from {settings.store} ({runtime})")
