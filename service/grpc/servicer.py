@@ -7,6 +7,8 @@ repository, batchers, admission and metrics), so a gRPC request is served exactl
   (UNAVAILABLE) or when the capacity, shared with HTTP, is full (RESOURCE_EXHAUSTED); then it has a deadline, the
   sooner of the client's and DYNFUSE_REQUEST_TIMEOUT_S; it is counted in dynfuse_requests_total and timed in
   dynfuse_request_duration_seconds with ``protocol="grpc"``.
+- RepositoryIndex, RepositoryModelLoad and RepositoryModelUnload: Triton's repository extension on the app's
+  ModelRepository (service/grpc/repository.py), with HTTP's checks and keys.
 - Not implemented: streaming inference, statistics (GET /metrics has them), shared memory, trace and log
   settings. They answer UNIMPLEMENTED with a message that says so.
 """
@@ -28,6 +30,7 @@ from service.api import v2_model
 from service.api.deps import authorize
 from service.errors import ApiError, DeadlineExceeded, InvalidInput, NotFound
 from service.grpc import codec
+from service.grpc import repository as repository_calls
 from service.grpc.errors import status_code, trailing_metadata
 from service.grpc.protocol import grpc_service_pb2 as pb
 from service.grpc.protocol.grpc_service_pb2_grpc import GRPCInferenceServiceServicer
@@ -165,6 +168,22 @@ class InferenceServicer(GRPCInferenceServiceServicer):
             parameters = codec.parameters(request.parameters, "request")
             values = await v2_model.infer(service, self.state.settings, parameters, tensors, deadline)
             return codec.infer_response(service, request.id, outputs, values)
+
+    # -- the model repository ------------------------------------------------------------------
+    async def RepositoryIndex(self, request, context):
+        async with _answering(context):
+            self._authorize(context)
+            return repository_calls.index(self.state.repository, request)
+
+    async def RepositoryModelLoad(self, request, context):
+        async with _answering(context):
+            self._authorize(context)
+            return await repository_calls.load(self.state.repository, request)
+
+    async def RepositoryModelUnload(self, request, context):
+        async with _answering(context):
+            self._authorize(context)
+            return await repository_calls.unload(self.state.repository, request)
 
     # -- not implemented -----------------------------------------------------------------------
     async def ModelStreamInfer(self, request_iterator, context):
