@@ -7,6 +7,8 @@ Reads a JSON list of calls on stdin and writes one JSON answer per call on stdou
 - ``{"call": "health", "model": NAME}`` -> ``{"live", "ready", "model_ready"}``
 - ``{"call": "infer", "url", "images": [base64 or ""], "texts": [str], "parameters": {...}, "headers": {...},
   "encoding": "raw" | "contents", "id": str}`` -> ``{"id", "model_name", "model_version", "outputs": {name: list}}``
+- ``{"call": "load" | "unload", "model": NAME}`` -> KServe's answer, ``{"model_name", "isLoaded"}`` or
+  ``{"model_name", "isUnloaded"}`` (its client has no method for them: its generated stub, as its server's tests)
 
 A call that fails answers ``{"error": {"code": "INVALID_ARGUMENT", "details": "..."}}``.
 """
@@ -21,6 +23,8 @@ import sys
 import grpc
 import numpy as np
 from kserve import InferenceGRPCClient, InferInput, InferRequest
+from kserve.protocol.grpc import grpc_predict_v2_pb2 as kserve_pb
+from kserve.protocol.grpc.grpc_predict_v2_pb2_grpc import GRPCInferenceServiceStub
 
 
 def _input(name: str, elements: list[bytes], encoding: str) -> InferInput:
@@ -31,7 +35,19 @@ def _input(name: str, elements: list[bytes], encoding: str) -> InferInput:
     return InferInput(name, [len(elements)], "BYTES", data=list(elements))  # contents.bytes_contents
 
 
-async def _call(client: InferenceGRPCClient, spec: dict) -> dict:
+async def _repository(url: str, spec: dict) -> dict:
+    async with grpc.aio.insecure_channel(url) as channel:
+        stub = GRPCInferenceServiceStub(channel)
+        if spec["call"] == "load":
+            answer = await stub.RepositoryModelLoad(kserve_pb.RepositoryModelLoadRequest(model_name=spec["model"]))
+            return {"model_name": answer.model_name, "isLoaded": answer.isLoaded}
+        answer = await stub.RepositoryModelUnload(kserve_pb.RepositoryModelUnloadRequest(model_name=spec["model"]))
+        return {"model_name": answer.model_name, "isUnloaded": answer.isUnloaded}
+
+
+async def _call(client: InferenceGRPCClient, spec: dict, url: str) -> dict:
+    if spec["call"] in ("load", "unload"):
+        return await _repository(url, spec)
     headers = list(spec.get("headers", {}).items()) or None
     if spec["call"] == "health":
         return {
@@ -69,7 +85,7 @@ async def main(url: str, calls: list[dict]) -> list[dict]:
     async with InferenceGRPCClient(url, timeout=60, retries=0) as client:
         for spec in calls:
             try:
-                answers.append(await _call(client, spec))
+                answers.append(await _call(client, spec, url))
             except grpc.RpcError as error:
                 answers.append({"error": {"code": error.code().name, "details": error.details()}})
     return answers

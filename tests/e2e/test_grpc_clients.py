@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import shutil
 import signal
 import socket
 import subprocess
@@ -151,6 +152,22 @@ def test_the_asyncio_client_and_kserve_get_the_keys_and_errors_of_http(server_pr
     assert answers[2]["outputs"]["label"] == [http_text["label"]]
     assert answers[2]["outputs"]["expert"] == [http_text["route"]["expert"]]
     assert answers[2]["outputs"]["madds"] == [http_text["compute"]["madds"]]
+
+
+def test_kserves_own_messages_load_and_unload_a_model(server_process, store_copy):
+    newer = store_copy / "shapes" / "2"
+    shutil.copytree(store_copy / "shapes" / "1", newer)
+    manifest = json.loads((newer / "model.json").read_text())
+    manifest["version"] = "2"
+    (newer / "model.json").write_text(json.dumps(manifest))
+    _, _, url = start(server_process, store=store_copy)
+    client = triton_grpc.InferenceServerClient(url)
+    assert client.get_model_metadata("shapes").versions == ["1"]
+    assert kserve(url, [{"call": "load", "model": "shapes"}]) == [{"model_name": "shapes", "isLoaded": True}]
+    assert client.get_model_metadata("shapes").versions == ["2"]  # the highest in the store
+    assert kserve(url, [{"call": "unload", "model": "shapes"}]) == [{"model_name": "shapes", "isUnloaded": True}]
+    assert not client.is_model_ready("shapes")
+    client.close()
 
 
 def scrape(base: str) -> dict:
