@@ -130,7 +130,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="dynfuse-swap-") as scratch:
         store = Path(scratch) / "store"
         publish(store, name, source, "1")
-        process, base = start_server(store, Path(scratch) / "server.log")
+        # Loads and unloads are model control calls: off unless asked for (loopback only, so no admin key needed).
+        process, base = start_server(store, Path(scratch) / "server.log", settings={"model_control": "explicit"})
         try:
             result = measure(args, store, name, source, pairs, process, base)
         finally:

@@ -15,7 +15,9 @@ The bodies are the test split of a synthetic data set whose seed the model's tra
 it is missing), base64 PNG in JSON. Besides req/s the script records each server's CPU time per answered
 request: utime + stime of the server's whole process tree (``/proc/<pid>/stat``) over the measured level,
 divided by the 2xx answers. That figure depends far less on what else runs on the machine than req/s does, so it
-is the one to compare optimizations by on a shared machine; req/s is the goal's, to be read on a quiet one.
+is the one to compare optimizations by on a shared machine; req/s is the goal's, to be read on a quiet one. How
+long the server's threads waited, runnable, for a CPU (``schedstat``) says how much a reading was starved: on a
+busy machine the scheduler shares the cores per thread, so a server of several processes gets more of them.
 Before the load, 48 bodies are sent one by one and their answers checked against the labels, so every server is
 seen serving the real model.
 
@@ -66,6 +68,7 @@ GOALS = (
     ("dynfuse-full", "litserve-full", 1.0),
 )
 CHECKED_BODIES = 48
+IDLE_S = 5.0  # the server's CPU with no load, measured before each level
 
 
 def held_out_data(store: Path, data: Path | None, seed: int) -> Path:
@@ -169,6 +172,15 @@ class Server:
             frontier.extend(children)
         return {pid: ticks[pid] for pid in tree if pid in ticks}
 
+    def run_queue_wait_s(self) -> float:
+        """Seconds the tree's live threads have waited, runnable, for a CPU (/proc/<pid>/task/<tid>/schedstat)."""
+        waited = 0
+        for pid in self.cpu_ticks():
+            for task in Path(f"/proc/{pid}/task").glob("*"):
+                with contextlib.suppress(OSError, ValueError):
+                    waited += int((task / "schedstat").read_text().split()[1])
+        return waited / 1e9
+
     def stop(self) -> None:
         if self.process.poll() is None:
             os.killpg(self.process.pid, signal.SIGTERM)
@@ -197,6 +209,14 @@ def check_answers(base: str, bodies: Path, samples: list[dict]) -> dict:
     return {"bodies": len(lines), "accuracy": right / len(lines)}
 
 
+def idle_cores(server: Server, seconds: float) -> float:
+    """Cores the server uses with no request in flight (a server that polls its queues spends CPU idle)."""
+    before = server.cpu_ticks()
+    time.sleep(seconds)
+    after = server.cpu_ticks()
+    return sum(ticks - before.get(pid, 0) for pid, ticks in after.items()) / os.sysconf("SC_CLK_TCK") / seconds
+
+
 def wrk(base: str, bodies: Path, concurrency: int, seconds: float) -> dict:
     lua = REPO / "bench" / "wrk_classify.lua"
     command = ["wrk", "-t1", f"-c{concurrency}", f"-d{seconds:g}s", "--timeout", "10s", "-s", str(lua), base]
@@ -212,10 +232,10 @@ def measure(server: Server, bodies: Path, concurrency: int, seconds: float) -> d
     """One level of load; req/s, latency and the server's CPU seconds per answered request."""
     load_before = os.getloadavg()
     children = resource.getrusage(resource.RUSAGE_CHILDREN)
-    before = server.cpu_ticks()
+    before, waited = server.cpu_ticks(), server.run_queue_wait_s()
     with CpuWatch(tuple(before)) as watch:
         load = wrk(server.base, bodies, concurrency, seconds)
-    after = server.cpu_ticks()
+    after, waited = server.cpu_ticks(), server.run_queue_wait_s() - waited
     wrk_usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu_s = sum(ticks - before.get(pid, 0) for pid, ticks in after.items()) / os.sysconf("SC_CLK_TCK")
     answered = load["requests"] - load["errors"]["status"]
@@ -229,6 +249,8 @@ def measure(server: Server, bodies: Path, concurrency: int, seconds: float) -> d
         "server_cpu_ms_per_request": 1000 * cpu_s / max(answered, 1),
         "server_cores": cpu_s / wall,
         "server_processes": len(after),
+        # Runnable but not running: on a busy machine, what the server's threads lost to other processes.
+        "server_run_queue_wait_per_s": waited / wall,
         "wrk_cores": (wrk_usage.ru_utime + wrk_usage.ru_stime - children.ru_utime - children.ru_stime) / wall,
         "foreign_cpu_share": watch.foreign_share,
         "loadavg_before": load_before,
@@ -270,6 +292,8 @@ def summary(runs: list[dict]) -> dict:
         "server_cpu_ms_per_request": median("server_cpu_ms_per_request"),
         "server_cpu_ms_range": extent("server_cpu_ms_per_request"),
         "server_cores": median("server_cores"),
+        "idle_cores": median("idle_cores"),
+        "server_run_queue_wait_per_s": median("server_run_queue_wait_per_s"),
         "p50_ms": statistics.median(r["latency_ms"]["p50"] for r in runs),
         "p99_ms": statistics.median(r["latency_ms"]["p99"] for r in runs),
         "errors": sum(sum(r["errors"].values()) for r in runs),
@@ -327,8 +351,9 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 ready_s = server.wait_ready()
                 checks[name].append(check_answers(server.base, bodies, samples))
+                idle = idle_cores(server, IDLE_S)
                 wrk(server.base, bodies, args.concurrency, args.warmup)
-                run = measure(server, bodies, args.concurrency, args.seconds) | {"ready_s": ready_s}
+                run = measure(server, bodies, args.concurrency, args.seconds) | {"ready_s": ready_s, "idle_cores": idle}
                 if args.profile and name == "dynfuse-auto" and index == 0:  # this checkout's
                     profiles[name] = profile(server, bodies, args.concurrency, args.seconds, args.profile)
             finally:
@@ -337,7 +362,8 @@ def main(argv: list[str] | None = None) -> int:
             print(
                 f"round {index + 1} {name}: {run['requests_per_second']:,.0f} req/s, "
                 f"{run['server_cpu_ms_per_request']:.3f} CPU ms/request ({run['server_cores']:.2f} cores), "
-                f"p99 {run['latency_ms']['p99']:.0f} ms, load {run['loadavg_before'][0]:.1f}, "
+                f"p99 {run['latency_ms']['p99']:.0f} ms, waited for a CPU {run['server_run_queue_wait_per_s']:.2f} "
+                f"thread-s/s, load {run['loadavg_before'][0]:.1f}, "
                 f"others {run['foreign_cpu_share'] or 0:.0%}",
                 flush=True,
             )
@@ -350,6 +376,8 @@ def main(argv: list[str] | None = None) -> int:
             f"{s['requests_per_second_range'][0]:,.0f}–{s['requests_per_second_range'][1]:,.0f}",
             f"{s['server_cpu_ms_per_request']:.3f}",
             f"{s['server_cores']:.2f}",
+            f"{s['idle_cores']:.2f}",
+            f"{s['server_run_queue_wait_per_s']:.2f}",
             f"{s['p50_ms']:.1f}",
             f"{s['p99_ms']:.1f}",
             s["errors"],
@@ -359,7 +387,9 @@ def main(argv: list[str] | None = None) -> int:
         ]
         for name, s in summaries.items()
     ]
-    header = ["server", "req/s (median)", "range", "CPU ms/request", "cores", "p50 ms", "p99 ms", "errors"]
+    header = ["server", "req/s (median)", "range", "CPU ms/request", "cores", "idle cores", "waited for a CPU"]
+    header += ["p50 ms", "p99 ms"]
+    header.append("errors")
     print(markdown_table([*header, "checked right", "others' CPU", "load (1 min)"], rows))
 
     goals = []

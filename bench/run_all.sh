@@ -20,7 +20,7 @@ done
 for i in 2 3; do
     "$PYTHON" -m bench.http_load --no-profile --workers 2 --out "bench/results/http_load_workers2_repeat$i.json"
 done
-# gRPC against HTTP (JSON and binary), the Open Inference Protocol, one server, transports in turn.
+# Figure 9: gRPC against HTTP (JSON and binary), the Open Inference Protocol, one server, transports in turn.
 "$PYTHON" -m bench.grpc_throughput
 "$PYTHON" -m bench.gpu --device cpu --quick --out bench/results/gpu_cpu_smoke.json
 # Figure 5: goodput under overload, one worker and two (needs wrk); then the 10-minute soak and chaos run.
@@ -29,3 +29,6 @@ done
 # The Ray engine against one process, and one replica's throughput per expert deployment (dynfuse plan reads it).
 "$PYTHON" -m bench.expert_throughput
 "$PYTHON" -m bench.ray_engine
+# Figure 7: limits before work (over-limit bodies, one at a time and 8 at once) and big-image decoding memory.
+"$PYTHON" -m bench.body_bomb
+"$PYTHON" -m bench.decode_memory

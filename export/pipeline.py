@@ -72,6 +72,7 @@ class DynamicPipeline:
             self.runner(name)
         self.experts = model.expert_names
         self.full_index = self.experts.index(model.full_expert)
+        self.path_madds = np.array([e.path_madds for e in model.experts], dtype=np.int64)  # (E,)
         self.labels = np.asarray(model.labels)
         self._text_encoder = model.shared_encoders["text"]
         self._glimpse = model.shared_encoders["image"]
@@ -217,7 +218,7 @@ class DynamicPipeline:
         forced = np.array([self.experts.index(x.route) if x.route not in (AUTO, SOFT) else NOT_FORCED for x in inputs])
         thresholds = np.array([np.nan if x.threshold is None else x.threshold for x in inputs], dtype=np.float64)
         choice, decided_by = decide_routes(
-            scores, self.full_index, forced=forced, thresholds=thresholds, eligible=eligible
+            scores, self.full_index, path_madds=self.path_madds, forced=forced, thresholds=thresholds, eligible=eligible
         )
         decided_by[soft] = REQUEST  # the client asked for soft fusion; the router's weights do the rest
 
@@ -231,7 +232,8 @@ class DynamicPipeline:
         # The cascade: a cheaper expert unsure of its answer hands the request to the full path too.
         floors = np.array([np.nan if x.min_confidence is None else x.min_confidence for x in inputs], np.float64)
         may_fall_back = (forced == NOT_FORCED) & ~soft & eligible[:, self.full_index]
-        fallback = confidence_fallback(choice, probabilities.max(axis=1), self.full_index, floors) & may_fall_back
+        top = probabilities.max(axis=1)
+        fallback = confidence_fallback(choice, top, self.path_madds, self.full_index, floors) & may_fall_back
         if fallback.any():
             rows = np.flatnonzero(fallback)
             full_logits, more_seconds = execution.run({self.model.full_expert: rows})

@@ -74,17 +74,19 @@ def evaluate_policies(
     rows = [static_row("full", outputs.full_expert), static_row("cheap", cheapest)]
     rows += [static_row(f"static:{e}", e) for e in experts]  # every expert alone, full and cheap included
     default_scores = outputs.router_scores[outputs.default_router]
-    auto = routed_row("auto", decide_routes(default_scores, full_index)[0], router=outputs.default_router)
+    auto = routed_row(
+        "auto", decide_routes(default_scores, full_index, path_madds=path_madds)[0], router=outputs.default_router
+    )
     if outputs.router_importance is not None:
         auto["importance"] = importance_summary(outputs.router_importance[outputs.default_router], outputs.kinds)
     rows.append(auto)
     rows.append(routed_row("oracle", oracle_routes(correct, path_madds, full_index)))
     calibrated = calibrate(default_scores, outputs.temperatures.get(outputs.default_router, 1.0))
     for threshold in thresholds:
-        choice, _ = decide_routes(calibrated, full_index, thresholds=np.full(n, threshold))
+        choice, _ = decide_routes(calibrated, full_index, path_madds=path_madds, thresholds=np.full(n, threshold))
         rows.append(routed_row(f"threshold={threshold:g}", choice, router=outputs.default_router))
     for router in outputs.routers:
-        choice, _ = decide_routes(outputs.router_scores[router["name"]], full_index)
+        choice, _ = decide_routes(outputs.router_scores[router["name"]], full_index, path_madds=path_madds)
         rows.append(routed_row(f"lambda={router['lambda']:g}", choice, router=router["name"]))
     if outputs.expert_components is not None:
         rows += _multi_expert_rows(outputs, correct, full_index, confidences)
@@ -103,11 +105,12 @@ def _multi_expert_rows(outputs: RoutingOutputs, correct: np.ndarray, full_index:
         madds = np.full(n, float(outputs.madds_of(set(experts))))
         rows.append(_row("soft", outputs, mixed.argmax(axis=1) == outputs.labels, madds, None, mean_weights=dict(
             zip(experts, weights.mean(axis=0).round(4).tolist(), strict=True))))  # fmt: skip
-    choice, _ = decide_routes(outputs.router_scores[outputs.default_router], full_index)
+    path_madds = np.array([outputs.path_madds[e] for e in experts], dtype=np.float64)
+    choice, _ = decide_routes(outputs.router_scores[outputs.default_router], full_index, path_madds=path_madds)
     top = np.stack([outputs.expert_probs[e].max(axis=1) for e in experts], axis=1)[np.arange(n), choice]  # (N,)
     both = {i: outputs.madds_of({experts[i], outputs.full_expert}) for i in range(len(experts))}
     for floor in confidences:
-        fallback = confidence_fallback(choice, top, full_index, np.full(n, floor))
+        fallback = confidence_fallback(choice, top, path_madds, full_index, np.full(n, floor))
         final = np.where(fallback, full_index, choice)
         madds = np.where(fallback, [both[c] for c in choice], [outputs.path_madds[experts[c]] for c in choice])
         row = _row(f"confidence={floor:g}", outputs, correct[np.arange(n), final], madds.astype(float), final)

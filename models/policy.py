@@ -12,6 +12,10 @@ Order of precedence for one request:
 and after the chosen expert ran:
     confidence         it was cheaper than the full path and its top probability is below the request's
                        min_confidence: the full path runs too, and its answer is the one returned
+
+"Cheaper" is by MAdds of the routed path (``path_madds``), not "any expert but the full one": the full path is
+the most accurate expert, not always the most expensive (on the default model ``muse`` costs more than ``mi2p``),
+and escalating from a dearer expert to it would spend more to answer worse.
 """
 
 from __future__ import annotations
@@ -57,19 +61,27 @@ def fit_temperature(scores: np.ndarray, targets: np.ndarray) -> float:
     return float(np.exp((low + high) / 2))
 
 
+def cheaper_than_full(path_madds: np.ndarray, full_index: int) -> np.ndarray:
+    """(E,) bool: the experts whose routed path costs fewer MAdds than the full path's, the only ones a threshold
+    or a confidence floor escalates from."""
+    path_madds = np.asarray(path_madds)
+    return path_madds < path_madds[full_index]
+
+
 def confidence_fallback(
-    choice: np.ndarray, top_probability: np.ndarray, full_index: int, min_confidence: np.ndarray
+    choice: np.ndarray, top_probability: np.ndarray, path_madds: np.ndarray, full_index: int, min_confidence: np.ndarray
 ) -> np.ndarray:
-    """(N,) bool: requests whose cheaper expert answered with a top probability below their min_confidence
-    (NaN: no fallback) and so also run the full path."""
+    """(N,) bool: requests whose expert, cheaper than the full path (``path_madds`` (E,)), answered with a top
+    probability below their min_confidence (NaN: no fallback) and so also run the full path."""
     with np.errstate(invalid="ignore"):
-        return (choice != full_index) & (top_probability < min_confidence)
+        return cheaper_than_full(path_madds, full_index)[choice] & (top_probability < min_confidence)
 
 
 def decide_routes(
     scores: np.ndarray,  # (N, E) router scores, rows sum to 1
     full_index: int,  # the full-fusion expert's column
     *,
+    path_madds: np.ndarray,  # (E,) MAdds of a request routed to each expert: a threshold escalates cheaper ones only
     forced: np.ndarray | None = None,  # (N,) expert index the request forces, or NOT_FORCED
     thresholds: np.ndarray | None = None,  # (N,) escalation threshold in [0, 1], NaN for none
     eligible: np.ndarray | None = None,  # (N, E) bool: the request has every modality the expert needs
@@ -87,7 +99,7 @@ def decide_routes(
     if thresholds is not None:
         chosen_score = scores[np.arange(n), choice]
         with np.errstate(invalid="ignore"):  # NaN thresholds compare False: no escalation
-            escalate = complete & (choice != full_index) & (chosen_score < thresholds)
+            escalate = complete & cheaper_than_full(path_madds, full_index)[choice] & (chosen_score < thresholds)
         choice = np.where(escalate, full_index, choice)
         decided_by = np.where(escalate, THRESHOLD, decided_by)
 

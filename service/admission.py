@@ -31,12 +31,13 @@ import logging
 import time
 
 from service.errors import ApiError, DeadlineExceeded, HeadersTooLarge, NotReady, OverCapacity, RequestTimeout
-from service.metrics import Metrics
-from service.middleware import error_messages, header, is_inference_path, send_error
+from service.metrics import ANONYMOUS, Metrics
+from service.middleware import error_messages, header, is_inference_path, raw_header, send_error
 
 logger = logging.getLogger("dynfuse")
 
 DEADLINE_KEY = "dynfuse.deadline"  # in the ASGI scope: time.monotonic() by which the request must be answered
+KEY_NAME_KEY = "dynfuse.key_name"  # in the ASGI scope: the name of the inference key presented, or None
 MAX_HEADER_BYTES = 64 * 1024  # nginx answers 400 past 4 x 8 KiB by default; we allow more, and answer 431
 # Past this the pacing gives up and answers anyway: client timeouts are rarely shorter, and held
 # connections should not pile up for ever.
@@ -93,16 +94,22 @@ class Admission:
         }
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or not is_inference_path(scope["path"]):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        if not is_inference_path(scope["path"]):
+            if _header_bytes(scope) > MAX_HEADER_BYTES:  # every path: no route reads more than this
+                error = HeadersTooLarge(f"the request headers are over the limit of {MAX_HEADER_BYTES:,} bytes")
+                return await send_error(scope, send, error.status, error.code, error.message)
             return await self.app(scope, receive, send)
         started = time.perf_counter()
+        key = self._key_label(scope)
         refusal = self._refusal(scope)
         if refusal is self._over_capacity:  # the common refusal under a spike: as cheap as it can be
             await self._refuse_over_capacity(scope, send)
-            return self.metrics.count_request(503, time.perf_counter() - started)
+            return self.metrics.count_request(503, time.perf_counter() - started, key)
         if refusal is not None:
             await self._refuse(scope, send, refusal)
-            return self.metrics.count_request(refusal.status, time.perf_counter() - started)
+            return self.metrics.count_request(refusal.status, time.perf_counter() - started, key)
 
         self.admitted += 1
         self._inflight.inc()
@@ -141,11 +148,21 @@ class Admission:
             self.admitted -= 1
             self._inflight.dec()
             # 500: what the client sees if the app died before answering
-            self.metrics.count_request(status or 500, time.perf_counter() - started)
+            self.metrics.count_request(status or 500, time.perf_counter() - started, key)
+
+    def _key_label(self, scope) -> str:
+        """The name of the inference key the request carries (for the metrics; the route checks it), kept in the
+        scope so that the route's check does not hash it again."""
+        access = getattr(self.state, "access", None)
+        if access is None or not access.keys_required:
+            return ANONYMOUS
+        name = access.key_name(raw_header(scope, b"authorization"))
+        scope[KEY_NAME_KEY] = name
+        return name or ANONYMOUS
 
     def _refusal(self, scope) -> ApiError | None:
         """Why this HTTP request is refused before any work, or None to admit it."""
-        if sum(len(name) + len(value) for name, value in scope["headers"]) > MAX_HEADER_BYTES:
+        if _header_bytes(scope) > MAX_HEADER_BYTES:
             return HeadersTooLarge(f"the request headers are over the limit of {MAX_HEADER_BYTES:,} bytes")
         return self.refusal()
 
@@ -203,6 +220,10 @@ class Admission:
         turn = min(max(now, self._next_refusal), now + self.max_refusal_hold_s)
         self._next_refusal = turn + self.refusal_interval_s
         return turn - now
+
+
+def _header_bytes(scope) -> int:
+    return sum(len(name) + len(value) for name, value in scope["headers"])
 
 
 def _unbounded_body(scope, max_body_bytes: int) -> bool:

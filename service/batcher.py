@@ -16,6 +16,13 @@ What keeps it from wedging:
 - A failing item fails only itself: when a batch fails, its items run again one by one.
 - ``stop()`` refuses new work at once, then answers everything already accepted (served, or 503 if
   the worker cannot finish within the grace period).
+- Health: a batch in which every request failed says little alone (its inputs may be bad), but
+  ``UNHEALTHY_AFTER`` of them in a row make the batcher run a probe (``probe()``: an input known to be
+  good); if that fails too, the pipeline itself is broken (a lost device, a broken session). The batcher
+  is then unhealthy: ``ready`` is False with the reason (``/readyz`` answers 503 with it), new work is
+  refused with 503 at once, and the probe runs again every few seconds, without traffic, until it
+  passes. A batch that answers any request also ends it. A refusal by the pipeline's own passing state
+  (an ApiError: a Ray expert deployment restarting, answered 503 with Retry-After) counts neither way.
 - The queue bound refuses a call only when the queue is already full, whatever its size: a call of
   many rows is admitted whenever a call of one would be (the queue may then briefly hold up to
   ``max_queue + rows - 1`` items), so no valid call is refused forever.
@@ -27,6 +34,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -37,6 +45,8 @@ from service.metrics import Metrics
 logger = logging.getLogger("dynfuse")
 
 RESTART_BACKOFF_S = (0.05, 0.2, 1.0, 5.0)  # after the 1st, 2nd, 3rd, ... consecutive failure
+UNHEALTHY_AFTER = 3  # batches in a row in which every request failed, before the probe decides
+PROBE_INTERVALS_S = (1.0, 2.0, 5.0)  # between probes while unhealthy: after the 1st, 2nd, 3rd+ failed probe
 _STOP = object()  # queued by stop(): everything before it is answered, then the worker ends
 
 
@@ -65,6 +75,8 @@ class MicroBatcher:
         max_queue: int,
         retry_after_s: int = 1,
         stuck_after_s: float = 30.0,
+        probe: Callable[[], list[PipelineInput]] | None = None,
+        on_batch_taken: Callable[[int], None] | None = None,
     ):
         self.pipeline = pipeline
         self.metrics = metrics
@@ -83,6 +95,12 @@ class MicroBatcher:
         self._failures = 0  # consecutive failed iterations or worker deaths: how long the next backoff is
         self._backoff_until = 0.0  # monotonic time until which the worker is backing off after a failure
         self._stopping = False
+        self.probe = probe  # makes inputs known to be good; None: health follows the real batches only
+        self.on_batch_taken = on_batch_taken  # called with what is still queued when a batch leaves the queue
+        self._all_failed = 0  # batches in a row in which every request failed
+        self._last_failure = ""  # what the last failed request failed with, for the reason
+        self._unhealthy: str | None = None  # why the pipeline is considered broken; None while it is not
+        self._failed_probes = 0
 
     # -- lifecycle -------------------------------------------------------------------------------
     def start(self) -> None:
@@ -100,6 +118,16 @@ class MicroBatcher:
         return started is None or time.monotonic() - started < self.stuck_after_s
 
     @property
+    def healthy(self) -> bool:
+        """The pipeline answers (see "Health" above)."""
+        return self._unhealthy is None
+
+    @property
+    def ready(self) -> bool:
+        """What readiness reports: running and healthy."""
+        return self.running and self.healthy
+
+    @property
     def queued(self) -> int:
         """Items waiting: in the queue, and in a batch that is still filling (not the batch running now)."""
         filling = len(self._in_hand) if self._batch_started is None else 0
@@ -115,6 +143,9 @@ class MicroBatcher:
             return f"restarting after {self._failures} consecutive failure(s)"
         if not self.running:
             return f"one batch has run for over {self.stuck_after_s:g} s"
+        if self._unhealthy is not None:
+            probes = f"; {self._failed_probes} probe(s) failed since" if self._failed_probes else ""
+            return f"{self._unhealthy}{probes}"
         return "running"
 
     async def stop(self, grace_s: float = 30.0) -> None:
@@ -142,6 +173,8 @@ class MicroBatcher:
         (``time.monotonic()``; None: no deadline)."""
         if self._stopping:
             raise NotReady("the server is shutting down; retry on another replica", self.retry_after_s)
+        if self._unhealthy is not None and self.probe is not None:  # the probe, not requests, tells recovery
+            raise NotReady(f"the model cannot answer now: {self._unhealthy}; retry later", self.retry_after_s)
         if self._queue.qsize() >= self.max_queue:
             raise Overloaded(
                 f"the server is at capacity ({self.max_queue} requests queued); retry after {self.retry_after_s} s",
@@ -192,8 +225,9 @@ class MicroBatcher:
         while True:
             try:
                 batch, stop = await self._next_batch()
+                self._batch_taken()
                 if batch:
-                    await self._process(batch)
+                    await self._note_outcome(await self._process(batch))
                 self._failures = 0
                 if stop:
                     return
@@ -213,7 +247,7 @@ class MicroBatcher:
 
     async def _next_batch(self) -> tuple[list[_Pending], bool]:
         """Up to ``max_batch_size`` live requests, and whether stop() was queued behind them."""
-        first = await self._queue.get()
+        first = await self._queue.get() if self.healthy or self.probe is None else await self._probe_until_entry()
         if first is _STOP:
             return [], True
         self._in_hand = [first]
@@ -239,7 +273,72 @@ class MicroBatcher:
         self._in_hand = [p for p in self._in_hand if not p.future.done()]
         return self._in_hand
 
-    async def _process(self, batch: list[_Pending]) -> None:
+    def _batch_taken(self) -> None:
+        if self.on_batch_taken is None:
+            return
+        try:
+            self.on_batch_taken(self._queue.qsize())
+        except Exception:  # noqa: BLE001 - bookkeeping must not take the batch or the loop down with it
+            logger.exception("on_batch_taken failed")
+
+    # -- health ----------------------------------------------------------------------------------
+    async def _note_outcome(self, answered: int | None) -> None:
+        """After a batch: ``answered`` of its requests got an answer (None: refused by the pipeline's own state)."""
+        if answered is None:
+            return
+        if answered:
+            self._all_failed = 0
+            self._recovered("a batch was answered")
+            return
+        self._all_failed += 1
+        if self._all_failed < UNHEALTHY_AFTER or self._unhealthy is not None:
+            return
+        if self.probe is not None and await self._probe_passes():
+            self._all_failed = 0  # a good input is answered: those inputs were the trouble, not the pipeline
+            return
+        self._unhealthy = f"the last {self._all_failed} batches failed for every request ({self._last_failure})"
+        self._failed_probes = 0
+        logger.error("the model is unhealthy: %s; probing it until it answers", self._unhealthy)
+
+    def _recovered(self, how: str) -> None:
+        if self._unhealthy is not None:
+            logger.warning("the model answers again (%s): healthy", how)
+        self._unhealthy = None
+        self._failed_probes = 0
+
+    async def _probe_passes(self) -> bool:
+        """Run a known-good input through the pipeline (on the worker's thread, like a batch)."""
+        loop = asyncio.get_running_loop()
+        self._batch_started = time.monotonic()
+        try:
+            items = self.probe()
+            outputs, _ = await loop.run_in_executor(self._executor, self.pipeline.predict, items)
+            return len(outputs) == len(items)
+        except Exception as error:  # noqa: BLE001 - a failed probe is the answer sought
+            self._last_failure = f"probe: {type(error).__name__}: {error}"[:300]
+            return False
+        finally:
+            self._batch_started = None
+
+    async def _probe_until_entry(self):
+        """While unhealthy: wait for a queue entry (stop(), or work queued before), probing between waits."""
+        while not self.healthy:
+            interval = PROBE_INTERVALS_S[min(self._failed_probes, len(PROBE_INTERVALS_S) - 1)]
+            try:
+                return await asyncio.wait_for(self._queue.get(), interval)
+            except asyncio.TimeoutError:
+                pass
+            if await self._probe_passes():
+                self._all_failed = 0
+                self._recovered("the probe was answered")
+            else:
+                self._failed_probes += 1
+        return await self._queue.get()
+
+    async def _process(self, batch: list[_Pending]) -> int | None:
+        """Run one batch and answer its requests; how many got an answer (not an error), or None when the pipeline
+        refused them all with an ApiError: its own passing state (a Ray expert deployment restarting, answered 503
+        with Retry-After), which says nothing of its health either way."""
         loop = asyncio.get_running_loop()
         started = time.perf_counter()
         self._batch_started = time.monotonic()
@@ -254,15 +353,15 @@ class MicroBatcher:
             # answer now: 503 with Retry-After): every request of the batch gets it as it is.
             logger.warning("the pipeline refused a batch of %d: %s", len(batch), error)
             self._fail_in_hand(error)
-            return
-        except Exception:  # noqa: BLE001 - one bad item must not fail its neighbours: find it
+            return None
+        except Exception as error:  # noqa: BLE001 - one bad item must not fail its neighbours: find it
+            self._last_failure = f"{type(error).__name__}: {error}"[:300]
             if len(batch) > 1:
                 logger.exception("the pipeline failed on a batch of %d; running its items one by one", len(batch))
-                await self._process_one_by_one(batch)
-            else:
-                logger.exception("the pipeline failed on one item")
-                self._fail_in_hand(RuntimeError("the pipeline failed on this input"))
-            return
+                return await self._process_one_by_one(batch)
+            logger.exception("the pipeline failed on one item")
+            self._fail_in_hand(RuntimeError("the pipeline failed on this input"))
+            return 0
         finally:
             self._batch_started = None
         inference = time.perf_counter() - started
@@ -279,9 +378,12 @@ class MicroBatcher:
             self.metrics.observe_batch(len(batch), queue_seconds, expert_seconds)
         except Exception:  # noqa: BLE001 - bookkeeping must not take the answers or the loop down with it
             logger.exception("could not record a batch's metrics")
+        refused = sum(isinstance(output, ApiError) for output in outputs)
+        return None if refused == len(batch) else len(batch) - refused
 
-    async def _process_one_by_one(self, batch: list[_Pending]) -> None:
+    async def _process_one_by_one(self, batch: list[_Pending]) -> int:
         loop = asyncio.get_running_loop()
+        answered = 0
         for p in batch:
             if p.future.done():
                 continue
@@ -291,14 +393,17 @@ class MicroBatcher:
                 [output], _ = await loop.run_in_executor(self._executor, self.pipeline.predict, [p.item])
             except Exception as error:  # noqa: BLE001 - handed to this item's caller alone
                 logger.exception("the pipeline failed on one item of a failed batch")
+                self._last_failure = f"{type(error).__name__}: {error}"[:300]
                 if not p.future.done():
                     p.future.set_exception(RuntimeError(f"the pipeline failed on this input ({error!r})"))
                 continue
             finally:
                 self._batch_started = None
+            answered += 1
             if not p.future.done():
                 p.future.set_result(BatchResult(output, started - p.enqueued, time.perf_counter() - started))
         self._in_hand = []
+        return answered
 
     # -- answering what cannot be served ---------------------------------------------------------
     def _fail_in_hand(self, error: BaseException) -> None:

@@ -129,7 +129,7 @@ def cmd_build_default(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    from service.config import Settings
+    from service.config import load_settings
     from service.server import serve
 
     overrides = {
@@ -152,7 +152,7 @@ def cmd_serve(args) -> int:
         if value is not None
     }
     if args.engine == "ray":
-        settings = Settings(**overrides)
+        settings = load_settings(**overrides)
         if settings.grpc_port is not None:
             raise ValueError(
                 "gRPC (--grpc-port, DYNFUSE_GRPC_PORT) is served by the uvicorn engine only: --engine ray serves the "
@@ -163,7 +163,7 @@ def cmd_serve(args) -> int:
         return serve_on_ray(settings, args.address, args.deployments)
     if args.address or args.deployments:
         raise ValueError("--address and --deployments are for --engine ray")
-    return serve(Settings(**overrides))
+    return serve(load_settings(**overrides))
 
 
 def cmd_plan(args) -> int:

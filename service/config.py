@@ -6,10 +6,11 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 MIB = 1 << 20
+DEFAULT_POLL_S = 15.0  # Triton's --repository-poll-secs default
 
 
 class Settings(BaseSettings):
@@ -23,12 +24,18 @@ class Settings(BaseSettings):
         description="More models of the store to serve from the start, beside the default one: comma-separated "
         "names, or '*' for all. Requests pick one with their 'model' field; the repository API loads others later.",
     )
+    model_control: Literal["none", "explicit", "poll"] = Field(
+        "none",
+        description="Model control, as Triton's --model-control-mode: 'none' (load and unload are refused with 403; "
+        "the repository index stays readable), 'explicit' (POST /v2/repository/models/{name}/load and unload, with "
+        "the admin key), 'poll' (the store is polled every store_poll_s and each served model swapped to its highest "
+        "version; explicit load and unload are refused).",
+    )
     store_poll_s: float | None = Field(
         None,
         gt=0,
-        description="Every this many seconds, look for a newer version of each served model in the store and swap "
-        "to it (verified and warmed beside the old one). Default: off; POST /v2/repository/models/{name}/load does "
-        "it on demand.",
+        description="With model_control=poll: every this many seconds, look for a newer version of each served model "
+        f"in the store and swap to it (verified and warmed beside the old one). Default: {DEFAULT_POLL_S:g}.",
     )
     backend: Literal["onnx", "torchscript"] = Field("onnx", description="Runtime for the exported components.")
     device: Literal["cpu", "cuda"] = Field("cpu", description="cuda needs onnxruntime-gpu or a CUDA build of torch.")
@@ -130,7 +137,22 @@ class Settings(BaseSettings):
         None, ge=0, description="Queued requests at or below which degrading stops; default: a quarter of the high."
     )
 
-    api_key: str | None = Field(None, description="When set, inference endpoints need 'Authorization: Bearer <key>'.")
+    api_key: str | None = Field(
+        None,
+        description="An inference key: when set (or api_keys_file is), inference calls and model metadata need "
+        "'Authorization: Bearer <key>'. Named 'default' in the metrics. It never loads or unloads a model.",
+    )
+    api_keys_file: Path | None = Field(
+        None,
+        description="A file of named inference keys, one 'NAME:KEY' per line ('#' comments, blank lines skipped), "
+        "each accepted like api_key; the NAME labels the request metrics. Re-read within a second of a change, so "
+        "that one key is revoked by removing its line.",
+    )
+    admin_key: str | None = Field(
+        None,
+        description="The key of model control calls (load, unload) with model_control=explicit; inference keys are "
+        "never enough. Needed unless the server listens on loopback only.",
+    )
     log_level: str = "info"
 
     ray_placement_wait_s: float = Field(
@@ -156,12 +178,49 @@ class Settings(BaseSettings):
             return None  # DYNFUSE_GRPC_PORT= (empty) turns gRPC off, e.g. over the image's 8001
         return value
 
-    @field_validator("api_key")
+    @field_validator("api_key", "admin_key")
     @classmethod
     def _key_not_blank(cls, value: str | None) -> str | None:
         if value is not None and not value.strip():
             return None  # an empty DYNFUSE_API_KEY= means no key, not a key of ""
-        return value
+        return value.strip() if value is not None else None  # as sent after 'Bearer ': surrounding spaces go
+
+    @field_validator("api_keys_file", mode="before")
+    @classmethod
+    def _no_file_is_none(cls, value):
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @model_validator(mode="after")
+    def _keys_file_reads(self) -> Settings:
+        if self.api_keys_file is not None:
+            from service.auth import AccessPolicy  # reads and parses the file, as the server will
+
+            AccessPolicy.from_settings(self)
+        return self
+
+    @model_validator(mode="after")
+    def _control_is_guarded(self) -> Settings:
+        from service.auth import is_loopback
+
+        if self.model_control == "explicit" and self.admin_key is None and not is_loopback(self.host):
+            raise ValueError(
+                f"DYNFUSE_MODEL_CONTROL=explicit without DYNFUSE_ADMIN_KEY on DYNFUSE_HOST={self.host}: anyone who "
+                "can reach the port could load and unload models. Set DYNFUSE_ADMIN_KEY, or listen on loopback only "
+                "(127.0.0.1, ::1, localhost)"
+            )
+        if self.store_poll_s is not None and self.model_control != "poll":
+            raise ValueError(
+                f"DYNFUSE_STORE_POLL_S is set but DYNFUSE_MODEL_CONTROL={self.model_control}: the store is polled "
+                "only with DYNFUSE_MODEL_CONTROL=poll"
+            )
+        return self
+
+    @property
+    def poll_interval_s(self) -> float | None:
+        """Seconds between store polls; None when the store is not polled."""
+        if self.model_control != "poll":
+            return None
+        return self.store_poll_s or DEFAULT_POLL_S
 
     @model_validator(mode="after")
     def _queue_holds_a_batch(self) -> Settings:
@@ -209,6 +268,59 @@ class Settings(BaseSettings):
         return self.max_inflight or max(1, self.max_queue // 2)
 
 
+def check_settings_for(model, settings: Settings) -> None:
+    """The settings that name something of ``model`` (an ``export.store.StoredModel``) name what it has;
+    StoreError naming the variable otherwise. ``dynfuse serve`` checks them before it starts, and every load
+    again."""
+    from export.store import StoreError
+
+    for setting, point in (
+        ("DYNFUSE_OPERATING_POINT", settings.operating_point),
+        ("DYNFUSE_DEGRADE_TO", settings.degrade_to),
+    ):
+        if point is not None and point not in model.operating_points:
+            raise StoreError(
+                f"{setting}={point!r} is not an operating point of {model.name} v{model.version}; "
+                f"it has: {', '.join(model.operating_points)}"
+            )
+
+
+SECRET_FIELDS = frozenset({"api_key", "admin_key"})  # their values never appear in an error message
+
+
+class SettingsError(ValueError):
+    """A setting the server cannot start with; the message names the environment variable."""
+
+
+def load_settings(**overrides) -> Settings:
+    """The settings from the ``DYNFUSE_*`` environment and ``overrides`` (``dynfuse serve``'s flags). A bad
+    value raises SettingsError naming the variable, as a user sets it: ``DYNFUSE_MAX_QUEUE='abc': Input should
+    be a valid integer``, not pydantic's field name."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as error:
+        raise SettingsError(describe_settings_error(error)) from None
+
+
+def describe_settings_error(error: ValidationError) -> str:
+    lines = []
+    for entry in error.errors():
+        message = entry.get("msg", "invalid").removeprefix("Value error, ")
+        field = next((str(part) for part in entry.get("loc", ()) if isinstance(part, str)), None)
+        if field is None:  # a rule across several settings: its message names them
+            lines.append(message)
+            continue
+        variable = f"DYNFUSE_{field.upper()}"
+        shown = "" if field in SECRET_FIELDS or "input" not in entry else f"={_short(entry['input'])}"
+        lines.append(f"{variable}{shown}: {message}")
+    return "; ".join(lines) or str(error)
+
+
+def _short(value) -> str:
+    text = repr(str(value)) if not isinstance(value, str) else repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
 @lru_cache
 def get_settings() -> Settings:
-    return Settings()
+    return load_settings()

@@ -38,9 +38,10 @@ logger = logging.getLogger("dynfuse")
 # no caller who needs it. Animated GIF, PNG (APNG) and WebP are read as their first frame.
 IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP")
 
-# Modes ``Image.reduce`` averages directly; palette (P), bilevel (1) and 16-bit (I;16*) images become RGB
-# first, since averaging palette indices or packed bits would be meaningless.
-REDUCIBLE_MODES = frozenset({"L", "LA", "La", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr", "I", "F", "PA"})
+# Modes ``Image.reduce`` averages directly; palette (P, PA), bilevel (1) and 16-bit (I;16*) images become RGB
+# first, a strip at a time, since averaging palette indices or packed bits would be meaningless.
+REDUCIBLE_MODES = frozenset({"L", "LA", "La", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr", "I", "F"})
+STRIP_PIXELS = 1 << 18  # the others become RGB a strip of about this many pixels at a time (1 MiB of RGB)
 
 # What a reduced image keeps, in multiples of the model's side: like Pillow's ``thumbnail`` (reducing_gap
 # 2), the cheap reduction stops at twice the target so the final bilinear resize still sees every detail.
@@ -113,9 +114,7 @@ def decode_image(opened: OpenedImage, *, side: int) -> Image.Image:
             image.load()
             factors = (max(1, image.width // target), max(1, image.height // target))
             if factors != (1, 1):
-                if image.mode not in REDUCIBLE_MODES:
-                    image = to_rgb(image)
-                image = image.reduce(factors)
+                image = image.reduce(factors) if image.mode in REDUCIBLE_MODES else _reduce_in_strips(image, factors)
             # Exactly as the training images were converted; in place, since the picture is ours (Pillow would copy
             # even a picture with nothing to turn: 4 us of the ~110 us a 64x64 PNG takes to decode).
             decoded = to_rgb(image, in_place=True)
@@ -129,6 +128,20 @@ def decode_image(opened: OpenedImage, *, side: int) -> Image.Image:
     finally:
         if decoded is not opened.image:  # what was decoded from it is a picture of its own
             opened.image.close()
+
+
+def _reduce_in_strips(image: Image.Image, factors: tuple[int, int]) -> Image.Image:
+    """``image.convert("RGB").reduce(factors)``, the same pixels, without the full-size RGB copy: a palette,
+    bilevel or 16-bit image is converted and reduced a strip of rows at a time (Pillow holds RGB at 4 bytes a
+    pixel: a 4096x4096 palette PNG would need 64 MiB beside its 16 MiB of indices)."""
+    fx, fy = factors
+    rows = fy * max(1, STRIP_PIXELS // (image.width * fy))  # whole boxes of ``fy`` rows per strip
+    reduced = Image.new("RGB", (-(-image.width // fx), -(-image.height // fy)))
+    reduced.info = dict(image.info)  # the EXIF orientation, applied by to_rgb once reduced
+    for top in range(0, image.height, rows):
+        strip = image.crop((0, top, image.width, min(top + rows, image.height))).convert("RGB")
+        reduced.paste(strip.reduce(factors), (0, top // fy))
+    return reduced
 
 
 def _corrupt(error: Exception) -> InvalidInput:

@@ -43,8 +43,20 @@ class Unauthorized(ApiError):
         super().__init__(message, headers={"WWW-Authenticate": "Bearer"})
 
 
+class Forbidden(ApiError):
+    """The call is not allowed in this server's configuration, whoever makes it (model control is off)."""
+
+    status, code, reason = 403, "forbidden", "unauthorized"
+
+
 class NotFound(ApiError):
     status, code = 404, "not_found"
+
+
+class Superseded(ApiError):
+    """A control call whose outcome a call asked after it has replaced (on another worker): that one wins."""
+
+    status, code = 409, "superseded"
 
 
 class LoadRefused(ApiError):

@@ -14,13 +14,14 @@ from dataclasses import dataclass
 from urllib.parse import quote
 
 import numpy as np
+from PIL import Image
 
 from export.backends import Backend, create_backend
 from export.pipeline import AUTO, SOFT, DynamicPipeline, PipelineInput, RouteError
-from export.store import StoredModel, StoreError, load_model
+from export.store import StoredModel, load_model
 from models.policy import DECIDED_BY
 from service.batcher import BatchResult, MicroBatcher
-from service.config import Settings
+from service.config import Settings, check_settings_for
 from service.decode import OpenedImage, check_text, decode_image, open_image
 from service.degrade import DegradeController
 from service.errors import InvalidInput
@@ -87,6 +88,8 @@ class InferenceService:
             max_queue=settings.max_queue,
             retry_after_s=settings.retry_after_s,
             stuck_after_s=settings.request_timeout_s,
+            probe=self.probe_items,
+            on_batch_taken=self._queue_shrank,
         )
         self.default_point = settings.operating_point or model.default_point
         high, low = settings.water_marks
@@ -106,19 +109,10 @@ class InferenceService:
         their own deployments)."""
         started = time.perf_counter()
         model = load_model(settings.store, settings.model, settings.model_version)
-        for setting, point in (
-            ("DYNFUSE_OPERATING_POINT", settings.operating_point),
-            ("DYNFUSE_DEGRADE_TO", settings.degrade_to),
-        ):
-            if point is not None and point not in model.operating_points:
-                raise StoreError(
-                    f"{setting}={point!r} is not an operating point of {model.name} v{model.version}; "
-                    f"it has: {', '.join(model.operating_points)}"
-                )
+        check_settings_for(model, settings)
         backend = create_backend(settings.backend, settings.device, settings.threads)
         pipeline = make_pipeline(model, backend)
         pipeline.warmup(batch_sizes=(1, settings.max_batch_size))
-        metrics.set_model_info(model.version, backend.name, backend.device)
         metrics.init_routes(pipeline.experts, DECIDED_BY, model.operating_points, soft=SOFT)
         logger.info(
             "loaded %s v%s (%s) and warmed it in %.1f s",
@@ -128,6 +122,16 @@ class InferenceService:
             time.perf_counter() - started,
         )
         return cls(settings, model, pipeline, metrics)
+
+    def _queue_shrank(self, queued: int) -> None:
+        """A batch left the queue: a degraded spell ends when the queue drains, not at the next request."""
+        self.degrade.update(queued)
+
+    def probe_items(self) -> list[PipelineInput]:
+        """One input known to be good (a text and a plain grey picture): what the batcher runs to tell a broken
+        pipeline from bad requests (service/batcher.py, "Health")."""
+        side = self.pipeline.decode_side
+        return [self.pipeline.prepare("a picture", Image.new("RGB", (side, side), (128, 128, 128)))]
 
     async def stop(self) -> None:
         """Answer everything accepted, then release the threads and what the pipeline holds."""

@@ -21,13 +21,14 @@ from service.admission import Admission
 from service.api.fast_path import FastClassify
 from service.api.openapi import install_openapi
 from service.api.routes import classify, docs, health, models, playground, repository, v2
+from service.auth import AccessPolicy
 from service.config import Settings, get_settings
 from service.errors import ApiError, install_error_handlers
 from service.inference import PipelineFactory
 from service.metrics import Metrics
 from service.middleware import BodySizeLimit
 from service.repository import ModelRepository
-from service.repository_sync import STATE_FILE_ENV, SharedState, follow, poll_store, startup_models
+from service.repository_sync import STATE_FILE_ENV, SharedState, follow, poll_store, startup_models, supervised
 
 logger = logging.getLogger("dynfuse")
 
@@ -101,6 +102,7 @@ def create_app(
     app.state.load_error = None
     app.state.make_pipeline = make_pipeline
     app.state.grpc = None  # the gRPC server (service/grpc/), when DYNFUSE_GRPC_PORT is set
+    app.state.access = AccessPolicy.from_settings(settings)  # keys and model control, for every front end
     install_error_handlers(app, on_rejected=metrics.reject)
     # Inside the front door (admission): every request that may read a body (or drain one) holds a place
     # within the capacity.
@@ -140,8 +142,9 @@ async def _load(app: FastAPI) -> None:
     settings: Settings = app.state.settings
     repository: ModelRepository = app.state.repository
     shared = SharedState(os.environ[STATE_FILE_ENV]) if STATE_FILE_ENV in os.environ else None
-    # A worker serves what its siblings serve now (the shared file), not what the settings said at start.
-    wanted = (shared.read() if shared else None) or startup_models(settings, repository.default)
+    # A worker serves what its siblings serve now (the shared file), not what the settings said at start; a
+    # missing or unreadable file is rebuilt by the follow loop from what is served.
+    wanted = (shared.wanted() if shared else None) or startup_models(settings, repository.default)
     default_version = wanted.pop(repository.default, settings.model_version)
     try:
         await repository.load(repository.default, default_version, announce=False)
@@ -155,11 +158,16 @@ async def _load(app: FastAPI) -> None:
         except ApiError as error:
             logger.error("cannot serve %s beside %s: %s", name, repository.default, error.message)
     repository.started = True  # ready: everything asked for at start is served (or was refused, and logged)
+    metrics: Metrics = app.state.metrics
     if shared is not None:
-        repository.on_change = shared.update
-        app.state.background.append(asyncio.create_task(follow(repository, shared), name="dynfuse-follow"))
-    if settings.store_poll_s:
-        poll = poll_store(repository, settings.store_poll_s)
+        repository.take_ticket, repository.on_change = shared.ticket, shared.update
+        loop = supervised(
+            "following the other workers", lambda: follow(repository, shared), metrics.restarted("follow")
+        )
+        app.state.background.append(asyncio.create_task(loop, name="dynfuse-follow"))
+    if settings.poll_interval_s:
+        interval = settings.poll_interval_s
+        poll = supervised("the store poll", lambda: poll_store(repository, interval), metrics.restarted("store_poll"))
         app.state.background.append(asyncio.create_task(poll, name="dynfuse-store-poll"))
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
 
 MULTIPROCESS_DIR = "PROMETHEUS_MULTIPROC_DIR"  # set by `dynfuse serve --workers N` for its workers
+ANONYMOUS = "anonymous"  # the key label of a request no inference key identified (service/auth.py)
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 SHORT_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
@@ -33,6 +34,7 @@ REJECT_REASONS = (
     "deadline",  # not served before the request's deadline (504)
     "body_timeout",  # the client did not send its body before the deadline (408)
 )  # ApiError.reason values
+BACKGROUND_LOOPS = ("follow", "store_poll")  # the loops service/repository_sync.py runs, supervised
 # What the inference routes answer; 503 (overloaded, not ready) and 504 (deadline) are the only 5xx a
 # request should ever get, and 500 a test should never see.
 STATUSES = ("200", "400", "401", "404", "408", "413", "415", "422", "431", "499", "500", "503", "504")
@@ -57,8 +59,9 @@ class Metrics:
         # Traffic
         self.requests = Counter(
             "dynfuse_requests",
-            "Inference requests by status code (for gRPC: the HTTP status of the same outcome) and protocol.",
-            ["model", "status", "protocol"],
+            "Inference requests by status code (for gRPC: the HTTP status of the same outcome), protocol, and the "
+            "name of the inference key that made them.",
+            ["model", "status", "protocol", "key"],
             registry=r,
         )
         self.rejected = Counter(
@@ -133,11 +136,18 @@ class Metrics:
         self.batch_size = Histogram(
             "dynfuse_batch_size", "Requests per micro-batch.", ["model"], buckets=BATCH_BUCKETS, registry=r
         )
+        self.background_restarts = Counter(
+            "dynfuse_background_restarts",
+            "Restarts of a background loop that failed (follow: the other workers' loads; store_poll).",
+            ["model", "loop"],
+            registry=r,
+        )
         self.model_info = Gauge(
             "dynfuse_model_info",
             "The served model (value 1).",
             ["model", "version", "backend", "device"],
-            multiprocess_mode="max",  # 1 from every process, reported once
+            # 1 from every live process, reported once: a dead worker's file (a version it served) drops out
+            multiprocess_mode="livemax",
             registry=r,
         )
 
@@ -160,6 +170,12 @@ class Metrics:
         self._by_reason = {reason: self.rejected.labels(model, reason) for reason in REJECT_REASONS}
         for modality in MODALITIES:
             self.modality_importance.labels(model, modality)
+        for loop in BACKGROUND_LOOPS:
+            self.background_restarts.labels(model, loop)
+
+    def restarted(self, loop: str):
+        """What to call when the background loop ``loop`` is restarted (counted under the default model)."""
+        return self.background_restarts.labels(self.model, loop).inc
 
     def init_routes(self, experts, decided_by, operating_points=(), soft: str | None = None) -> None:
         """The per-expert and per-operating-point series, created once the model is known. ``soft``: the expert
@@ -205,7 +221,7 @@ class Metrics:
     def _bind_requests(self, model: str) -> None:
         """The request series of ``model``, every status of every protocol, created (at 0) and bound once."""
         self._by_status = {
-            (protocol, status): self.requests.labels(model, status, protocol)
+            (protocol, status, ANONYMOUS): self.requests.labels(model, status, protocol, ANONYMOUS)
             for protocol in PROTOCOLS
             for status in STATUSES
         }
@@ -243,10 +259,15 @@ class Metrics:
         child = self._by_reason.get(reason)
         (child if child is not None else self.rejected.labels(self.model, reason)).inc()
 
-    def count_request(self, status: int, seconds: float, protocol: str = "http") -> None:
-        """One inference request answered with ``status`` after ``seconds``, that came in over ``protocol``."""
-        child = self._by_status.get((protocol, str(status)))
-        (child if child is not None else self.requests.labels(self.model, str(status), protocol)).inc()
+    def count_request(self, status: int, seconds: float, key: str = ANONYMOUS, protocol: str = "http") -> None:
+        """One inference request answered with ``status`` after ``seconds``, made with the inference key named
+        ``key`` (service/auth.py: never the key itself), that came in over ``protocol``."""
+        child = self._by_status.get((protocol, str(status), key))
+        if child is None:  # a key's series are made at its first request: the keys file may change at any time
+            child = self._by_status[(protocol, str(status), key)] = self.requests.labels(
+                self.model, str(status), protocol, key
+            )
+        child.inc()
         self._duration[protocol].observe(seconds)
 
     def render(self) -> bytes:

@@ -90,9 +90,15 @@ class BodySizeLimit:
 
 
 def header(scope, name: bytes) -> str | None:
+    value = raw_header(scope, name)
+    return None if value is None else value.decode("latin-1").strip()
+
+
+def raw_header(scope, name: bytes) -> bytes | None:
+    """The first value of header ``name`` (lower case) as sent, in bytes."""
     for key, value in scope["headers"]:
         if key == name:
-            return value.decode("latin-1").strip()
+            return value
     return None
 
 

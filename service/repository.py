@@ -17,14 +17,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from urllib.parse import quote
 
 from export.store import ModelNotFoundError, StoreError, list_store, resolve
 from service.config import Settings
-from service.errors import LoadRefused, MalformedRequest, NotFound, NotReady
+from service.errors import InvalidInput, LoadRefused, MalformedRequest, NotFound, NotReady, Superseded
 from service.inference import InferenceService
 from service.metrics import Metrics
 
@@ -75,9 +77,12 @@ class ModelRepository:
         self.state = state  # the app's state: ``service`` is kept equal to the default model's version
         self.default = metrics.model
         self.models: dict[str, InferenceService] = {}
-        # Called with (name, version or None) after a load or unload asked for here (not one that follows
+        # Called with (name, version or None, ticket) after a load or unload asked for here (not one that follows
         # another worker): how the other workers hear of it (service/repository_sync.py).
-        self.on_change: Callable[[str, str | None], None] | None = None
+        self.on_change: Callable[[str, str | None, int], object] | None = None
+        # The order of control calls: a call takes a ticket when it is asked; where calls race, the one with the
+        # later ticket wins (the workers share one counter: service/repository_sync.py).
+        self.take_ticket: Callable[[], int] = itertools.count(1).__next__
         self._loading: set[str] = set()
         self._reasons: dict[str, str] = {}  # why a model is not served, or not at the version last asked for
         self._locks: dict[str, asyncio.Lock] = {}
@@ -96,13 +101,17 @@ class ModelRepository:
         service = self.models.get(name)
         if service is not None:
             return service
+        if not name.strip():
+            raise InvalidInput("model: empty; leave it out to ask the default model (GET /v1/models lists them)")
         if name in self._loading or (self.starting and name == self.default):
             raise NotReady(f"model {name!r} is loading; retry shortly (GET /readyz answers 200 once it is ready)")
         served = ", ".join(sorted(self.models)) or "none"
-        raise NotFound(
-            f"unknown model {name!r}: not served here (served: {served}); "
-            f"POST /v2/repository/models/{name}/load loads a model of the store"
+        how = (
+            f"POST /v2/repository/models/{quote(name, safe='')}/load (with the admin key) loads a model of the store"
+            if self.settings.model_control == "explicit"
+            else "GET /v1/models lists them"
         )
+        raise NotFound(f"unknown model {name!r}: not served here (served: {served}); {how}")
 
     @property
     def starting(self) -> bool:
@@ -130,6 +139,8 @@ class ModelRepository:
         """Serve ``version`` of ``name`` (the highest in the store when None), swapping out the version served
         now, if any. Raises NotFound (no such model or version in the store) or LoadRefused (it does not
         verify or warm up; what was served keeps serving)."""
+        self._check_known(name)
+        ticket = self.take_ticket() if announce else 0  # when asked: before waiting for the lock or the load
         async with self._lock(name):
             try:
                 path = resolve(self.settings.store, name, version)
@@ -155,6 +166,8 @@ class ModelRepository:
                 self._loading.discard(name)
             service.batcher.start()
             self.models[name] = service  # the swap: from here on, new requests lease the new version
+            backend = service.pipeline.backend  # model_info shows a version once it serves, never a refused one
+            service.metrics.set_model_info(service.model.version, backend.name, backend.device)
             self._reasons.pop(name, None)
             self._follow_default()
             if current is not None:
@@ -162,25 +175,34 @@ class ModelRepository:
             seconds = time.perf_counter() - started
             previous = current.model.version if current else None
             logger.info("model %s: serving version %s (was %s), ready in %.2f s", name, path.name, previous, seconds)
-        if announce and self.on_change is not None:
-            self.on_change(name, path.name)
+        if announce and self.on_change is not None and self.on_change(name, path.name, ticket) is False:
+            raise Superseded(
+                f"model {name!r}: version {path.name} was loaded, but a load or unload asked after this one (on "
+                "another worker) has already taken effect and wins: every worker follows that one"
+            )
         return LoadResult(name, path.name, previous, seconds)
 
     async def unload(self, name: str, *, announce: bool = True) -> str | None:
         """Stop serving ``name`` once the requests using it have finished; the version it served, or None when
         it was not served (not an error, as in Triton). NotFound when the store has no such model either."""
+        self._check_known(name)
+        ticket = self.take_ticket() if announce else 0
         async with self._lock(name):
             service = self.models.pop(name, None)
             if service is None:
-                if name not in list_store(self.settings.store):
-                    raise NotFound(f"no model {name!r} is served here or held in the store")
+                if announce and self.on_change is not None:
+                    self.on_change(name, None, ticket)  # this later unload still wins over an earlier load elsewhere
                 return None
             self._reasons[name] = "unloaded"
             self._follow_default()
             retiring = self._retire(service)
-        if announce and self.on_change is not None:
-            self.on_change(name, None)
+        superseded = announce and self.on_change is not None and self.on_change(name, None, ticket) is False
         await retiring
+        if superseded:
+            raise Superseded(
+                f"model {name!r} was unloaded, but a load asked after this unload (on another worker) has already "
+                "taken effect and wins: every worker follows that one"
+            )
         logger.info("model %s: version %s unloaded", name, service.model.version)
         return service.model.version
 
@@ -228,6 +250,14 @@ class ModelRepository:
                 f"{name}/{version}: a request for one would be answered by the other"
             )
         return service
+
+    def _check_known(self, name: str) -> None:
+        """NotFound for a name neither served nor in the store, before any lock or entry is made for it (names
+        that clients make up would otherwise each leave one behind)."""
+        if name in self.models or name in self._locks:
+            return
+        if name not in list_store(self.settings.store):
+            raise NotFound(f"no model {name!r} is served here or held in the store")
 
     def _lock(self, name: str) -> asyncio.Lock:
         return self._locks.setdefault(name, asyncio.Lock())

@@ -22,9 +22,10 @@ from typing import TYPE_CHECKING
 
 import uvicorn
 
-from export.store import StoreError, resolve
-from service.config import Settings, get_settings
+from export.store import StoreError, load_model_dir, resolve
+from service.config import Settings, check_settings_for, get_settings
 from service.gc_policy import tune_for_serving
+from service.http_protocol import HTTP_PROTOCOL
 from service.metrics import MULTIPROCESS_DIR
 from service.repository_sync import STATE_FILE_ENV, SharedState, startup_models
 
@@ -37,8 +38,10 @@ LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 def serve(settings: Settings) -> int:
     logging.basicConfig(level=settings.log_level.upper(), format=LOG_FORMAT)
-    try:  # fail fast on the common mistake, before binding a port
+    try:  # fail fast on the common mistakes, before binding a port
         path = resolve(settings.store, settings.model, settings.model_version)
+        if settings.operating_point is not None or settings.degrade_to is not None:  # names a part of the model
+            check_settings_for(load_model_dir(path, verify=False), settings)
     except StoreError as error:
         print(f"dynfuse serve: error: {error}", file=sys.stderr)
         return 1
@@ -77,6 +80,7 @@ def serve(settings: Settings) -> int:
         log_level=settings.log_level,
         timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
         access_log=False,
+        http=HTTP_PROTOCOL,
     )
     # uvicorn shuts down gracefully on SIGTERM, then restores the previous handler and re-raises the
     # signal. A handler that does nothing makes that a clean exit 0: the stop was requested, not a crash.
@@ -154,6 +158,7 @@ def _serve_workers(settings: Settings) -> int:
             log_level=settings.log_level,
             timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
             access_log=False,
+            http=HTTP_PROTOCOL,
         )
     return 0
 

@@ -10,6 +10,7 @@ import io
 import json
 import os
 import shutil
+import subprocess
 import sys
 import threading
 from pathlib import Path
@@ -225,8 +226,15 @@ def launch_server(store: Path, started: list, **env) -> tuple:
 
 
 def stop_servers(started: list) -> None:
+    """SIGTERM first: a server of several workers stops them with it (SIGKILL to its supervisor alone would leave
+    them running, holding the port); SIGKILL only if it does not stop in time."""
     for process in started:
         if process.poll() is None:
+            process.terminate()
+    for process in started:
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
             process.kill()
             process.wait(timeout=10)
 

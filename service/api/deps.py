@@ -5,15 +5,16 @@ three thread hops per request were the largest cost of the HTTP path (bench/BENC
 
 from __future__ import annotations
 
-import hmac
 from collections.abc import AsyncIterator
 from typing import Annotated
 
 from fastapi import Depends, Request
 
+from service.admission import KEY_NAME_KEY
+from service.auth import AccessPolicy
 from service.config import Settings
-from service.errors import Unauthorized
 from service.inference import InferenceService
+from service.middleware import raw_header
 from service.repository import Leases, ModelRepository
 
 
@@ -52,16 +53,29 @@ async def get_service(models: ModelsDep) -> InferenceService:
 ServiceDep = Annotated[InferenceService, Depends(get_service)]
 
 
+def _authorization(request: Request) -> bytes | None:
+    """The Authorization header as sent (bytes: a key's characters are compared as the client sent them)."""
+    return raw_header(request.scope, b"authorization")
+
+
 async def require_api_key(request: Request, settings: SettingsDep) -> None:
-    """With DYNFUSE_API_KEY set, inference endpoints need ``Authorization: Bearer <key>``."""
-    authorize(settings, request.headers.get("authorization"))
-
-
-def authorize(settings: Settings, authorization: str | None) -> None:
-    """The check of an ``Authorization`` value (an HTTP header, gRPC's ``authorization`` metadata): Unauthorized
-    unless it is ``Bearer <key>`` with the API key, when one is set."""
-    if settings.api_key is None:
+    """Inference calls and model metadata: an inference key when any is configured (service/auth.py). ``settings``
+    is unused: every route check takes ``(request, settings)`` (the fast path calls them so)."""
+    access: AccessPolicy = request.app.state.access
+    if not access.keys_required:
         return
-    scheme, _, token = (authorization or "").partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), settings.api_key.encode()):
-        raise Unauthorized("missing or wrong API key: send 'Authorization: Bearer <key>'")
+    if KEY_NAME_KEY in request.scope:  # admission identified the key already (for the metrics)
+        if request.scope[KEY_NAME_KEY] is None:
+            access.check_inference(None)  # raises the 401
+        return
+    access.check_inference(_authorization(request))
+
+
+async def require_index_access(request: Request) -> None:
+    """The repository index: any valid key (inference or admin) when inference keys are configured."""
+    request.app.state.access.check_index(_authorization(request))
+
+
+async def require_model_control(request: Request) -> None:
+    """Load and unload: DYNFUSE_MODEL_CONTROL=explicit, and the admin key when one is set."""
+    request.app.state.access.check_control(_authorization(request))

@@ -23,6 +23,7 @@ import numpy as np
 from fastapi.responses import Response
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     StrictBool,
@@ -34,6 +35,7 @@ from pydantic import (
 )
 
 from service.errors import MalformedRequest, PayloadTooLarge, UnsupportedMediaType, describe_validation_errors
+from service.json_limits import JsonLimits, check_json_limits
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 NUMPY_DTYPES = {"FP32": "<f4", "INT64": "<i8"}  # the numeric datatypes this server sends, little-endian
@@ -50,12 +52,22 @@ def _scalar(value, handler):
 Parameters = dict[str, Annotated[StrictStr | StrictBool | StrictInt | StrictFloat, WrapValidator(_scalar)]]
 
 
+def _whole_number(value):
+    """JSON Schema's ``integer`` is any number with no fractional part: ``1.0`` and ``1e0`` are integers too."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+Dimension = Annotated[StrictInt, BeforeValidator(_whole_number), Field(ge=0)]
+
+
 # -- the protocol's JSON objects ---------------------------------------------------------------
 class RequestInput(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str = Field(..., description="The input's name, as the model metadata lists it.")
-    shape: list[Annotated[StrictInt, Field(ge=0)]] = Field(..., description="The tensor's shape, batch axis first.")
+    shape: list[Dimension] = Field(..., description="The tensor's shape, batch axis first: a list of integers.")
     datatype: str = Field(..., description="The element type, e.g. BYTES, FP32, INT64.")
     parameters: Parameters = Field(
         default_factory=dict,
@@ -147,6 +159,7 @@ class ServerReady(BaseModel):
 class ModelReady(BaseModel):
     name: str
     ready: bool
+    reason: str | None = Field(None, description="Beyond the protocol: why the model is not ready, when it is not.")
 
 
 class ErrorV2(BaseModel):
@@ -199,9 +212,11 @@ def decompress(body: bytes, content_encoding: str | None, max_bytes: int) -> byt
     return plain
 
 
-def parse_request(body: bytes, header_length: str | None) -> DecodedRequest:
-    """The JSON inference request and, per input, the binary data that follows the JSON."""
+def parse_request(body: bytes, header_length: str | None, limits: JsonLimits) -> DecodedRequest:
+    """The JSON inference request and, per input, the binary data that follows the JSON. The JSON is held to
+    ``limits`` (413) before any object is built from it."""
     json_part, tail = _split(body, header_length)
+    check_json_limits(json_part, limits)
     try:
         request = InferenceRequest.model_validate_json(json_part)
     except ValidationError as error:
@@ -239,7 +254,7 @@ def _take_binary(inputs: list[RequestInput], tail: bytes, has_header: bool) -> l
     out: list[bytes | None] = []
     for tensor in inputs:
         check_parameters(f"input {tensor.name!r}", tensor.parameters, {"binary_data_size"})
-        size = tensor.parameters.get("binary_data_size")
+        size = _whole_number(tensor.parameters.get("binary_data_size"))
         if size is None:
             out.append(None)
             continue
@@ -281,8 +296,10 @@ def check_parameters(where: str, parameters: dict, accepted: set[str]) -> None:
 
 def bytes_elements(tensor: RequestInput, binary: bytes | None) -> list[str] | list[bytes]:
     """A BYTES input's elements, row-major: strings from JSON data, bytes from binary data."""
+    expected = math.prod(tensor.shape)
     if binary is not None:
-        elements: list = split_bytes(binary, tensor.name)
+        # Split no further than the shape says (a body of 4-byte empty elements would otherwise be millions).
+        elements: list = split_bytes(binary, tensor.name, limit=expected + 1)
     elif tensor.data is None:
         raise MalformedRequest(
             f"input {tensor.name!r} carries no data: send 'data', or binary_data_size and the bytes after the JSON"
@@ -294,10 +311,10 @@ def bytes_elements(tensor: RequestInput, binary: bytes | None) -> list[str] | li
             raise MalformedRequest(
                 f"input {tensor.name!r}: BYTES elements in JSON are strings, not {type(wrong).__name__} ({wrong!r})"
             )
-    expected = math.prod(tensor.shape)
     if len(elements) != expected:
+        sent = f"more than {expected}" if len(elements) > expected else str(len(elements))
         raise MalformedRequest(
-            f"input {tensor.name!r}: shape {tensor.shape} holds {expected} element(s) but {len(elements)} were sent"
+            f"input {tensor.name!r}: shape {tensor.shape} holds {expected} element(s) but {sent} were sent"
         )
     return elements
 
@@ -312,11 +329,12 @@ def _flatten(data: list) -> list:
     return flat
 
 
-def split_bytes(raw: bytes, name: str) -> list[bytes]:
-    """A binary BYTES tensor: each element a 4-byte little-endian length, then that many bytes."""
+def split_bytes(raw: bytes, name: str, limit: int | None = None) -> list[bytes]:
+    """A binary BYTES tensor: each element a 4-byte little-endian length, then that many bytes; at most ``limit``
+    elements are split off (the caller tells a longer tensor by the count)."""
     elements = []
     offset = 0
-    while offset < len(raw):
+    while offset < len(raw) and (limit is None or len(elements) < limit):
         if offset + 4 > len(raw):
             raise MalformedRequest(
                 f"input {name!r}: the binary data ends inside the 4-byte length of element {len(elements)}"

@@ -84,9 +84,9 @@ def as_v2(error: ApiError) -> ApiError:
 
 # -- health and metadata -----------------------------------------------------------------------
 def server_ready(repository) -> bool:
-    """Every model asked for at start is served, and every served one's batcher runs."""
-    served = [] if repository.starting else list(repository.models.values())
-    return bool(served) and all(service.batcher.running for service in served)
+    """Some model answers inference (as /readyz; each model's own readiness is ``model_ready``)."""
+    served = [] if repository.starting else repository.models.values()
+    return any(service.batcher.ready for service in served)
 
 
 def model_ready(repository, name: str, version: str | None) -> bool:
@@ -101,7 +101,7 @@ def model_ready(repository, name: str, version: str | None) -> bool:
                 repository.serving(name)  # NotFound for a model neither served nor loading
         return False
     check_model(service, name, version)
-    return service.batcher.running
+    return service.batcher.ready
 
 
 def check_model(service: InferenceService, name: str, version: str | None) -> None:

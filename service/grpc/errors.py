@@ -8,6 +8,7 @@ its gRPC spelling, so a client's code reads the same outcome over either transpo
 | 401 (missing or wrong key) | UNAUTHENTICATED |
 | 403 (control refused) | PERMISSION_DENIED |
 | 404 (unknown model or version) | NOT_FOUND |
+| 409 (a load or unload superseded by a later one, on another worker) | ABORTED |
 | 413, 431 (over a limit) | RESOURCE_EXHAUSTED |
 | 503 overloaded (over capacity, queue full) | RESOURCE_EXHAUSTED, with ``retry-after`` trailing metadata |
 | 503 not ready (loading, shutting down) | UNAVAILABLE, with ``retry-after`` |
@@ -28,7 +29,7 @@ BY_STATUS = {
     403: grpc.StatusCode.PERMISSION_DENIED,
     404: grpc.StatusCode.NOT_FOUND,
     408: grpc.StatusCode.DEADLINE_EXCEEDED,
-    409: grpc.StatusCode.FAILED_PRECONDITION,
+    409: grpc.StatusCode.ABORTED,  # Superseded: a concurrency conflict, gRPC's own words for it
     413: grpc.StatusCode.RESOURCE_EXHAUSTED,
     415: grpc.StatusCode.INVALID_ARGUMENT,
     422: grpc.StatusCode.INVALID_ARGUMENT,

@@ -1,12 +1,14 @@
 """``inference.GRPCInferenceService``: the Open Inference Protocol over gRPC, on the app's own state (its model
 repository, batchers, admission and metrics), so a gRPC request is served exactly as the same request over HTTP.
 
-- Health (ServerLive, ServerReady, ModelReady) and ServerMetadata are open; ModelMetadata, ModelConfig and
-  ModelInfer need the API key when one is set (``authorization: Bearer <key>`` metadata), as over HTTP.
+- Who may call what is HTTP's (service/auth.py), with the key as ``authorization: Bearer <key>`` metadata: health
+  (ServerLive, ServerReady, ModelReady) and ServerMetadata are open; ModelMetadata, ModelConfig and ModelInfer need
+  an inference key when any is configured; RepositoryIndex any valid key; RepositoryModelLoad and
+  RepositoryModelUnload need DYNFUSE_MODEL_CONTROL=explicit and the admin key (PERMISSION_DENIED otherwise).
 - ModelInfer goes through admission as an HTTP inference request does: refused at once while nothing is served
   (UNAVAILABLE) or when the capacity, shared with HTTP, is full (RESOURCE_EXHAUSTED); then it has a deadline, the
   sooner of the client's and DYNFUSE_REQUEST_TIMEOUT_S; it is counted in dynfuse_requests_total and timed in
-  dynfuse_request_duration_seconds with ``protocol="grpc"``.
+  dynfuse_request_duration_seconds with ``protocol="grpc"`` and the name of its key.
 - RepositoryIndex, RepositoryModelLoad and RepositoryModelUnload: Triton's repository extension on the app's
   ModelRepository (service/grpc/repository.py), with HTTP's checks and keys.
 - Not implemented: streaming inference, statistics (GET /metrics has them), shared memory, trace and log
@@ -27,13 +29,13 @@ from google.protobuf.message_factory import GetMessageClass
 
 from service.admission import run_until
 from service.api import v2_model
-from service.api.deps import authorize
 from service.errors import ApiError, DeadlineExceeded, InvalidInput, NotFound
 from service.grpc import codec
 from service.grpc import repository as repository_calls
 from service.grpc.errors import status_code, trailing_metadata
 from service.grpc.protocol import grpc_service_pb2 as pb
 from service.grpc.protocol.grpc_service_pb2_grpc import GRPCInferenceServiceServicer
+from service.metrics import ANONYMOUS
 
 logger = logging.getLogger("dynfuse")
 
@@ -109,13 +111,13 @@ class InferenceServicer(GRPCInferenceServiceServicer):
 
     async def ModelMetadata(self, request, context):
         async with _answering(context):
-            self._authorize(context)
+            self.state.access.check_inference(_authorization(context))
             with self._leased(request.name) as service:
                 return codec.model_metadata(v2_model.describe(service, request.name, request.version or None))
 
     async def ModelConfig(self, request, context):
         async with _answering(context):
-            self._authorize(context)
+            self.state.access.check_inference(_authorization(context))
             with self._leased(request.name) as service:
                 described = v2_model.describe(service, request.name, request.version or None)
                 return codec.model_config(service, described)
@@ -125,11 +127,14 @@ class InferenceServicer(GRPCInferenceServiceServicer):
         started = time.perf_counter()
         admission = self.app.front_door
         metrics = self.state.metrics
+        access = self.state.access
+        authorization = _authorization(context)
+        key = (access.key_name(authorization) or ANONYMOUS) if access.keys_required else ANONYMOUS
         refusal = admission.admit()
         if refusal is not None:
             metrics.reject(refusal.reason)
             await admission.pace(refusal)
-            metrics.count_request(refusal.status, time.perf_counter() - started, "grpc")
+            metrics.count_request(refusal.status, time.perf_counter() - started, key, protocol="grpc")
             await _abort(context, refusal)
         status = 500  # what the metrics count if the handler dies before answering
         timeout_s = self.state.settings.request_timeout_s
@@ -139,7 +144,7 @@ class InferenceServicer(GRPCInferenceServiceServicer):
         try:
             async with _answering(context) as answer:
                 try:
-                    response = await run_until(deadline, self._infer(request, context, deadline))
+                    response = await run_until(deadline, self._infer(request, key, deadline))
                 except TimeoutError:
                     raise DeadlineExceeded(f"no answer within the request deadline of {timeout_s:g} s") from None
                 status = 200
@@ -155,10 +160,11 @@ class InferenceServicer(GRPCInferenceServiceServicer):
                 status = answer.error.status
                 metrics.reject(answer.error.reason)
             admission.release()
-            metrics.count_request(status, time.perf_counter() - started, "grpc")
+            metrics.count_request(status, time.perf_counter() - started, key, protocol="grpc")
 
-    async def _infer(self, request, context, deadline: float):
-        self._authorize(context)
+    async def _infer(self, request, key: str, deadline: float):
+        if key == ANONYMOUS and self.state.access.keys_required:  # no valid key (the name was looked up above)
+            self.state.access.check_inference(None)  # raises Unauthorized
         if not request.model_name:
             raise InvalidInput(f"model_name is empty: name the model (this server serves {self._served()})")
         with self._leased(request.model_name) as service:
@@ -172,17 +178,17 @@ class InferenceServicer(GRPCInferenceServiceServicer):
     # -- the model repository ------------------------------------------------------------------
     async def RepositoryIndex(self, request, context):
         async with _answering(context):
-            self._authorize(context)
+            self.state.access.check_index(_authorization(context))
             return repository_calls.index(self.state.repository, request)
 
     async def RepositoryModelLoad(self, request, context):
         async with _answering(context):
-            self._authorize(context)
+            self.state.access.check_control(_authorization(context), "loads")
             return await repository_calls.load(self.state.repository, request)
 
     async def RepositoryModelUnload(self, request, context):
         async with _answering(context):
-            self._authorize(context)
+            self.state.access.check_control(_authorization(context), "unloads")
             return await repository_calls.unload(self.state.repository, request)
 
     # -- not implemented -----------------------------------------------------------------------
@@ -216,18 +222,12 @@ class InferenceServicer(GRPCInferenceServiceServicer):
             if isinstance(request, Undecodable):
                 if name == "ModelInfer":  # counted as HTTP counts a body that is not JSON
                     self.state.metrics.reject("invalid")
-                    self.state.metrics.count_request(400, 0.0, "grpc")
+                    self.state.metrics.count_request(400, 0.0, protocol="grpc")
                 message = f"the request is not a valid {request.message_type} message ({request.reason})"
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, message)  # raises: the call ends here
             return await implementation(request, context)
 
         return behaviour
-
-    def _authorize(self, context) -> None:
-        authorization = next(
-            (value for key, value in context.invocation_metadata() or () if key == "authorization"), None
-        )
-        authorize(self.state.settings, authorization)
 
     def _leased(self, name: str):
         """The served version of ``name``, held (as an HTTP request holds it) until the block ends."""
@@ -235,6 +235,11 @@ class InferenceServicer(GRPCInferenceServiceServicer):
 
     def _served(self) -> str:
         return ", ".join(map(repr, sorted(self.state.repository.models))) or "none yet"
+
+
+def _authorization(context) -> str | bytes | None:
+    """The ``authorization`` metadata of the call, as sent (service/auth.py reads it as HTTP's header)."""
+    return next((value for key, value in context.invocation_metadata() or () if key == "authorization"), None)
 
 
 class _Lease:

@@ -32,6 +32,8 @@ pytestmark = pytest.mark.e2e
 KSERVE_CLIENT = Path(__file__).with_name("kserve_grpc_client.py")
 OUTPUTS = ["label", "probabilities", "expert", "decided_by", "importance", "madds", "saved_ratio", "operating_point"]
 KEY = "grpc-e2e-key"
+GRPC_LABELS = (("key", "anonymous"), ("model", "shapes"), ("protocol", "grpc"), ("status", "200"))
+GRPC_200 = ("dynfuse_requests_total", GRPC_LABELS)  # gRPC calls answered, without a key
 
 
 def start(server_process, **env) -> tuple:
@@ -188,7 +190,7 @@ def test_sigterm_finishes_the_grpc_calls_in_flight_refuses_new_ones_and_exits_0(
     for _ in range(12):
         client.async_infer("shapes", inputs, callback=lambda result, error: answers.append((result, error)))
     inflight = ("dynfuse_inflight_requests", (("model", "shapes"),))
-    answered = ("dynfuse_requests_total", (("model", "shapes"), ("protocol", "grpc"), ("status", "200")))
+    answered = GRPC_200
     deadline = time.monotonic() + 60
     while True:  # every call has reached the server, and some are still in flight
         metrics = scrape(base)
@@ -252,7 +254,7 @@ def test_each_worker_serves_grpc_on_the_one_port(server_process, samples):
         client = triton_grpc.InferenceServerClient(url)
         assert client.infer("shapes", text).as_numpy("label").shape == (1,)
         client.close()
-    calls = scrape(base)[("dynfuse_requests_total", (("model", "shapes"), ("protocol", "grpc"), ("status", "200")))]
+    calls = scrape(base)[GRPC_200]
     assert calls == 8  # summed over both workers
     process.send_signal(signal.SIGTERM)
     assert process.wait(timeout=60) == 0

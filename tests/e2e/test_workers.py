@@ -113,7 +113,7 @@ def test_a_killed_worker_is_replaced_on_the_same_version_and_its_requests_leave_
 
 
 def test_a_load_request_to_one_worker_swaps_every_worker(server_process, store_copy):
-    process, base = server_process(store=store_copy, workers=2, log_level="info")
+    process, base = server_process(store=store_copy, workers=2, log_level="info", model_control="explicit")
     publish_version_2(store_copy)
     loaded = httpx.post(f"{base}/v2/repository/models/shapes/load", timeout=120)
     assert loaded.status_code == 200, loaded.text

@@ -113,7 +113,7 @@ def test_over_capacity_is_refused_503_before_its_body_is_read(tiny_store):
     assert refused_in < 2.0  # held briefly so that clients retrying at once are paced, not longer
     labels = {"model": "shapes", "reason": "over_capacity"}
     assert registry.get_sample_value("dynfuse_rejected_requests_total", labels) == 1
-    http_503 = {"model": "shapes", "status": "503", "protocol": "http"}
+    http_503 = {"model": "shapes", "status": "503", "protocol": "http", "key": "anonymous"}
     assert registry.get_sample_value("dynfuse_requests_total", http_503) == 1
     assert registry.get_sample_value("dynfuse_inflight_requests", {"model": "shapes"}) == 0
 
@@ -166,7 +166,7 @@ def test_a_request_past_its_deadline_is_504_and_counted(tiny_store):
     assert 0.25 < took < 3.0
     assert after.status == 200  # the server keeps serving
     assert registry.get_sample_value("dynfuse_rejected_requests_total", {"model": "shapes", "reason": "deadline"}) == 1
-    http_504 = {"model": "shapes", "status": "504", "protocol": "http"}
+    http_504 = {"model": "shapes", "status": "504", "protocol": "http", "key": "anonymous"}
     assert registry.get_sample_value("dynfuse_requests_total", http_504) == 1
 
 
@@ -203,13 +203,16 @@ def test_readiness_is_503_while_the_batcher_is_not_running(serve):
     batcher._backoff_until = time.monotonic() + 60  # what a failure leaves behind: backing off
     ready = client.get("/readyz")
     assert ready.status_code == 503
+    reason = "restarting after 0 consecutive failure(s)"
     assert ready.json() == {
         "status": "unavailable",
         "model": "shapes",
-        "batcher": "restarting after 0 consecutive failure(s)",
+        "reason": reason,
+        "batcher": reason,
+        "models": {"shapes": {"version": "1", "ready": False, "reason": reason}},
     }
     assert client.get("/v2/health/ready").status_code == 503
-    assert client.get("/v2/models/shapes/ready").json() == {"name": "shapes", "ready": False}
+    assert client.get("/v2/models/shapes/ready").json() == {"name": "shapes", "ready": False, "reason": reason}
     batcher._backoff_until = 0.0
     assert client.get("/readyz").status_code == 200
 
@@ -254,7 +257,8 @@ def test_every_refusal_and_answer_is_counted_by_status(serve, path):
     assert 400 <= response.status_code < 500
     samples = scrape(client)
     status = str(response.status_code)
-    assert value(samples, "dynfuse_requests_total", model="shapes", status=status, protocol="http") == 1
+    labels = {"model": "shapes", "protocol": "http", "key": "anonymous"}
+    assert value(samples, "dynfuse_requests_total", status=status, **labels) == 1
     assert value(samples, "dynfuse_inflight_requests", model="shapes") == 0
 
 

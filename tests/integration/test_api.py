@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import b64
+from conftest import b64, scrape, value
 
+TEXT_V2 = {"inputs": [{"name": "text", "datatype": "BYTES", "shape": [1], "data": ["a red circle"]}]}
 EXPERTS = {"text", "image_lite", "image", "late_fusion", "mulmix", "mi2p", "muse"}
 
 
@@ -106,8 +107,9 @@ def test_a_forced_route_runs_that_expert(client, samples, manifest, expert):
     assert body["compute"]["madds"] == path
 
 
-def test_threshold_zero_is_the_router_and_one_is_always_the_full_path(client, samples, manifest):
+def test_threshold_zero_is_the_router_and_one_is_the_full_path_from_every_cheaper_pick(client, samples, manifest):
     full = manifest["full_expert"]
+    cost = {e["name"]: e["path_madds"] for e in manifest["experts"]}
     for sample in samples[:12]:
         pair = {"image": b64(sample["png"]), "text": sample["text"]}
         auto = client.post("/v1/classify", json=pair).json()
@@ -115,9 +117,32 @@ def test_threshold_zero_is_the_router_and_one_is_always_the_full_path(client, sa
         one = client.post("/v1/classify", json=pair | {"threshold": 1.0}).json()
 
         assert zero["route"] == auto["route"]
-        assert one["route"]["expert"] == full
-        expected = "router" if auto["route"]["expert"] == full else "threshold"
-        assert one["route"]["decided_by"] == expected
+        picked = auto["route"]["expert"]
+        escalates = cost[picked] < cost[full]  # from a path dearer than the full one, escalating saves nothing
+        assert one["route"]["expert"] == (full if escalates else picked)
+        assert one["route"]["decided_by"] == ("threshold" if escalates else "router")
+
+
+def test_threshold_and_confidence_floor_never_escalate_from_an_expert_dearer_than_the_full_path(
+    serve, store_copy, samples
+):
+    """A store whose every expert but the full one costs more than the full path: neither knob moves anything."""
+    [manifest_path] = store_copy.glob("shapes/*/model.json")
+    manifest = json.loads(manifest_path.read_text())
+    full = manifest["full_expert"]
+    dearest = max(e["path_madds"] for e in manifest["experts"])
+    for entry in manifest["experts"]:
+        if entry["name"] != full:
+            entry["path_madds"] = dearest * 2
+    manifest_path.write_text(json.dumps(manifest))
+    client = serve(store=store_copy)
+    pairs = [{"image": b64(s["png"]), "text": s["text"]} for s in samples[:16]]
+    auto = [client.post("/v1/classify", json=pair).json()["route"] for pair in pairs]
+    assert any(route["expert"] != full for route in auto)  # some picks are not the full path: the test can fail
+    for pair, routed in zip(pairs, auto, strict=True):
+        for knob in ({"threshold": 1.0}, {"min_confidence": 1.0}):
+            route = client.post("/v1/classify", json=pair | knob).json()["route"]
+            assert (route["expert"], route["decided_by"]) == (routed["expert"], "router"), knob
 
 
 def test_batch_answers_each_input_in_order_with_its_id(client, samples):
@@ -165,6 +190,7 @@ def test_probes_and_docs(client):
         "model": "shapes",
         "version": "1",
         "models": {"shapes": "1"},
+        "states": {"shapes": {"version": "1", "ready": True, "reason": ""}},
     }
     assert client.get("/docs").status_code == 200
     body = client.get("/openapi.json").json()["paths"]["/v1/classify"]["post"]["requestBody"]["content"]
@@ -199,3 +225,26 @@ def test_api_key_guards_inference_but_not_probes_or_metrics(serve, samples):
     assert ok.status_code == 200
     for open_path in ("/healthz", "/readyz", "/metrics"):
         assert client.get(open_path).status_code == 200
+
+
+def test_named_keys_label_the_request_metrics_by_name_never_by_key(serve, samples, tmp_path):
+    keys = tmp_path / "keys"
+    keys.write_text("ci: ci-s3cret\npartner: clé-🔑-partner\n", encoding="utf-8")
+    client = serve(api_keys_file=keys)
+    pair = {"text": samples[0]["text"]}
+    assert client.post("/v1/classify", json=pair, headers={"Authorization": "Bearer ci-s3cret"}).status_code == 200
+    # a key with non-ASCII characters, sent as its UTF-8 bytes
+    partner = {"Authorization": b"Bearer " + "clé-🔑-partner".encode()}
+    assert client.post("/v1/classify", json=pair, headers=partner).status_code == 200
+    assert client.post("/v2/models/shapes/infer", json=TEXT_V2, headers=partner).status_code == 200
+    for wrong in (b"Bearer " + "clé-🔑-partner".encode("utf-16"), b"Bearer \xff", b"Bearer " + b"k" * 30_000):
+        assert client.post("/v1/classify", json=pair, headers={"Authorization": wrong}).status_code == 401
+    assert client.post("/v1/classify", json=pair).status_code == 401
+    text = client.get("/metrics").text
+    samples_ = scrape(client)
+    http = {"model": "shapes", "protocol": "http"}
+    assert value(samples_, "dynfuse_requests_total", status="200", key="ci", **http) == 1
+    assert value(samples_, "dynfuse_requests_total", status="200", key="partner", **http) == 2
+    assert value(samples_, "dynfuse_requests_total", status="401", key="anonymous", **http) == 4
+    for secret in ("ci-s3cret", "clé", "🔑"):  # the keys themselves never reach the metrics
+        assert secret not in text

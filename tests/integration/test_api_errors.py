@@ -82,8 +82,8 @@ def bad_requests(png: bytes) -> list[tuple[str, dict, int, str]]:
         (
             "multipart two files",
             {"files": [("image", ("a.png", png)), ("image", ("b.png", png))]},
-            400,
-            "malformed_request",
+            422,  # a field sent twice, as "form field twice"
+            "invalid_input",
         ),
     ]
 

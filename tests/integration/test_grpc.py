@@ -24,6 +24,8 @@ from tritonclient.utils import InferenceServerException
 OUTPUTS = ["label", "probabilities", "expert", "decided_by", "importance", "madds", "saved_ratio", "operating_point"]
 NUMPY = {"FP32": "<f4", "INT64": "<i8"}
 KEY = "grpc-s3cret"
+GRPC = {"model": "shapes", "protocol": "grpc", "key": "anonymous"}  # the labels of a gRPC request without a key
+HTTP = {**GRPC, "protocol": "http"}
 
 
 @pytest.fixture
@@ -334,9 +336,9 @@ def test_each_bad_request_gets_its_status_code_and_a_message_and_is_counted(grpc
         counted[status] = counted.get(status, 0) + 1
     metrics = scrape(http)
     for status, count in counted.items():
-        assert value(metrics, "dynfuse_requests_total", model="shapes", status=status, protocol="grpc") == count, status
-    assert value(metrics, "dynfuse_requests_total", model="shapes", status="500", protocol="grpc") == 0
-    assert value(metrics, "dynfuse_requests_total", model="shapes", status="400", protocol="http") == 0
+        assert value(metrics, "dynfuse_requests_total", status=status, **GRPC) == count, status
+    assert value(metrics, "dynfuse_requests_total", status="500", **GRPC) == 0
+    assert value(metrics, "dynfuse_requests_total", status="400", **HTTP) == 0
 
 
 def test_a_message_that_does_not_parse_is_invalid_argument_not_unknown(grpc_serve):
@@ -348,7 +350,7 @@ def test_a_message_that_does_not_parse_is_invalid_argument_not_unknown(grpc_serv
                 raw(b"\x0a\xff\xff\xff\x0f", timeout=30)
             assert failed.value.code() == grpc.StatusCode.INVALID_ARGUMENT, method
             assert "is not a valid inference." in failed.value.details()
-    assert value(scrape(http), "dynfuse_requests_total", model="shapes", status="400", protocol="grpc") == 1
+    assert value(scrape(http), "dynfuse_requests_total", status="400", **GRPC) == 1
 
 
 def test_a_message_over_the_body_limit_is_refused_compressed_or_not(grpc_serve, samples):

@@ -19,6 +19,9 @@ from tritonclient.utils import InferenceServerException
 from service.config import Settings
 from service.main import create_app
 
+GRPC = {"model": "shapes", "protocol": "grpc", "key": "anonymous"}  # the labels of a request without a key
+HTTP = {**GRPC, "protocol": "http"}
+
 
 def wait_until(condition, what: str, timeout: float = 60.0) -> None:
     deadline = time.monotonic() + timeout
@@ -77,7 +80,7 @@ def raw_infer(url: str, text: str, timeout: float = 30):
 
 
 def grpc_count(http, status: str) -> float:
-    return value(scrape(http), "dynfuse_requests_total", model="shapes", status=status, protocol="grpc")
+    return value(scrape(http), "dynfuse_requests_total", status=status, **GRPC)
 
 
 def test_grpc_and_http_requests_share_one_capacity(grpc_serve, samples):
@@ -103,8 +106,8 @@ def test_grpc_and_http_requests_share_one_capacity(grpc_serve, samples):
     assert sorted(answers, key=str) == [200, None]  # the HTTP 200, and the gRPC call without error
     wait_until(lambda: grpc_count(http, "200") == 1, "the gRPC answer counted")
     metrics = scrape(http)
-    assert value(metrics, "dynfuse_requests_total", model="shapes", status="503", protocol="grpc") == 1
-    assert value(metrics, "dynfuse_requests_total", model="shapes", status="503", protocol="http") == 1
+    assert value(metrics, "dynfuse_requests_total", status="503", **GRPC) == 1
+    assert value(metrics, "dynfuse_requests_total", status="503", **HTTP) == 1
     assert value(metrics, "dynfuse_rejected_requests_total", model="shapes", reason="over_capacity") == 2
     assert value(metrics, "dynfuse_request_duration_seconds_count", model="shapes", protocol="grpc") == 2
     assert value(metrics, "dynfuse_inflight_requests", model="shapes") == 0

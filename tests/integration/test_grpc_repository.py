@@ -1,6 +1,7 @@
 """The model repository over gRPC: tritonclient.grpc's get_model_repository_index, load_model and unload_model on a
-served app, the version parameter, the refusals HTTP gives, and KServe's own messages for the two calls it declares
-(its field 1 is the model name; its answers carry the name and a flag, which Triton's messages do not declare)."""
+served app, the version parameter, the refusals HTTP gives, model control and its keys as over HTTP
+(tests/integration/test_repository.py), and KServe's own messages for the two calls it declares (its field 1 is the
+model name; its answers carry the name and a flag, which Triton's messages do not declare)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
 KEY = "repo-key"
+ADMIN = "repo-admin-key"
 
 
 def publish(store: Path, version: str) -> Path:
@@ -33,7 +35,9 @@ def grpc_store(serve, store_copy):
     clients = []
 
     def start(**settings):
-        http = serve(store=store_copy, grpc_port=0, **settings)
+        # Model control on (it is off by default: test_load_and_unload_are_refused_by_default); on loopback it
+        # needs no admin key unless a test sets one.
+        http = serve(store=store_copy, grpc_port=0, **{"model_control": "explicit", **settings})
         url = f"127.0.0.1:{http.app.state.grpc.port}"
         clients.append(triton.InferenceServerClient(url))
         return http, clients[-1], url
@@ -169,18 +173,50 @@ def test_a_version_that_does_not_verify_is_failed_precondition_and_the_old_one_s
     assert "one model store" in other_repository.value.details()
 
 
-def test_the_repository_calls_need_the_key(grpc_store):
+def test_load_and_unload_are_refused_by_default_and_when_the_store_is_polled(grpc_store, samples):
     start, _ = grpc_store
-    _, client, _ = start(api_key=KEY)
-    for call in (
-        lambda h: client.get_model_repository_index(headers=h),
-        lambda h: client.load_model("shapes", headers=h),
-        lambda h: client.unload_model("shapes", headers=h),
-    ):
+    for mode, words in (("none", "DYNFUSE_MODEL_CONTROL=none"), ("poll", "DYNFUSE_MODEL_CONTROL=poll")):
+        _, client, _ = start(model_control=mode, admin_key=ADMIN)
+        admin = {"authorization": f"Bearer {ADMIN}"}
+        for call in (client.load_model, client.unload_model):
+            with pytest.raises(InferenceServerException) as refused:
+                call("shapes", headers=admin)
+            assert refused.value.status() == "StatusCode.PERMISSION_DENIED", refused.value.message()
+            assert words in refused.value.message()
+        assert [m.state for m in client.get_model_repository_index().models] == ["READY"]  # readable in any mode
+        assert client.is_model_ready("shapes")
+        assert text_infer(client, samples[0]["text"]).get_response().model_version == "1"
+
+
+def test_control_needs_the_admin_key_and_the_index_any_valid_key(grpc_store, tmp_path):
+    start, store = grpc_store
+    keys = tmp_path / "keys"
+    keys.write_text("ci: ci-key\n")
+    _, client, _ = start(api_key=KEY, api_keys_file=keys, admin_key=ADMIN)
+    for headers in ({}, {"authorization": "Bearer wrong"}, {"authorization": f"Bearer {KEY}"},
+                    {"authorization": "Bearer ci-key"}):  # fmt: skip
+        for call in (
+            lambda h: client.load_model("shapes", headers=h),
+            lambda h: client.unload_model("shapes", headers=h),
+        ):
+            with pytest.raises(InferenceServerException) as refused:
+                call(headers)
+            assert refused.value.status() == "StatusCode.UNAUTHENTICATED", refused.value.message()
+            assert "admin key" in refused.value.message()
+    for headers in ({}, {"authorization": "Bearer wrong"}):
         with pytest.raises(InferenceServerException) as refused:
-            call({"authorization": "Bearer wrong"})
+            client.get_model_repository_index(headers=headers)
         assert refused.value.status() == "StatusCode.UNAUTHENTICATED"
-    good = {"authorization": f"Bearer {KEY}"}
-    assert [m.name for m in client.get_model_repository_index(headers=good).models] == ["shapes"]
-    client.load_model("shapes", headers=good)  # the version served already: nothing to do
-    assert client.is_model_ready("shapes")
+    for key in (KEY, "ci-key", ADMIN):
+        assert [
+            m.name for m in client.get_model_repository_index(headers={"authorization": f"Bearer {key}"}).models
+        ] == ["shapes"]
+    admin = {"authorization": f"Bearer {ADMIN}"}
+    with pytest.raises(InferenceServerException) as refused:  # the admin key is not an inference key
+        text_infer(client, "a red circle", headers=admin)
+    assert refused.value.status() == "StatusCode.UNAUTHENTICATED"
+    publish(store, "2")
+    client.load_model("shapes", headers=admin)
+    assert client.get_model_metadata("shapes", headers={"authorization": "Bearer ci-key"}).versions == ["2"]
+    client.unload_model("shapes", headers=admin)
+    assert not client.is_model_ready("shapes")

@@ -39,8 +39,9 @@ def test_counters_equal_the_sums_of_the_responses(serve, samples):
             == count
         )
     # 10 single + 1 batch call
-    assert value(metrics, "dynfuse_requests_total", model="shapes", status="200", protocol="http") == 11
-    assert value(metrics, "dynfuse_requests_total", model="shapes", status="422", protocol="http") == 2
+    labels = {"model": "shapes", "protocol": "http", "key": "anonymous"}
+    assert value(metrics, "dynfuse_requests_total", status="200", **labels) == 11
+    assert value(metrics, "dynfuse_requests_total", status="422", **labels) == 2
     assert value(metrics, "dynfuse_rejected_requests_total", model="shapes", reason="invalid") == 2
     for modality in ("text", "image"):
         assert value(metrics, "dynfuse_modality_importance_count", model="shapes", modality=modality) == len(responses)

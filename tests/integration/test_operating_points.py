@@ -87,27 +87,37 @@ def test_soft_fusion_without_an_image_weighs_only_the_text_expert(client, sample
 
 
 def test_a_confidence_floor_of_one_hands_every_cheaper_answer_to_the_full_path(client, samples):
-    full = client.get("/v1/models/shapes").json()["full_expert"]
+    model = client.get("/v1/models/shapes").json()
+    full = model["full_expert"]
+    cost = {e["name"]: e["path_madds"] for e in model["experts"]}
     answers = [classify(client, s, min_confidence=1.0) for s in samples[:12]]
 
     for body in answers:
         route = body["route"]
         if route["decided_by"] == "confidence":
             assert route["expert"] == full
-            assert route["fallback_from"] not in (None, full)
+            assert cost[route["fallback_from"]] < cost[full]
             forced = classify(client, samples[0], route=full)
             assert body["compute"]["madds"] > forced["compute"]["madds"]  # both paths are counted
-        else:  # the router chose the full path itself: nothing to fall back from
-            assert route["expert"] == full
+        else:  # the router chose the full path, or one dearer than it: nothing cheaper to fall back from
+            assert cost[route["expert"]] >= cost[full]
             assert "fallback_from" not in route
     assert any(b["route"]["decided_by"] == "confidence" for b in answers)
 
 
 def test_the_server_wide_confidence_floor_applies_when_a_request_sets_none(serve, samples):
     client = serve(min_confidence=1.0)
-    body = classify(client, samples[0], route="auto")
-    assert body["route"]["decided_by"] in ("confidence", "router")
-    assert body["route"]["expert"] == client.get("/v1/models/shapes").json()["full_expert"]
+    model = client.get("/v1/models/shapes").json()
+    cost = {e["name"]: e["path_madds"] for e in model["experts"]}
+    for sample in samples[:6]:
+        alone = classify(client, sample, min_confidence=0.0)  # the request's own floor wins over the server's
+        picked, sure = alone["route"]["expert"], max(alone["scores"].values()) >= 0.999999
+        body = classify(client, sample, route="auto")
+        decided = (body["route"]["decided_by"], body["route"]["expert"])
+        if cost[picked] >= cost[model["full_expert"]]:  # the full path or a dearer one: nothing to fall back from
+            assert decided == ("router", picked)
+        elif not sure:  # a cheaper expert below a floor of 1 hands over to the full path
+            assert decided == ("confidence", model["full_expert"])
 
 
 def test_v2_takes_the_operating_point_and_min_confidence_as_parameters(client, samples):

@@ -35,7 +35,7 @@ def publish(store: Path, version: str, *, name: str = "shapes", source: str = "s
 
 @contextlib.asynccontextmanager
 async def running_app(store, **settings):
-    app = create_app(Settings(store=store, **settings))
+    app = create_app(Settings(store=store, **{"model_control": "explicit", **settings}))
     async with app.router.lifespan_context(app):
         for _ in range(600):
             if not app.state.repository.starting:  # every model asked for at start is loaded
@@ -207,7 +207,7 @@ def publish_unloadable(store: Path, version: str) -> None:
 
 
 def test_a_model_unloads_and_loads_again(serve, samples):
-    client = serve()
+    client = serve(model_control="explicit")
     pair = {"image": b64(samples[4]["png"]), "text": samples[4]["text"]}
     assert client.post("/v1/classify", json=pair).status_code == 200
 
@@ -237,10 +237,49 @@ def test_a_model_unloads_and_loads_again(serve, samples):
     )
 
 
+def test_with_default_settings_load_and_unload_are_refused_and_the_index_is_readable(serve, samples):
+    client = serve()
+    for call in (LOAD, UNLOAD):
+        refused = client.post(call.format("shapes"))
+        assert refused.status_code == 403
+        assert "DYNFUSE_MODEL_CONTROL=none" in refused.json()["error"]
+        assert "DYNFUSE_MODEL_CONTROL=explicit" in refused.json()["error"]  # and how to turn it on
+    [entry] = client.post("/v2/repository/index").json()
+    assert (entry["name"], entry["state"]) == ("shapes", "READY")
+    assert client.post("/v1/classify", json={"text": samples[0]["text"]}).status_code == 200  # still served
+
+
+def test_with_the_store_polled_explicit_calls_are_refused(serve):
+    client = serve(model_control="poll", admin_key="admin")
+    refused = client.post(UNLOAD.format("shapes"), headers={"Authorization": "Bearer admin"})
+    assert refused.status_code == 403
+    assert "DYNFUSE_MODEL_CONTROL=poll" in refused.json()["error"]
+    assert client.get("/readyz").status_code == 200
+
+
+def test_control_calls_need_the_admin_key_and_inference_keys_never_do(serve, tmp_path, samples):
+    keys = tmp_path / "keys"
+    keys.write_text("ci: ci-key\n")
+    client = serve(model_control="explicit", api_key="inference", api_keys_file=keys, admin_key="admin-key")
+    for headers in ({}, {"Authorization": "Bearer inference"}, {"Authorization": "Bearer ci-key"}):
+        for call in (LOAD, UNLOAD):
+            refused = client.post(call.format("shapes"), headers=headers)
+            assert refused.status_code == 401, refused.text
+            assert "admin key" in refused.json()["error"]
+    admin = {"Authorization": "Bearer admin-key"}
+    assert client.post("/v1/classify", json={"text": "a red circle"}, headers=admin).status_code == 401
+    for headers in (admin, {"Authorization": "Bearer ci-key"}):  # the index: any valid key
+        assert client.post("/v2/repository/index", headers=headers).status_code == 200
+    assert client.post("/v2/repository/index").status_code == 401
+    assert client.post(UNLOAD.format("shapes"), headers=admin).json()["state"] == "UNAVAILABLE"
+    assert client.post(LOAD.format("shapes"), headers=admin).json()["state"] == "READY"
+
+
 def test_the_repository_api_refuses_what_it_cannot_do(serve):
-    client = serve(api_key="secret")
+    client = serve(api_key="secret", admin_key="admin", model_control="explicit")
     assert client.post(LOAD.format("shapes")).status_code == 401
-    auth = {"Authorization": "Bearer secret"}
+    assert client.post(LOAD.format("shapes"), headers={"Authorization": "Bearer secret"}).status_code == 401
+    auth = {"Authorization": "Bearer admin"}
     missing = client.post(LOAD.format("nope"), headers=auth)
     assert missing.status_code == 404
     assert "nope" in missing.json()["error"]
@@ -305,3 +344,77 @@ def test_two_models_are_served_at_once_each_with_its_own_batcher(two_model_store
     assert batchers["shapes"] is not batchers["shapes_b"]
     assert batches["shapes"] >= 1
     assert batches["shapes_b"] >= 3
+
+
+def test_racing_loads_on_two_workers_end_with_the_one_asked_last_on_both(store_copy, tmp_path, monkeypatch):
+    """Two apps sharing a state file are two workers. Worker A is asked for version 2 (slow to warm up), then
+    worker B for version 1: B finishes first, A later; both end on version 1, the call asked last, and A's
+    answer says that its load was superseded."""
+    from service.inference import InferenceService
+    from service.repository_sync import STATE_FILE_ENV, SharedState
+
+    publish(store_copy, "2")
+    shared = SharedState(tmp_path / "served.json")
+    shared.write({"shapes": "2"})  # both start on version 2, then the race: 1 asked second
+    monkeypatch.setenv(STATE_FILE_ENV, str(shared.path))
+    release = threading.Event()
+    real_load = InferenceService.load
+
+    def slow_version_3(settings, metrics, **options):
+        if settings.model_version == "3":
+            release.wait(timeout=60)
+        return real_load(settings, metrics, **options)
+
+    monkeypatch.setattr(InferenceService, "load", staticmethod(slow_version_3))
+    publish(store_copy, "3")
+
+    async def scenario():
+        async with running_app(store_copy) as (a, client_a), running_app(store_copy) as (b, client_b):
+            first = asyncio.create_task(client_a.post(LOAD.format("shapes"), json={"parameters": {"version": "3"}}))
+            while "shapes" not in a.state.repository._loading:  # asked (ticket taken), now warming up
+                await asyncio.sleep(0.01)
+            second = await client_b.post(LOAD.format("shapes"), json={"parameters": {"version": "1"}})
+            release.set()
+            first = await first
+            for _ in range(600):  # both follow the file; A goes back from 3 to 1
+                if a.state.repository.versions() == b.state.repository.versions() == {"shapes": "1"}:
+                    break
+                await asyncio.sleep(0.05)
+            return first, second, a.state.repository.versions(), b.state.repository.versions()
+
+    first, second, on_a, on_b = asyncio.run(scenario())
+    assert second.status_code == 200, second.text
+    assert second.json()["version"] == "1"
+    assert first.status_code == 409, first.text
+    assert "asked after this one" in first.json()["error"]
+    assert on_a == on_b == {"shapes": "1"}
+    assert shared.wanted() == {"shapes": "1"}
+
+
+def test_no_lock_or_entry_is_made_for_a_model_name_that_does_not_exist(serve):
+    client = serve(model_control="explicit")
+    repository = client.app.state.repository
+    for name in ("nope", "x" * 200, "../shapes", "shapes_b"):
+        for call in (LOAD, UNLOAD):
+            assert client.post(call.format(name)).status_code == 404
+    assert set(repository._locks) <= {"shapes"}
+    assert set(repository._reasons) <= {"shapes"}
+
+
+def test_a_version_refused_after_it_loaded_never_shows_in_model_info(store_copy):
+    """Version 2 verifies, builds and warms up, but its model.json names another version than where it is stored:
+    refused at the last step, and dynfuse_model_info never showed it."""
+
+    async def scenario():
+        async with running_app(store_copy) as (app, client):
+            misplaced = publish(store_copy, "2")
+            manifest = json.loads((misplaced / "model.json").read_text())
+            manifest["version"] = "7"
+            (misplaced / "model.json").write_text(json.dumps(manifest))
+            refused = await client.post(LOAD.format("shapes"))
+            return refused, model_info(app)
+
+    refused, info = asyncio.run(scenario())
+    assert refused.status_code == 400
+    assert "stored as shapes/2" in refused.json()["error"]
+    assert info == {("shapes", "1"): 1.0}

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from export.pipeline import PipelineInput, PipelineOutput
-from service.batcher import MicroBatcher
+from service.batcher import UNHEALTHY_AFTER, MicroBatcher
 from service.errors import DeadlineExceeded, NotReady, Overloaded
 from service.metrics import Metrics
 
@@ -277,3 +277,169 @@ def test_a_batch_running_longer_than_a_request_may_wait_makes_it_not_running():
     assert running is False
     assert "over 0.1 s" in status
     assert healthy is True
+
+
+class BrokenPipeline(FakePipeline):
+    """A pipeline that fails every call while ``broken`` is set (a lost device), whatever its inputs."""
+
+    def __init__(self):
+        super().__init__()
+        self.broken = False
+        self.probes = 0
+        self.attempts = 0
+
+    def predict(self, items):
+        self.attempts += 1
+        if any(i.route == "probe" for i in items):
+            self.probes += 1
+        if self.broken:
+            raise RuntimeError("CUDA error: device lost")
+        return super().predict(items)
+
+
+async def failed(b: MicroBatcher, route: str = "auto") -> BaseException:
+    try:
+        await b.submit([item(route)])
+    except Exception as error:  # noqa: BLE001 - the failure is what is looked at
+        return error
+    raise AssertionError("the request was answered")
+
+
+async def until(condition, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.01)
+
+
+def test_a_pipeline_that_fails_every_batch_makes_the_batcher_unready_and_it_recovers_by_itself():
+    pipeline = BrokenPipeline()
+
+    async def scenario():
+        b = batcher(pipeline, probe=lambda: [item("probe")])
+        b.start()
+        await b.submit([item()])
+        pipeline.broken = True
+        early = [await failed(b) for _ in range(UNHEALTHY_AFTER - 1)]
+        assert b.ready  # two failed batches: could be their inputs
+        await failed(b)
+        await until(lambda: not b.healthy)
+        attempts = pipeline.attempts
+        refused = await failed(b)  # refused at once while unhealthy, without running
+        ran = pipeline.attempts - attempts
+        status = b.status()
+        pipeline.broken = False  # the device is back: no request is needed to notice
+        await until(lambda: b.ready)
+        answer = await b.submit([item()])
+        await b.stop()
+        return early, refused, ran, status, answer
+
+    early, refused, ran, status, answer = run(scenario)
+    assert all(isinstance(e, RuntimeError) for e in early)
+    assert isinstance(refused, NotReady)
+    assert "device lost" in refused.message
+    assert status.startswith(f"the last {UNHEALTHY_AFTER} batches failed for every request")
+    assert "CUDA error: device lost" in status
+    assert ran == 0
+    assert answer[0].output.label.startswith("call")
+    assert pipeline.probes >= 2  # one when the failures added up, one (at least) to find it healthy again
+
+
+def test_bad_inputs_that_fail_every_batch_do_not_make_the_batcher_unready():
+    """Poison requests fail, but the probe (a good input) is answered: the pipeline is fine."""
+    pipeline = BrokenPipeline()
+
+    async def scenario():
+        b = batcher(pipeline, probe=lambda: [item("probe")])
+        b.start()
+        errors = [await failed(b, POISON) for _ in range(UNHEALTHY_AFTER * 2)]
+        ready = b.ready
+        answer = await b.submit([item()])
+        await b.stop()
+        return errors, ready, answer
+
+    errors, ready, answer = run(scenario)
+    assert all(isinstance(e, ValueError | RuntimeError) for e in errors)
+    assert ready
+    assert pipeline.probes == 2
+    assert answer[0].output.label.startswith("call")
+
+
+def test_without_a_probe_a_successful_batch_ends_the_unhealthy_state():
+    pipeline = BrokenPipeline()
+
+    async def scenario():
+        b = batcher(pipeline)
+        b.start()
+        pipeline.broken = True
+        for _ in range(UNHEALTHY_AFTER):
+            await failed(b)
+        unready = (b.ready, b.status())
+        pipeline.broken = False
+        answer = await b.submit([item()])  # without a probe, requests still run and tell recovery
+        ready = b.ready
+        await b.stop()
+        return unready, answer, ready
+
+    (ready_before, status), answer, ready_after = run(scenario)
+    assert ready_before is False
+    assert "failed for every request" in status
+    assert answer[0].output.label.startswith("call")
+    assert ready_after
+
+
+def test_a_degraded_spell_ends_when_the_queue_drains_not_at_the_next_request():
+    """dynfuse_degraded_seconds counts the time the queue was high, not the idle gap after it (service/inference.py
+    feeds the controller from both ends: request arrivals and batches leaving the queue)."""
+    from service.degrade import DegradeController
+
+    offset = {"s": 0.0}
+    seconds: list[float] = []
+    degrade = DegradeController(
+        "cheap", high_water=4, low_water=0, on_seconds=seconds.append, clock=lambda: time.monotonic() + offset["s"]
+    )
+    pipeline = FakePipeline()
+    pipeline.gate = threading.Event()
+
+    async def scenario():
+        b = batcher(pipeline, max_batch_size=2, on_batch_taken=degrade.update)
+        b.start()
+        calls = [asyncio.create_task(b.submit([item()])) for _ in range(8)]
+        await asyncio.sleep(0.05)
+        assert degrade.update(b.queued)  # a request arriving now sees a high queue: degraded
+        started = time.monotonic()
+        pipeline.gate.set()
+        await asyncio.gather(*calls)
+        drained = time.monotonic() - started
+        assert not degrade.degraded  # ended by the batches leaving the queue
+        offset["s"] += 3600.0  # an hour without a request
+        degrade.update(0)  # the next request
+        await b.stop()
+        return drained
+
+    drained = run(scenario)
+    assert 0 < sum(seconds) <= drained + 0.5
+
+
+def test_refusals_by_the_pipelines_own_state_do_not_make_it_unready():
+    """An ApiError from the pipeline (the Ray engine's expert deployment restarting) is answered as it is, 503 with
+    Retry-After; it says nothing of the pipeline's health, so any number of them leave the batcher ready."""
+
+    class Restarting(FakePipeline):
+        def predict(self, items):
+            raise NotReady("expert 'mi2p' has no replica able to answer now; retry shortly")
+
+    probes = []
+
+    async def scenario():
+        b = batcher(Restarting(), probe=lambda: probes.append(1) or [item()])
+        b.start()
+        errors = [await failed(b) for _ in range(UNHEALTHY_AFTER * 3)]
+        ready = b.ready
+        await b.stop()
+        return errors, ready
+
+    errors, ready = run(scenario)
+    assert all(isinstance(e, NotReady) for e in errors)
+    assert ready
+    assert probes == []

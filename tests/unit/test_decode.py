@@ -197,6 +197,38 @@ def test_a_big_palette_image_is_reduced_to_twice_the_model_side():
     assert right == (0, 255, 0)
 
 
+@pytest.mark.parametrize("mode", ["P", "PA", "1", "I;16"])
+def test_a_palette_bilevel_or_16_bit_image_is_reduced_a_strip_at_a_time_to_the_same_pixels(mode, monkeypatch):
+    from service import decode
+
+    monkeypatch.setattr(decode, "STRIP_PIXELS", 3000)  # many strips, and a last one of a partial box
+    rng = np.random.default_rng(3)
+    gray = Image.fromarray(rng.integers(0, 256, (777, 1001), dtype=np.uint8))
+    image = {"P": gray.convert("P"), "PA": gray.convert("P").convert("PA"), "1": gray.convert("1")}.get(mode)
+    if mode == "I;16":
+        image = Image.fromarray(rng.integers(0, 65535, (777, 1001), dtype=np.uint16)).convert("I;16")
+    expected = np.asarray(image.convert("RGB").reduce((7, 5)))
+    assert np.array_equal(np.asarray(decode._reduce_in_strips(image, (7, 5))), expected)
+
+
+def test_decoding_a_big_palette_png_never_holds_it_as_full_size_rgb(tmp_path):
+    """The README's claim, measured in a fresh process: a 4096x4096 palette PNG peaks at its 16 MiB of palette
+    indices and a strip, far below the 64 MiB Pillow's full-size RGB would take (bench/decode_memory.py)."""
+    import json
+    import subprocess
+    import sys
+
+    from bench.decode_memory import CHILD
+
+    path = tmp_path / "palette.png"
+    path.write_bytes(palette_png(4096))
+    result = subprocess.run([sys.executable, "-c", CHILD, str(path), "64"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    measured = json.loads(result.stdout)
+    assert measured["result"] == [128, 128]
+    assert measured["peak_growth_mib"] < 32, measured
+
+
 def test_a_big_jpeg_is_decoded_at_a_reduced_scale():
     data = encoded("JPEG", picture("RGB", (2048, 1536)), quality=70)
     opened = open_image(data, max_pixels=MAX_PIXELS)

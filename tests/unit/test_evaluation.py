@@ -110,6 +110,16 @@ def test_the_confidence_fallback_escalates_unsure_answers_and_pays_both_paths(ou
     assert row["madds_per_sample"] == pytest.approx((2 + 8 + 80 + 11) * 2 / 4 + 101 * 2 / 4)
 
 
+def test_the_threshold_does_not_escalate_from_an_expert_dearer_than_the_full_path(outputs):
+    """Evaluation applies the server's rule (models/policy.py): escalation only from a path cheaper by MAdds."""
+    outputs.path_madds = {"text": 10, "image": 150, "late_fusion": 101}  # image costs more than the full path
+    outputs.router_scores["r"] = np.array([[0.9, 0.05, 0.05], [0.2, 0.5, 0.3], [0.6, 0.1, 0.3], [0.1, 0.1, 0.8]])
+    row = find_row(evaluate_policies(outputs, thresholds=(0.95,), confidences=()), "threshold=0.95")
+    # picks text, image, text, full: both text picks escalate; the image pick stays where the router put it
+    assert row["route_mix"] == {"text": 0.0, "image": 0.25, "late_fusion": 0.75}
+    assert row["madds_per_sample"] == pytest.approx((101 + 150 + 101 + 101) / 4)
+
+
 def test_a_difference_reads_with_the_sign_a_reader_expects():
     assert compare_points("auto", 0.9375, "full", 0.925) == "auto is 1.25 points above full (93.75% against 92.50%)"
     assert compare_points("auto", 0.799, "full", 0.851) == "auto is 5.20 points below full (79.90% against 85.10%)"

@@ -93,6 +93,8 @@ EXPECTED = [
     (errors.UnsupportedMediaType("x"), grpc.StatusCode.INVALID_ARGUMENT),
     (errors.LoadRefused("x"), grpc.StatusCode.FAILED_PRECONDITION),
     (errors.Unauthorized("x"), grpc.StatusCode.UNAUTHENTICATED),
+    (errors.Forbidden("x"), grpc.StatusCode.PERMISSION_DENIED),
+    (errors.Superseded("x"), grpc.StatusCode.ABORTED),
     (errors.NotFound("x"), grpc.StatusCode.NOT_FOUND),
     (errors.PayloadTooLarge("x"), grpc.StatusCode.RESOURCE_EXHAUSTED),
     (errors.HeadersTooLarge("x"), grpc.StatusCode.RESOURCE_EXHAUSTED),

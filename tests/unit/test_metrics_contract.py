@@ -5,7 +5,7 @@ from __future__ import annotations
 from service.metrics import Metrics
 
 CONTRACT = {
-    "dynfuse_requests": ("counter", {"model", "status", "protocol"}),
+    "dynfuse_requests": ("counter", {"model", "status", "protocol", "key"}),
     "dynfuse_route_decisions": ("counter", {"model", "expert", "decided_by"}),
     "dynfuse_compute_madds": ("counter", {"model"}),
     "dynfuse_compute_full_madds": ("counter", {"model"}),
@@ -20,6 +20,7 @@ CONTRACT = {
     "dynfuse_operating_point_requests": ("counter", {"model", "operating_point"}),
     "dynfuse_degraded_requests": ("counter", {"model"}),
     "dynfuse_degraded_seconds": ("counter", {"model"}),
+    "dynfuse_background_restarts": ("counter", {"model", "loop"}),
 }
 
 
@@ -32,7 +33,7 @@ def exercised_metrics() -> Metrics:
     metrics.observe_batch(4, [0.001] * 4, {"text": 0.002})
     metrics.reject("queue_full")
     metrics.set_model_info("1", "onnx", "cpu")
-    metrics.requests.labels("m", "200", "grpc").inc()
+    metrics.count_request(200, 0.01, key="ci", protocol="grpc")
     metrics.inflight.labels("m").inc()
     metrics.request_duration.labels("m", "grpc").observe(0.01)
     return metrics
@@ -103,7 +104,7 @@ def test_every_rejection_reason_and_status_is_a_series_from_the_first_scrape():
         assert f'dynfuse_rejected_requests_total{{model="m",reason="{reason}"}} 0.0' in text, reason
     for status in STATUSES:
         for protocol in ("http", "grpc"):
-            line = f'dynfuse_requests_total{{model="m",protocol="{protocol}",status="{status}"}} 0.0'
+            line = f'dynfuse_requests_total{{key="anonymous",model="m",protocol="{protocol}",status="{status}"}} 0.0'
             assert line in text, line
     for protocol in ("http", "grpc"):
         assert f'dynfuse_request_duration_seconds_count{{model="m",protocol="{protocol}"}} 0.0' in text, protocol
@@ -111,16 +112,37 @@ def test_every_rejection_reason_and_status_is_a_series_from_the_first_scrape():
 
 def test_a_request_counts_under_its_protocol():
     metrics = Metrics("m")
-    metrics.count_request(200, 0.003, "grpc")
-    metrics.count_request(413, 0.001, "grpc")
+    metrics.count_request(200, 0.003, protocol="grpc")
+    metrics.count_request(413, 0.001, protocol="grpc")
     metrics.count_request(200, 0.02)  # HTTP by default: the front door's own calls
     text = metrics.render().decode()
     for line in (
-        'dynfuse_requests_total{model="m",protocol="grpc",status="200"} 1.0',
-        'dynfuse_requests_total{model="m",protocol="grpc",status="413"} 1.0',
-        'dynfuse_requests_total{model="m",protocol="http",status="200"} 1.0',
+        'dynfuse_requests_total{key="anonymous",model="m",protocol="grpc",status="200"} 1.0',
+        'dynfuse_requests_total{key="anonymous",model="m",protocol="grpc",status="413"} 1.0',
+        'dynfuse_requests_total{key="anonymous",model="m",protocol="http",status="200"} 1.0',
         'dynfuse_request_duration_seconds_count{model="m",protocol="grpc"} 2.0',
         'dynfuse_request_duration_seconds_bucket{le="0.0025",model="m",protocol="grpc"} 1.0',
         'dynfuse_request_duration_seconds_count{model="m",protocol="http"} 1.0',
     ):
         assert line in text, line
+
+
+def test_a_request_is_counted_under_its_key_name_and_the_rest_as_anonymous():
+    metrics = Metrics("m")
+    metrics.count_request(200, 0.01, key="ci")
+    metrics.count_request(200, 0.01, key="ci")
+    metrics.count_request(401, 0.01)
+    metrics.count_request(200, 0.01, key="ci", protocol="grpc")
+    text = metrics.render().decode()
+    assert 'dynfuse_requests_total{key="ci",model="m",protocol="http",status="200"} 2.0' in text
+    assert 'dynfuse_requests_total{key="ci",model="m",protocol="grpc",status="200"} 1.0' in text
+    assert 'dynfuse_requests_total{key="anonymous",model="m",protocol="http",status="401"} 1.0' in text
+    assert 'dynfuse_requests_total{key="anonymous",model="m",protocol="http",status="200"} 0.0' in text
+
+
+def test_the_background_loops_restarts_exist_from_the_first_scrape():
+    metrics = Metrics("m")
+    metrics.restarted("follow")()
+    text = metrics.render().decode()
+    assert 'dynfuse_background_restarts_total{loop="follow",model="m"} 1.0' in text
+    assert 'dynfuse_background_restarts_total{loop="store_poll",model="m"} 0.0' in text

@@ -16,6 +16,7 @@ from models.policy import (
 )
 
 TEXT, IMAGE, FULL = 0, 1, 2
+COST = np.array([10, 50, 100])  # MAdds of each routed path: text < image < full
 SCORES = np.array(
     [
         [0.90, 0.05, 0.05],  # confident text
@@ -31,32 +32,32 @@ def decided(codes):
 
 
 def test_the_router_picks_the_argmax():
-    choice, by = decide_routes(SCORES, FULL)
+    choice, by = decide_routes(SCORES, FULL, path_madds=COST)
     assert choice.tolist() == [TEXT, TEXT, FULL, IMAGE]
     assert decided(by) == ["router"] * 4
 
 
 def test_a_threshold_escalates_cheaper_picks_scored_below_it():
-    choice, by = decide_routes(SCORES, FULL, thresholds=np.full(4, 0.6))
+    choice, by = decide_routes(SCORES, FULL, path_madds=COST, thresholds=np.full(4, 0.6))
     assert choice.tolist() == [TEXT, FULL, FULL, IMAGE]
     assert decided(by) == ["router", "threshold", "router", "router"]
 
 
 def test_threshold_nan_means_none():
-    choice, _ = decide_routes(SCORES, FULL, thresholds=np.array([np.nan, np.nan, 0.99, 0.99]))
+    choice, _ = decide_routes(SCORES, FULL, path_madds=COST, thresholds=np.array([np.nan, np.nan, 0.99, 0.99]))
     assert choice.tolist() == [TEXT, TEXT, FULL, FULL]
 
 
 def test_missing_modality_keeps_to_eligible_experts_and_ignores_the_threshold():
     text_only = np.array([[True, False, False]] * 4)
-    choice, by = decide_routes(SCORES, FULL, thresholds=np.full(4, 1.0), eligible=text_only)
+    choice, by = decide_routes(SCORES, FULL, path_madds=COST, thresholds=np.full(4, 1.0), eligible=text_only)
     assert choice.tolist() == [TEXT] * 4
     assert decided(by) == ["missing_modality"] * 4
 
 
 def test_a_forced_route_wins():
     forced = np.array([FULL, NOT_FORCED, IMAGE, NOT_FORCED])
-    choice, by = decide_routes(SCORES, FULL, forced=forced, thresholds=np.full(4, 0.6))
+    choice, by = decide_routes(SCORES, FULL, path_madds=COST, forced=forced, thresholds=np.full(4, 0.6))
     assert choice.tolist() == [FULL, FULL, IMAGE, IMAGE]
     assert decided(by) == ["request", "threshold", "request", "router"]
 
@@ -92,4 +93,19 @@ def test_the_confidence_fallback_takes_unsure_cheaper_answers_only():
     choice = np.array([TEXT, TEXT, FULL, IMAGE, TEXT])
     top = np.array([0.95, 0.40, 0.30, 0.60, 0.40])
     floors = np.array([0.7, 0.7, 0.7, 0.7, np.nan])  # the last request set no floor
-    assert confidence_fallback(choice, top, FULL, floors).tolist() == [False, True, False, True, False]
+    assert confidence_fallback(choice, top, COST, FULL, floors).tolist() == [False, True, False, True, False]
+
+
+def test_neither_a_threshold_nor_a_confidence_floor_escalates_from_an_expert_dearer_than_the_full_path():
+    """The full path is the most accurate expert, not always the dearest (the default model's muse costs more than
+    its full path mi2p): escalating from a dearer one would spend more. Here the image path costs 150 > 100."""
+    dear_image = np.array([10, 150, 100])
+    choice, by = decide_routes(SCORES, FULL, path_madds=dear_image, thresholds=np.full(4, 0.99))
+    assert choice.tolist() == [FULL, FULL, FULL, IMAGE]  # the text picks escalate, the image pick stays
+    assert decided(by) == ["threshold", "threshold", "router", "router"]
+    top = np.array([0.4, 0.4, 0.4, 0.4])
+    fallback = confidence_fallback(np.array([TEXT, IMAGE, FULL, IMAGE]), top, dear_image, FULL, np.full(4, 0.9))
+    assert fallback.tolist() == [True, False, False, False]
+    # an expert exactly as dear as the full path saves nothing by answering alone: it is not escalated either
+    tied = np.array([10, 100, 100])
+    assert decide_routes(SCORES, FULL, path_madds=tied, thresholds=np.full(4, 0.99))[0].tolist()[3] == IMAGE

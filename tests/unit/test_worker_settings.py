@@ -80,6 +80,25 @@ def test_serve_flags_become_settings(monkeypatch, tmp_path):
     assert (settings.request_timeout_s, settings.log_level) == (2.5, "warning")
 
 
+def test_model_info_never_shows_a_dead_workers_version(tmp_path):
+    """With --workers N, a worker that died (killed, crashed) leaves its metric files behind; its model_info
+    series (a version the others may no longer serve) must not be reported as served."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
+    dead = "from service.metrics import Metrics; Metrics('m').set_model_info('1', 'onnx', 'cpu')"
+    subprocess.run([sys.executable, "-c", dead], env=env, check=True, timeout=60)  # exits without saying so
+    alive = (
+        "from service.metrics import Metrics; m = Metrics('m'); m.set_model_info('2', 'onnx', 'cpu'); "
+        "print(m.render().decode())"
+    )
+    run = {"env": env, "check": True, "timeout": 60, "capture_output": True, "text": True}
+    text = subprocess.run([sys.executable, "-c", alive], **run)
+    lines = [line for line in text.stdout.splitlines() if line.startswith("dynfuse_model_info{")]
+    assert lines == ['dynfuse_model_info{backend="onnx",device="cpu",model="m",version="2"} 1.0']
+
+
 def write_cgroup(root, v2: str | None = None, v1: tuple[str, str] | None = None):
     if v2 is not None:
         (root / "cpu.max").write_text(v2 + "\n")

@@ -14,6 +14,7 @@ from starlette.datastructures import UploadFile
 from export.pipeline import PipelineInput
 from service.admission import deadline_of
 from service.api.deps import ModelsDep, SettingsDep, require_api_key
+from service.api.forms import MULTIPART, URLENCODED, read_form
 from service.config import Settings
 from service.decode import decode_base64
 from service.errors import (
@@ -25,6 +26,7 @@ from service.errors import (
     describe_validation_errors,
 )
 from service.inference import ClientInput
+from service.json_limits import JsonLimits, check_json_limits
 from service.repository import Leases
 from service.schemas import (
     MIN_CONFIDENCE_DESCRIPTION,
@@ -116,7 +118,7 @@ async def classify_one(request: Request, models: Leases, settings: Settings) -> 
     """``POST /v1/classify``: the route above, and the fast path (service/api/fast_path.py) that calls it without
     FastAPI's routing and dependency injection."""
     started = time.perf_counter()
-    client = await _read_classify_body(request, settings.max_text_chars)
+    client = await _read_classify_body(request, settings)
     service = models.get(client.model)
     item = await service.prepare(client)
     [result] = await service.classify([item], deadline_of(request))
@@ -135,7 +137,7 @@ async def classify_batch(request: Request, models: ModelsDep, settings: Settings
     started = time.perf_counter()
     if _content_type(request) != "application/json":
         raise UnsupportedMediaType(f"content type {_content_type(request) or '(none)'!r}: send application/json")
-    body = await _parse_json(request, BatchClassifyRequest)
+    body = await _parse_json(request, BatchClassifyRequest, settings.max_batch_inputs)
     service = models.get(body.model)
     if len(body.inputs) > settings.max_batch_inputs:
         raise PayloadTooLarge(f"inputs: {len(body.inputs)} is over the limit of {settings.max_batch_inputs} per call")
@@ -162,21 +164,24 @@ def _content_type(request: Request) -> str:
     return request.headers.get("content-type", "").split(";")[0].strip().lower()
 
 
-async def _read_classify_body(request: Request, max_text_chars: int) -> ClientInput:
+async def _read_classify_body(request: Request, settings: Settings) -> ClientInput:
     content_type = _content_type(request)
     if content_type == "application/json":
-        return await _read_json(request)
-    if content_type in ("multipart/form-data", "application/x-www-form-urlencoded"):  # the latter: text only
-        return await _read_form(request)
+        return await _read_json(request, settings.max_batch_inputs)
+    if content_type in (MULTIPART, URLENCODED):  # the latter: text only
+        return await _read_form(request, content_type, settings.max_text_chars)
     raise UnsupportedMediaType(
         f"content type {content_type or '(none)'!r} is not accepted: send application/json or multipart/form-data"
     )
 
 
-async def _parse_json(request: Request, model: type[ModelT]) -> ModelT:
-    """The body as ``model``: 400 when it is not JSON, 422 when it is JSON of the wrong shape."""
+async def _parse_json(request: Request, model: type[ModelT], max_rows: int) -> ModelT:
+    """The body as ``model``: 413 when it holds more than a call may (checked before any object is built), 400
+    when it is not JSON, 422 when it is JSON of the wrong shape."""
+    body = await request.body()
+    check_json_limits(body, JsonLimits.for_rows(max_rows))
     try:
-        return model.model_validate_json(await request.body())
+        return model.model_validate_json(body)
     except ValidationError as error:
         errors = error.errors()
         if any(e["type"] == "json_invalid" for e in errors):
@@ -184,8 +189,8 @@ async def _parse_json(request: Request, model: type[ModelT]) -> ModelT:
         raise InvalidInput(describe_validation_errors(errors)) from None
 
 
-async def _read_json(request: Request) -> ClientInput:
-    parsed = await _parse_json(request, ClassifyRequest)
+async def _read_json(request: Request, max_rows: int) -> ClientInput:
+    parsed = await _parse_json(request, ClassifyRequest, max_rows)
     image = decode_base64(parsed.image) if parsed.image is not None else None
     return ClientInput(
         image,
@@ -198,13 +203,19 @@ async def _read_json(request: Request) -> ClientInput:
     )
 
 
-async def _read_form(request: Request) -> ClientInput:
+async def _read_form(request: Request, content_type: str, max_text_chars: int) -> ClientInput:
+    """A form means what the same JSON means: an empty or blank ``text`` is a missing modality (as ``"text": ""``),
+    any other field left empty is refused as its empty JSON string would be (an unknown route or operating point,
+    an empty model name, an empty image), and a number field must hold a number."""
+    # A text's characters are at most 4 bytes each in UTF-8; anything longer is over the limit whatever it says.
+    form = await read_form(request, content_type, max_fields=len(FORM_FIELDS), max_field_bytes=4 * max_text_chars + 64)
     try:
-        form = await request.form(max_files=1, max_fields=len(FORM_FIELDS))
-    except ApiError:
-        raise
-    except Exception as error:  # the multipart parser's own errors: a malformed body
-        raise MalformedRequest(f"malformed multipart form: {error}") from None
+        return await _client_input(form)
+    finally:
+        await form.close()
+
+
+async def _client_input(form) -> ClientInput:
     unknown = set(form.keys()) - FORM_FIELDS
     if unknown:
         raise InvalidInput(f"unknown form fields {sorted(unknown)}; accepted: {sorted(FORM_FIELDS)}")
@@ -227,7 +238,7 @@ async def _read_form(request: Request) -> ClientInput:
     point = form.get("operating_point")  # empty: an unknown point, as in JSON
     if point is not None and not isinstance(point, str):
         raise InvalidInput("operating_point: must be a plain form field")
-    model = form.get("model")
+    model = form.get("model")  # empty: refused as in JSON (the repository says how)
     if model is not None and not isinstance(model, str):
         raise InvalidInput("model: must be a plain form field")
     threshold = _parse_unit("threshold", form.get("threshold"))

@@ -14,7 +14,10 @@ Bodies follow Triton's protocol, so ``tritonclient.http``'s ``get_model_reposito
 
 Errors are the v2 shape, ``{"error": "..."}``: 400 for a bad body or a refused version (it does not verify,
 or does not warm up: the version served before keeps serving), 404 for a model or version the store lacks.
-All three need the API key when one is set.
+
+Who may call them (service/auth.py): the index is readable in every mode (with any valid key when inference keys
+are set); load and unload are refused 403 unless ``DYNFUSE_MODEL_CONTROL=explicit``, and then need the admin key
+(``DYNFUSE_ADMIN_KEY``) when one is set; an inference key never suffices.
 """
 
 from __future__ import annotations
@@ -24,17 +27,32 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from service.api.deps import RepositoryDep, require_api_key
+from service.api.deps import RepositoryDep, require_index_access, require_model_control
 from service.api.v2_codec import ErrorV2
 from service.errors import MalformedRequest
+from service.json_limits import JsonLimits, check_json_limits
 from service.repository import check_unload_parameters, load_version
 
-router = APIRouter(prefix="/v2/repository", tags=["Model repository (v2)"], dependencies=[Depends(require_api_key)])
+router = APIRouter(prefix="/v2/repository", tags=["Model repository (v2)"])
 
+INDEX_ERRORS = {
+    400: {"model": ErrorV2, "description": "Malformed body"},
+    401: {"model": ErrorV2, "description": "Missing or wrong key (when inference keys are configured)"},
+}
 ERRORS = {
     400: {"model": ErrorV2, "description": "Malformed body, or the version does not verify or warm up"},
-    401: {"model": ErrorV2, "description": "Missing or wrong API key (when one is configured)"},
+    401: {"model": ErrorV2, "description": "Missing or wrong admin key (DYNFUSE_ADMIN_KEY, when one is set)"},
+    403: {
+        "model": ErrorV2,
+        "description": "Model control is off (DYNFUSE_MODEL_CONTROL=none, the default) or the store is polled "
+        "(DYNFUSE_MODEL_CONTROL=poll): explicit load and unload are refused",
+    },
     404: {"model": ErrorV2, "description": "The store holds no such model or version"},
+    409: {
+        "model": ErrorV2,
+        "description": "With several workers: a load or unload asked after this one (on another worker) has taken "
+        "effect already and wins; every worker follows it",
+    },
 }
 
 
@@ -80,7 +98,13 @@ class UnloadResponse(BaseModel):
     state: str = Field("UNAVAILABLE")
 
 
-@router.post("/index", response_model=list[RepositoryModel], responses=ERRORS, summary="The models of the store")
+@router.post(
+    "/index",
+    response_model=list[RepositoryModel],
+    responses=INDEX_ERRORS,
+    dependencies=[Depends(require_index_access)],
+    summary="The models of the store",
+)
 async def index(request: Request, repository: RepositoryDep) -> list[dict]:
     body = await _body(request, RepositoryIndexRequest)
     return repository.index(ready_only=body.ready)
@@ -90,6 +114,7 @@ async def index(request: Request, repository: RepositoryDep) -> list[dict]:
     "/models/{name}/load",
     response_model=LoadResponse,
     responses=ERRORS,
+    dependencies=[Depends(require_model_control)],
     summary="Load a model, or swap the one served for another version",
     description="The version is verified and warmed beside the one served, which keeps serving meanwhile; then "
     "new requests go to it, and those already queued or running finish on the version they started on.",
@@ -110,6 +135,7 @@ async def load(name: str, request: Request, repository: RepositoryDep) -> dict:
     "/models/{name}/unload",
     response_model=UnloadResponse,
     responses=ERRORS,
+    dependencies=[Depends(require_model_control)],
     summary="Stop serving a model",
     description="New requests for it get 404 at once; the answer comes when those already running have finished.",
 )
@@ -125,6 +151,7 @@ async def _body(request: Request, model: type[BaseModel]):
     raw = await request.body()
     if not raw.strip():
         return model()
+    check_json_limits(raw, JsonLimits.for_rows(request.app.state.settings.max_batch_inputs))
     try:
         return model.model_validate_json(raw)
     except ValidationError as error:

@@ -48,6 +48,7 @@ from service.api.v2_model import OUTPUT_DATATYPES, SERVER_NAME, SERVER_VERSION, 
 from service.config import Settings
 from service.errors import ApiError
 from service.inference import InferenceService
+from service.json_limits import JsonLimits
 from service.schemas import (
     MIN_CONFIDENCE_DESCRIPTION,
     OPERATING_POINT_DESCRIPTION,
@@ -150,8 +151,13 @@ async def model_version_metadata(name: str, version: str, models: ModelsDep) -> 
 
 
 def _model_ready(request: Request, name: str, version: str | None) -> JSONResponse:
-    if v2_model.model_ready(request.app.state.repository, name, version):
+    repository = request.app.state.repository
+    if v2_model.model_ready(repository, name, version):
         return JSONResponse({"name": name, "ready": True})
+    service: InferenceService | None = repository.models.get(name)
+    if service is not None:  # loaded, but not answering: the reason comes along (beyond the protocol)
+        body = {"name": name, "ready": False, "reason": service.batcher.status()}
+        return JSONResponse(body, 503, headers={"Retry-After": "1"})
     return _not_ready(request, {"name": name, "ready": False})
 
 
@@ -199,7 +205,9 @@ async def _infer(
     try:
         v2_model.check_model(service, name, version)
         body = decompress(await request.body(), request.headers.get("content-encoding"), settings.max_body_bytes)
-        decoded = parse_request(body, request.headers.get(HEADER_LENGTH))
+        decoded = parse_request(
+            body, request.headers.get(HEADER_LENGTH), JsonLimits.for_rows(settings.max_batch_inputs)
+        )
         selected = select_outputs(decoded.request, list(OUTPUT_DATATYPES))
     except ApiError as error:
         raise v2_model.as_v2(error) from None
