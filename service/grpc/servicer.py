@@ -29,12 +29,14 @@ from google.protobuf.message_factory import GetMessageClass
 
 from service.admission import run_until
 from service.api import v2_model
-from service.errors import ApiError, DeadlineExceeded, InvalidInput, NotFound
+from service.errors import ApiError, DeadlineExceeded, InvalidInput, MalformedRequest, NotFound, PayloadTooLarge
 from service.grpc import codec
 from service.grpc import repository as repository_calls
 from service.grpc.errors import status_code, trailing_metadata
 from service.grpc.protocol import grpc_service_pb2 as pb
 from service.grpc.protocol.grpc_service_pb2_grpc import GRPCInferenceServiceServicer
+from service.grpc.wire_limits import TooManyValues, check_wire_limits
+from service.json_limits import JsonLimits
 from service.metrics import ANONYMOUS
 
 logger = logging.getLogger("dynfuse")
@@ -45,9 +47,11 @@ SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
 
 
 def add_to_server(servicer: InferenceServicer, server) -> None:
-    """What the generated ``add_GRPCInferenceServiceServicer_to_server`` does, with one difference: a request that
+    """What the generated ``add_GRPCInferenceServiceServicer_to_server`` does, with two differences: a request that
     is not a valid message of its type is answered INVALID_ARGUMENT (grpcio's own deserializer would make it
-    UNKNOWN, as if the server had failed)."""
+    UNKNOWN, as if the server had failed), and one that holds more values than a call may is answered
+    RESOURCE_EXHAUSTED before protobuf builds it (service/grpc/wire_limits.py)."""
+    max_values = JsonLimits.for_rows(servicer.state.settings.max_batch_inputs).max_values  # HTTP's limit
     handlers = {}
     for method in SERVICE.methods:
         request_class, response_class = GetMessageClass(method.input_type), GetMessageClass(method.output_type)
@@ -58,7 +62,7 @@ def add_to_server(servicer: InferenceServicer, server) -> None:
             make, behaviour = grpc.unary_unary_rpc_method_handler, servicer.checked(method.name, implementation)
         handlers[method.name] = make(
             behaviour,
-            request_deserializer=_lenient(request_class),
+            request_deserializer=_lenient(request_class, max_values),
             response_serializer=response_class.SerializeToString,
         )
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE.full_name, handlers),))
@@ -66,19 +70,24 @@ def add_to_server(servicer: InferenceServicer, server) -> None:
 
 
 class Undecodable:
-    """A request message that did not parse: the handler answers INVALID_ARGUMENT with the parser's reason."""
+    """A request message that was not built: the handler answers with ``error`` (INVALID_ARGUMENT with the
+    parser's reason, or RESOURCE_EXHAUSTED for one over the limits)."""
 
-    def __init__(self, message_type: str, reason: str):
-        self.message_type = message_type
-        self.reason = reason
+    def __init__(self, error: ApiError):
+        self.error = error
 
 
-def _lenient(message_class):
+def _lenient(message_class, max_values: int):
+    descriptor = message_class.DESCRIPTOR
+
     def parse(data: bytes):
         try:
+            check_wire_limits(data, descriptor, max_values)
             return message_class.FromString(data)
+        except TooManyValues as error:
+            return Undecodable(PayloadTooLarge(str(error)))
         except DecodeError as error:
-            return Undecodable(message_class.DESCRIPTOR.full_name, str(error))
+            return Undecodable(MalformedRequest(f"the request is not a valid {descriptor.full_name} message ({error})"))
 
     return parse
 
@@ -216,15 +225,15 @@ class InferenceServicer(GRPCInferenceServiceServicer):
 
     # -- helpers -------------------------------------------------------------------------------
     def checked(self, name: str, implementation):
-        """``implementation``, except for a request that did not parse."""
+        """``implementation``, except for a request that was not built (it did not parse, or is over the limits)."""
 
         async def behaviour(request, context):
             if isinstance(request, Undecodable):
-                if name == "ModelInfer":  # counted as HTTP counts a body that is not JSON
-                    self.state.metrics.reject("invalid")
-                    self.state.metrics.count_request(400, 0.0, protocol="grpc")
-                message = f"the request is not a valid {request.message_type} message ({request.reason})"
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, message)  # raises: the call ends here
+                error = request.error
+                if name == "ModelInfer":  # counted as HTTP counts a body that is not JSON, or over its limits
+                    self.state.metrics.reject(error.reason)
+                    self.state.metrics.count_request(error.status, 0.0, protocol="grpc")
+                await _abort(context, error)  # raises: the call ends here
             return await implementation(request, context)
 
         return behaviour

@@ -7,8 +7,9 @@ Reads a JSON list of calls on stdin and writes one JSON answer per call on stdou
 - ``{"call": "health", "model": NAME}`` -> ``{"live", "ready", "model_ready"}``
 - ``{"call": "infer", "url", "images": [base64 or ""], "texts": [str], "parameters": {...}, "headers": {...},
   "encoding": "raw" | "contents", "id": str}`` -> ``{"id", "model_name", "model_version", "outputs": {name: list}}``
-- ``{"call": "load" | "unload", "model": NAME}`` -> KServe's answer, ``{"model_name", "isLoaded"}`` or
-  ``{"model_name", "isUnloaded"}`` (its client has no method for them: its generated stub, as its server's tests)
+- ``{"call": "load" | "unload", "model": NAME, "headers": {...}}`` -> KServe's answer, ``{"model_name",
+  "isLoaded"}`` or ``{"model_name", "isUnloaded"}`` (its client has no method for them: its generated stub, as its
+  server's tests)
 
 A call that fails answers ``{"error": {"code": "INVALID_ARGUMENT", "details": "..."}}``.
 """
@@ -38,10 +39,13 @@ def _input(name: str, elements: list[bytes], encoding: str) -> InferInput:
 async def _repository(url: str, spec: dict) -> dict:
     async with grpc.aio.insecure_channel(url) as channel:
         stub = GRPCInferenceServiceStub(channel)
+        metadata = tuple(spec.get("headers", {}).items()) or None
         if spec["call"] == "load":
-            answer = await stub.RepositoryModelLoad(kserve_pb.RepositoryModelLoadRequest(model_name=spec["model"]))
+            request = kserve_pb.RepositoryModelLoadRequest(model_name=spec["model"])
+            answer = await stub.RepositoryModelLoad(request, metadata=metadata)
             return {"model_name": answer.model_name, "isLoaded": answer.isLoaded}
-        answer = await stub.RepositoryModelUnload(kserve_pb.RepositoryModelUnloadRequest(model_name=spec["model"]))
+        request = kserve_pb.RepositoryModelUnloadRequest(model_name=spec["model"])
+        answer = await stub.RepositoryModelUnload(request, metadata=metadata)
         return {"model_name": answer.model_name, "isUnloaded": answer.isUnloaded}
 
 

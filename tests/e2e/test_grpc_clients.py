@@ -32,6 +32,7 @@ pytestmark = pytest.mark.e2e
 KSERVE_CLIENT = Path(__file__).with_name("kserve_grpc_client.py")
 OUTPUTS = ["label", "probabilities", "expert", "decided_by", "importance", "madds", "saved_ratio", "operating_point"]
 KEY = "grpc-e2e-key"
+ADMIN = "grpc-e2e-admin-key"
 GRPC_LABELS = (("key", "anonymous"), ("model", "shapes"), ("protocol", "grpc"), ("status", "200"))
 GRPC_200 = ("dynfuse_requests_total", GRPC_LABELS)  # gRPC calls answered, without a key
 
@@ -162,12 +163,17 @@ def test_kserves_own_messages_load_and_unload_a_model(server_process, store_copy
     manifest = json.loads((newer / "model.json").read_text())
     manifest["version"] = "2"
     (newer / "model.json").write_text(json.dumps(manifest))
-    _, _, url = start(server_process, store=store_copy)
+    _, _, url = start(server_process, store=store_copy, model_control="explicit", admin_key=ADMIN)
     client = triton_grpc.InferenceServerClient(url)
     assert client.get_model_metadata("shapes").versions == ["1"]
-    assert kserve(url, [{"call": "load", "model": "shapes"}]) == [{"model_name": "shapes", "isLoaded": True}]
+    admin = {"authorization": f"Bearer {ADMIN}"}
+    refused = kserve(url, [{"call": "load", "model": "shapes"}, {"call": "unload", "model": "shapes"}])
+    assert [answer["error"]["code"] for answer in refused] == ["UNAUTHENTICATED"] * 2  # the admin key's calls
+    loaded = kserve(url, [{"call": "load", "model": "shapes", "headers": admin}])
+    assert loaded == [{"model_name": "shapes", "isLoaded": True}]
     assert client.get_model_metadata("shapes").versions == ["2"]  # the highest in the store
-    assert kserve(url, [{"call": "unload", "model": "shapes"}]) == [{"model_name": "shapes", "isUnloaded": True}]
+    unloaded = kserve(url, [{"call": "unload", "model": "shapes", "headers": admin}])
+    assert unloaded == [{"model_name": "shapes", "isUnloaded": True}]
     assert not client.is_model_ready("shapes")
     client.close()
 

@@ -10,7 +10,9 @@ from __future__ import annotations
 import gzip
 import io
 import json
+import resource
 import struct
+import time
 
 import grpc
 import numpy as np
@@ -367,6 +369,30 @@ def test_a_message_over_the_body_limit_is_refused_compressed_or_not(grpc_serve, 
     assert compressed.value.status() == "StatusCode.RESOURCE_EXHAUSTED"
     small = client.infer("shapes", [bytes_input("text", [samples[0]["text"].encode()])], compression_algorithm="gzip")
     assert small.as_numpy("label").shape == (1,)
+
+
+def test_a_message_of_millions_of_empty_values_is_refused_before_it_is_built(grpc_serve, samples):
+    """Within the byte limit, 10 MiB of empty input tensors would be 5 million messages and hundreds of MiB once
+    parsed: refused on its bytes, quickly, with the process's peak memory unmoved (service/grpc/wire_limits.py)."""
+    http, client, url = grpc_serve()
+    head = service_pb2.ModelInferRequest(model_name="shapes").SerializeToString()
+    bomb = head + b"\x2a\x00" * ((10 * 1024 * 1024 - 4096) // 2)  # field 5 (inputs), empty, over and over
+    peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with grpc.insecure_channel(url, options=[("grpc.max_send_message_length", -1)]) as channel:
+        raw = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")
+        started = time.monotonic()
+        with pytest.raises(grpc.RpcError) as refused:
+            raw(bomb, timeout=60)
+        took = time.monotonic() - started
+    assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "more than 768 values" in refused.value.details()  # 8 per row of DYNFUSE_MAX_BATCH_INPUTS=64, +256
+    assert "DYNFUSE_MAX_BATCH_INPUTS" in refused.value.details()
+    assert took < 10  # the walk stops at the 769th value; parsing it took seconds
+    assert (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak_before) / 1024 < 100  # MiB; parsed: +455
+    assert value(scrape(http), "dynfuse_requests_total", status="413", **GRPC) == 1
+    assert value(scrape(http), "dynfuse_rejected_requests_total", model="shapes", reason="too_large") == 1
+    text = client.infer("shapes", [bytes_input("text", [samples[0]["text"].encode()])])  # still serving
+    assert text.as_numpy("label").shape == (1,)
 
 
 def test_unimplemented_calls_say_so(grpc_serve):
