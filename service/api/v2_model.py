@@ -203,10 +203,9 @@ def _rows(tensors: list[InputTensor], max_rows: int) -> tuple[list[bytes | None]
         if shape[0] > max_rows:
             raise PayloadTooLarge(f"input {tensor.name!r}: {shape[0]} rows is over the limit of {max_rows}")
         values = tensor.elements()
-        if len(values) != shape[0]:
-            raise InvalidInput(
-                f"input {tensor.name!r}: shape {shape} holds {shape[0]} element(s) but {len(values)} were sent"
-            )
+        if len(values) != shape[0]:  # a binding reads at most one element past the shape
+            sent = f"more than {shape[0]}" if len(values) > shape[0] else str(len(values))
+            raise InvalidInput(f"input {tensor.name!r}: shape {shape} holds {shape[0]} element(s) but {sent} were sent")
         elements[tensor.name] = values
     if not elements:
         raise InvalidInput("send at least one of the inputs 'image' and 'text' (leave out only a missing modality)")

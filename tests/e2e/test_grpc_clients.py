@@ -27,6 +27,8 @@ from conftest import free_port, worker_pids
 from prometheus_client.parser import text_string_to_metric_families
 from tritonclient.utils import InferenceServerException
 
+from service.server import available_cores
+
 pytestmark = pytest.mark.e2e
 
 KSERVE_CLIENT = Path(__file__).with_name("kserve_grpc_client.py")
@@ -157,12 +159,17 @@ def test_the_asyncio_client_and_kserve_get_the_keys_and_errors_of_http(server_pr
     assert answers[2]["outputs"]["madds"] == [http_text["compute"]["madds"]]
 
 
-def test_kserves_own_messages_load_and_unload_a_model(server_process, store_copy):
-    newer = store_copy / "shapes" / "2"
-    shutil.copytree(store_copy / "shapes" / "1", newer)
+def publish(store: Path, version: str) -> None:
+    """What an export running beside the server does: a newer version (a copy of version 1) appears in the store."""
+    newer = store / "shapes" / version
+    shutil.copytree(store / "shapes" / "1", newer)
     manifest = json.loads((newer / "model.json").read_text())
-    manifest["version"] = "2"
+    manifest["version"] = version
     (newer / "model.json").write_text(json.dumps(manifest))
+
+
+def test_kserves_own_messages_load_and_unload_a_model(server_process, store_copy):
+    publish(store_copy, "2")
     _, _, url = start(server_process, store=store_copy, model_control="explicit", admin_key=ADMIN)
     client = triton_grpc.InferenceServerClient(url)
     assert client.get_model_metadata("shapes").versions == ["1"]
@@ -264,6 +271,40 @@ def test_each_worker_serves_grpc_on_the_one_port(server_process, samples):
     assert calls == 8  # summed over both workers
     process.send_signal(signal.SIGTERM)
     assert process.wait(timeout=60) == 0
+
+
+def test_with_the_default_workers_a_grpc_load_swaps_every_worker(server_process, store_copy, samples):
+    """What a user gets from ``dynfuse serve --grpc-port`` (one worker per core): each worker serves gRPC on the
+    port, and a load asked of one of them over gRPC swaps every worker (the others follow the shared state)."""
+    publish(store_copy, "2")
+    process, base, url = start(server_process, store=store_copy, workers=0, model_control="explicit",
+                               admin_key=ADMIN, log_level="info")  # fmt: skip
+    workers = worker_pids(process.pid) or [process.pid]  # one core: one process serves, no supervisor
+    assert len(workers) == available_cores()
+    port, deadline = int(url.rsplit(":", 1)[1]), time.monotonic() + 60
+    while listening_pids(port, workers) != set(workers):
+        assert time.monotonic() < deadline, f"only {listening_pids(port, workers)} of {workers} listen"
+        time.sleep(0.05)
+    client = triton_grpc.InferenceServerClient(url)
+    client.load_model("shapes", headers={"authorization": f"Bearer {ADMIN}"})
+    client.close()
+    text = grpc_inputs([samples[0]["png"]], [samples[0]["text"]])
+
+    def version_on_a_new_channel() -> str:  # a new channel is a new connection, which may reach any worker
+        fresh = triton_grpc.InferenceServerClient(url)
+        try:
+            return fresh.infer("shapes", text).get_response().model_version
+        finally:
+            fresh.close()
+
+    streak, deadline = 0, time.monotonic() + 60
+    while streak < 30 and time.monotonic() < deadline:
+        streak = streak + 1 if version_on_a_new_channel() == "2" else 0
+    assert streak >= 30, "some worker still answers with version 1"
+    process.send_signal(signal.SIGTERM)
+    log = process.communicate(timeout=60)[0]
+    assert process.returncode == 0, log[-3000:]
+    assert log.count("model shapes: serving version 2 (was 1)") == len(workers), log[-3000:]
 
 
 def test_a_grpc_port_in_use_stops_the_server_at_start(tiny_store):

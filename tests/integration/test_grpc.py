@@ -265,6 +265,12 @@ def _requests(sample: dict) -> list[tuple[str, service_pb2.ModelInferRequest, st
     short = infer_request(good)
     short.inputs[1].shape[:] = [2]
     case("shape holds more", short, "INVALID_ARGUMENT", "holds 2 element(s) but 1 were sent")
+    lying = infer_request({"text": [text]})  # one element declared, 2.5 million empty ones sent (9.5 MiB)
+    lying.raw_input_contents[0] = raw_bytes([text]) + b"\x00\x00\x00\x00" * 2_500_000
+    case("shape holds fewer (raw)", lying, "INVALID_ARGUMENT", "holds 1 element(s) but more than 1 were sent")
+    lying_contents = service_pb2.ModelInferRequest(model_name="shapes")
+    lying_contents.inputs.add(name="text", datatype="BYTES", shape=[1]).contents.bytes_contents.extend([text] * 3)
+    case("shape holds fewer (contents)", lying_contents, "INVALID_ARGUMENT", "holds 1 element(s) but more than 1")
     matrix = infer_request(good)
     matrix.inputs[1].shape[:] = [1, 1]
     case("shape not [N]", matrix, "INVALID_ARGUMENT", "is not [N]")
