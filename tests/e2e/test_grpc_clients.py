@@ -169,10 +169,10 @@ def publish(store: Path, version: str) -> None:
 
 
 def test_kserves_own_messages_load_and_unload_a_model(server_process, store_copy):
-    publish(store_copy, "2")
     _, _, url = start(server_process, store=store_copy, model_control="explicit", admin_key=ADMIN)
+    publish(store_copy, "2")
     client = triton_grpc.InferenceServerClient(url)
-    assert client.get_model_metadata("shapes").versions == ["1"]
+    assert client.get_model_metadata("shapes").versions == ["1"]  # served until a load asks for another
     admin = {"authorization": f"Bearer {ADMIN}"}
     refused = kserve(url, [{"call": "load", "model": "shapes"}, {"call": "unload", "model": "shapes"}])
     assert [answer["error"]["code"] for answer in refused] == ["UNAUTHENTICATED"] * 2  # the admin key's calls
@@ -276,9 +276,9 @@ def test_each_worker_serves_grpc_on_the_one_port(server_process, samples):
 def test_with_the_default_workers_a_grpc_load_swaps_every_worker(server_process, store_copy, samples):
     """What a user gets from ``dynfuse serve --grpc-port`` (one worker per core): each worker serves gRPC on the
     port, and a load asked of one of them over gRPC swaps every worker (the others follow the shared state)."""
-    publish(store_copy, "2")
     process, base, url = start(server_process, store=store_copy, workers=0, model_control="explicit",
                                admin_key=ADMIN, log_level="info")  # fmt: skip
+    publish(store_copy, "2")
     workers = worker_pids(process.pid) or [process.pid]  # one core: one process serves, no supervisor
     assert len(workers) == available_cores()
     port, deadline = int(url.rsplit(":", 1)[1]), time.monotonic() + 60
