@@ -99,9 +99,10 @@ def start_ray(store: Path, log: Path, timeout_s: float) -> tuple[subprocess.Pope
     base = f"http://127.0.0.1:{port}"
     while not ready(base):
         if process.poll() is not None:
+            stop_ray(process, mark)  # whatever of its cluster is left
             raise RuntimeError(f"dynfuse serve --engine ray exited {process.returncode}: {log.read_text()[-2000:]}")
         if time.monotonic() - started > timeout_s:
-            process.kill()
+            stop_ray(process, mark)
             raise RuntimeError(f"not ready after {timeout_s} s: {log.read_text()[-2000:]}")
         time.sleep(0.2)
     return process, base, mark, time.monotonic() - started
@@ -185,8 +186,10 @@ def cmdline(pid: int) -> str:
 
 
 def stop_ray(process: subprocess.Popen, mark: str) -> dict:
+    """SIGTERM, and how it went: seconds to exit, exit code, processes of its cluster left (killed after)."""
     signalled = time.monotonic()
-    process.send_signal(signal.SIGTERM)
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
     try:
         process.wait(timeout=60)
     except subprocess.TimeoutExpired:
@@ -224,7 +227,17 @@ def main(argv: list[str] | None = None) -> int:
     levels = [int(v) for v in args.levels.split(",")]
     samples = load_test_split(args.data)
     bodies = [json.dumps({"image": base64.b64encode(s["png"]).decode(), "text": s["text"]}).encode() for s in samples]
-    work = Path(tempfile.mkdtemp(prefix="dynfuse-bench-ray-"))
+    work = Path(tempfile.mkdtemp(prefix="dynfuse-bench-ray-"))  # the servers' logs: kept when a step fails
+    try:
+        measure(args, generator, levels, samples, bodies, work)
+    except BaseException:
+        print(f"the servers' logs are in {work}", file=sys.stderr)
+        raise
+    shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+def measure(args, generator: str, levels: list[int], samples: list[dict], bodies: list[bytes], work: Path) -> None:
     bodies_file = work / "bodies.jsonl"
     bodies_file.write_bytes(b"\n".join(bodies) + b"\n")
     result: dict = {"generator": generator, "levels": levels, "seconds_per_level": args.seconds}
@@ -274,7 +287,6 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(result["summary"])
     write_result(args.out, result)
-    return 0
 
 
 if __name__ == "__main__":

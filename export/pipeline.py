@@ -24,6 +24,7 @@ from PIL import Image
 from export.backends import Backend, Runner
 from export.execution import IMAGE_SOURCE, BatchExecution
 from export.store import StoredModel
+from models.ood import MAP_TENSOR
 from models.policy import CONFIDENCE, DECIDED_BY, NOT_FORCED, REQUEST, calibrate, confidence_fallback, decide_routes
 
 AUTO = "auto"
@@ -43,6 +44,7 @@ class PipelineInput:
     operating_point: str | None = None  # which router decides; None: the model's default
     min_confidence: float | None = None  # run the full path too when a cheaper expert's top probability is below
     degraded: bool = False  # the server chose a cheaper operating point under load (passed through to the output)
+    guarded: bool = False  # the server's guard chose a safer policy for it (passed through to the output)
     # Kept only for a model whose experts bring their own preprocessing (``model.specs``):
     text: str | None = None  # the raw text, for the experts' tokenizers
     spec_image: np.ndarray | None = None  # (L, L, 3) uint8, L the largest side the experts' image specs read
@@ -60,7 +62,11 @@ class PipelineOutput:
     operating_point: str  # the router that decided
     weights: np.ndarray | None = None  # (E,) soft fusion's weight per expert (0 for an ineligible one)
     fallback_from: str | None = None  # the cheaper expert whose answer the confidence fallback replaced
+    fallback_label: str | None = None  # that expert's answer (what a shadow audit of the router's pick compares)
     degraded: bool = False  # served at a cheaper operating point because the server was under load
+    guarded: bool = False  # served under the guard's safer policy
+    confidence: float = 1.0  # the answering path's top probability, calibrated on validation (models/safety.py)
+    ood_pvalue: float = 1.0  # how typical the input's features are of validation data (models/ood.py); 1: no density
 
 
 class DynamicPipeline:
@@ -234,8 +240,10 @@ class DynamicPipeline:
         may_fall_back = (forced == NOT_FORCED) & ~soft & eligible[:, self.full_index]
         top = probabilities.max(axis=1)
         fallback = confidence_fallback(choice, top, self.path_madds, self.full_index, floors) & may_fall_back
+        replaced = {}  # row -> the cheaper expert's answer the fallback replaced
         if fallback.any():
             rows = np.flatnonzero(fallback)
+            replaced = {int(i): str(self.labels[probabilities[i].argmax()]) for i in rows}
             full_logits, more_seconds = execution.run({self.model.full_expert: rows})
             probabilities[rows] = softmax(full_logits[self.model.full_expert])
             for expert, value in more_seconds.items():
@@ -245,11 +253,14 @@ class DynamicPipeline:
             decided_by[rows] = CONFIDENCE
 
         shared_madds = self._shared_madds(has_text, has_image)
+        answering = [SOFT if soft[i] else self.experts[self.full_index if fallback[i] else choice[i]] for i in range(n)]
+        confidence = self._calibrated_confidence(probabilities, answering)
+        ood_pvalues = self._ood_pvalues(tensors, execution, has_text, has_image)
         outputs = [
             PipelineOutput(
                 label=str(self.labels[probabilities[i].argmax()]),
                 probabilities=probabilities[i],
-                expert=SOFT if soft[i] else self.experts[self.full_index if fallback[i] else choice[i]],
+                expert=answering[i],
                 decided_by=DECIDED_BY[decided_by[i]],
                 route_scores=scores[i],
                 importance=importance[i],
@@ -257,12 +268,37 @@ class DynamicPipeline:
                 operating_point=points[i],
                 weights=_normalized(weights[i], eligible[i]) if soft[i] else None,
                 fallback_from=self.experts[choice[i]] if fallback[i] else None,
+                fallback_label=replaced.get(i),
                 degraded=inputs[i].degraded,
+                guarded=inputs[i].guarded,
+                confidence=float(confidence[i]),
+                ood_pvalue=float(ood_pvalues[i]),
             )
             for i in range(n)
         ]
         assert len(outputs) == n, f"pipeline produced {len(outputs)} outputs for {n} inputs"
         return outputs, seconds
+
+    def _calibrated_confidence(self, probabilities: np.ndarray, answering: list[str]) -> np.ndarray:
+        """(N,) each answer's top probability, temperature-scaled with its expert's validation temperature (soft
+        fusion's mixture, and a model exported without temperatures, as they are)."""
+        temperatures = self.model.safety.get("expert_temperatures", {})
+        confidence = probabilities.max(axis=1).astype(np.float64)
+        for expert in set(answering) & set(temperatures):
+            rows = np.flatnonzero(np.asarray(answering) == expert)
+            confidence[rows] = calibrate(probabilities[rows].astype(np.float64), temperatures[expert]).max(axis=1)
+        return confidence
+
+    def _ood_pvalues(self, tensors: dict, execution, has_text: np.ndarray, has_image: np.ndarray) -> np.ndarray:
+        """(N,) out-of-distribution p-values (models/ood.py) on the shared encoders' features, and on the image
+        encoder's map for the requests whose path ran it here; 1 without a fitted density."""
+        if self.model.ood is None:
+            return np.ones(len(has_text))
+        image_map = getattr(execution, "produced", {}).get(MAP_TENSOR)  # (rows, values); none when run elsewhere
+        rows, values = image_map if image_map is not None else (None, None)
+        return self.model.ood.pvalues(
+            tensors["text_features"], tensors["glimpse_features"], has_text, has_image, values, rows
+        )
 
     def _preprocessor(self, pixels: np.ndarray, inputs: list[PipelineInput]):
         """What BatchExecution calls to make a lazy source's tensors for some rows: the model's normalized image,

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from models.errors import DynfuseError
+from models.ood import OodDetector
 from models.preprocess import ImagePreprocessing
 from models.specs import SpecError, SpecSet, spec_from_dict
 from models.tokenizer import Tokenizer
@@ -92,6 +93,10 @@ class StoredModel:
     operating_points: dict[str, OperatingPoint]  # every router, by name
     default_point: str  # the one served unless a request or the settings pick another
     specs: SpecSet = field(default_factory=SpecSet)  # the experts' own preprocessing, by key; empty for most
+    # What safe routing means for this model, measured on validation at export (models/safety.py): empty for a
+    # model exported without it; and the out-of-distribution density of its features (models/ood.py).
+    safety: dict = field(default_factory=dict)
+    ood: OodDetector | None = None
 
     def expert(self, name: str) -> ExpertInfo:
         for expert in self.experts:
@@ -243,6 +248,8 @@ def _parse(path: Path, manifest: dict) -> StoredModel:
             operating_points=points,
             default_point=next(p.name for p in points.values() if p.component == manifest["router"]["component"]),
             specs=_specs(path, pre.get("specs", {})),
+            safety=dict(manifest.get("safety") or {}),
+            ood=_ood(path, manifest.get("safety") or {}),
         )
     except SpecError as error:
         raise StoreError(f"{path / MANIFEST}: {error}") from error
@@ -258,6 +265,16 @@ def _specs(path: Path, entries: dict) -> SpecSet:
         if spec.key != key:
             raise SpecError(f"preprocessing spec {key!r} describes the spec {spec.key!r}: model.json was edited")
     return SpecSet(specs)
+
+
+def _ood(path: Path, safety: dict) -> OodDetector | None:
+    entry = safety.get("ood")
+    if not entry:
+        return None
+    try:
+        return OodDetector.load(path / entry["file"])
+    except (OSError, ValueError, KeyError) as error:
+        raise StoreError(f"{path / entry['file']}: the out-of-distribution density cannot be read: {error}") from error
 
 
 def _tensor(entry: dict) -> TensorInfo:

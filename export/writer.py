@@ -26,6 +26,7 @@ from export.examples import write_examples
 from export.onnx import OnnxComponent, export_onnx
 from export.parity import TOLERANCE, ParityError, check_parity, max_abs_difference
 from export.pipeline import DynamicPipeline, PipelineInput
+from export.safety import measure_safety
 from export.store import FORMATS, MANIFEST, MODEL_FORMAT, list_store, load_model_dir, sha256_file
 from export.torchscript import TorchScriptComponent, export_torchscript
 from models.byo.model import ROUTER_ONLY, RouterOnlyModel, rebuild_router_only
@@ -100,7 +101,12 @@ def export_run(
             )
         Tokenizer.from_dict(checkpoint["tokenizer"]).save(staging / TOKENIZER_FILE)
         files = {TOKENIZER_FILE: {"sha256": sha256_file(staging / TOKENIZER_FILE)}}
+        safety = measure_safety(checkpoint, model, data_dir, staging, log)
+        if safety is not None:
+            files[safety["ood"]["file"]] = {"sha256": safety["ood"]["sha256"]}
         manifest = _manifest(checkpoint, name, version, entries, parity, files)
+        if safety is not None:
+            manifest["safety"] = safety
         if router_only:
             byo.add_specs(manifest, byo.write_spec_files(checkpoint, staging))
         manifest["examples"] = write_examples(data_dir or checkpoint["data"]["dir"], staging, log=log)

@@ -15,6 +15,7 @@ them points on one accuracy/compute curve.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -66,6 +67,10 @@ class TrainConfig:
     # the training images without it, and every routing figure suffers from an expert that looks better than it is.
     max_shift: int | None = None
     router_lr: float = 3e-3  # Stage II, Adam (1e-2 collapsed some routers onto one expert)
+    # Stage II also learns from copies of the validation split whose captions lost this share of their words to
+    # <unk> (one copy per value), with the experts' losses on those captions: a router that sees only the
+    # training family's captions keys on their template words, and sends captions worded otherwise astray.
+    stage2_word_dropout: tuple[float, ...] = (0.3, 0.6)
     # Stage II's two supervised terms beside DynMM's loss (see train_router): the fused gate towards each sample's
     # best expert, and each modality's router on its own towards it.
     best_expert_weight: float = 1.0
@@ -91,6 +96,9 @@ class TrainConfig:
             raise ValueError(f"unknown preset {self.preset!r}; choose one of {', '.join(STAGE1_EPOCHS)}")
         if not 0.0 <= self.word_dropout < 1.0:
             raise ValueError(f"word_dropout must be in [0, 1), got {self.word_dropout}")
+        self.stage2_word_dropout = tuple(float(v) for v in self.stage2_word_dropout)
+        if any(not 0.0 < v < 1.0 for v in self.stage2_word_dropout):
+            raise ValueError(f"stage2_word_dropout values must be in (0, 1), got {self.stage2_word_dropout}")
 
     @property
     def epochs(self) -> int:
@@ -158,6 +166,7 @@ def train(data_dir: Path, run_dir: Path, config: TrainConfig, *, progress: bool 
 
     history = train_experts(model, dataset.splits["train"], dataset.splits["val"], config, progress=progress)
     cache = {name: expert_outputs(model, split) for name, split in dataset.splits.items() if name != "train"}
+    cache["val"]["augmented"] = caption_variants(model, dataset.splits["val"], config)
     full_expert = choose_full_expert(model, cache["val"], dataset.splits["val"])
     costs = routing_costs(model, full_expert)
     log(f"full path: {full_expert} (the most accurate expert on validation), {costs['full']:,} MAdds")
@@ -242,6 +251,16 @@ def drop_words(token_ids: torch.Tensor, rate: float, generator: torch.Generator)
     return torch.where(dropped, torch.full_like(token_ids, UNK_ID), token_ids)
 
 
+def caption_variants(model: DynamicFusionModel, split: TensorSplit, config: TrainConfig) -> list[dict]:
+    """``expert_outputs`` of the split once per ``config.stage2_word_dropout`` rate, its captions with that share
+    of their words replaced by <unk>: what Stage II adds to the validation split (``cache["augmented"]``)."""
+    generator = torch.Generator().manual_seed(config.seed + 1)
+    return [
+        expert_outputs(model, dataclasses.replace(split, token_ids=drop_words(split.token_ids, rate, generator)))
+        for rate in config.stage2_word_dropout
+    ]
+
+
 def shift_images(images: torch.Tensor, max_shift: int, generator: torch.Generator) -> torch.Tensor:
     """Each image moved by up to ``max_shift`` pixels each way, its border repeated into the gap. A few pixels
     keep every label true: the objects stay whole and in the same order from left to right and top to bottom."""
@@ -305,14 +324,32 @@ def train_routers(
         validation_routes[name] = cross_fitted_routes(model, cache["val"], costs, lam, config)
         router = train_router(model, cache["val"], costs, lam, config)
         temperature = calibrated_temperature(model, cache["val"], costs, lam, validation_routes[name])
-        routers.append({"name": name, "lambda": lam, "router": router, "temperature": temperature})
+        # The cross-fitted scores travel with the run: export measures what "safe routing" means on them.
+        routers.append({"name": name, "lambda": lam, "router": router, "temperature": temperature,
+                        "validation_scores": validation_routes[name]["scores"]})  # fmt: skip
 
     context = {"model": model, "dataset": dataset, "routers": routers, "costs": costs, "full_expert": full_expert}
     validation = _evaluate(**context, outputs=cache["val"], routes=validation_routes, split="val")
-    default_router = select_router(validation, routers, config.select_tolerance)
+    # The same validation samples with their captions reworded (word dropout), routed by the same cross-fitted
+    # routers: the served router must hold up there too.
+    reworded = [
+        _evaluate(
+            **context, outputs=variant, routes={n: r["variants"][k] for n, r in validation_routes.items()}, split="val"
+        )
+        for k, variant in enumerate(cache["val"].get("augmented") or [])
+    ]
+    default_router = select_router(validation, routers, config.select_tolerance, reworded)
     model.router.load_state_dict(next(r for r in routers if r["name"] == default_router)["router"].state_dict())
     evaluation = {"val": _evaluate(**context, outputs=cache["val"], routes=validation_routes, split="val",
                                    default_router=default_router)}  # fmt: skip
+    if reworded:  # what the selection saw of each router on the reworded captions
+        evaluation["val_reworded"] = [
+            {
+                "word_dropout": rate,
+                "policies": [_policy_figures(row) for row in rows if row["policy"].startswith(("full", "lambda="))],
+            }
+            for rate, rows in zip(config.stage2_word_dropout, reworded, strict=True)
+        ]
     for split in EVALUATED_SPLITS[1:]:
         if split in dataset.splits:
             routes = {r["name"]: route(r["router"], cache[split]) for r in routers}
@@ -338,6 +375,7 @@ def train_router(model: DynamicFusionModel, cache: dict, costs: dict, lam: float
     torch.manual_seed(config.seed)
     router = model.new_router()
     optimizer = torch.optim.Adam(router.parameters(), lr=config.router_lr)
+    cache = with_variants(cache)  # the samples, then each caption variant of them (``caption_variants``)
     penalty = routing_penalty(model, cache, costs, lam)  # (N, E): what choosing each expert costs this sample
     best = penalty.argmin(dim=1)  # (N,)
     best_one_hot = F.one_hot(best, penalty.shape[1]).to(penalty.dtype)
@@ -370,6 +408,17 @@ def train_router(model: DynamicFusionModel, cache: dict, costs: dict, lam: float
     return router
 
 
+def with_variants(cache: dict) -> dict:
+    """A cache with the rows of its caption variants (``cache["augmented"]``) after its own; as it is without."""
+    variants = cache.get("augmented") or []
+    if not variants:
+        return cache
+    parts = [cache, *variants]
+    joined = {key: torch.cat([part[key] for part in parts]) for key in ("text_features", "glimpse_features", "losses")}
+    joined["logits"] = {e: torch.cat([part["logits"][e] for part in parts]) for e in cache["logits"]}
+    return joined
+
+
 def routing_penalty(model, cache: dict, costs: dict, lam: float) -> torch.Tensor:
     """(N, E): each sample's cross-entropy under each expert plus lambda times the expert's relative cost."""
     relative_cost = torch.tensor([costs["path"][e.name] / costs["full"] for e in model.experts])  # (E,)
@@ -390,19 +439,30 @@ def cross_fitted_routes(model, cache: dict, costs: dict, lam: float, config: Tra
     folds = torch.randperm(n, generator=torch.Generator().manual_seed(config.seed)) % max(
         1, min(config.router_folds, n)
     )
-    routes = {"scores": torch.zeros(n, len(model.experts)), "importance": torch.zeros(n, 2)}
-    routes["weights"] = torch.zeros(n, len(model.experts))
+
+    def empty() -> dict:
+        return {
+            "scores": torch.zeros(n, len(model.experts)),
+            "importance": torch.zeros(n, 2),
+            "weights": torch.zeros(n, len(model.experts)),
+        }
+
+    variants = cache.get("augmented") or []
+    routes = empty() | {"variants": [empty() for _ in variants]}  # the caption variants' rows, routed likewise
     for fold in folds.unique():
         held_out = folds == fold
         train_part = {k: _rows(v, ~held_out) for k, v in cache.items()}
         router = train_router(model, train_part, costs, lam, config) if (~held_out).any() else model.new_router()
-        for name, values in route(router, {k: _rows(v, held_out) for k, v in cache.items()}).items():
-            routes[name][held_out] = values
+        for target, outputs in ((routes, cache), *zip(routes["variants"], variants, strict=True)):
+            for name, values in route(router, {k: _rows(v, held_out) for k, v in outputs.items()}).items():
+                target[name][held_out] = values
     return routes
 
 
 def _rows(value, mask: torch.Tensor):
-    return {k: v[mask] for k, v in value.items()} if isinstance(value, dict) else value[mask]
+    if isinstance(value, list):  # caption variants: the same rows of each
+        return [_rows(variant, mask) for variant in value]
+    return {k: _rows(v, mask) for k, v in value.items()} if isinstance(value, dict) else value[mask]
 
 
 @torch.no_grad()
@@ -427,12 +487,38 @@ def _evaluate(
     default_router: str | None = None,
 ) -> list[dict]:
     """The policy table of one split; ``routes`` holds each router's scores and importance on it."""
-    routing = RoutingOutputs(
-        labels=dataset.splits[split].labels.numpy(),
+    routing = routing_outputs(
+        model=model,
+        split=dataset.splits[split],
+        routers=routers,
+        costs=costs,
+        full_expert=full_expert,
+        outputs=outputs,
+        routes=routes,
+        default_router=default_router,
+    )
+    return evaluate_policies(routing)
+
+
+def routing_outputs(
+    *,
+    model,
+    split: TensorSplit,
+    routers: list[dict],
+    costs: dict,
+    full_expert: str,
+    outputs: dict,
+    routes: dict,
+    default_router: str | None = None,
+) -> RoutingOutputs:
+    """What a model produced on one split (``outputs``: ``expert_outputs``; ``routes``: each router's scores,
+    importance and weights), as the policy evaluation and the safety measurements read it."""
+    return RoutingOutputs(
+        labels=split.labels.numpy(),
         expert_probs={e: F.softmax(v, dim=1).numpy() for e, v in outputs["logits"].items()},
         router_scores={name: r["scores"].numpy() for name, r in routes.items()},
-        router_importance={name: r["importance"].numpy() for name, r in routes.items()},
-        router_weights={name: r["weights"].numpy() for name, r in routes.items()},
+        router_importance={name: r["importance"].numpy() for name, r in routes.items() if "importance" in r} or None,
+        router_weights={name: r["weights"].numpy() for name, r in routes.items() if "weights" in r} or None,
         temperatures={r["name"]: r["temperature"] for r in routers},
         shared_madds=sum(costs["components"][c] for c in model.shared_encoders.values())
         + costs["components"]["router"],
@@ -445,16 +531,29 @@ def _evaluate(
         static_madds=costs["static"],
         madds_full=costs["full"],
         full_expert=full_expert,
-        kinds=dataset.splits[split].kinds,
+        kinds=split.kinds,
     )
-    return evaluate_policies(routing)
 
 
-def select_router(validation_rows: list[dict], routers: list[dict], tolerance: float) -> str:
-    """The cheapest router whose validation accuracy is within ``tolerance`` of the full expert's."""
+def _policy_figures(row: dict) -> dict:
+    return {k: row[k] for k in ("policy", "accuracy", "saved_ratio")}
+
+
+def select_router(
+    validation_rows: list[dict], routers: list[dict], tolerance: float, reworded: list[list[dict]] = ()
+) -> str:
+    """The cheapest router whose validation accuracy is within ``tolerance`` of the full expert's, on the
+    validation split and on each of its reworded copies (``reworded``: their policy tables)."""
     full_accuracy = find_row(validation_rows, "full")["accuracy"]
     candidates = [find_row(validation_rows, f"lambda={r['lambda']:g}") | {"name": r["name"]} for r in routers]
-    good = [c for c in candidates if c["accuracy"] >= full_accuracy - tolerance]
+
+    def holds_up(candidate: dict) -> bool:
+        return all(
+            find_row(rows, candidate["policy"])["accuracy"] >= find_row(rows, "full")["accuracy"] - tolerance
+            for rows in reworded
+        )
+
+    good = [c for c in candidates if c["accuracy"] >= full_accuracy - tolerance and holds_up(c)]
     if good:
         return min(good, key=lambda c: c["madds_per_sample"])["name"]
     return max(candidates, key=lambda c: (c["accuracy"], -c["madds_per_sample"]))["name"]
@@ -508,13 +607,15 @@ def rebuild_routers(checkpoint: dict, model: DynamicFusionModel) -> dict[str, Du
 
 
 def router_entries(routers: list[dict]) -> list[dict]:
-    """The trained routers as a run checkpoint stores them: name, lambda, temperature and weights."""
+    """The trained routers as a run checkpoint stores them: name, lambda, temperature, weights, and the
+    cross-fitted scores on validation (export measures the model's safety figures on them)."""
     return [
         {
             "name": r["name"],
             "lambda": r["lambda"],
             "temperature": r["temperature"],
             "state_dict": r["router"].state_dict(),
+            **({"validation_scores": r["validation_scores"]} if "validation_scores" in r else {}),
         }
         for r in routers
     ]

@@ -26,6 +26,12 @@ What keeps it from wedging:
 - The queue bound refuses a call only when the queue is already full, whatever its size: a call of
   many rows is admitted whenever a call of one would be (the queue may then briefly hold up to
   ``max_queue + rows - 1`` items), so no valid call is refused forever.
+
+Spare work (the shadow audits of service/audit.py) waits in a lane of its own and runs only in spare capacity:
+one job at a time, and only when no request is queued or running, so it never sits in front of a request (a
+request that arrives while a job runs waits for that one job at most). The lane is bounded: when it is full the
+oldest job is dropped (and told so), and at shutdown every job still waiting is dropped. Spare work does not
+count towards the batcher's health, and waits while the pipeline is unhealthy.
 """
 
 from __future__ import annotations
@@ -34,9 +40,11 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Protocol
 
 from export.pipeline import DynamicPipeline, PipelineInput, PipelineOutput
 from service.errors import ApiError, DeadlineExceeded, NotReady, Overloaded
@@ -55,6 +63,18 @@ class BatchResult:
     output: PipelineOutput
     queue_seconds: float  # enqueued -> its batch started
     inference_seconds: float  # the whole batch's pipeline call
+
+
+class SpareJob(Protocol):
+    """Work for spare capacity: its inputs, and what to do with their outputs (called on the event loop)."""
+
+    items: list[PipelineInput]
+
+    def finished(self, outputs: list[PipelineOutput]) -> None: ...
+
+    def failed(self, error: BaseException) -> None: ...
+
+    def dropped(self) -> None: ...
 
 
 @dataclass
@@ -77,6 +97,7 @@ class MicroBatcher:
         stuck_after_s: float = 30.0,
         probe: Callable[[], list[PipelineInput]] | None = None,
         on_batch_taken: Callable[[int], None] | None = None,
+        max_spare: int = 64,
     ):
         self.pipeline = pipeline
         self.metrics = metrics
@@ -101,6 +122,9 @@ class MicroBatcher:
         self._last_failure = ""  # what the last failed request failed with, for the reason
         self._unhealthy: str | None = None  # why the pipeline is considered broken; None while it is not
         self._failed_probes = 0
+        self._spare: deque[SpareJob] = deque()  # waiting for spare capacity, oldest first
+        self.max_spare = max_spare
+        self._work = asyncio.Event()  # set when a request or a spare job arrives: wakes an idle worker
 
     # -- lifecycle -------------------------------------------------------------------------------
     def start(self) -> None:
@@ -158,6 +182,7 @@ class MicroBatcher:
         worker = self._worker
         if worker is not None and not worker.done():
             self._queue.put_nowait(_STOP)
+            self._work.set()
             done, _ = await asyncio.wait({worker}, timeout=grace_s)
             if not done:
                 logger.error("the batch worker did not finish within %.0f s; answering the rest with 503", grace_s)
@@ -165,6 +190,8 @@ class MicroBatcher:
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await worker
         self._fail_all(NotReady("the server is shutting down; retry on another replica", self.retry_after_s))
+        while self._spare:
+            _tell(self._spare.popleft().dropped)
         self._executor.shutdown(wait=False, cancel_futures=True)
 
     # -- submitting ------------------------------------------------------------------------------
@@ -185,6 +212,7 @@ class MicroBatcher:
         pending = [_Pending(item, loop.create_future(), now) for item in items]
         for p in pending:
             self._queue.put_nowait(p)
+        self._work.set()
         futures = [p.future for p in pending]
         timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
         try:
@@ -201,6 +229,21 @@ class MicroBatcher:
                 "retry later, or with fewer items"
             )
         return [future.result() for future in futures]
+
+    def offer_spare(self, job: SpareJob) -> None:
+        """Run ``job`` when there is spare capacity. When the lane is full, its oldest job is dropped for it; while
+        stopping, ``job`` itself is."""
+        if self._stopping:
+            _tell(job.dropped)
+            return
+        if len(self._spare) >= self.max_spare:
+            _tell(self._spare.popleft().dropped)
+        self._spare.append(job)
+        self._work.set()
+
+    @property
+    def spare_waiting(self) -> int:
+        return len(self._spare)
 
     # -- the worker ------------------------------------------------------------------------------
     def _spawn(self) -> None:
@@ -228,6 +271,8 @@ class MicroBatcher:
                 self._batch_taken()
                 if batch:
                     await self._note_outcome(await self._process(batch))
+                elif not stop and self._spare and self._queue.empty():
+                    await self._process_spare(self._spare.popleft())
                 self._failures = 0
                 if stop:
                     return
@@ -246,8 +291,17 @@ class MicroBatcher:
         return delay
 
     async def _next_batch(self) -> tuple[list[_Pending], bool]:
-        """Up to ``max_batch_size`` live requests, and whether stop() was queued behind them."""
-        first = await self._queue.get() if self.healthy or self.probe is None else await self._probe_until_entry()
+        """Up to ``max_batch_size`` live requests, and whether stop() was queued behind them; no requests when none
+        is queued and spare work waits (the worker does that instead)."""
+        if self.healthy or self.probe is None:
+            while self._queue.empty():
+                if self._spare:
+                    return [], False
+                self._work.clear()
+                await self._work.wait()
+            first = self._queue.get_nowait()
+        else:
+            first = await self._probe_until_entry()
         if first is _STOP:
             return [], True
         self._in_hand = [first]
@@ -335,6 +389,25 @@ class MicroBatcher:
                 self._failed_probes += 1
         return await self._queue.get()
 
+    async def _process_spare(self, job: SpareJob) -> None:
+        """One spare job, with the worker's executor (never beside a batch); its failure is its own, not the
+        batcher's: it counts towards neither the worker's failures nor its health."""
+        loop = asyncio.get_running_loop()
+        self._batch_started = time.monotonic()
+        try:
+            outputs, _ = await loop.run_in_executor(self._executor, self.pipeline.predict, job.items)
+        except Exception as error:  # noqa: BLE001 - handed to the job
+            logger.warning("spare work failed: %r", error)
+            _tell(job.failed, error)
+            return
+        finally:
+            self._batch_started = None
+        refused = next((output for output in outputs if isinstance(output, ApiError)), None)
+        if refused is not None:  # an item the pipeline could not serve now (a Ray expert deployment down)
+            _tell(job.failed, refused)
+            return
+        _tell(job.finished, outputs)
+
     async def _process(self, batch: list[_Pending]) -> int | None:
         """Run one batch and answer its requests; how many got an answer (not an error), or None when the pipeline
         refused them all with an ApiError: its own passing state (a Ray expert deployment restarting, answered 503
@@ -418,3 +491,11 @@ class MicroBatcher:
             entry = self._queue.get_nowait()
             if entry is not _STOP and not entry.future.done():
                 entry.future.set_exception(error)
+
+
+def _tell(callback, *args) -> None:
+    """Call a spare job's callback; its errors are logged, never the worker's."""
+    try:
+        callback(*args)
+    except Exception:  # noqa: BLE001 - bookkeeping must not take the worker down
+        logger.exception("a spare job's callback failed")

@@ -137,6 +137,61 @@ class Settings(BaseSettings):
         None, ge=0, description="Queued requests at or below which degrading stops; default: a quarter of the high."
     )
 
+    # Is routing still safe? (DESIGN.md): shadow audits, drift of the route mix, the guard, "uncertain" answers.
+    audit_rate: float = Field(
+        0.02,
+        ge=0.0,
+        le=1.0,
+        description="Share of the answers a cheaper expert gave that are re-run on the full path after the response "
+        "was sent, in spare capacity only (never ahead of a request; dropped, and counted, under load), to measure "
+        "their agreement with the full path (dynfuse_audits_total). 0: no audits (and so no guard).",
+    )
+    guard: bool = Field(
+        True,
+        description="When audited agreement of the served operating point falls below its validation figure minus "
+        "guard_margin, serve requests that name no operating point and no min_confidence with the safer policy "
+        "measured at export (a confidence floor), until agreement is back above validation minus "
+        "guard_recover_margin.",
+    )
+    guard_margin: float = Field(
+        0.06, gt=0.0, lt=1.0, description="Agreement this far below the validation figure engages the guard."
+    )
+    guard_recover_margin: float = Field(
+        0.02,
+        ge=0.0,
+        lt=1.0,
+        description="Agreement back within this of the validation figure releases the guard (below guard_margin: "
+        "the gap is the hysteresis).",
+    )
+    guard_window: int = Field(
+        100, ge=1, description="Audit outcomes the guard judges agreement over (the most recent ones)."
+    )
+    guard_min_audits: int = Field(
+        50,
+        ge=1,
+        description="Audit outcomes, since the guard last changed, needed before it engages or releases.",
+    )
+    drift_window: int = Field(
+        500,
+        ge=1,
+        description="Recent router decisions per operating point whose route mix is compared with validation.",
+    )
+    uncertain_confidence: float = Field(
+        0.5,
+        ge=0.0,
+        le=1.0,
+        description="An answer whose path's calibrated top probability is below this is flagged uncertain "
+        "(uncertain_reason 'low_confidence'). 0: never for this reason.",
+    )
+    uncertain_ood_alpha: float = Field(
+        0.01,
+        ge=0.0,
+        le=1.0,
+        description="An input whose features are less typical of the validation data than this share of validation "
+        "inputs is flagged uncertain (uncertain_reason 'out_of_distribution'); about this share of inputs like the "
+        "training data are flagged. 0: never for this reason.",
+    )
+
     api_key: str | None = Field(
         None,
         description="An inference key: when set (or api_keys_file is), inference calls and model metadata need "
@@ -252,6 +307,21 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"degrade_low_water ({low}) must be below degrade_high_water ({high}): the gap keeps the server "
                 "from flapping between operating points"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _guard_has_hysteresis(self) -> Settings:
+        if self.guard_recover_margin >= self.guard_margin:
+            raise ValueError(
+                f"guard_recover_margin ({self.guard_recover_margin}) must be below guard_margin "
+                f"({self.guard_margin}): the gap keeps the guard from flapping; lower DYNFUSE_GUARD_RECOVER_MARGIN or "
+                "raise DYNFUSE_GUARD_MARGIN"
+            )
+        if self.guard_min_audits > self.guard_window:
+            raise ValueError(
+                f"guard_min_audits ({self.guard_min_audits}) is more than guard_window ({self.guard_window}) holds: "
+                "lower DYNFUSE_GUARD_MIN_AUDITS or raise DYNFUSE_GUARD_WINDOW"
             )
         return self
 

@@ -19,12 +19,16 @@ from PIL import Image
 from export.backends import Backend, create_backend
 from export.pipeline import AUTO, SOFT, DynamicPipeline, PipelineInput, RouteError
 from export.store import StoredModel, load_model
+from models.ood import uncertain_reasons
 from models.policy import DECIDED_BY
+from service.audit import Auditor
 from service.batcher import BatchResult, MicroBatcher
 from service.config import Settings, check_settings_for
 from service.decode import OpenedImage, check_text, decode_image, open_image
 from service.degrade import DegradeController
+from service.drift import RouteMixDrift
 from service.errors import InvalidInput
+from service.guard import Guard, GuardSettings
 from service.metrics import Metrics
 
 logger = logging.getLogger("dynfuse")
@@ -99,6 +103,50 @@ class InferenceService:
             low_water=low,
             on_seconds=metrics.degraded_seconds.labels(metrics.model).inc,
         )
+        self._init_safety()
+
+    def _init_safety(self) -> None:
+        """Audits, the guard and the drift of the route mix (DESIGN.md "Is routing still safe?")."""
+        settings, model, metrics = self.settings, self.model, self.metrics
+        safety = model.safety
+        guard_settings = GuardSettings(
+            enabled=settings.guard and settings.audit_rate > 0,
+            margin=settings.guard_margin,
+            recover_margin=settings.guard_recover_margin,
+            window=settings.guard_window,
+            min_audits=settings.guard_min_audits,
+        )
+
+        def changed(before: str, after: str, active: bool) -> None:
+            metrics.guard_changes.labels(metrics.model, before, after).inc()
+            metrics.guard_active.labels(metrics.model).set(1 if active else 0)
+
+        self.guard = Guard(
+            model=model.name,
+            operating_point=self.default_point,
+            min_confidence=settings.min_confidence,
+            safety=safety,
+            settings=guard_settings,
+            on_change=changed,
+        )
+        if settings.guard and settings.audit_rate == 0:
+            self.guard.reason = "DYNFUSE_AUDIT_RATE is 0: without audits the guard sees nothing"
+        self.auditor = Auditor(
+            full_expert=model.full_expert,
+            batcher=self.batcher,
+            metrics=metrics,
+            guard=self.guard,
+            rate=settings.audit_rate,
+        )
+        self.drift = RouteMixDrift(
+            self.pipeline.experts,
+            {name: point.validation.get("route_mix") or {} for name, point in model.operating_points.items()},
+            window=settings.drift_window,
+            publish=lambda point, value: metrics.route_mix_drift.labels(metrics.model, point).set(value),
+        )
+        validated = {name: p["agreement"] for name, p in safety.get("operating_points", {}).items()}
+        policies = (self.guard.served_policy, self.guard.safer_policy) if self.guard.safer_policy else None
+        metrics.init_safety(self.pipeline.experts, model.full_expert, validated, policies, soft=SOFT)
 
     @classmethod
     def load(
@@ -176,6 +224,16 @@ class InferenceService:
             degraded = self.degrade.update(self.batcher.queued)
             point = self.degrade.operating_point if degraded else self.default_point
         min_confidence = client.min_confidence if client.min_confidence is not None else self.settings.min_confidence
+        # The guard's safer policy, for requests routed by the router that asked for no policy of their own.
+        guarded = (
+            self.guard.active
+            and client.route == AUTO
+            and client.operating_point is None
+            and client.min_confidence is None
+            and point == self.guard.operating_point
+        )
+        if guarded:
+            min_confidence = self.guard.min_confidence
         return PipelineInput(
             token_ids=self.pipeline.prepare_text(text) if text is not None else None,
             image=pixels,
@@ -184,6 +242,7 @@ class InferenceService:
             operating_point=point,
             min_confidence=min_confidence,
             degraded=degraded,
+            guarded=guarded,
             # What the experts' own preprocessing starts from, kept only when the model has such experts.
             text=text if self.model.specs.keeps_text else None,
             spec_image=spec_pixels,
@@ -191,7 +250,7 @@ class InferenceService:
 
     async def classify(self, items: list[PipelineInput], deadline: float | None = None) -> list[BatchResult]:
         results = await self.batcher.submit(items, deadline)
-        for result in results:
+        for item, result in zip(items, results, strict=True):
             out = result.output
             self.metrics.observe_prediction(
                 expert=out.expert,
@@ -202,7 +261,23 @@ class InferenceService:
                 operating_point=out.operating_point,
                 degraded=out.degraded,
             )
+            self.metrics.observe_answer(out.expert, float(out.probabilities.max()), self.uncertain_reason(out))
+            if item.route == AUTO and item.token_ids is not None and item.image is not None:
+                # The router's own pick (calibration keeps the order): a fallback or an escalation after it aside.
+                self.drift.observe(out.operating_point, int(np.argmax(out.route_scores)))
         return results
+
+    def after_response(self, items: list[PipelineInput], results: list[BatchResult]) -> None:
+        """What runs once a response was sent: the shadow audits of its answers (a background task of the
+        response, so an audit never delays one)."""
+        self.auditor.after_response(items, [result.output for result in results])
+
+    def uncertain_reason(self, out) -> str | None:
+        """Why the answer is uncertain (models/ood.py), or None."""
+        [reason] = uncertain_reasons(
+            [out.confidence], [out.ood_pvalue], self.settings.uncertain_confidence, self.settings.uncertain_ood_alpha
+        )
+        return reason
 
     def render(self, result: BatchResult, request_id: str, started: float) -> dict:
         """The v1 response body of one result (DESIGN.md's contract)."""
@@ -218,6 +293,7 @@ class InferenceService:
             },
             "route": self._route(out),
             "importance": {"text": round(float(out.importance[0]), 6), "image": round(float(out.importance[1]), 6)},
+            **self._uncertain(out),
             "compute": {
                 "madds": out.madds,
                 "madds_full": madds_full,
@@ -238,12 +314,31 @@ class InferenceService:
             "scores": {e: round(float(s), 6) for e, s in zip(experts, out.route_scores, strict=True)},
             "operating_point": out.operating_point,
             "degraded": out.degraded,
+            "guarded": out.guarded,
         }
         if out.weights is not None:
             route["weights"] = {e: round(float(w), 6) for e, w in zip(experts, out.weights, strict=True)}
         if out.fallback_from is not None:
             route["fallback_from"] = out.fallback_from
         return route
+
+    def _uncertain(self, out) -> dict:
+        reason = self.uncertain_reason(out)
+        return {"uncertain": True, "uncertain_reason": reason} if reason else {"uncertain": False}
+
+    def safety(self) -> dict:
+        """The live state of "is routing still safe?" for GET /v1/models/{name}: the guard, the audits and the
+        drift of the route mix, in this process."""
+        return {
+            "guard": self.guard.describe(),
+            "audits": self.auditor.describe(),
+            "drift": self.drift.describe(),
+            "uncertain": {
+                "confidence_below": self.settings.uncertain_confidence,
+                "ood_alpha": self.settings.uncertain_ood_alpha if self.model.ood is not None else None,
+                "calibrated": bool(self.model.safety.get("expert_temperatures")),
+            },
+        }
 
     def operating_points(self) -> list[dict]:
         """Every router of the model as a point on the accuracy/compute curve, measured on validation."""
@@ -282,6 +377,7 @@ class InferenceService:
             "device": self.pipeline.backend.device,
             "preprocessing": manifest["preprocessing"],
             "evaluation": manifest.get("evaluation", {}).get("summary", {}),
+            "safety": self.safety(),
             "examples": [
                 {
                     **{k: e.get(k) for k in ("id", "kind", "text", "label")},

@@ -14,6 +14,8 @@ from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
 
+from models.ood import UNCERTAIN_REASONS
+
 MULTIPROCESS_DIR = "PROMETHEUS_MULTIPROC_DIR"  # set by `dynfuse serve --workers N` for its workers
 ANONYMOUS = "anonymous"  # the key label of a request no inference key identified (service/auth.py)
 
@@ -21,6 +23,9 @@ LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
 SHORT_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 IMPORTANCE_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+# Most answers are sure of themselves: the resolution is where a confident model's mass is.
+TOP_PROBABILITY_BUCKETS = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 0.999, 1.0)
+AUDIT_OUTCOMES = ("agreed", "disagreed", "dropped")
 
 MODALITIES = ("text", "image")
 REJECT_REASONS = (
@@ -111,6 +116,61 @@ class Metrics:
             "dynfuse_degraded_seconds", "Seconds spent serving at the degraded operating point.", ["model"], registry=r
         )
 
+        # Is routing still safe? Shadow audits, drift of the route mix, the guard, uncertain answers
+        self.audits = Counter(
+            "dynfuse_audits",
+            "Shadow audits: answers of a cheaper expert re-run on the full path in spare capacity, by the expert the "
+            "router picked, its operating point and the outcome (agreed, disagreed, dropped unrun).",
+            ["model", "expert", "operating_point", "outcome"],
+            registry=r,
+        )
+        self.audit_madds = Counter(
+            "dynfuse_audit_madds",
+            "Multiply-adds spent on shadow audits (not in dynfuse_compute_madds_total).",
+            ["model"],
+            registry=r,
+        )
+        self.validated_agreement = Gauge(
+            "dynfuse_validated_agreement",
+            "Agreement of an operating point's cheaper answers with the full path on validation (model.json).",
+            ["model", "operating_point"],
+            multiprocess_mode="max",
+            registry=r,
+        )
+        self.route_mix_drift = Gauge(
+            "dynfuse_route_mix_drift",
+            "Jensen-Shannon divergence (bits, 0-1) between the router's recent picks and its validation mix.",
+            ["model", "operating_point"],
+            multiprocess_mode="livemax",  # the largest over the live workers, each with its own window
+            registry=r,
+        )
+        self.guard_changes = Counter(
+            "dynfuse_guard_changes",
+            "Changes of the served policy by the guard, from one policy to the other.",
+            ["model", "from", "to"],
+            registry=r,
+        )
+        self.guard_active = Gauge(
+            "dynfuse_guard_active",
+            "1 while the guard serves a safer policy (in any worker), else 0.",
+            ["model"],
+            multiprocess_mode="livemax",
+            registry=r,
+        )
+        self.uncertain = Counter(
+            "dynfuse_uncertain_requests",
+            "Answers flagged uncertain, by reason (low_confidence, out_of_distribution).",
+            ["model", "reason"],
+            registry=r,
+        )
+        self.top_probability = Histogram(
+            "dynfuse_top_probability",
+            "The answering path's top class probability (as in the response's scores).",
+            ["model", "expert"],
+            buckets=TOP_PROBABILITY_BUCKETS,
+            registry=r,
+        )
+
         # Latency and batching
         self.request_duration = Histogram(
             "dynfuse_request_duration_seconds",
@@ -162,6 +222,7 @@ class Metrics:
             self.batch_size,
             self.degraded_requests,
             self.degraded_seconds,
+            self.audit_madds,
         ):
             series.labels(model)
         # Bound once: a refusal under overload must cost as little as possible, and .labels() is a lock
@@ -188,6 +249,32 @@ class Metrics:
             self.route_decisions.labels(self.model, soft, "request")
         for point in operating_points:
             self.operating_point_requests.labels(self.model, point)
+        for reason in UNCERTAIN_REASONS:
+            self.uncertain.labels(self.model, reason)
+
+    def init_safety(
+        self,
+        experts,
+        full_expert: str,
+        validated: dict[str, float],
+        guard_policies: tuple[str, str] | None,
+        soft: str | None = None,
+    ) -> None:
+        """The audit, drift and guard series of a loaded model, from the first scrape on: audits per cheaper expert
+        and operating point, the validated agreement per point, the guard's two changes (served -> safer and
+        back) and its state, the top-probability histogram per answering path."""
+        for point, agreement in validated.items():
+            self.validated_agreement.labels(self.model, point).set(agreement)
+            for expert in experts:
+                for outcome in AUDIT_OUTCOMES if expert != full_expert else ():
+                    self.audits.labels(self.model, expert, point, outcome)
+        if guard_policies is not None:
+            served, safer = guard_policies
+            self.guard_changes.labels(self.model, served, safer)
+            self.guard_changes.labels(self.model, safer, served)
+        self.guard_active.labels(self.model).set(0)
+        for expert in (*experts, *([soft] if soft else [])):
+            self.top_probability.labels(self.model, expert)
 
     def set_model_info(self, version: str, backend: str, device: str) -> None:
         self.model_info.labels(self.model, version, backend, device).set(1)
@@ -210,6 +297,7 @@ class Metrics:
             self.compute_full_madds,
             self.queue_duration,
             self.batch_size,
+            self.audit_madds,
         ):
             series.labels(model)
         for modality in MODALITIES:
@@ -247,6 +335,11 @@ class Metrics:
         self.compute_full_madds.labels(self.model).inc(madds_full)
         self.modality_importance.labels(self.model, "text").observe(float(importance[0]))
         self.modality_importance.labels(self.model, "image").observe(float(importance[1]))
+
+    def observe_answer(self, expert: str, top_probability: float, uncertain_reason: str | None) -> None:
+        self.top_probability.labels(self.model, expert).observe(top_probability)
+        if uncertain_reason is not None:
+            self.uncertain.labels(self.model, uncertain_reason).inc()
 
     def observe_batch(self, size: int, queue_seconds: list[float], expert_seconds: dict[str, float]) -> None:
         self.batch_size.labels(self.model).observe(size)

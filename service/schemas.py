@@ -75,6 +75,12 @@ class RouteInfo(BaseModel):
     fallback_from: str | None = Field(
         None, description="decided_by=confidence only: the cheaper expert whose unsure answer was replaced."
     )
+    guarded: bool = Field(
+        ...,
+        description="True when the server's guard served this request with a safer policy than it would otherwise "
+        "get (a confidence floor), because audited answers stopped agreeing with the full path as they did on "
+        "validation. GET /v1/models/{name} shows the guard's state.",
+    )
 
 
 class Importance(BaseModel):
@@ -102,6 +108,14 @@ class ClassifyResponse(BaseModel):
     scores: dict[str, float] = Field(..., description="Class probabilities from the expert that ran.")
     route: RouteInfo
     importance: Importance
+    uncertain: bool = Field(
+        ...,
+        description="True when this answer deserves doubt: its path's calibrated top probability is low, or the "
+        "input is unlike the data the model was validated on. It is still the model's best answer.",
+    )
+    uncertain_reason: str | None = Field(
+        None, description="When uncertain: 'out_of_distribution' (checked first) or 'low_confidence'."
+    )
     compute: Compute
     timing_ms: Timing
 
@@ -150,6 +164,12 @@ class ModelDescription(BaseModel):
     device: str
     preprocessing: dict
     evaluation: dict = Field(..., description="Figures measured at training time (accuracy, compute saved).")
+    safety: dict = Field(
+        ...,
+        description="Is routing still safe, in the process that answered: the guard (state, served and safer "
+        "policy, validated and recent agreement with the full path), the shadow audits so far, the drift of each "
+        "operating point's route mix from validation, and the thresholds of 'uncertain'.",
+    )
     examples: list[ExampleDescription] = Field(
         default_factory=list, description="Image-text pairs shipped with the model, a few per case kind."
     )

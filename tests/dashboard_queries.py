@@ -8,7 +8,7 @@ Import it as ``import dashboard_queries`` (pytest puts tests/, where conftest.py
         ...  # GET /api/v1/query?query=<promql>
 
 Every query is written to be evaluated verbatim through Prometheus's HTTP API once ``$model`` is
-replaced: fixed ``[1m]``/``[5m]`` windows, no Grafana-only variables such as ``$__rate_interval``.
+replaced: fixed ``[1m]``/``[5m]``/``[15m]`` windows, no Grafana-only variables such as ``$__rate_interval``.
 """
 
 from __future__ import annotations
@@ -38,6 +38,14 @@ CONTRACT_METRICS: dict[str, str] = {
     "dynfuse_operating_point_requests_total": "counter",
     "dynfuse_degraded_requests_total": "counter",
     "dynfuse_degraded_seconds_total": "counter",
+    "dynfuse_audits_total": "counter",
+    "dynfuse_audit_madds_total": "counter",
+    "dynfuse_validated_agreement": "gauge",
+    "dynfuse_route_mix_drift": "gauge",
+    "dynfuse_guard_changes_total": "counter",
+    "dynfuse_guard_active": "gauge",
+    "dynfuse_uncertain_requests_total": "counter",
+    "dynfuse_top_probability": "histogram",
 }
 
 # Series names a query may use: counters and gauges as they are, histograms by their series.

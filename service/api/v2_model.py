@@ -30,6 +30,7 @@ import contextlib
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from importlib import metadata
 
 import numpy as np
@@ -137,10 +138,11 @@ async def infer(
     tensors: list[InputTensor],
     deadline: float | None,
     accepted: frozenset[str] = REQUEST_PARAMETERS,
-) -> dict:
+) -> tuple[dict, Callable[[], None]]:
     """decode -> batch -> predict -> unbatch: every output's values for the rows of ``tensors``, by output name
-    (BYTES outputs as lists of str, numeric ones as arrays, batch axis first). Raises an ApiError with the
-    protocol's status for any client mistake."""
+    (BYTES outputs as lists of str, numeric ones as arrays, batch axis first), and what the binding calls once the
+    answer has been sent (the service's audits of the answers: never before, so that an audit delays none).
+    Raises an ApiError with the protocol's status for any client mistake."""
     try:
         options = _options(service, parameters, accepted)
         images, texts = _rows(tensors, settings.max_batch_inputs)
@@ -149,7 +151,8 @@ async def infer(
         results = await service.classify(items, deadline)
     except ApiError as error:
         raise as_v2(error) from None
-    return _output_values([result.output for result in results], service.model.madds_full)
+    values = _output_values([result.output for result in results], service.model.madds_full)
+    return values, partial(service.after_response, items, results)
 
 
 def _options(

@@ -153,10 +153,11 @@ class InferenceServicer(GRPCInferenceServiceServicer):
         try:
             async with _answering(context) as answer:
                 try:
-                    response = await run_until(deadline, self._infer(request, key, deadline))
+                    response, after_sent = await run_until(deadline, self._infer(request, key, deadline))
                 except TimeoutError:
                     raise DeadlineExceeded(f"no answer within the request deadline of {timeout_s:g} s") from None
                 status = 200
+                context.add_done_callback(_once_sent(after_sent))  # audits: as HTTP's, once the answer is out
                 return response
         except asyncio.CancelledError:
             # The client went away, or its deadline passed before ours: nobody reads an answer.
@@ -181,8 +182,8 @@ class InferenceServicer(GRPCInferenceServiceServicer):
             outputs = codec.selected_outputs(request)
             tensors = codec.input_tensors(request)
             parameters = codec.parameters(request.parameters, "request")
-            values = await v2_model.infer(service, self.state.settings, parameters, tensors, deadline)
-            return codec.infer_response(service, request.id, outputs, values)
+            values, after_sent = await v2_model.infer(service, self.state.settings, parameters, tensors, deadline)
+            return codec.infer_response(service, request.id, outputs, values), after_sent
 
     # -- the model repository ------------------------------------------------------------------
     async def RepositoryIndex(self, request, context):
@@ -244,6 +245,21 @@ class InferenceServicer(GRPCInferenceServiceServicer):
 
     def _served(self) -> str:
         return ", ".join(map(repr, sorted(self.state.repository.models))) or "none yet"
+
+
+def _once_sent(after_sent):
+    """A done callback of the call: ``after_sent`` once the answer has gone out (not when the client went away
+    first: nobody got that answer, as HTTP runs a response's background task only once it is sent)."""
+
+    def done(context) -> None:
+        if context.cancelled():
+            return
+        try:
+            after_sent()
+        except Exception:
+            logger.exception("the work after a gRPC answer (its audits) failed")
+
+    return done
 
 
 def _authorization(context) -> str | bytes | None:

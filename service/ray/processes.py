@@ -53,28 +53,41 @@ def descendants(pid: int | None = None) -> list[int]:
     return found
 
 
-def stop_descendants(grace_s: float) -> list[int]:
-    """SIGTERM every descendant, SIGKILL the ones still alive after ``grace_s``; reap what is ours to reap.
-    Returns the pids that had to be killed."""
-    pids = descendants()
-    for pid in pids:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + grace_s
-    while time.monotonic() < deadline:
+def stop_descendants(grace_s: float, settle_s: float = 0.0) -> list[int]:
+    """SIGTERM every descendant (and any started meanwhile); after ``grace_s``, SIGKILL whatever is still alive,
+    again and again; done once none has been alive for ``settle_s`` (a start still under way may spawn one more),
+    or 2 s after the grace. Reaps what is ours to reap. Returns the pids that had to be killed."""
+    began = time.monotonic()
+    termed: set[int] = set()
+    killed: list[int] = []
+    quiet_since: float | None = None
+    while True:
         _reap()
-        if not descendants():
-            return []
-        time.sleep(0.05)
-    killed = descendants()
-    for pid in killed:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.kill(pid, signal.SIGKILL)
-    deadline = time.monotonic() + 2.0
-    while descendants() and time.monotonic() < deadline:
-        _reap()
-        time.sleep(0.02)
-    return killed
+        alive = descendants()
+        now = time.monotonic()
+        if not alive:
+            quiet_since = quiet_since or now
+            if now - quiet_since >= settle_s:
+                return killed
+        else:
+            quiet_since = None
+        for pid in alive:
+            if now - began < grace_s:
+                if pid not in termed:
+                    termed.add(pid)
+                    _send(pid, signal.SIGTERM)
+            else:
+                if pid not in killed:
+                    killed.append(pid)
+                _send(pid, signal.SIGKILL)
+        if now - began >= grace_s + 2.0 + settle_s:
+            return killed
+        time.sleep(0.02 if killed else 0.05)
+
+
+def _send(pid: int, signum: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.kill(pid, signum)
 
 
 def _reap() -> None:

@@ -19,8 +19,9 @@ The steps, each one bounded or stopped by a signal:
    command with Serve's message. Once the ingress replica runs (a few seconds after the proxy; requests wait for
    it meanwhile), ``/readyz`` answers 503 while it deploys the experts and warms the model through them, and 200
    after; if the experts cannot be placed or fail to start, the command ends with the ingress's reason;
-5. SIGTERM or SIGINT, at any of these steps: Serve lets the requests in flight finish (at most ``DRAIN_S``),
-   the cluster is shut down, and whatever process of it is still alive is killed, all within ``STOP_WITHIN_S``.
+5. SIGTERM or SIGINT, at any of these steps: once served, Serve lets the requests in flight finish (at most
+   ``DRAIN_S``); the local cluster's processes get SIGTERM, then SIGKILL while any is left (on another cluster
+   the application is deleted), all within ``STOP_WITHIN_S``. A second signal stops at once.
 """
 
 from __future__ import annotations
@@ -51,10 +52,6 @@ POLL_S = 0.25
 logger = logging.getLogger("dynfuse")
 
 
-class Stopping(BaseException):
-    """A signal asked the command to stop (a BaseException, so no ``except Exception`` on the way swallows it)."""
-
-
 class Refused(Exception):
     """The application cannot run on this cluster (the message says why and what to change)."""
 
@@ -80,6 +77,13 @@ def serve_on_ray(settings: Settings, address: str | None, deployments: str | Non
 
 
 class RayServe:
+    """The command. Its main thread only waits: for a signal, or for the start (run in a thread of its own, which
+    is where every Ray call is made) to fail. So a signal never lands inside Ray's code (an exception raised there
+    by a handler is swallowed or turned into another, and Ray defers or replaces signal handlers on the main
+    thread), and the stop never waits for a Ray call that may not return. The handler itself only assigns and
+    writes a byte to a pipe: it takes no lock (one the main thread held when the signal came would never be
+    released), raises nothing, starts no thread."""
+
     def __init__(self, args, settings: Settings, address: str | None):
         self.args = args  # the application's AppArgs
         self.settings = settings
@@ -89,64 +93,81 @@ class RayServe:
         self.ray_started = False
         self.serve_started = False
         self.signalled_at: float | None = None
+        self.signal_name = ""
         self.tearing_down = False
-        self.code = 1
+        self.failure: BaseException | None = None  # the start's, handed to the main thread
+        self.starter: threading.Thread | None = None
+        self.signal_read, self.signal_write = os.pipe()  # the handler's byte wakes the watchdog
 
     # -- the command -----------------------------------------------------------------------------------
     def main(self) -> int:
+        threading.Thread(target=self._watchdog, name="dynfuse-stop-watchdog", daemon=True).start()
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, self._on_signal)
         if self.local:
             become_subreaper()
-        started = time.monotonic()
-        try:
-            self._start()
-            base = self._base_url()
-            where = "a local Ray cluster" if self.local else f"the Ray cluster at {self.address}"
-            print(f"dynfuse: deployed on {where}; readiness at {base}/readyz, metrics at {base}/metrics", flush=True)
-            self._wait_ready(base)
-            print(f"dynfuse: ready in {time.monotonic() - started:.1f} s", flush=True)
-            while True:
-                time.sleep(3600)
-        except (Stopping, KeyboardInterrupt):
-            self.code = 0
-        except SystemExit as exit_:  # Ray's own SIGTERM handler, while ray.init ran: a stop too
-            self.code = 0 if self.signalled_at is not None or exit_.code in (0, signal.SIGTERM) else 1
-        except Refused as error:
-            print(f"dynfuse serve: error: {error}", file=sys.stderr, flush=True)
-            self.code = 1
-        except Exception as error:  # noqa: BLE001 - one line for the user, the traceback in the log
-            logger.exception("dynfuse serve --engine ray failed")
-            print(f"dynfuse serve: error: {type(error).__name__}: {error}", file=sys.stderr, flush=True)
-            self.code = 1
-        finally:
-            self._teardown()
-        return self.code
+        self.starter = threading.Thread(target=self._start_and_serve, name="dynfuse-ray-start", daemon=True)
+        self.starter.start()
+        while not self.stopping:
+            time.sleep(POLL_S)  # where a signal's handler runs (the sleep goes on after it; the loop then ends)
+        if self.signalled_at is not None:
+            logger.info("signal %s: stopping", self.signal_name)
+        code = 0
+        if self.signalled_at is None and self.failure is not None:
+            code = 1
+            if isinstance(self.failure, Refused):
+                print(f"dynfuse serve: error: {self.failure}", file=sys.stderr, flush=True)
+            else:
+                logger.error("dynfuse serve --engine ray failed", exc_info=self.failure)
+                message = f"{type(self.failure).__name__}: {self.failure}"
+                print(f"dynfuse serve: error: {message}", file=sys.stderr, flush=True)
+        self._teardown()
+        return code
 
     def _on_signal(self, signum, _frame) -> None:
-        if self.tearing_down:  # a second signal while stopping: stop now
+        """Notes the signal (the main thread then stops everything) and wakes the watchdog; a second signal, or one
+        during a stop after a failure, stops now."""
+        if self.tearing_down or self.signalled_at is not None:
             self._kill_and_exit(0)
         self.signalled_at = time.monotonic()
-        logger.info("signal %s: stopping", signal.Signals(signum).name)
-        watchdog = threading.Thread(target=self._watchdog, name="dynfuse-stop-watchdog", daemon=True)
-        watchdog.start()
-        raise Stopping()
+        self.signal_name = signal.Signals(signum).name
+        os.write(self.signal_write, b"s")
+
+    @property
+    def stopping(self) -> bool:
+        return self.signalled_at is not None or self.failure is not None
 
     def _watchdog(self) -> None:
         """Whatever the shutdown is stuck on, the command ends within STOP_WITHIN_S of the signal."""
-        time.sleep(HARD_STOP_S)
+        os.read(self.signal_read, 1)  # until the first signal
+        time.sleep(max(0.0, HARD_STOP_S - (time.monotonic() - self.signalled_at)))
         logger.warning("the shutdown took more than %.1f s: killing what is left", HARD_STOP_S)
         self._kill_and_exit(0)
 
     def _kill_and_exit(self, code: int) -> None:
         if self.local:
-            stop_descendants(grace_s=0.2)
+            stop_descendants(grace_s=0.2, settle_s=0.3)
         self._remove_temp_dir()
-        sys.stdout.flush()
-        sys.stderr.flush()
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):  # in a handler, the main thread may be inside a write
+                stream.flush()
         os._exit(code)
 
-    # -- start -------------------------------------------------------------------------------------------
+    # -- start (the starter thread) --------------------------------------------------------------------
+    def _start_and_serve(self) -> None:
+        started = time.monotonic()
+        try:
+            self._start()
+            if self.stopping:
+                return
+            base = self._base_url()
+            where = "a local Ray cluster" if self.local else f"the Ray cluster at {self.address}"
+            print(f"dynfuse: deployed on {where}; readiness at {base}/readyz, metrics at {base}/metrics", flush=True)
+            if self._wait_ready(base):
+                print(f"dynfuse: ready in {time.monotonic() - started:.1f} s", flush=True)
+        except BaseException as error:  # noqa: BLE001 - handed to the main thread, which reports it and stops
+            self.failure = error
+
     def _start(self) -> None:
         ray = _import_ray_without_its_failure_handler()
         from ray import serve
@@ -159,10 +180,10 @@ class RayServe:
             self.temp_dir = tempfile.mkdtemp(prefix="dynfuse-ray-", dir="/tmp")
             options |= {"include_dashboard": False, "_temp_dir": self.temp_dir}
         self.ray_started = True
-        ray.init(address=self.address, **options)
-        for signum in (signal.SIGTERM, signal.SIGINT):  # ray.init installs its own SIGTERM handler
-            signal.signal(signum, self._on_signal)
+        ray.init(address=self.address, **options)  # off the main thread, Ray leaves the signal handlers alone
         application = self._placed_application()
+        if self.stopping:
+            return
         serve.start(
             http_options={"host": self.settings.host, "port": self.settings.port},
             logging_config={"enable_access_log": False},
@@ -170,6 +191,8 @@ class RayServe:
         self.serve_started = True
         from service.ray.app import APP_NAME
 
+        if self.stopping:
+            return
         serve._run(application, _blocking=False, name=APP_NAME, route_prefix="/")
         self._wait_running()
 
@@ -183,6 +206,8 @@ class RayServe:
             if not missing:
                 print(f"dynfuse: deployments: {summary}", flush=True)
                 return application
+            if self.stopping:
+                return None
             if time.monotonic() >= deadline:
                 where = "this machine's local Ray cluster" if self.local else f"the Ray cluster at {self.address}"
                 raise Refused(
@@ -194,12 +219,12 @@ class RayServe:
             time.sleep(1.0)
 
     def _wait_running(self) -> None:
-        """Until Serve reports the application running; Refused when a deployment failed."""
+        """Until Serve reports the application running (or a stop); Refused when a deployment failed."""
         from ray import serve
 
         from service.ray.app import APP_NAME
 
-        while True:
+        while not self.stopping:
             status = serve.status().applications.get(APP_NAME)
             if status is not None and status.status == "RUNNING":
                 return
@@ -212,14 +237,15 @@ class RayServe:
                 raise Refused(f"the application failed to start ({status.status}): {status.message} {details}")
             time.sleep(POLL_S)
 
-    def _wait_ready(self, base: str) -> None:
-        """Until /readyz answers 200 (the ingress deployed its experts and warmed the model through them); Refused
-        when the ingress says the model cannot be served (its experts cannot be placed or failed to start)."""
-        while True:
+    def _wait_ready(self, base: str) -> bool:
+        """Until /readyz answers 200 (the ingress deployed its experts and warmed the model through them): True;
+        False on a stop. Refused when the ingress says the model cannot be served (its experts cannot be placed,
+        or failed to start)."""
+        while not self.stopping:
             try:
                 with urllib.request.urlopen(f"{base}/readyz", timeout=2) as response:
                     if response.status == 200:
-                        return
+                        return True
             except urllib.error.HTTPError as error:
                 with contextlib.suppress(ValueError):
                     body = json.loads(error.read())
@@ -228,6 +254,7 @@ class RayServe:
             except OSError:
                 pass  # the proxy or the ingress replica is not up yet
             time.sleep(POLL_S)
+        return False
 
     def _base_url(self) -> str:
         host = self.settings.host
@@ -236,20 +263,30 @@ class RayServe:
 
     # -- stop --------------------------------------------------------------------------------------------
     def _teardown(self) -> None:
-        """Drain, shut down, kill what is left: bounded by the watchdog when a signal started it."""
+        """Drain, shut down, kill what is left; bounded by the watchdog when a signal started it. The start leaves its
+        waiting loops at once; while it is still inside a Ray call (ray.init, serve.start) on the local cluster, Ray
+        is not called again from here (ray.shutdown cannot run beside ray.init): the cluster's processes are
+        stopped directly, and nothing was served yet, so nothing is lost. On another cluster, whatever was
+        deployed there is deleted (the cluster stays)."""
         self.tearing_down = True
         began = self.signalled_at or time.monotonic()
         left = lambda: HARD_STOP_S - 1.0 - (time.monotonic() - began)  # noqa: E731 - a clock, read below
-        if self.serve_started:
+        if self.starter is not None:
+            self.starter.join(min(2 * POLL_S + 1.0, max(0.0, left())))
+        start_returned = self.starter is None or not self.starter.is_alive()
+        if self.serve_started and (start_returned or not self.local):
             _bounded(self._drain, min(DRAIN_S, max(0.0, left())), "Serve's shutdown")
-        if self.ray_started:
+        if self.ray_started and start_returned and not self.local:
             import ray
 
-            _bounded(ray.shutdown, max(0.5, left()), "ray.shutdown()")
+            _bounded(ray.shutdown, max(0.5, left()), "ray.shutdown()")  # disconnects; the cluster stays
         if self.local:
-            killed = stop_descendants(grace_s=max(0.2, min(1.0, left())))
+            # The local cluster's processes are ours: SIGTERM (GCS, raylet and workers end on it), then SIGKILL.
+            # ray.shutdown() would do the same, slower. A start still inside ray.init may spawn one more: watched.
+            settle_s = 0.0 if start_returned else 0.5
+            killed = stop_descendants(grace_s=max(0.5, min(1.0, left())), settle_s=settle_s)
             if killed:
-                logger.info("killed %d Ray processes that outlived the shutdown", len(killed))
+                logger.info("killed %d Ray processes that outlived SIGTERM", len(killed))
             left_alive = descendants()
             if left_alive:
                 logger.error("processes of the local cluster still alive: %s", left_alive)

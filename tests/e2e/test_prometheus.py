@@ -8,7 +8,6 @@ port with a generated config that scrapes the service every second.
 
 from __future__ import annotations
 
-import json
 import math
 import subprocess
 import time
@@ -20,47 +19,18 @@ import numpy as np
 import pytest
 import tritonclient.grpc as triton_grpc
 from conftest import MODEL_NAME, b64, free_port, require_tool
+from prometheus_process import Prometheus, start_prometheus, stop
 from tritonclient.utils import InferenceServerException
 
 pytestmark = pytest.mark.e2e
 
 SCRAPE_INTERVAL_S = 1
-TIMEOUT_S = 20  # for each wait: Prometheus ready, a scrape, the burst seen
 MAX_BODY_BYTES = 256 * 1024  # the service's limit here: one request goes over it
 
 EXPERTS = ("text", "image_lite", "image", "late_fusion", "mulmix", "mi2p", "muse")
 
 
 # --- Prometheus ---------------------------------------------------------------------------------
-
-
-class Prometheus:
-    def __init__(self, base: str):
-        self.base = base
-
-    def query(self, promql: str) -> list[dict]:
-        """The instant vector of ``promql`` evaluated now: [{"metric": {...}, "value": [t, "v"]}]."""
-        response = httpx.get(f"{self.base}/api/v1/query", params={"query": promql}, timeout=5)
-        body = response.json()
-        assert response.status_code == 200, f"{promql}: {response.text}"
-        assert body["status"] == "success", f"{promql}: {response.text}"
-        assert body["data"]["resultType"] == "vector", f"{promql}: {body['data']['resultType']}"
-        return body["data"]["result"]
-
-    def scalar(self, promql: str) -> float | None:
-        """The one value of ``promql``, or None while it has none."""
-        result = self.query(promql)
-        assert len(result) <= 1, f"{promql}: {result}"
-        return float(result[0]["value"][1]) if result else None
-
-    def wait_for(self, promql: str, predicate, what: str, timeout: float = TIMEOUT_S) -> float:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            value = self.scalar(promql)
-            if value is not None and predicate(value):
-                return value
-            time.sleep(0.1)
-        raise AssertionError(f"{what}: not within {timeout} s ({promql} = {self.scalar(promql)})")
 
 
 @pytest.fixture
@@ -71,62 +41,22 @@ def prometheus(tmp_path):
     started: list[subprocess.Popen] = []
 
     def start(target: str) -> Prometheus:
-        config = tmp_path / "prometheus.yml"
         interval = f"{SCRAPE_INTERVAL_S}s"
-        config.write_text(
-            json.dumps(  # JSON is YAML
+        config = {
+            "global": {"scrape_interval": interval, "evaluation_interval": interval},
+            "scrape_configs": [
                 {
-                    "global": {"scrape_interval": interval, "evaluation_interval": interval},
-                    "scrape_configs": [
-                        {
-                            "job_name": "dynfuse",
-                            "scrape_interval": interval,
-                            "scrape_timeout": interval,
-                            "static_configs": [{"targets": [target]}],
-                        }
-                    ],
+                    "job_name": "dynfuse",
+                    "scrape_interval": interval,
+                    "scrape_timeout": interval,
+                    "static_configs": [{"targets": [target]}],
                 }
-            )
-        )
-        port = free_port()
-        log = (tmp_path / "prometheus.log").open("w")
-        process = subprocess.Popen(
-            [
-                binary,
-                f"--config.file={config}",
-                f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-                f"--web.listen-address=127.0.0.1:{port}",
-                "--log.level=warn",
             ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-        log.close()
-        started.append(process)
-        base = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + TIMEOUT_S
-        while time.monotonic() < deadline:
-            if process.poll() is not None:
-                raise AssertionError(
-                    f"prometheus exited {process.returncode}: {(tmp_path / 'prometheus.log').read_text()}"
-                )
-            try:
-                if httpx.get(f"{base}/-/ready", timeout=1).status_code == 200:
-                    return Prometheus(base)
-            except httpx.TransportError:
-                pass
-            time.sleep(0.1)
-        raise AssertionError(f"prometheus not ready in {TIMEOUT_S} s: {(tmp_path / 'prometheus.log').read_text()}")
+        }
+        return start_prometheus(binary, tmp_path, config, started)
 
     yield start
-    for process in started:
-        if process.poll() is None:
-            process.terminate()
-            try:
-                process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(timeout=10)
+    stop(started)
 
 
 # --- the burst ----------------------------------------------------------------------------------
@@ -174,18 +104,22 @@ def send(base: str, requests: list[dict]) -> list[httpx.Response]:
         return list(pool.map(lambda r: client.post("/v1/classify", **r["kwargs"]), requests))
 
 
-def send_grpc(url: str, samples: list[dict]) -> tuple[list[int], set[str]]:
+def send_grpc(url: str, samples: list[dict], full: str) -> tuple[list[int], set[str], int]:
     """A few calls of the Open Inference Protocol over gRPC (tritonclient.grpc): (MAdds of each answered row,
-    the HTTP statuses the metrics count them under)."""
+    the HTTP statuses the metrics count them under, how many answers are audited: those of a cheaper expert the
+    router picked, or that a confidence fallback replaced)."""
     client = triton_grpc.InferenceServerClient(url)
-    madds, statuses = [], set()
+    madds, statuses, audited = [], set(), 0
     for rows in (samples[:3], samples[3:4]):
         inputs = []
         for name, elements in (("image", [s["png"] for s in rows]), ("text", [s["text"].encode() for s in rows])):
             tensor = triton_grpc.InferInput(name, [len(rows)], "BYTES")
             tensor.set_data_from_numpy(np.array(elements, dtype=np.object_))
             inputs.append(tensor)
-        madds += client.infer(MODEL_NAME, inputs).as_numpy("madds").tolist()
+        result = client.infer(MODEL_NAME, inputs)
+        madds += result.as_numpy("madds").tolist()
+        for expert, decided_by in zip(result.as_numpy("expert"), result.as_numpy("decided_by"), strict=True):
+            audited += decided_by == b"confidence" or (decided_by == b"router" and expert.decode() != full)
         statuses.add("200")
     with pytest.raises(InferenceServerException) as refused:
         client.infer(MODEL_NAME, inputs, parameters={"route": "no_such_expert"})
@@ -205,6 +139,10 @@ def test_every_dashboard_query_returns_data_and_compute_saved_matches_the_respon
     # Degrading from one waiting request on, with batches that wait 100 ms to fill: the burst's concurrent
     # requests find one waiting, so some are served degraded.
     grpc_port = free_port()
+    # Every answer of a cheaper expert audited, and the route mix's drift published from 10 picks on: the
+    # defaults (2% of those answers, a window of 500 picks) leave a burst of 44 requests with no audit and no
+    # drift, and the "Is routing still safe?" panels with nothing to show. tests/e2e/test_alerts.py runs them
+    # on a longer replay.
     _, base = server_process(
         grpc_port=grpc_port,
         max_body_bytes=MAX_BODY_BYTES,
@@ -212,6 +150,8 @@ def test_every_dashboard_query_returns_data_and_compute_saved_matches_the_respon
         degrade_high_water=1,
         degrade_low_water=0,
         max_batch_delay_ms=100,
+        audit_rate=1.0,
+        drift_window=10,
     )
     prom = prometheus(base.removeprefix("http://"))
     job = '{job="dynfuse"}'
@@ -224,7 +164,8 @@ def test_every_dashboard_query_returns_data_and_compute_saved_matches_the_respon
 
     requests = burst(samples)
     responses = send(base, requests)
-    grpc_madds, grpc_statuses = send_grpc(f"127.0.0.1:{grpc_port}", samples)
+    full = httpx.get(f"{base}/v1/models/{MODEL_NAME}").json()["full_expert"]
+    grpc_madds, grpc_statuses, grpc_audited = send_grpc(f"127.0.0.1:{grpc_port}", samples, full)
     grpc_calls = 3  # two answered, one refused
 
     for request, response in zip(requests, responses, strict=True):
@@ -240,10 +181,29 @@ def test_every_dashboard_query_returns_data_and_compute_saved_matches_the_respon
     assert any(r["route"]["degraded"] for r in ok), "no request was served degraded"
     assert experts_run == set(EXPERTS), experts_run
 
-    # Until Prometheus has a sample with the whole burst, then one scrape more, so that even a series
-    # first scraped in that sample has two samples in the window (rate() needs two).
+    # The audits run after the answers were sent, in spare capacity: every answer a cheaper expert gave to a
+    # request the router decided (a confidence fallback keeps the cheaper answer: its audit is free), over
+    # either transport.
+    audited = [
+        r
+        for q, r in zip(requests, [x.json() if x.status_code == 200 else None for x in responses], strict=True)
+        if r is not None
+        and set(q["kwargs"]["json"]) >= {"image", "text"}
+        and q["kwargs"]["json"].get("route", "auto") == "auto"
+        and r["route"]["decided_by"] in ("router", "confidence")
+        and (r["route"].get("fallback_from") or r["route"]["expert"]) != full
+    ]
+    assert audited, "the burst has answers of cheaper experts"
+
+    # Until Prometheus has a sample with the whole burst and its audits, then one scrape more, so that even a
+    # series first scraped in that sample has two samples in the window (rate() needs two).
     everything = len(requests) + grpc_calls
     prom.wait_for(f'sum(dynfuse_requests_total{{model="{MODEL_NAME}"}})', lambda v: v == everything, "burst scraped")
+    prom.wait_for(
+        f'sum(dynfuse_audits_total{{model="{MODEL_NAME}", outcome=~"agreed|disagreed"}})',
+        lambda v: v == len(audited) + grpc_audited,
+        "audits scraped",
+    )
     scrapes = prom.scalar(f"count_over_time(up{job}[1m])")
     prom.wait_for(f"count_over_time(up{job}[1m])", lambda v: v > scrapes, "one scrape after the burst")
     assert time.monotonic() - started < 45, "the [1m] windows must cover the run from the first scrape"

@@ -9,13 +9,16 @@ Every Ray process inherits the command's environment, so a mark put there finds 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import pytest
@@ -82,6 +85,9 @@ class RayServe:
             self.process.wait(timeout=10)
         for pid, _ in processes_marked(self.mark):
             os.kill(pid, signal.SIGKILL)
+        # The private temporary directory of a cluster killed that way (Ray names its session after the pid).
+        for session in Path(tempfile.gettempdir()).glob(f"dynfuse-ray-*/session_*_{self.process.pid}"):
+            shutil.rmtree(session.parent, ignore_errors=True)
 
 
 @pytest.fixture
@@ -137,13 +143,28 @@ def test_the_defaults_serve_the_single_process_answers_and_sigterm_stops_everyth
 
 @pytest.mark.parametrize(
     ("stage", "signum"),
-    [("ray_started", signal.SIGTERM), ("loading", signal.SIGINT)],
-    ids=["sigterm-while-ray-starts", "sigint-while-the-experts-deploy"],
+    [
+        ("ray_init", signal.SIGTERM),
+        ("ray_started", signal.SIGTERM),
+        ("serve_starting", signal.SIGTERM),
+        ("loading", signal.SIGINT),
+    ],
+    ids=[
+        "sigterm-while-ray-init-starts-its-processes",
+        "sigterm-once-ray-started",
+        "sigterm-while-serve-starts",
+        "sigint-while-the-experts-deploy",
+    ],
 )
 def test_a_signal_during_the_start_stops_everything_within_10_s(ray_serve, stage, signum):
     command = ray_serve()
-    if stage == "ray_started":
+    if stage == "ray_init":  # the first process of the cluster is up; ray.init goes on starting the others
+        gcs_up = lambda: any("gcs_server" in line for _, line in processes_marked(command.mark))  # noqa: E731
+        command.wait_for(gcs_up, 120, "Ray's GCS process")
+    elif stage == "ray_started":
         command.wait_for(lambda: "Started a local Ray instance" in command.output, 120, "Ray started")
+    elif stage == "serve_starting":  # sized and placed: Serve's controller and proxy are starting
+        command.wait_for(lambda: "dynfuse: deployments:" in command.output, 120, "the deployments placed")
     else:
         # The ingress answers, and is still deploying the experts and warming the model through them.
         command.wait_for(lambda: command.readyz() == 503, START_TIMEOUT_S, "readyz 503 (loading)")

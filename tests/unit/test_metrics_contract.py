@@ -20,6 +20,14 @@ CONTRACT = {
     "dynfuse_operating_point_requests": ("counter", {"model", "operating_point"}),
     "dynfuse_degraded_requests": ("counter", {"model"}),
     "dynfuse_degraded_seconds": ("counter", {"model"}),
+    "dynfuse_audits": ("counter", {"model", "expert", "operating_point", "outcome"}),
+    "dynfuse_audit_madds": ("counter", {"model"}),
+    "dynfuse_validated_agreement": ("gauge", {"model", "operating_point"}),
+    "dynfuse_route_mix_drift": ("gauge", {"model", "operating_point"}),
+    "dynfuse_guard_changes": ("counter", {"model", "from", "to"}),
+    "dynfuse_guard_active": ("gauge", {"model"}),
+    "dynfuse_uncertain_requests": ("counter", {"model", "reason"}),
+    "dynfuse_top_probability": ("histogram", {"model", "expert"}),
     "dynfuse_background_restarts": ("counter", {"model", "loop"}),
 }
 
@@ -36,6 +44,10 @@ def exercised_metrics() -> Metrics:
     metrics.count_request(200, 0.01, key="ci", protocol="grpc")
     metrics.inflight.labels("m").inc()
     metrics.request_duration.labels("m", "grpc").observe(0.01)
+    metrics.init_routes(["text", "mi2p"], ["router"], ["lambda_0"])
+    metrics.init_safety(["text", "mi2p"], "mi2p", {"lambda_0": 0.9}, ("lambda_0", "lambda_0+min_confidence=0.5"))
+    metrics.route_mix_drift.labels("m", "lambda_0").set(0.1)
+    metrics.observe_answer("text", 0.7, "low_confidence")
     return metrics
 
 
@@ -125,6 +137,31 @@ def test_a_request_counts_under_its_protocol():
         'dynfuse_request_duration_seconds_count{model="m",protocol="http"} 1.0',
     ):
         assert line in text, line
+
+
+def test_the_safety_series_exist_from_the_first_scrape():
+    """Audits per cheaper expert, operating point and outcome, the guard's two changes, uncertain reasons, the
+    validated agreement and the guard's state: rate() and the alert rules see their first increments."""
+    metrics = Metrics("m")
+    metrics.init_routes(["text", "mi2p"], ["router"], ["lambda_0"])
+    metrics.init_safety(["text", "mi2p"], "mi2p", {"lambda_0": 0.9}, ("lambda_0", "lambda_0+min_confidence=0.5"))
+    text = metrics.render().decode()
+    for line in (
+        'dynfuse_audits_total{expert="text",model="m",operating_point="lambda_0",outcome="agreed"} 0.0',
+        'dynfuse_audits_total{expert="text",model="m",operating_point="lambda_0",outcome="disagreed"} 0.0',
+        'dynfuse_audits_total{expert="text",model="m",operating_point="lambda_0",outcome="dropped"} 0.0',
+        'dynfuse_audit_madds_total{model="m"} 0.0',
+        'dynfuse_guard_changes_total{from="lambda_0",model="m",to="lambda_0+min_confidence=0.5"} 0.0',
+        'dynfuse_guard_changes_total{from="lambda_0+min_confidence=0.5",model="m",to="lambda_0"} 0.0',
+        'dynfuse_guard_active{model="m"} 0.0',
+        'dynfuse_validated_agreement{model="m",operating_point="lambda_0"} 0.9',
+        'dynfuse_uncertain_requests_total{model="m",reason="low_confidence"} 0.0',
+        'dynfuse_uncertain_requests_total{model="m",reason="out_of_distribution"} 0.0',
+        'dynfuse_top_probability_count{expert="mi2p",model="m"} 0.0',
+    ):
+        assert line in text, line
+    # The full path's answers are never audited: no series for them.
+    assert 'dynfuse_audits_total{expert="mi2p"' not in text
 
 
 def test_a_request_is_counted_under_its_key_name_and_the_rest_as_anonymous():

@@ -68,7 +68,13 @@ def test_the_service_creates_its_counters_at_zero_for_ray_too():
 
 
 def test_every_gauge_is_sent_again_with_its_last_value(metrics):
-    assert {g.local._name for g in metrics.gauges} == {"dynfuse_inflight_requests", "dynfuse_model_info"}
+    assert {g.local._name for g in metrics.gauges} == {
+        "dynfuse_inflight_requests",
+        "dynfuse_model_info",
+        "dynfuse_validated_agreement",
+        "dynfuse_route_mix_drift",
+        "dynfuse_guard_active",
+    }
     metrics.set_model_info("1", "onnx", "cpu")
     inflight = metrics.inflight.labels("m")
     inflight.inc()

@@ -9,6 +9,7 @@ from typing import TypeVar
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ValidationError
+from starlette.background import BackgroundTask
 from starlette.datastructures import UploadFile
 
 from export.pipeline import PipelineInput
@@ -123,7 +124,11 @@ async def classify_one(request: Request, models: Leases, settings: Settings) -> 
     item = await service.prepare(client)
     [result] = await service.classify([item], deadline_of(request))
     request_id = _request_id(request)
-    return JSONResponse(service.render(result, request_id, started), headers={"X-Request-ID": request_id})
+    return JSONResponse(
+        service.render(result, request_id, started),
+        headers={"X-Request-ID": request_id},
+        background=BackgroundTask(service.after_response, [item], [result]),  # audits: once the answer is sent
+    )
 
 
 @router.post(
@@ -157,7 +162,10 @@ async def classify_batch(request: Request, models: ModelsDep, settings: Settings
         service.render(result, entry.id if entry.id is not None else str(position), started)
         for position, (entry, result) in enumerate(zip(body.inputs, results, strict=True))
     ]
-    return JSONResponse({"model": service.model.name, "model_version": service.model.version, "outputs": outputs})
+    return JSONResponse(
+        {"model": service.model.name, "model_version": service.model.version, "outputs": outputs},
+        background=BackgroundTask(service.after_response, items, results),  # audits: once the answers are sent
+    )
 
 
 def _content_type(request: Request) -> str:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
+from starlette.background import BackgroundTask
 
 from service.admission import deadline_of
 from service.api import v2_model
@@ -212,7 +213,7 @@ async def _infer(
     except ApiError as error:
         raise v2_model.as_v2(error) from None
     parameters = decoded.request.parameters
-    values = await v2_model.infer(
+    values, after_sent = await v2_model.infer(
         service, settings, parameters, _tensors(decoded), deadline_of(request), REQUEST_PARAMETERS
     )
     tensors, binary = [], []
@@ -224,7 +225,9 @@ async def _infer(
     header = {"model_name": service.model.name, "model_version": service.model.version}
     if decoded.request.id is not None:
         header["id"] = decoded.request.id
-    return encode_response(header | {"outputs": tensors}, binary)
+    response = encode_response(header | {"outputs": tensors}, binary)
+    response.background = BackgroundTask(after_sent)  # audits: once it is sent
+    return response
 
 
 def _tensors(decoded: DecodedRequest) -> list[InputTensor]:

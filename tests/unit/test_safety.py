@@ -1,0 +1,111 @@
+"""models/safety.py: validation agreement, the policy table and the guard's choice, on outputs built by hand."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from models.evaluation import RoutingOutputs
+from models.safety import CONFIDENCE_FLOORS, choose_guard, measure, policy_name
+
+EXPERTS = ["cheap", "mid", "full"]
+
+
+def probs(labels, top):
+    """(N, 3) class probabilities answering ``labels`` with top probability ``top`` (the rest split evenly)."""
+    out = np.zeros((len(labels), 3))
+    for i, (label, p) in enumerate(zip(labels, top, strict=True)):
+        out[i] = (1 - p) / 2
+        out[i, label] = p
+    return out
+
+
+def outputs() -> RoutingOutputs:
+    """8 samples, all of class 0. The full path is always right. The router "r" sends samples 0-3 to cheap,
+    4-5 to mid, 6-7 to full. cheap answers right (0) on 0, 1 (sure: 0.9) and wrong on 2, 3 (unsure: 0.45);
+    mid answers right on 4 (0.8) and wrong on 5 (0.6)."""
+    labels = np.zeros(8, int)
+    cheap = probs([0, 0, 1, 2, 0, 0, 0, 0], [0.9, 0.9, 0.45, 0.45, 0.9, 0.9, 0.9, 0.9])
+    mid = probs([0, 0, 0, 0, 0, 1, 0, 0], [0.9, 0.9, 0.9, 0.9, 0.8, 0.6, 0.9, 0.9])
+    full = probs([0] * 8, [0.9] * 8)
+    choice = np.array([0, 0, 0, 0, 1, 1, 2, 2])
+    scores = np.full((8, 3), 0.1)
+    scores[np.arange(8), choice] = 0.8
+    return RoutingOutputs(
+        labels=labels,
+        expert_probs={"cheap": cheap, "mid": mid, "full": full},
+        router_scores={"r": scores},
+        routers=[{"name": "r", "lambda": 0.5}],
+        default_router="r",
+        experts=EXPERTS,
+        path_madds={"cheap": 10, "mid": 50, "full": 100},
+        static_madds={"cheap": 9, "mid": 49, "full": 99},
+        madds_full=100,
+        full_expert="full",
+        shared_madds=5,
+        component_madds={"c": 5, "m": 45, "f": 95},
+        expert_components={"cheap": ("c",), "mid": ("m",), "full": ("f",)},
+    )
+
+
+def test_agreement_of_the_cheaper_answers_with_the_full_path():
+    point = measure(outputs())["operating_points"]["r"]
+    # 6 cheaper answers (0-5), 3 agree with full (0, 1, 4)
+    assert point["agreement"] == pytest.approx(3 / 6)
+    assert point["cheaper_share"] == pytest.approx(6 / 8)
+    assert point["by_expert"] == {
+        "cheap": {"agreement": pytest.approx(2 / 4), "answers": 4},
+        "mid": {"agreement": pytest.approx(1 / 2), "answers": 2},
+    }
+
+
+def test_the_policy_table_with_confidence_floors():
+    rows = {row["policy"]: row for row in measure(outputs())["policies"]}
+    assert set(rows) == {policy_name("r", None)} | {policy_name("r", f) for f in CONFIDENCE_FLOORS}
+    alone = rows["r"]
+    assert alone["accuracy"] == pytest.approx(5 / 8)
+    assert alone["agreement"] == pytest.approx(5 / 8)
+    # madds: 4 x 10 + 2 x 50 + 2 x 100 = 340, over 8 = 42.5
+    assert alone["saved_ratio"] == pytest.approx(1 - 42.5 / 100)
+    # floor 0.5: the two unsure cheap answers (0.45) fall back to full; each costs shared 5 + c 5 + f 95 = 105
+    half = rows["r+min_confidence=0.5"]
+    assert half["fallback_share"] == pytest.approx(2 / 8)
+    assert half["accuracy"] == pytest.approx(7 / 8)
+    assert half["saved_ratio"] == pytest.approx(1 - (2 * 10 + 2 * 105 + 2 * 50 + 2 * 100) / 8 / 100)
+    # floor 0.7: mid's 0.6 answer falls back too (5 + 45 + 95 = 145): everything agrees with full
+    seven = rows["r+min_confidence=0.7"]
+    assert seven["agreement"] == pytest.approx(1.0)
+    assert seven["saved_ratio"] == pytest.approx(1 - (2 * 10 + 2 * 105 + 50 + 145 + 2 * 100) / 8 / 100)
+
+
+def test_the_guard_takes_the_lowest_floor_that_halves_the_disagreement():
+    safety = measure(outputs())
+    # Alone: disagreement 3/8. Floor 0.5: 1/8 <= 3/16 -> the lowest qualifying floor (0.3 and 0.4 catch nothing).
+    assert safety["guard"]["r"]["min_confidence"] == 0.5
+    assert safety["guard"]["r"]["policy"] == "r+min_confidence=0.5"
+    assert safety["guard"]["r"]["validation"]["agreement"] == pytest.approx(7 / 8)
+
+
+def test_no_safer_policy_when_the_point_already_agrees_everywhere():
+    rows = [
+        {"policy": "p", "operating_point": "p", "min_confidence": None, "accuracy": 0.9, "agreement": 1.0},
+        {"policy": "p+min_confidence=0.5", "operating_point": "p", "min_confidence": 0.5, "accuracy": 0.9,
+         "agreement": 1.0, "saved_ratio": 0.1},
+    ]  # fmt: skip
+    assert choose_guard(rows, "p")["min_confidence"] is None
+
+
+def test_expert_temperatures_cool_an_overconfident_expert():
+    """An expert that says 0.99 and is right half the time is calibrated by a temperature above 1."""
+    rng = np.random.default_rng(0)
+    labels = rng.integers(3, size=400)
+    answers = np.where(rng.random(400) < 0.5, labels, (labels + 1) % 3)
+    base = outputs()
+    overconfident = probs(answers, [0.99] * 400)
+    routed = RoutingOutputs(
+        **{**base.__dict__, "labels": labels, "router_scores": {"r": np.tile([0.8, 0.1, 0.1], (400, 1))},
+           "expert_probs": {"cheap": overconfident, "mid": overconfident, "full": probs(labels, [0.9] * 400)}}
+    )  # fmt: skip
+    temperatures = measure(routed)["expert_temperatures"]
+    assert temperatures["cheap"] > 2.0
+    assert temperatures["full"] < 1.0  # always right at 0.9: sharpened
