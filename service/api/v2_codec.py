@@ -38,7 +38,8 @@ from service.errors import MalformedRequest, PayloadTooLarge, UnsupportedMediaTy
 from service.json_limits import JsonLimits, check_json_limits
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
-NUMPY_DTYPES = {"FP32": "<f4", "INT64": "<i8"}  # the numeric datatypes this server sends, little-endian
+# The non-BYTES datatypes this server sends, little-endian (BOOL: one byte per element, 0 or 1, as the protocol says).
+NUMPY_DTYPES = {"FP32": "<f4", "INT64": "<i8", "BOOL": "?"}
 
 
 def _scalar(value, handler):

@@ -12,7 +12,10 @@ The model as a v2 model (model metadata lists the same):
 - outputs ``label`` BYTES [N], ``probabilities`` FP32 [N, K] (columns in the order of the metadata's
   ``labels``), ``expert`` BYTES [N], ``decided_by`` BYTES [N] (router | threshold | request |
   missing_modality, as /v1's route.decided_by), ``importance`` FP32 [N, 2] (text, image), ``madds``
-  INT64 [N], ``saved_ratio`` FP32 [N], ``operating_point`` BYTES [N] (the router that decided).
+  INT64 [N], ``saved_ratio`` FP32 [N], ``operating_point`` BYTES [N] (the router that decided), ``degraded`` and
+  ``guarded`` BOOL [N] (/v1's route.degraded and route.guarded: a cheaper point under load, the guard's safer
+  policy), ``uncertain`` BOOL [N] and ``uncertain_reason`` BYTES [N] (/v1's: out_of_distribution or
+  low_confidence, empty when the answer is not uncertain).
 
 Missing modality: leave the input tensor out for a modality no row has; an element of zero length (or a blank
 text) is a missing modality for that row alone, as /v1's blank text. A row needs one of the two; when both
@@ -54,6 +57,10 @@ OUTPUT_DATATYPES = {
     "madds": "INT64",
     "saved_ratio": "FP32",
     "operating_point": "BYTES",
+    "degraded": "BOOL",
+    "guarded": "BOOL",
+    "uncertain": "BOOL",
+    "uncertain_reason": "BYTES",
 }
 # The request parameters of either transport; HTTP adds binary_data_output (the binary tensor data extension).
 REQUEST_PARAMETERS = frozenset({"route", "threshold", "operating_point", "min_confidence", "priority", "timeout"})
@@ -151,7 +158,7 @@ async def infer(
         results = await service.classify(items, deadline)
     except ApiError as error:
         raise as_v2(error) from None
-    values = _output_values([result.output for result in results], service.model.madds_full)
+    values = _output_values(service, [result.output for result in results])
     return values, partial(service.after_response, items, results)
 
 
@@ -251,8 +258,9 @@ async def _prepare(service: InferenceService, clients: list[ClientInput]) -> lis
     return items
 
 
-def _output_values(outputs: list[PipelineOutput], madds_full: int) -> dict:
+def _output_values(service: InferenceService, outputs: list[PipelineOutput]) -> dict:
     madds = np.array([o.madds for o in outputs], dtype=np.int64)  # (N,)
+    reasons = [service.uncertain_reason(o) for o in outputs]
     return {
         "label": [o.label for o in outputs],
         "probabilities": np.stack([o.probabilities for o in outputs]),  # (N, K), columns in model.labels order
@@ -260,6 +268,10 @@ def _output_values(outputs: list[PipelineOutput], madds_full: int) -> dict:
         "decided_by": [o.decided_by for o in outputs],
         "importance": np.stack([o.importance for o in outputs]),  # (N, 2): text, image
         "madds": madds,
-        "saved_ratio": 1.0 - madds / madds_full,  # (N,)
+        "saved_ratio": 1.0 - madds / service.model.madds_full,  # (N,)
         "operating_point": [o.operating_point for o in outputs],
+        "degraded": np.array([o.degraded for o in outputs], dtype=bool),
+        "guarded": np.array([o.guarded for o in outputs], dtype=bool),
+        "uncertain": np.array([r is not None for r in reasons], dtype=bool),
+        "uncertain_reason": [r or "" for r in reasons],
     }

@@ -26,7 +26,12 @@ from service.grpc.protocol import grpc_service_pb2 as pb
 from service.grpc.protocol import model_config_pb2 as config_pb
 from service.inference import InferenceService
 
-CONFIG_TYPES = {"BYTES": config_pb.TYPE_STRING, "FP32": config_pb.TYPE_FP32, "INT64": config_pb.TYPE_INT64}
+CONFIG_TYPES = {
+    "BYTES": config_pb.TYPE_STRING,
+    "FP32": config_pb.TYPE_FP32,
+    "INT64": config_pb.TYPE_INT64,
+    "BOOL": config_pb.TYPE_BOOL,
+}
 
 
 def parameters(fields: Mapping, where: str) -> dict:

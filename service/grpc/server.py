@@ -42,7 +42,7 @@ class GrpcServer:
         self.options = [
             ("grpc.max_receive_message_length", settings.max_body_bytes),
             ("grpc.max_send_message_length", -1),
-            ("grpc.so_reuseport", 1 if settings.workers > 1 else 0),
+            ("grpc.so_reuseport", 0 if settings.workers == 1 else 1),  # 0 workers: one per core, several
         ]
         self._server: grpc.aio.Server | None = None
         self._stopping: asyncio.Future | None = None

@@ -32,7 +32,10 @@ from service.server import available_cores
 pytestmark = pytest.mark.e2e
 
 KSERVE_CLIENT = Path(__file__).with_name("kserve_grpc_client.py")
-OUTPUTS = ["label", "probabilities", "expert", "decided_by", "importance", "madds", "saved_ratio", "operating_point"]
+OUTPUTS = [
+    "label", "probabilities", "expert", "decided_by", "importance", "madds", "saved_ratio", "operating_point",
+    "degraded", "guarded", "uncertain", "uncertain_reason",
+]  # fmt: skip
 KEY = "grpc-e2e-key"
 ADMIN = "grpc-e2e-admin-key"
 GRPC_LABELS = (("key", "anonymous"), ("model", "shapes"), ("protocol", "grpc"), ("status", "200"))

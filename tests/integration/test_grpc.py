@@ -23,8 +23,11 @@ from PIL import Image
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
-OUTPUTS = ["label", "probabilities", "expert", "decided_by", "importance", "madds", "saved_ratio", "operating_point"]
-NUMPY = {"FP32": "<f4", "INT64": "<i8"}
+OUTPUTS = [
+    "label", "probabilities", "expert", "decided_by", "importance", "madds", "saved_ratio", "operating_point",
+    "degraded", "guarded", "uncertain", "uncertain_reason",
+]  # fmt: skip
+NUMPY = {"FP32": "<f4", "INT64": "<i8", "BOOL": "?"}
 KEY = "grpc-s3cret"
 GRPC = {"model": "shapes", "protocol": "grpc", "key": "anonymous"}  # the labels of a gRPC request without a key
 HTTP = {**GRPC, "protocol": "http"}
@@ -144,12 +147,14 @@ def test_health_server_and_model_metadata_and_config(grpc_serve, manifest):
     assert outputs["probabilities"] == ("FP32", [-1, len(labels)])
     assert outputs["importance"] == ("FP32", [-1, 2])
     assert outputs["madds"] == ("INT64", [-1])
+    assert outputs["uncertain"] == ("BOOL", [-1])
     config = client.get_model_config("shapes", as_json=True)["config"]
     assert (config["name"], config["platform"]) == ("shapes", "dynfuse")
     assert json.loads(config["parameters"]["labels"]["string_value"]) == labels
     assert config["parameters"]["full_expert"]["string_value"] == manifest["full_expert"]
     assert [(i["name"], i["data_type"]) for i in config["input"]] == [("image", "TYPE_STRING"), ("text", "TYPE_STRING")]
-    assert {o["name"]: o["data_type"] for o in config["output"]}["madds"] == "TYPE_INT64"
+    types = {o["name"]: o["data_type"] for o in config["output"]}
+    assert (types["madds"], types["guarded"], types["uncertain_reason"]) == ("TYPE_INT64", "TYPE_BOOL", "TYPE_STRING")
     with pytest.raises(InferenceServerException) as missing:
         client.get_model_metadata("shapes", "9")
     assert missing.value.status() == "StatusCode.NOT_FOUND"

@@ -18,8 +18,11 @@ import pytest
 from conftest import b64, png_of_size, scrape, value
 
 INFER = "/v2/models/shapes/infer"
-OUTPUTS = ["label", "probabilities", "expert", "decided_by", "importance", "madds", "saved_ratio", "operating_point"]
-NUMPY = {"FP32": "<f4", "INT64": "<i8"}
+OUTPUTS = [
+    "label", "probabilities", "expert", "decided_by", "importance", "madds", "saved_ratio", "operating_point",
+    "degraded", "guarded", "uncertain", "uncertain_reason",
+]  # fmt: skip
+NUMPY = {"FP32": "<f4", "INT64": "<i8", "BOOL": "?"}
 
 
 def bytes_tensor(elements: list[bytes]) -> bytes:
@@ -115,6 +118,11 @@ def assert_rows_match_v1(values: dict, v1: list[dict], labels: list[str]) -> Non
         assert values["probabilities"][row].tolist() == pytest.approx([expected["scores"][k] for k in labels], abs=1e-6)
         assert values["madds"][row] == expected["compute"]["madds"]
         assert values["saved_ratio"][row] == pytest.approx(expected["compute"]["saved_ratio"], abs=1e-6)
+        assert values["operating_point"][row] == expected["route"]["operating_point"], row
+        assert values["degraded"][row] == expected["route"]["degraded"], row
+        assert values["guarded"][row] == expected["route"]["guarded"], row
+        assert values["uncertain"][row] == expected["uncertain"], row
+        assert values["uncertain_reason"][row] == expected.get("uncertain_reason", ""), row
 
 
 # -- health and metadata -----------------------------------------------------------------------
@@ -155,6 +163,10 @@ def test_model_metadata_lists_inputs_outputs_and_labels(client, manifest):
             {"name": "madds", "datatype": "INT64", "shape": [-1]},
             {"name": "saved_ratio", "datatype": "FP32", "shape": [-1]},
             {"name": "operating_point", "datatype": "BYTES", "shape": [-1]},
+            {"name": "degraded", "datatype": "BOOL", "shape": [-1]},
+            {"name": "guarded", "datatype": "BOOL", "shape": [-1]},
+            {"name": "uncertain", "datatype": "BOOL", "shape": [-1]},
+            {"name": "uncertain_reason", "datatype": "BYTES", "shape": [-1]},
         ],
         "labels": manifest["labels"],
     }
