@@ -8,10 +8,10 @@
 # Port 8000 serves HTTP (/v1, /v2, /metrics, the playground), 8001 the Open Inference Protocol over
 # gRPC (tritonclient.grpc, KServe's gRPC client): Triton's ports. -e DYNFUSE_GRPC_PORT= turns gRPC off.
 #
-# The model store: the "builder" stage trains and exports the embedded default model ("shapes")
-# with `dynfuse build-default` and both runtime images carry the result at /opt/dynfuse/store
-# (DYNFUSE_STORE). To serve your own model instead, mount a store written by `dynfuse export`
-# (STORE/<name>/<version>/model.json + component files) over that path, read-only:
+# The model store: both images carry the default model the repository ships ("shapes",
+# store/shapes/1, ONNX files with its provenance) at /opt/dynfuse/store (DYNFUSE_STORE); nothing
+# is trained while an image is built. To serve your own model instead, mount a store written by
+# `dynfuse export` (STORE/<name>/<version>/model.json + component files) over that path, read-only:
 #
 #   docker run --rm -p 8000:8000 -v /abs/path/to/store:/opt/dynfuse/store:ro dynfuse
 #
@@ -19,11 +19,10 @@
 # mounted elsewhere works too with -e DYNFUSE_STORE=/that/path. Runtime images hold no torch, so
 # they serve the ONNX backend; the TorchScript backend needs torch (see GPU_TORCH below).
 #
-# Stages: requirements (dependency lists from pyproject.toml) -> wheel (the project) -> builder
-# (torch + train extra, bakes the store) -> gpu, cpu. "cpu" is last, so it is the default target.
-# Dependencies are installed before the project's source reaches a stage, so editing the source
-# rebuilds only the wheel, the store (the builder runs the project's own training) and the last
-# layers of each image.
+# Stages: requirements (dependency lists from pyproject.toml) -> wheel (the project) -> gpu, cpu.
+# "cpu" is last, so it is the default target. Dependencies are installed before the project's
+# source reaches a stage, so editing the source rebuilds only the wheel and the last layers of
+# each image.
 
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 # onnxruntime-gpu 1.31 is built against CUDA 13 and cuDNN 9: keep the base image and the
@@ -57,24 +56,6 @@ COPY models/ models/
 COPY export/ export/
 COPY service/ service/
 RUN pip wheel --no-cache-dir --no-deps --wheel-dir /wheels .
-
-# --- builder: torch (CPU wheels) + the train extra; trains and exports the default model --------
-FROM ${PYTHON_IMAGE} AS builder
-ARG TORCH_VERSION
-# TQDM_MININTERVAL: a progress line every 10 s keeps the long training step's build log short.
-ENV PIP_NO_CACHE_DIR=1 \
-    PIP_DISABLE_PIP_VERSION_CHECK=1 \
-    PYTHONDONTWRITEBYTECODE=1 \
-    PYTHONUNBUFFERED=1 \
-    TQDM_MININTERVAL=10
-WORKDIR /build
-# The official CPU wheel index: PyPI's default torch wheel is a multi-GB CUDA build.
-RUN pip install --no-cache-dir --index-url https://download.pytorch.org/whl/cpu "torch==${TORCH_VERSION}"
-COPY --from=requirements /requirements/ /tmp/requirements/
-RUN pip install --no-cache-dir -r /tmp/requirements/serve.txt -r /tmp/requirements/train.txt
-COPY --from=wheel /wheels/ /tmp/wheels/
-RUN pip install --no-cache-dir --no-deps /tmp/wheels/*.whl \
-    && dynfuse build-default --store /opt/dynfuse/store --work /build/default-model
 
 # --- gpu: CUDA + cuDNN runtime, ONNX Runtime with the CUDA execution provider -------------------
 FROM ${CUDA_IMAGE} AS gpu
@@ -110,8 +91,8 @@ RUN pip install --no-cache-dir --no-deps /tmp/wheels/*.whl \
     && groupadd --system --gid 10001 dynfuse \
     && useradd --system --uid 10001 --gid dynfuse --create-home --home-dir /home/dynfuse \
         --shell /usr/sbin/nologin dynfuse
-# The embedded default model; mount your own store over this path (see the top of this file).
-COPY --from=builder /opt/dynfuse/store /opt/dynfuse/store
+# The shipped default model; mount your own store over this path (see the top of this file).
+COPY store/shapes/1 /opt/dynfuse/store/shapes/1
 ENV DYNFUSE_STORE=/opt/dynfuse/store \
     DYNFUSE_BACKEND=onnx \
     DYNFUSE_DEVICE=cuda \
@@ -138,8 +119,8 @@ RUN pip install --no-cache-dir --no-deps /tmp/wheels/*.whl \
     && groupadd --system --gid 10001 dynfuse \
     && useradd --system --uid 10001 --gid dynfuse --create-home --home-dir /home/dynfuse \
         --shell /usr/sbin/nologin dynfuse
-# The embedded default model; mount your own store over this path (see the top of this file).
-COPY --from=builder /opt/dynfuse/store /opt/dynfuse/store
+# The shipped default model; mount your own store over this path (see the top of this file).
+COPY store/shapes/1 /opt/dynfuse/store/shapes/1
 ENV DYNFUSE_STORE=/opt/dynfuse/store \
     DYNFUSE_BACKEND=onnx \
     DYNFUSE_DEVICE=cpu \

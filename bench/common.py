@@ -22,7 +22,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
 DEFAULT_STORE = REPO / "store"
-DEFAULT_DATA = REPO / "build" / "default-model" / "data-g2-8000-s0-64px"
+DEFAULT_DATA = REPO / "build" / "figures" / "data-g2-8000-s0-64px"  # make figures writes its test splits there
 PACKAGES = (
     "numpy",
     "onnxruntime",

@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
-# Rerun the CPU benchmarks and refresh bench/results/ (figures 1-3 and 5, the soak; about 35 minutes on 2 cores).
+# Rerun the CPU benchmarks and refresh bench/results/ (figures 1-3, 5, 7 and 9, the soak; about 40 minutes on 2 cores).
 # Figure 4 needs a CUDA machine: python -m bench.gpu (see bench/BENCHMARKS.md); here it runs as a CPU smoke test.
-# Needs the default model (make build-default), wrk (apt-get install wrk; else a Python load generator
+# Needs the shipped model's test splits (make figures writes them to build/figures/), wrk (apt-get install wrk; else a Python load generator
 # is used) and py-spy (.venv/bin/pip install -e '.[bench]') for the profile.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-.venv/bin/python}
-"$PYTHON" -m bench.accuracy
+"$PYTHON" -m bench.figures    # figure 1 for the shipped model: every table and plot about it
 "$PYTHON" -m bench.realized_savings
 "$PYTHON" -m bench.ort_spin
 "$PYTHON" -m bench.http_load
@@ -32,3 +32,7 @@ done
 # Figure 7: limits before work (over-limit bodies, one at a time and 8 at once) and big-image decoding memory.
 "$PYTHON" -m bench.body_bomb
 "$PYTHON" -m bench.decode_memory
+# Is routing still safe? (issue 22): a shift through dynfuse serve, the guard replayed offline, "uncertain" answers.
+"$PYTHON" -m bench.shift
+"$PYTHON" -m bench.guard_replay
+"$PYTHON" -m bench.uncertain

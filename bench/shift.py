@@ -304,11 +304,16 @@ def main(argv: list[str] | None = None) -> int:
     at_default = runs[0]["summary"]
     goals["test_saved_at_least"] = {"goal": GOAL_TEST_SAVED, "measured": at_default["test"]["saved_ratio"],
                                     "met": at_default["test"]["saved_ratio"] >= GOAL_TEST_SAVED}  # fmt: skip
-    last = at_default["test_ood"][f"last_{GOAL_LAST_OOD}"]
+    # The served system as a whole, at each audit rate run: the guard's part depends on how soon it engaged.
     goals["last_600_ood_within_1_point_of_full"] = {
         "goal": -GOAL_LAST_OOD_POINTS,
-        "measured": last["points_vs_full"],
-        "met": last["points_vs_full"] >= -GOAL_LAST_OOD_POINTS,
+        "by_audit_rate": {
+            f"{run['audit_rate']:g}": {
+                "measured": run["summary"]["test_ood"][f"last_{GOAL_LAST_OOD}"]["points_vs_full"],
+                "met": run["summary"]["test_ood"][f"last_{GOAL_LAST_OOD}"]["points_vs_full"] >= -GOAL_LAST_OOD_POINTS,
+            }
+            for run in runs
+        },
     }
     fast = next((r for r in runs if r["audit_rate"] == GOAL_ENGAGE_RATE), None)
     if fast is not None:

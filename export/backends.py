@@ -32,6 +32,19 @@ class Backend(ABC):
     def describe(self) -> str:
         return f"{self.name} on {self.device}"
 
+    def file(self, component: ComponentInfo) -> str:
+        """The component's file in this backend's format; a version exported without that format is refused
+        with what to do (the shipped default model has ONNX files only)."""
+        path = component.files.get(self.name)
+        if path is None:
+            other = " and ".join(component.files) or "no format"
+            raise BackendError(
+                f"{component.name}: this model version has no {self.name} file (it was exported with {other} only); "
+                f"serve it with backend={next(iter(component.files), 'onnx')}, or export it again with "
+                f"{self.name} files (dynfuse export, or make build-default for the default model)"
+            )
+        return str(path)
+
 
 class OnnxRuntimeBackend(Backend):
     """ONNX Runtime: the CUDA execution provider for device=cuda (needs onnxruntime-gpu), else the CPU one."""
@@ -66,7 +79,7 @@ class OnnxRuntimeBackend(Backend):
             self.options.inter_op_num_threads = 1
 
     def load(self, component: ComponentInfo) -> Runner:
-        session = self._ort.InferenceSession(str(component.files["onnx"]), self.options, providers=self.providers)
+        session = self._ort.InferenceSession(self.file(component), self.options, providers=self.providers)
         if self.device == "cuda" and session.get_providers()[0] != "CUDAExecutionProvider":
             raise BackendError(f"{component.name}: ONNX Runtime did not place it on CUDA ({session.get_providers()})")
         output_names = [o.name for o in component.outputs]
@@ -98,7 +111,7 @@ class TorchScriptBackend(Backend):
 
     def load(self, component: ComponentInfo) -> Runner:
         torch = self._torch
-        module = torch.jit.load(str(component.files["torchscript"]), map_location=self.device).eval()
+        module = torch.jit.load(self.file(component), map_location=self.device).eval()
         output_names = [o.name for o in component.outputs]
         input_names = [i.name for i in component.inputs]
 

@@ -21,10 +21,11 @@ from models.data.tensors import load_pixels, tensorize
 from models.dynamic_fusion import IMAGE_CNN
 from models.ood import MAP_TENSOR, fit_detector
 from models.preprocess import ImagePreprocessing
+from models.router_selection import routing_outputs
 from models.safety import measure
 from models.specs import SpecSet
 from models.tokenizer import Tokenizer
-from models.training import TrainConfig, caption_variants, cross_fitted_routes, expert_outputs, routing_outputs
+from models.training import TrainConfig, caption_variants, cross_fitted_routes, expert_outputs
 
 OOD_FILE = "ood.npz"
 

@@ -12,6 +12,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from export import provenance
 from models.errors import DynfuseError
 from models.ood import OodDetector
 from models.preprocess import ImagePreprocessing
@@ -168,6 +169,11 @@ def load_model_dir(path: Path, *, verify: bool = True) -> StoredModel:
         raise StoreError(f"{manifest_path}: format {manifest.get('format')!r} is not one of {READ_FORMATS}")
     if verify:
         verify_files(path, manifest)
+    if "provenance" in manifest:  # how the model was built (the shipped default model records it)
+        try:
+            provenance.check(manifest["provenance"])
+        except provenance.ProvenanceError as error:
+            raise StoreError(f"{manifest_path}: {error}") from error
     return _parse(path, manifest)
 
 

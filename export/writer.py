@@ -56,12 +56,14 @@ def export_run(
     version: str | None = None,
     data_dir: Path | None = None,
     formats: tuple[str, ...] = FORMATS,
+    provenance: dict | None = None,
     progress: bool = True,
     log=print,
 ) -> Path:
     """Export a run into ``store/<name>/<version>`` and return that directory.
 
-    ``formats`` may leave one out, e.g. TorchScript only on a GPU machine without onnxscript."""
+    ``formats`` may leave one out, e.g. TorchScript only on a GPU machine without onnxscript. ``provenance``
+    (export/provenance.py) goes into model.json as it is: how the default model was built."""
     run_dir, store = Path(run_dir), Path(store)
     unknown = set(formats) - set(FORMATS)
     if not formats or unknown:
@@ -110,6 +112,8 @@ def export_run(
         if router_only:
             byo.add_specs(manifest, byo.write_spec_files(checkpoint, staging))
         manifest["examples"] = write_examples(data_dir or checkpoint["data"]["dir"], staging, log=log)
+        if provenance is not None:
+            manifest["provenance"] = provenance
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
         if checked is not None:
             agreement = _pipeline_agreement(model, staging, checked, backend=formats[0])

@@ -33,11 +33,12 @@ from models.costs import routing_costs
 from models.data.manifest import check_labels, has_split, label_names, read_split
 from models.data.tensors import TensorSplit, load_pixels, tensorize
 from models.dynamic_fusion import DynamicFusionModel, preset_config
-from models.evaluation import RoutingOutputs, evaluate_policies, find_row, format_table, summarize
+from models.evaluation import format_table, summarize
 from models.policy import fit_temperature
 from models.preprocess import ImagePreprocessing
 from models.registry import create_model
 from models.router import DualRouter
+from models.router_selection import evaluate_split, policy_figures, select_router
 from models.staging import staging_dir
 from models.tokenizer import PAD_ID, UNK_ID, Tokenizer
 
@@ -328,33 +329,34 @@ def train_routers(
         routers.append({"name": name, "lambda": lam, "router": router, "temperature": temperature,
                         "validation_scores": validation_routes[name]["scores"]})  # fmt: skip
 
-    context = {"model": model, "dataset": dataset, "routers": routers, "costs": costs, "full_expert": full_expert}
-    validation = _evaluate(**context, outputs=cache["val"], routes=validation_routes, split="val")
+    context = {"model": model, "routers": routers, "costs": costs, "full_expert": full_expert}
+    val = dataset.splits["val"]
+    validation = evaluate_split(**context, split=val, outputs=cache["val"], routes=validation_routes)
     # The same validation samples with their captions reworded (word dropout), routed by the same cross-fitted
     # routers: the served router must hold up there too.
     reworded = [
-        _evaluate(
-            **context, outputs=variant, routes={n: r["variants"][k] for n, r in validation_routes.items()}, split="val"
+        evaluate_split(
+            **context, split=val, outputs=variant, routes={n: r["variants"][k] for n, r in validation_routes.items()}
         )
         for k, variant in enumerate(cache["val"].get("augmented") or [])
     ]
     default_router = select_router(validation, routers, config.select_tolerance, reworded)
     model.router.load_state_dict(next(r for r in routers if r["name"] == default_router)["router"].state_dict())
-    evaluation = {"val": _evaluate(**context, outputs=cache["val"], routes=validation_routes, split="val",
-                                   default_router=default_router)}  # fmt: skip
+    evaluation = {"val": evaluate_split(**context, split=val, outputs=cache["val"], routes=validation_routes,
+                                        default_router=default_router)}  # fmt: skip
     if reworded:  # what the selection saw of each router on the reworded captions
         evaluation["val_reworded"] = [
             {
                 "word_dropout": rate,
-                "policies": [_policy_figures(row) for row in rows if row["policy"].startswith(("full", "lambda="))],
+                "policies": [policy_figures(row) for row in rows if row["policy"].startswith(("full", "lambda="))],
             }
             for rate, rows in zip(config.stage2_word_dropout, reworded, strict=True)
         ]
     for split in EVALUATED_SPLITS[1:]:
         if split in dataset.splits:
             routes = {r["name"]: route(r["router"], cache[split]) for r in routers}
-            evaluation[split] = _evaluate(**context, outputs=cache[split], routes=routes, split=split,
-                                          default_router=default_router)  # fmt: skip
+            evaluation[split] = evaluate_split(**context, split=dataset.splits[split], outputs=cache[split],
+                                               routes=routes, default_router=default_router)  # fmt: skip
     evaluation["default_router"] = default_router
     evaluation["summary"] = summarize(evaluation.get("test", evaluation["val"]))
     return routers, default_router, evaluation
@@ -472,91 +474,6 @@ def route(router: DualRouter, outputs: dict) -> dict:
     present = torch.ones(outputs["text_features"].shape[0])
     scores, importance, weights = router(outputs["text_features"], outputs["glimpse_features"], present, present)
     return {"scores": scores, "importance": importance, "weights": weights}
-
-
-def _evaluate(
-    *,
-    model,
-    dataset: Dataset,
-    routers: list[dict],
-    costs: dict,
-    full_expert: str,
-    outputs: dict,
-    routes: dict,
-    split: str,
-    default_router: str | None = None,
-) -> list[dict]:
-    """The policy table of one split; ``routes`` holds each router's scores and importance on it."""
-    routing = routing_outputs(
-        model=model,
-        split=dataset.splits[split],
-        routers=routers,
-        costs=costs,
-        full_expert=full_expert,
-        outputs=outputs,
-        routes=routes,
-        default_router=default_router,
-    )
-    return evaluate_policies(routing)
-
-
-def routing_outputs(
-    *,
-    model,
-    split: TensorSplit,
-    routers: list[dict],
-    costs: dict,
-    full_expert: str,
-    outputs: dict,
-    routes: dict,
-    default_router: str | None = None,
-) -> RoutingOutputs:
-    """What a model produced on one split (``outputs``: ``expert_outputs``; ``routes``: each router's scores,
-    importance and weights), as the policy evaluation and the safety measurements read it."""
-    return RoutingOutputs(
-        labels=split.labels.numpy(),
-        expert_probs={e: F.softmax(v, dim=1).numpy() for e, v in outputs["logits"].items()},
-        router_scores={name: r["scores"].numpy() for name, r in routes.items()},
-        router_importance={name: r["importance"].numpy() for name, r in routes.items() if "importance" in r} or None,
-        router_weights={name: r["weights"].numpy() for name, r in routes.items() if "weights" in r} or None,
-        temperatures={r["name"]: r["temperature"] for r in routers},
-        shared_madds=sum(costs["components"][c] for c in model.shared_encoders.values())
-        + costs["components"]["router"],
-        component_madds=costs["components"],
-        expert_components={e.name: e.components for e in model.experts},
-        routers=[{"name": r["name"], "lambda": r["lambda"]} for r in routers],
-        default_router=default_router or routers[0]["name"],
-        experts=[e.name for e in model.experts],
-        path_madds=costs["path"],
-        static_madds=costs["static"],
-        madds_full=costs["full"],
-        full_expert=full_expert,
-        kinds=split.kinds,
-    )
-
-
-def _policy_figures(row: dict) -> dict:
-    return {k: row[k] for k in ("policy", "accuracy", "saved_ratio")}
-
-
-def select_router(
-    validation_rows: list[dict], routers: list[dict], tolerance: float, reworded: list[list[dict]] = ()
-) -> str:
-    """The cheapest router whose validation accuracy is within ``tolerance`` of the full expert's, on the
-    validation split and on each of its reworded copies (``reworded``: their policy tables)."""
-    full_accuracy = find_row(validation_rows, "full")["accuracy"]
-    candidates = [find_row(validation_rows, f"lambda={r['lambda']:g}") | {"name": r["name"]} for r in routers]
-
-    def holds_up(candidate: dict) -> bool:
-        return all(
-            find_row(rows, candidate["policy"])["accuracy"] >= find_row(rows, "full")["accuracy"] - tolerance
-            for rows in reworded
-        )
-
-    good = [c for c in candidates if c["accuracy"] >= full_accuracy - tolerance and holds_up(c)]
-    if good:
-        return min(good, key=lambda c: c["madds_per_sample"])["name"]
-    return max(candidates, key=lambda c: (c["accuracy"], -c["madds_per_sample"]))["name"]
 
 
 def _write_run_dir(run_dir: Path, checkpoint: dict, summary: dict) -> None:

@@ -20,6 +20,14 @@ def _floats(text: str) -> tuple[float, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
 
 
+def _formats(text: str) -> tuple[str, ...]:
+    formats = tuple(f.strip() for f in text.split(",") if f.strip())
+    unknown = sorted(set(formats) - {"onnx", "torchscript"})
+    if not formats or unknown:
+        raise argparse.ArgumentTypeError(f"expected onnx, torchscript or both (comma-separated), got {text!r}")
+    return formats
+
+
 def cmd_data_synth(args) -> int:
     from models.data.synthetic import SynthConfig, generate
 
@@ -123,6 +131,7 @@ def cmd_build_default(args) -> int:
         preset=args.preset,
         size=args.size,
         seed=args.seed,
+        formats=tuple(args.formats),
         progress=not args.quiet,
     )
     return 0
@@ -276,6 +285,12 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--preset", choices=("tiny", "default", "large"), default="default")
     build.add_argument("--size", type=int, help="synthetic samples (default 8000)")
     build.add_argument("--seed", type=int, default=0)
+    build.add_argument(
+        "--formats",
+        type=_formats,
+        default=("onnx", "torchscript"),
+        help="comma-separated export formats (default onnx,torchscript; the shipped model is onnx only)",
+    )
     build.set_defaults(func=cmd_build_default)
 
     serve = sub.add_parser("serve", help="serve a stored model over HTTP (settings also from DYNFUSE_* env)")

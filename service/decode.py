@@ -37,6 +37,10 @@ logger = logging.getLogger("dynfuse")
 # Pillow can also open (PSD, EPS, ICO, DDS, FITS, ...): each is more parser exposed to strangers for
 # no caller who needs it. Animated GIF, PNG (APNG) and WebP are read as their first frame.
 IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP")
+# The library each format's decoder needs in Pillow's build (GIF and BMP are decoded in Python). A Pillow built
+# without one opens no file of that format: ``dynfuse serve`` refuses to start rather than answer 415 to a format
+# the documentation promises (``missing_codecs``).
+CODECS = {"PNG": "zlib", "JPEG": "jpg", "WEBP": "webp"}
 
 # Modes ``Image.reduce`` averages directly; palette (P, PA), bilevel (1) and 16-bit (I;16*) images become RGB
 # first, a strip at a time, since averaging palette indices or packed bits would be meaningless.
@@ -46,6 +50,13 @@ STRIP_PIXELS = 1 << 18  # the others become RGB a strip of about this many pixel
 # What a reduced image keeps, in multiples of the model's side: like Pillow's ``thumbnail`` (reducing_gap
 # 2), the cheap reduction stops at twice the target so the final bilinear resize still sees every detail.
 REDUCING_GAP = 2
+
+
+def missing_codecs() -> list[str]:
+    """The accepted formats this Pillow cannot decode, with the library it lacks: e.g. ``["WEBP (webp)"]``."""
+    from PIL import features
+
+    return [f"{fmt} ({CODECS[fmt]})" for fmt in IMAGE_FORMATS if fmt in CODECS and not features.check(CODECS[fmt])]
 
 
 def decode_base64(data: str, field: str = "image") -> bytes:

@@ -24,6 +24,7 @@ import uvicorn
 
 from export.store import StoreError, load_model_dir, resolve
 from service.config import Settings, check_settings_for, get_settings
+from service.decode import missing_codecs
 from service.gc_policy import tune_for_serving
 from service.http_protocol import HTTP_PROTOCOL
 from service.metrics import MULTIPROCESS_DIR
@@ -44,6 +45,13 @@ def serve(settings: Settings) -> int:
             check_settings_for(load_model_dir(path, verify=False), settings)
     except StoreError as error:
         print(f"dynfuse serve: error: {error}", file=sys.stderr)
+        return 1
+    if missing := missing_codecs():
+        print(
+            f"dynfuse serve: error: this Pillow cannot decode {', '.join(missing)}, which the API accepts; install a "
+            "Pillow built with it (PyPI's wheels are: pip install --force-reinstall pillow)",
+            file=sys.stderr,
+        )
         return 1
     settings = pinned(settings, path)
     if settings.grpc_port:

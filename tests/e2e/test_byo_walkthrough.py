@@ -20,7 +20,6 @@ import pytest
 from conftest import launch_server, scrape, stop_servers, value
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
-pytest.importorskip("transformers")
 
 ROOT = Path(__file__).resolve().parents[2]
 EXPERTS = ("text=examples.hf_experts.experts:text", "image=examples.hf_experts.experts:image")

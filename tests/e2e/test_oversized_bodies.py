@@ -15,7 +15,7 @@ import urllib.request
 
 import pytest
 import requests
-from conftest import free_port
+from conftest import free_port, stop_servers
 
 pytestmark = pytest.mark.e2e
 
@@ -48,8 +48,7 @@ def server(tiny_store):
             raise AssertionError("dynfuse serve did not become ready in 60 s")
         yield base
     finally:
-        process.kill()
-        process.wait(timeout=10)
+        stop_servers([process])  # its worker processes (one per core by default) go with it
 
 
 def oversized(size: int) -> bytes:

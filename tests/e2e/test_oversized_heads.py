@@ -7,8 +7,8 @@ from __future__ import annotations
 import base64
 import io
 import json
+import os
 import socket
-import time
 from pathlib import Path
 
 import httpx
@@ -30,6 +30,12 @@ def exchange(base: str, request: bytes, timeout: float = 30.0) -> bytes:
             return b""
 
 
+def cpu_seconds(pid: int) -> float:
+    """The CPU time the process has used (user and system): what the server spends, whatever else the machine runs."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def peak_rss_mib(pid: int) -> float:
     status = Path(f"/proc/{pid}/status").read_text()
     return int(status.split("VmHWM:")[1].split()[0]) / 1024
@@ -48,11 +54,11 @@ def test_an_oversized_head_is_refused_at_once_on_any_path(server_process, reques
     process, base = server_process(log_level="warning")
     Path(f"/proc/{process.pid}/clear_refs").write_text("5")
     before = peak_rss_mib(process.pid)
-    started = time.perf_counter()
+    cpu_before = cpu_seconds(process.pid)
     answer = exchange(base, request_bytes)
-    seconds = time.perf_counter() - started
+    spent = cpu_seconds(process.pid) - cpu_before
     assert answer == b"" or answer.startswith(b"HTTP/1.1 431 "), (what, answer[:200])
-    assert seconds < 5, what  # was 16 s for a 50 MB header, the event loop held meanwhile
+    assert spent < 3, (what, spent)  # was 16 s for a 50 MB header, the event loop busy meanwhile
     assert peak_rss_mib(process.pid) - before < 20, what  # was 94 MiB for 50 MB
     assert httpx.get(f"{base}/readyz", timeout=10).status_code == 200
 

@@ -28,7 +28,7 @@ def test_soak_then_kill_a_worker_under_load(tiny_store, samples, tmp_path):
     for row in result["resources"]["processes"].values():
         assert row["rss_growth"] < 0.10, row
         assert row["fds_added"] <= 0, row
-        assert row["threads_added"] <= 0, row
+        assert row["threads_added"] <= soak.THREAD_SLACK, row
     assert chaos["replaced"], chaos
     assert chaos["survivor_kept_serving"], chaos
     assert result["exit_code"] == 0

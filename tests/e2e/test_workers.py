@@ -5,10 +5,12 @@ serving, no request hangs, and the in-flight gauge forgets the dead worker's req
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import shutil
 import signal
+import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -55,59 +57,124 @@ def publish_version_2(store: Path) -> None:
     (newer / "model.json").write_text(json.dumps(manifest))
 
 
+def classify(base: str, body: bytes) -> httpx.Response:
+    return httpx.post(f"{base}/v1/classify", content=body, headers={"content-type": "application/json"}, timeout=30)
+
+
+def wait_for(condition, what: str, timeout: float = 60.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if result := condition():
+            return result
+        time.sleep(0.05)
+    raise AssertionError(f"{what} within {timeout} s")
+
+
+def owner(connection: socket.socket, pids: list[int]) -> int | None:
+    """The worker process holding the server's end of ``connection``: the socket inode /proc/net/tcp gives for the
+    connection's two ports, found among the processes' file descriptors."""
+    client_port, server_port = connection.getsockname()[1], connection.getpeername()[1]
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            local, remote = int(fields[1].rsplit(":", 1)[1], 16), int(fields[2].rsplit(":", 1)[1], 16)
+            if (local, remote) == (server_port, client_port):
+                inodes.add(f"socket:[{fields[9]}]")
+    for pid in pids:
+        for fd in Path(f"/proc/{pid}/fd").iterdir():
+            with contextlib.suppress(OSError):
+                if os.readlink(fd) in inodes:
+                    return pid
+    return None
+
+
+def begin_request(port: int, body: bytes) -> socket.socket:
+    """A POST /v1/classify that has sent its head and half its body: admitted and in flight until the rest comes."""
+    connection = socket.create_connection(("127.0.0.1", port), timeout=60)
+    head = "POST /v1/classify HTTP/1.1\r\nHost: dynfuse\r\nContent-Type: application/json\r\n"
+    connection.sendall(f"{head}Content-Length: {len(body)}\r\n\r\n".encode() + body[: len(body) // 2])
+    return connection
+
+
+def answer(connection: socket.socket) -> tuple[int, dict] | None:
+    """(status, JSON body) of the response on ``connection``; None when it is closed without one."""
+    data = b""
+    try:
+        while b"\r\n\r\n" not in data:
+            chunk = connection.recv(65536)
+            if not chunk:
+                return None
+            data += chunk
+        head, _, rest = data.partition(b"\r\n\r\n")
+        fields = dict(line.split(b":", 1) for line in head.split(b"\r\n")[1:])
+        length = int(next(value for name, value in fields.items() if name.strip().lower() == b"content-length"))
+        while len(rest) < length:
+            chunk = connection.recv(65536)
+            if not chunk:
+                return None
+            rest += chunk
+    except ConnectionResetError:
+        return None
+    return int(head.split()[1]), json.loads(rest[:length])
+
+
 def test_a_killed_worker_is_replaced_on_the_same_version_and_its_requests_leave_the_gauge(
     server_process, store_copy, samples
 ):
-    # A long batch delay keeps requests in flight long enough to kill a worker under them.
-    process, base = server_process(store=store_copy, workers=2, max_batch_delay_ms=1000, max_batch_size=64)
+    process, base = server_process(store=store_copy, workers=2)
     workers = worker_pids(process.pid)
     assert len(workers) == 2
     publish_version_2(store_copy)
-    pair = {"image": base64.b64encode(samples[0]["png"]).decode(), "text": samples[0]["text"]}
+    port = int(base.rsplit(":", 1)[1])
+    body = json.dumps({"image": base64.b64encode(samples[0]["png"]).decode(), "text": samples[0]["text"]}).encode()
 
-    def classify(_):
-        try:
-            return httpx.post(f"{base}/v1/classify", json=pair, timeout=30).status_code
-        except httpx.TransportError as error:  # the killed worker's own requests: reset, not hung
-            return type(error).__name__
+    held = [begin_request(port, body) for _ in range(6)]
+    wait_for(lambda: inflight(base) == 6, "6 requests in flight")
+    owners = {connection: owner(connection, workers) for connection in held}
+    assert set(owners.values()) <= set(workers), owners
+    victim = max(workers, key=list(owners.values()).count)  # it holds requests in flight: at least 3 of the 6
+    os.kill(victim, signal.SIGKILL)
 
-    with ThreadPoolExecutor(8) as pool:
-        pending = [pool.submit(classify, i) for i in range(8)]
-        deadline = time.monotonic() + 0.7
-        while inflight(base) < 8 and time.monotonic() < deadline:
-            time.sleep(0.05)
-        baseline = {pid: sockets(pid) for pid in workers}
-        victim = max(workers, key=baseline.get)
-        assert baseline[victim] > min(baseline.values()) or len(set(baseline.values())) == 1
-        os.kill(victim, signal.SIGKILL)
-        outcomes = [future.result(timeout=40) for future in pending]  # none hangs
-        # The kernel may have handed all eight connections to the victim: new ones show the other serving.
-        after_kill = list(pool.map(classify, range(4)))
+    for connection, pid in owners.items():
+        if pid == victim:  # reset or closed, at once: not hung
+            assert answer(connection) is None
+        else:  # the other worker's requests finish
+            connection.sendall(body[len(body) // 2 :])
+            assert answer(connection)[0] == 200
+        connection.close()
+    wait_for(lambda: inflight(base) == 0, "the dead worker's requests leaving dynfuse_inflight_requests")
+    with ThreadPoolExecutor(4) as pool:  # the other worker kept serving
+        after_kill = list(pool.map(lambda _: classify(base, body), range(4)))
+    assert [r.status_code for r in after_kill] == [200] * 4
 
-    assert all(o == 200 or o in ("RemoteProtocolError", "ReadError") for o in outcomes), outcomes
-    assert after_kill == [200] * 4, after_kill  # the other worker kept serving
-    assert inflight(base) == 0  # the dead worker's requests are not counted for ever
-
-    deadline = time.monotonic() + 60
-    replacement = None
-    while time.monotonic() < deadline:
+    def replaced() -> int | None:
         now = worker_pids(process.pid)
         fresh = [pid for pid in now if pid not in workers]
-        if len(now) == 2 and fresh and rss_kib(fresh[0]) > 0.8 * rss_kib(next(p for p in now if p != fresh[0])):
-            replacement = fresh[0]
-            break
-        time.sleep(0.2)
-    assert replacement is not None, "uvicorn did not replace the killed worker within 60 s"
+        return fresh[0] if len(now) == 2 and fresh else None
+
+    replacement = wait_for(replaced, "uvicorn replacing the killed worker")
     environment = Path(f"/proc/{replacement}/environ").read_bytes().split(b"\0")
     assert b"DYNFUSE_MODEL_VERSION=1" in environment
 
-    time.sleep(1.0)  # the replacement accepts connections once warm
+    def served_by_the_replacement() -> dict | None:
+        """A request on a new connection; its answer when the replacement took it (the kernel hands connections
+        to either worker once the replacement listens)."""
+        with socket.create_connection(("127.0.0.1", port), timeout=60) as connection:
+            head = "POST /v1/classify HTTP/1.1\r\nHost: dynfuse\r\nContent-Type: application/json\r\n"
+            connection.sendall(f"{head}Content-Length: {len(body)}\r\n\r\n".encode() + body)
+            status, reply = answer(connection)
+            assert status == 200, reply
+            return reply if owner(connection, [replacement]) == replacement else None
+
+    reply = wait_for(served_by_the_replacement, "a request served by the replacement worker", timeout=120)
+    assert reply["model_version"] == "1"  # version 2 is in the store, but it serves the version its sibling serves
     versions = set()
     with ThreadPoolExecutor(8) as pool:
-        for response in pool.map(lambda _: httpx.post(f"{base}/v1/classify", json=pair, timeout=30), range(24)):
+        for response in pool.map(lambda _: classify(base, body), range(24)):
             assert response.status_code == 200
             versions.add(response.json()["model_version"])
-    assert versions == {"1"}  # version 2 is in the store, but the workers stay on the version they started on
+    assert versions == {"1"}
     process.send_signal(signal.SIGTERM)
     assert process.wait(timeout=30) == 0
 

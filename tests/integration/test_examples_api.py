@@ -10,12 +10,12 @@ import pytest
 from export.store import IntegrityError, load_model
 
 
-def test_the_export_ships_examples_of_every_kind_listed_with_their_hashes(tiny_store, tiny_data, manifest):
+def test_the_export_ships_examples_of_every_kind_listed_with_their_hashes(tiny_export, tiny_data):
     test_split = _split(tiny_data)
-    examples = manifest["examples"]
+    version_dir = next(tiny_export.glob("shapes/*"))
+    examples = json.loads((version_dir / "model.json").read_text())["examples"]
 
     assert {e["kind"] for e in examples} == {s["kind"] for s in test_split.values()}
-    version_dir = next(tiny_store.glob("shapes/*"))
     for example in examples:
         sample = test_split[example["id"]]
         assert (example["text"], example["label"], example["kind"]) == (sample["text"], sample["label"], sample["kind"])

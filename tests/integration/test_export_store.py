@@ -8,6 +8,7 @@ import shutil
 import stat
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,8 +20,8 @@ from export.store import IntegrityError, ModelNotFoundError, list_store, load_mo
 from export.writer import export_run
 
 
-def test_model_json_lists_everything_serving_needs(tiny_store):
-    manifest = json.loads((tiny_store / "shapes" / "1" / "model.json").read_text())
+def test_model_json_lists_everything_serving_needs(tiny_export):
+    manifest = json.loads((tiny_export / "shapes" / "1" / "model.json").read_text())
 
     assert manifest["labels"]
     assert manifest["preprocessing"]["image_size"] == 32
@@ -32,7 +33,7 @@ def test_model_json_lists_everything_serving_needs(tiny_store):
         assert component["madds"] > 0, name
         assert component["inputs"][0]["shape"][0] == -1  # dynamic batch axis
         for entry in component["files"].values():
-            assert sha256_file(tiny_store / "shapes" / "1" / entry["file"]) == entry["sha256"]
+            assert sha256_file(tiny_export / "shapes" / "1" / entry["file"]) == entry["sha256"]
     assert {e["name"]: e["modalities"] for e in manifest["experts"]} == {
         "text": ["text"], "image_lite": ["image"], "image": ["image"], "late_fusion": ["text", "image"],
         "mulmix": ["text", "image"], "mi2p": ["text", "image"], "muse": ["text", "image"],
@@ -47,21 +48,21 @@ def test_model_json_lists_everything_serving_needs(tiny_store):
     assert manifest["evaluation"]["summary"]["full_accuracy"] > 0
 
 
-def test_run_and_model_directories_get_the_usual_mode_not_0700(tiny_run, tiny_store):
+def test_run_and_model_directories_get_the_usual_mode_not_0700(tiny_run, tiny_export):
     # A store built as root must stay readable to a container's non-root user.
     umask = os.umask(0)
     os.umask(umask)
-    for directory in (tiny_run, tiny_store / "shapes" / "1"):
+    for directory in (tiny_run, tiny_export / "shapes" / "1"):
         assert stat.S_IMODE(directory.stat().st_mode) == 0o777 & ~umask, directory
 
 
 def test_a_changed_byte_is_refused_naming_the_file(store_copy):
-    target = store_copy / "shapes" / "1" / "fusion_head.pt"
+    target = store_copy / "shapes" / "1" / "fusion_head.onnx"
     data = bytearray(target.read_bytes())
     data[len(data) // 2] ^= 0x01
     target.write_bytes(bytes(data))
 
-    with pytest.raises(IntegrityError, match=r"fusion_head\.pt: sha256 .* does not match"):
+    with pytest.raises(IntegrityError, match=r"fusion_head\.onnx: sha256 .* does not match"):
         load_model(store_copy)
 
 
@@ -71,9 +72,16 @@ def test_a_missing_file_is_refused(store_copy):
         load_model(store_copy)
 
 
+def copy_version(store: Path, version: str) -> None:
+    """Version 1 again as ``version``: a version is a directory whose model.json says which it is."""
+    target = Path(shutil.copytree(store / "shapes" / "1", store / "shapes" / version))
+    manifest = json.loads((target / "model.json").read_text())
+    (target / "model.json").write_text(json.dumps(manifest | {"version": version}))
+
+
 def test_the_highest_version_is_served_unless_one_is_pinned(tiny_run, store_copy):
-    export_run(tiny_run, store_copy, name="shapes", progress=False, log=quiet)
-    export_run(tiny_run, store_copy, name="shapes", version="10", progress=False, log=quiet)
+    copy_version(store_copy, "2")
+    copy_version(store_copy, "10")
 
     assert list_store(store_copy) == {"shapes": ["1", "2", "10"]}
     assert load_model(store_copy).version == "10"
@@ -95,12 +103,12 @@ def test_importing_the_serving_path_does_not_import_torch():
     assert result.returncode == 0, result.stderr
 
 
-def test_the_onnx_and_torchscript_pipelines_agree(tiny_store, samples):
+def test_the_onnx_and_torchscript_pipelines_agree(tiny_export, samples):
     import io
 
     from PIL import Image
 
-    model = load_model(tiny_store)
+    model = load_model(tiny_export)
     pipelines = [DynamicPipeline(model, create_backend(b)) for b in ("onnx", "torchscript")]
     inputs = [
         PipelineInput(
@@ -167,15 +175,11 @@ def test_export_refuses_a_component_that_disagrees_with_eager(tiny_run, tmp_path
     assert not any(p.name.startswith(".") for p in (store / "shapes").iterdir())
 
 
-def test_cli_export_and_evaluate_from_the_store(tiny_run, tiny_data, tmp_path):
-    store = tmp_path / "store"
+def test_cli_export_and_evaluate_from_the_store(tiny_run, tiny_export, tiny_data, tmp_path):
+    # tiny_export is `dynfuse export`'s own output (conftest.py runs the command line).
     cli = [sys.executable, "-m", "service.cli"]
-    exported = subprocess.run(
-        [*cli, "export", str(tiny_run), "--store", str(store), "--name", "m", "--quiet"], capture_output=True, text=True
-    )
-    assert exported.returncode == 0, exported.stderr
     evaluated = subprocess.run(
-        [*cli, "evaluate", "--store", str(store), "--model", "m", "--data", str(tiny_data), "--quiet",
+        [*cli, "evaluate", "--store", str(tiny_export), "--model", "shapes", "--data", str(tiny_data), "--quiet",
          "--json", str(tmp_path / "e.json"), "--plot", str(tmp_path / "p.png")],
         capture_output=True, text=True,
     )  # fmt: skip

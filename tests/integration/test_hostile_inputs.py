@@ -1,6 +1,7 @@
 """Hostile requests of every shape get a 4xx, never a 5xx: odd content types, mutated multipart bodies, JSON
 of every wrong type (NaN and Infinity included), odd headers, and /v2 requests with binary data that
-lies about its sizes. Seeded, so a failure names a reproducible case."""
+lies about its sizes, on every operation of the API that takes a body (the model repository's included, with model
+control on: a test proves none is left out). Seeded, so a failure names a reproducible case."""
 
 from __future__ import annotations
 
@@ -10,7 +11,10 @@ import random
 import pytest
 from conftest import b64, png_of_size
 
-PATHS = ("/v1/classify", "/v1/classify/batch", "/v2/models/shapes/infer")
+PATHS = ("/v1/classify", "/v1/classify/batch", "/v2/models/shapes/infer", "/v2/models/shapes/versions/1/infer")
+# Model control on (explicit, loopback: no admin key), so the bodies reach the parser. The load names the version
+# served (nothing to warm); the unload a model the store lacks, so the model under fuzz stays served.
+REPOSITORY_PATHS = ("/v2/repository/index", "/v2/repository/models/shapes/load", "/v2/repository/models/nope/unload")
 CONTENT_TYPES = [
     "application/json",
     "application/json; charset=utf-16",
@@ -51,14 +55,16 @@ WRONG_VALUES = [
 ]
 
 
-def wrong_json_bodies(rng: random.Random, png: str) -> list[bytes]:
+def wrong_json_bodies(
+    rng: random.Random, png: str, templates: list[dict] | None = None, count: int = 120
+) -> list[bytes]:
     bodies = [b"NaN", b"Infinity", b"-Infinity", b"[]", b"null", b'"text"', b"1e999", b"{" * 5000 + b"}" * 5000]
-    templates = [
+    templates = templates or [
         {"image": png, "text": "a red circle", "route": "auto", "threshold": 0.5},
         {"inputs": [{"id": "1", "image": png, "text": "a"}], "route": "auto", "threshold": 0.5},
         {"inputs": [{"name": "text", "datatype": "BYTES", "shape": [1], "data": ["a"]}], "parameters": {}},
     ]
-    for _ in range(120):
+    for _ in range(count):
         body = json.loads(json.dumps(rng.choice(templates)))
         target = body
         while isinstance(target, dict) and target and rng.random() < 0.6:
@@ -182,3 +188,43 @@ def test_v2_binary_data_that_lies_about_its_sizes(client):
             headers={"content-type": "application/octet-stream", "inference-header-content-length": str(length)},
         )
         assert response.status_code < 500, (declared, length, response.text[:300])
+
+
+@pytest.fixture
+def repository_client(serve):
+    return serve(max_body_bytes=256 * 1024, model_control="explicit")
+
+
+def test_every_operation_that_takes_a_body_is_fuzzed(client):
+    """A route added to the API without a place here fails this test, rather than go unfuzzed."""
+    fuzzed = {path.replace("/shapes/", "/{name}/").replace("/nope/", "/{name}/") for path in PATHS + REPOSITORY_PATHS}
+    fuzzed = {path.replace("/versions/1/", "/versions/{version}/") for path in fuzzed}
+    operations = {
+        path for path, methods in client.get("/openapi.json").json()["paths"].items() if set(methods) & {"post", "put"}
+    }
+    assert operations == fuzzed
+
+
+def test_repository_calls_with_odd_content_types_wrong_json_and_odd_headers(repository_client):
+    rng = random.Random("dynfuse-repository")
+    templates = [{"ready": True}, {"parameters": {"version": "1"}}, {"parameters": {"unload_dependents": True}}]
+    bodies = [json.dumps(t).encode() for t in templates] + wrong_json_bodies(rng, "", templates, count=60)
+    cases = [(path, body, {"content-type": "application/json"}) for body in bodies for path in REPOSITORY_PATHS]
+    body = json.dumps({"parameters": {"version": "1"}}).encode()
+    cases += [
+        (path, body, {"content-type": kind}) for path in REPOSITORY_PATHS for kind in CONTENT_TYPES if "\r" not in kind
+    ]
+    cases += [
+        (path, body, {"content-type": "application/json"} | headers)
+        for path in REPOSITORY_PATHS
+        for headers in (
+            {"authorization": "Bearer " + "k" * 10_000},
+            {"content-encoding": "gzip"},
+            {f"x-h{i}": "v" for i in range(500)},
+        )
+    ]
+    cases += [(path, mutated(body, rng), {"content-type": "application/json"}) for path in REPOSITORY_PATHS * 40]
+    assert assert_no_5xx(repository_client, cases) == len(cases)
+    # Still serving the model under fuzz, at the version it served.
+    [entry] = [e for e in repository_client.post("/v2/repository/index").json() if e["name"] == "shapes"]
+    assert (entry["state"], entry["version"]) == ("READY", "1")

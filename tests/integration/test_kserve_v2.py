@@ -1,6 +1,8 @@
-"""Open Inference Protocol (KServe v2 REST) over the tiny model, through FastAPI's TestClient: JSON bodies
-and the binary tensor data extension, built and read here by hand from the spec (the real tritonclient
-runs in tests/e2e/test_kserve_tritonclient.py)."""
+"""Open Inference Protocol (KServe v2 REST) over the tiny model, through FastAPI's TestClient: JSON bodies and the
+binary tensor data extension. Binary requests are encoded, and every response decoded, by tritonclient's own code
+(``InferInput``, ``generate_request_body``, ``InferResult``), not by a codec of the test's: a wire format the test
+wrote itself would pass on a mistake it shares with the server. Only malformed bodies are written by hand (the real
+tritonclient talks to a real server in tests/e2e/test_kserve_tritonclient.py)."""
 
 from __future__ import annotations
 
@@ -15,35 +17,34 @@ from importlib.metadata import version
 import httpx
 import numpy as np
 import pytest
+import tritonclient.http as triton
 from conftest import b64, png_of_size, scrape, value
+from tritonclient.utils import serialize_byte_tensor
 
 INFER = "/v2/models/shapes/infer"
 OUTPUTS = [
     "label", "probabilities", "expert", "decided_by", "importance", "madds", "saved_ratio", "operating_point",
     "degraded", "guarded", "uncertain", "uncertain_reason",
 ]  # fmt: skip
-NUMPY = {"FP32": "<f4", "INT64": "<i8", "BOOL": "?"}
 
 
-def bytes_tensor(elements: list[bytes]) -> bytes:
-    """The binary form of a BYTES tensor: each element a 4-byte little-endian length, then its bytes."""
-    return b"".join(struct.pack("<I", len(e)) + e for e in elements)
-
-
-def binary_request(inputs: dict[str, list[bytes]], **fields) -> dict:
-    """httpx.post kwargs: the JSON request, then each input's binary data (binary tensor extension)."""
-    tensors, tail = [], []
-    for name, elements in inputs.items():
-        raw = bytes_tensor(elements)
-        tensors.append(
-            {"name": name, "shape": [len(elements)], "datatype": "BYTES", "parameters": {"binary_data_size": len(raw)}}
+def binary_request(
+    inputs: dict[str, list[bytes]], outputs: list[tuple[str, bool]] | None = None, parameters=None, request_id=""
+) -> dict:
+    """httpx.post kwargs: the request as tritonclient encodes it, every input as binary tensor data. ``outputs``:
+    (name, binary) pairs; none asks for every output in binary (tritonclient's default)."""
+    tensors = [
+        triton.InferInput(name, [len(elements)], "BYTES").set_data_from_numpy(
+            np.array(elements, dtype=np.object_), binary_data=True
         )
-        tail.append(raw)
-    header = json.dumps({"inputs": tensors, **fields}).encode()
-    return {
-        "content": header + b"".join(tail),
-        "headers": {"Inference-Header-Content-Length": str(len(header)), "Content-Type": "application/octet-stream"},
-    }
+        for name, elements in inputs.items()
+    ]
+    requested = [triton.InferRequestedOutput(name, binary_data=binary) for name, binary in outputs or ()]
+    body, json_size = triton.InferenceServerClient.generate_request_body(
+        tensors, outputs=requested or None, request_id=request_id, parameters=parameters
+    )
+    assert json_size is not None  # binary data follows the JSON
+    return {"content": body, "headers": {"Inference-Header-Content-Length": str(json_size)}}
 
 
 def json_request(images: list[str] | None = None, texts: list[str] | None = None, **fields) -> dict:
@@ -56,39 +57,23 @@ def json_request(images: list[str] | None = None, texts: list[str] | None = None
 
 
 def read_outputs(response: httpx.Response) -> tuple[dict, dict]:
-    """(the JSON header, {output name: values}) of an inference response, JSON or binary."""
+    """(the JSON header, {output name: values}) of an inference response, JSON or binary, decoded by tritonclient's
+    ``InferResult``: BYTES outputs as lists of str, the others as arrays of their shape."""
+    assert response.status_code == 200, response.text
     length = response.headers.get("inference-header-content-length")
-    split = int(length) if length is not None else len(response.content)
-    header, tail = json.loads(response.content[:split]), response.content[split:]
-    values, offset = {}, 0
+    result = triton.InferResult.from_response_body(response.content, header_length=int(length) if length else None)
+    header = result.get_response()
+    binary = sum(o["parameters"]["binary_data_size"] for o in header["outputs"] if "data" not in o)
+    assert len(response.content) - (int(length) if length else len(response.content)) == binary, "binary left over"
+    values = {}
     for output in header["outputs"]:
-        if "data" in output:
-            data = output["data"]
-            values[output["name"]] = (
-                data if output["datatype"] == "BYTES" else np.array(data, NUMPY[output["datatype"]])
-            )
+        array = result.as_numpy(output["name"])
+        assert list(array.shape) == output["shape"], output["name"]
+        if output["datatype"] == "BYTES":
+            values[output["name"]] = [e.decode() if isinstance(e, bytes) else e for e in array.tolist()]
         else:
-            size = output["parameters"]["binary_data_size"]
-            raw, offset = tail[offset : offset + size], offset + size
-            if output["datatype"] == "BYTES":
-                values[output["name"]] = _split_bytes(raw)
-            else:
-                values[output["name"]] = np.frombuffer(raw, NUMPY[output["datatype"]])
-        if output["datatype"] != "BYTES":
-            values[output["name"]] = values[output["name"]].reshape(output["shape"])
-        else:
-            assert output["shape"] == [len(values[output["name"]])]
-    assert offset == len(tail), "binary data left over"
+            values[output["name"]] = array
     return header, values
-
-
-def _split_bytes(raw: bytes) -> list[str]:
-    out, offset = [], 0
-    while offset < len(raw):
-        (size,) = struct.unpack_from("<I", raw, offset)
-        out.append(raw[offset + 4 : offset + 4 + size].decode())
-        offset += 4 + size
-    return out
 
 
 @pytest.fixture
@@ -211,11 +196,11 @@ def test_json_infer_answers_each_row_like_v1(client, samples, manifest):
 def test_binary_infer_equals_json_infer_bit_for_bit(client, samples):
     rows = samples[4:9]
     as_json = read_outputs(client.post(INFER, **json_request([b64(s["png"]) for s in rows], [s["text"] for s in rows])))
-    outputs = [{"name": n, "parameters": {"binary_data": i % 2 == 0}} for i, n in enumerate(OUTPUTS)]
     response = client.post(
         INFER,
         **binary_request(
-            {"image": [s["png"] for s in rows], "text": [s["text"].encode() for s in rows]}, outputs=outputs
+            {"image": [s["png"] for s in rows], "text": [s["text"].encode() for s in rows]},
+            outputs=[(name, i % 2 == 0) for i, name in enumerate(OUTPUTS)],
         ),
     )
 
@@ -231,21 +216,26 @@ def test_binary_infer_equals_json_infer_bit_for_bit(client, samples):
 
 def test_binary_data_output_sets_the_default_and_an_output_can_override_it(client, samples):
     pair = {"image": [samples[0]["png"]], "text": [samples[0]["text"].encode()]}
-    everything = client.post(INFER, **binary_request(pair, parameters={"binary_data_output": True}))
+    encoded = binary_request(pair)  # tritonclient asks for binary_data_output when it names no output
+    everything = client.post(INFER, **encoded)
     header, _ = read_outputs(everything)
+    assert [o["name"] for o in header["outputs"]] == OUTPUTS
     assert all("parameters" in o and "data" not in o for o in header["outputs"])
 
+    # An output that names no binary_data takes the request's default: a request tritonclient cannot write, so its
+    # JSON is edited here (the binary inputs after it are tritonclient's).
+    split = int(encoded["headers"]["Inference-Header-Content-Length"])
+    request = json.loads(encoded["content"][:split])
+    request["outputs"] = [{"name": "label", "parameters": {"binary_data": False}}, {"name": "madds"}]
+    head = json.dumps(request).encode()
     mixed = client.post(
-        INFER,
-        **binary_request(
-            pair,
-            parameters={"binary_data_output": True},
-            outputs=[{"name": "label", "parameters": {"binary_data": False}}, {"name": "madds"}],
-        ),
+        INFER, content=head + encoded["content"][split:], headers={"Inference-Header-Content-Length": str(len(head))}
     )
     header, values = read_outputs(mixed)
+    assert request["parameters"] == {"binary_data_output": True}
     assert [("data" in o) for o in header["outputs"]] == [True, False]
     assert values["label"] == read_outputs(everything)[1]["label"]
+    assert values["madds"].tolist() == read_outputs(everything)[1]["madds"].tolist()
 
 
 def test_outputs_selects_and_orders_the_response_and_no_id_means_none(client, samples):
@@ -417,7 +407,12 @@ def bad_requests(png: bytes) -> list[tuple[str, dict, int, str]]:
             400,
             "element 0 declares 50 bytes",
         ),
-        ("element count off", _with_raw_text(bytes_tensor([b"a", b"b"])), 400, "holds 1 element(s) but more than 1"),
+        (
+            "element count off",
+            _with_raw_text(serialize_byte_tensor(np.array([b"a", b"b"], dtype=np.object_)).item()),
+            400,
+            "holds 1 element(s) but more than 1",
+        ),
         ("text not UTF-8", binary_request({"text": [b"\xff\xfe"]}), 400, "text[0]: not valid UTF-8"),
         ("unknown encoding", {**json_request(texts=["a"]), "headers": {"Content-Encoding": "br"}}, 400, "'br'"),
         ("corrupt gzip", {"content": b"\x1f\x8bnot gzip", "headers": {"Content-Encoding": "gzip"}}, 400, "gzip"),

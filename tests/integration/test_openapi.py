@@ -94,7 +94,7 @@ def test_the_form_schemas_say_what_a_form_may_carry(serve):
     assert client.post("/v1/classify", data={"text": "a red circle", "route": "image"}).status_code == 422
 
 
-def test_path_values_name_the_served_model_and_version(serve):
+def test_path_values_name_the_served_model_and_version(serve, manifest):
     client = serve()
     spec = client.get("/openapi.json").json()
     parameters = {
@@ -106,7 +106,7 @@ def test_path_values_name_the_served_model_and_version(serve):
     route = spec["paths"]["/v1/classify"]["post"]["requestBody"]["content"]["application/json"]["schema"]
     experts = [e["name"] for e in client.get("/v1/models/shapes").json()["experts"]]
     assert route["properties"]["route"]["enum"] == ["auto", "soft", *experts]
-    assert route["properties"]["operating_point"]["anyOf"][0]["enum"] == ["lambda_0", "lambda_0.3"]
+    assert route["properties"]["operating_point"]["anyOf"][0]["enum"] == [r["name"] for r in manifest["routers"]]
     assert route["properties"]["image"]["anyOf"][0]["format"] == "byte"
 
 

@@ -9,6 +9,7 @@ import contextlib
 import json
 import shutil
 import threading
+import time
 from pathlib import Path
 
 import httpx
@@ -81,9 +82,8 @@ def test_a_version_swaps_under_load_with_every_request_answered(store_copy, samp
                 await asyncio.sleep(0.01)
             stop.set()
             await load
-            for _ in range(200):  # the old version stops once its last request is answered
-                if old.batcher.status() == "stopping":
-                    break
+            deadline = time.monotonic() + 60  # the old version stops once its last request is answered
+            while old.batcher.status() != "stopping" and time.monotonic() < deadline:
                 await asyncio.sleep(0.01)
             return swapped, answers, during, old, app
 
@@ -418,3 +418,57 @@ def test_a_version_refused_after_it_loaded_never_shows_in_model_info(store_copy)
     assert refused.status_code == 400
     assert "stored as shapes/2" in refused.json()["error"]
     assert info == {("shapes", "1"): 1.0}
+
+
+def wait_for(condition, what: str, timeout: float = 60.0):
+    """Poll ``condition`` until it is true; a generous deadline, since the machine may be loaded."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if result := condition():
+            return result
+        time.sleep(0.05)
+    raise AssertionError(f"{what} within {timeout} s")
+
+
+@pytest.mark.parametrize(("store_poll_s", "interval"), [(0.2, 0.2), (None, 15.0)])
+def test_with_the_store_polled_a_new_version_is_served_without_a_call(
+    serve, store_copy, samples, monkeypatch, store_poll_s, interval
+):
+    import service.main
+
+    intervals = []
+    real_poll = service.main.poll_store
+
+    def recorded_poll(repository, interval_s):
+        intervals.append(interval_s)
+        return real_poll(repository, interval_s)
+
+    monkeypatch.setattr(service.main, "poll_store", recorded_poll)
+    client = serve(store=store_copy, model_control="poll", store_poll_s=store_poll_s)
+    assert intervals == [interval]  # DYNFUSE_STORE_POLL_S, or Triton's 15 s when unset
+    if store_poll_s is None:
+        return  # 15 s is too long to wait here; the same loop, at 0.2 s, swaps below
+    pair = {"text": samples[0]["text"]}
+    assert client.post("/v1/classify", json=pair).json()["model_version"] == "1"
+
+    publish(store_copy, "2")
+
+    wait_for(lambda: client.post("/v1/classify", json=pair).json()["model_version"] == "2", "no swap to version 2")
+    [entry] = client.post("/v2/repository/index").json()
+    assert (entry["name"], entry["version"], entry["state"]) == ("shapes", "2", "READY")
+
+
+def test_models_named_in_a_list_are_served_from_the_start_and_no_others(serve, store_copy, samples):
+    for name in ("shapes_b", "shapes_c", "shapes_d"):
+        publish(store_copy, "1", name=name)
+    client = serve(store=store_copy, model="shapes", models="shapes_c, shapes_b ,")  # DYNFUSE_MODELS as users write it
+
+    assert sorted(m["name"] for m in client.get("/v1/models").json()["models"]) == ["shapes", "shapes_b", "shapes_c"]
+    pair = {"text": samples[0]["text"]}
+    for name in ("shapes_b", "shapes_c"):
+        answer = client.post("/v1/classify", json={**pair, "model": name})
+        assert (answer.status_code, answer.json()["model"]) == (200, name)
+    refused = client.post("/v1/classify", json={**pair, "model": "shapes_d"})  # in the store, not in the list
+    assert refused.status_code == 404, refused.text
+    states = {entry["name"]: entry["state"] for entry in client.post("/v2/repository/index").json()}
+    assert states == {"shapes": "READY", "shapes_b": "READY", "shapes_c": "READY", "shapes_d": "UNAVAILABLE"}

@@ -137,15 +137,14 @@ def test_every_mutant_of_every_accepted_format_decodes_or_is_a_4xx(name, data):
 
 
 def other_formats() -> dict[str, bytes]:
-    """Files that Pillow opens (and can write here) but we do not accept."""
+    """Files that Pillow opens (and writes here) but we do not accept. Each must be written: a codec this Pillow
+    lacks fails here rather than leave its format out of the test."""
     image = picture("RGB", (16, 16))
-    files = {}
-    for fmt in ("TIFF", "ICO", "PPM", "PCX", "SGI", "TGA", "QOI", "DDS", "JPEG2000", "BLP", "MSP", "XBM"):
-        source = image.convert("1") if fmt in ("MSP", "XBM") else image
-        try:
-            files[fmt] = encoded(fmt, source)
-        except (OSError, KeyError, ValueError):  # a codec this Pillow build lacks
-            continue
+    sources = {"MSP": image.convert("1"), "XBM": image.convert("1"), "BLP": image.convert("P")}
+    files = {
+        fmt: encoded(fmt, sources.get(fmt, image))
+        for fmt in ("TIFF", "ICO", "PPM", "PCX", "SGI", "TGA", "QOI", "DDS", "JPEG2000", "BLP", "MSP", "XBM")
+    }
     files["TIFF-deflate"] = encoded("TIFF", image, compression="tiff_adobe_deflate")
     files["MPO-as-TIFF-header"] = b"II*\x00" + bytes(904)  # the 908-byte shape of the fuzzed TIFF that made a 500
     return files
@@ -265,29 +264,83 @@ def test_an_animated_image_is_read_as_its_first_frame():
 
 
 def halves(size: tuple[int, int]) -> Image.Image:
-    """Dark left half, bright right half, with a gradient: a rotation or a bad reduction shows."""
+    """Dark left half, bright right half, with a gradient: a bad reduction shows."""
     width, height = size
     ramp = np.linspace(0, 60, height, dtype=np.float32)[:, None]
     array = np.where(np.arange(width)[None, :] < width // 2, 20.0, 230.0) + ramp  # (H, W)
     return Image.fromarray(np.repeat(array[..., None], 3, axis=2).clip(0, 255).astype(np.uint8))
 
 
-@pytest.mark.parametrize(
-    ("fmt", "orientation"), [("JPEG", 6), ("JPEG", 3), ("PNG", 8), ("WEBP", 6), ("PNG", None), ("GIF", None)]
-)
-def test_a_reduced_image_gives_nearly_the_pixels_of_the_full_decode_exif_orientation_included(fmt, orientation):
-    options = {}
-    if orientation is not None:
-        exif = Image.Exif()
-        exif[0x0112] = orientation
-        options["exif"] = exif.tobytes()
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "GIF"])
+def test_a_reduced_image_gives_nearly_the_pixels_of_the_full_decode(fmt):
     source = halves((1600, 900))
-    data = encoded(fmt, source.convert("P") if fmt == "GIF" else source, **options)
-    with Image.open(io.BytesIO(data)) as full:
-        full.load()
-        expected = to_pixels(to_rgb(full), 64).astype(np.int16)  # the whole image decoded, then resized
+    data = encoded(fmt, source.convert("P") if fmt == "GIF" else source)
+    expected = to_pixels(source, 64).astype(np.int16)  # the source's own pixels, resized whole
     got = to_pixels(decode_image(open_image(data, max_pixels=MAX_PIXELS), side=64), 64).astype(np.int16)
     assert np.abs(got - expected).mean() < 4.0
+
+
+# Four coloured quadrants, stored as the camera wrote them (top-left, top-right, bottom-left, bottom-right)...
+RED, GREEN, BLUE, WHITE = (220, 20, 20), (20, 200, 20), (20, 20, 220), (240, 240, 240)
+STORED = (RED, GREEN, BLUE, WHITE)
+# ...and what a viewer shows for each EXIF orientation (TIFF 6.0 / EXIF 2.3, tag 0x0112), worked out by hand from
+# the tag's definition ("the 0th row is the visual top/left/bottom/right side of the image..."):
+DISPLAYED = {
+    1: ("landscape", (RED, GREEN, BLUE, WHITE)),  # as stored
+    2: ("landscape", (GREEN, RED, WHITE, BLUE)),  # mirrored left-right
+    3: ("landscape", (WHITE, BLUE, GREEN, RED)),  # turned 180 degrees
+    4: ("landscape", (BLUE, WHITE, RED, GREEN)),  # mirrored top-bottom
+    5: ("portrait", (RED, BLUE, GREEN, WHITE)),  # transposed: rows become columns
+    6: ("portrait", (BLUE, RED, WHITE, GREEN)),  # turned 90 degrees clockwise to view
+    7: ("portrait", (WHITE, GREEN, BLUE, RED)),  # transversed
+    8: ("portrait", (GREEN, WHITE, RED, BLUE)),  # turned 90 degrees counter-clockwise to view
+}
+
+
+def quadrants(size: tuple[int, int]) -> Image.Image:
+    width, height = size
+    array = np.empty((height, width, 3), np.uint8)
+    for index, colour in enumerate(STORED):
+        top, left = (index // 2) * (height // 2), (index % 2) * (width // 2)
+        array[top : top + height // 2, left : left + width // 2] = colour
+    return Image.fromarray(array)
+
+
+def quadrant_colours(image: Image.Image) -> list[tuple[int, ...]]:
+    """The colour at the centre of each quadrant: top-left, top-right, bottom-left, bottom-right."""
+    width, height = image.size
+    return [image.getpixel((int(width * x), int(height * y))) for y in (0.25, 0.75) for x in (0.25, 0.75)]
+
+
+def assert_shows(image: Image.Image, orientation: int, unturned: tuple[int, int]) -> None:
+    """``image`` is what a viewer shows for ``orientation``; ``unturned``: the size it has with orientation 1."""
+    shape, colours = DISPLAYED[orientation]
+    assert image.size == (unturned if shape == "landscape" else unturned[::-1]), (orientation, image.size)
+    for got, want in zip(quadrant_colours(image), colours, strict=True):
+        assert max(abs(g - w) for g, w in zip(got, want, strict=True)) < 40, (orientation, got, want)
+
+
+@pytest.mark.parametrize("orientation", sorted(DISPLAYED))
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP"])
+def test_an_exif_orientation_turns_the_picture_the_way_a_viewer_shows_it(fmt, orientation):
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    data = encoded(fmt, quadrants((48, 32)), exif=exif.tobytes(), **({"quality": 95} if fmt != "PNG" else {}))
+    assert_shows(decode_image(open_image(data, max_pixels=MAX_PIXELS), side=SIDE), orientation, (48, 32))
+
+
+@pytest.mark.parametrize("orientation", [3, 6, 8])
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
+def test_a_big_image_is_turned_by_its_exif_orientation_after_its_reduction_too(fmt, orientation):
+    def decoded(orientation: int) -> Image.Image:
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        data = encoded(fmt, quadrants((1600, 900)), exif=exif.tobytes())
+        return decode_image(open_image(data, max_pixels=MAX_PIXELS), side=64)
+
+    unturned = decoded(1).size
+    assert max(unturned) < 1600  # reduced while decoded
+    assert_shows(decoded(orientation), orientation, unturned)
 
 
 def test_blank_means_the_same_to_the_server_and_to_the_schema_pattern():
@@ -298,5 +351,47 @@ def test_blank_means_the_same_to_the_server_and_to_the_schema_pattern():
         assert not is_blank(text)
 
 
-def test_the_accepted_formats_are_the_ones_the_readme_names():
-    assert IMAGE_FORMATS == ("PNG", "JPEG", "WEBP", "GIF", "BMP")
+def promised_formats() -> list[str]:
+    """The formats docs/api.md promises, read from its sentence "Accepted: PNG, JPEG, WebP, GIF and BMP."."""
+    import re
+    from pathlib import Path
+
+    page = (Path(__file__).resolve().parents[2] / "docs" / "api.md").read_text()
+    sentence = re.search(r"\*\*Images\.\*\* Accepted: ([^.]+)\.", page)
+    assert sentence, "docs/api.md no longer says which image formats are accepted"
+    return [name.strip().upper() for name in re.split(r",| and ", sentence.group(1)) if name.strip()]
+
+
+def test_the_accepted_formats_are_the_ones_the_docs_promise():
+    assert promised_formats() == ["PNG", "JPEG", "WEBP", "GIF", "BMP"]
+    assert list(IMAGE_FORMATS) == promised_formats()
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "WEBP", "GIF", "BMP"])
+def test_every_promised_format_decodes_here(fmt):
+    """Named one by one, not drawn from IMAGE_FORMATS or Pillow's plugins: a Pillow without a codec fails here."""
+    from service.decode import missing_codecs
+
+    assert missing_codecs() == []
+    data = encoded(fmt, quadrants((48, 32)).convert("P") if fmt == "GIF" else quadrants((48, 32)))
+    opened = open_image(data, max_pixels=MAX_PIXELS)
+    assert opened.format == fmt
+    assert_shows(decode_image(opened, side=SIDE), 1, (48, 32))
+
+
+def test_serve_refuses_to_start_when_pillow_lacks_a_promised_codec(monkeypatch, tmp_path, capsys):
+    from PIL import features
+
+    from service.config import Settings
+    from service.decode import missing_codecs
+    from service.server import serve
+
+    real_check = features.check
+    monkeypatch.setattr(features, "check", lambda name: False if name == "webp" else real_check(name))
+    assert missing_codecs() == ["WEBP (webp)"]
+    store = tmp_path / "store"
+    version = store / "m" / "1"
+    version.mkdir(parents=True)
+    (version / "model.json").write_text("{}")
+    assert serve(Settings(store=store)) == 1
+    assert "cannot decode WEBP (webp), which the API accepts" in capsys.readouterr().err

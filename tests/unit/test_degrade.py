@@ -46,3 +46,9 @@ def test_a_spell_still_running_at_shutdown_is_counted():
     degrade.close()
     assert seconds == [3.0]
     assert not degrade.degraded
+
+
+@pytest.mark.parametrize(("high", "low"), [(4, 4), (4, 5)])
+def test_water_marks_without_a_gap_between_them_are_refused(high, low):
+    with pytest.raises(AssertionError, match=f"low water {low} must be below high water {high}"):
+        DegradeController("lambda_0.8", high_water=high, low_water=low)

@@ -89,10 +89,11 @@ def test_a_body_bomb_is_refused_after_the_first_elements_past_the_limit():
     """9.5 MiB of empty objects: refused after reading 65 of them, not 3.3 million."""
     count = (int(9.5 * (1 << 20)) - 12) // 3
     bomb = b'{"inputs":[' + b",".join([b"{}"] * count) + b"]}"
-    started = time.perf_counter()
+    started = time.thread_time()  # this thread's CPU time: what other processes on the machine do not change
     with pytest.raises(PayloadTooLarge, match="inputs: over the limit of 64"):
         check_json_limits(bomb, JsonLimits.for_rows(64))
-    assert time.perf_counter() - started < 0.05  # bounded work: microseconds, with room for a loaded machine
+    # Bounded work: under a millisecond of CPU, where scanning the whole body takes seconds.
+    assert time.thread_time() - started < 0.5
 
 
 def test_a_long_string_costs_one_regular_expression_call():

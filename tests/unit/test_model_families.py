@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -51,6 +53,8 @@ def test_components_round_trip_through_both_formats(name, tmp_path):
     formats = [("torchscript", export_torchscript, TorchScriptComponent, ".pt")]
     if name != "dynamic_fusion_large":
         formats.append(("onnx", export_onnx, OnnxComponent, ".onnx"))
+    if name == "dynamic_fusion_tiny":  # the session exports the tiny preset anyway: the next test reads that
+        formats = []
     for component_name, module in model.components.items():
         inputs = [module.example_inputs(b) for b in (1, 5)]
         with torch.no_grad():
@@ -65,3 +69,17 @@ def test_components_round_trip_through_both_formats(name, tmp_path):
     assert {k: tuple(v.shape) for k, v in logits.items()} == {
         e.name: (3, model.config.num_classes) for e in model.experts
     }
+
+
+@pytest.mark.slow
+def test_the_tiny_presets_components_round_trip_in_the_sessions_export(tiny_export):
+    """``dynfuse export`` of the tiny run (conftest's tiny_export) checked every component in both formats against
+    eager PyTorch, on random inputs of batch 1, 3 and 16 and on real ones; its model.json records each difference."""
+    manifest = json.loads((tiny_export / "shapes" / "1" / "model.json").read_text())
+    components = set(create_model("dynamic_fusion_tiny").components) - {"router"}
+    assert {name for name in manifest["components"] if not name.startswith("router.")} == components
+    parity = manifest["parity"]["components"]
+    assert set(parity) == set(manifest["components"])
+    for name, formats in parity.items():
+        assert set(formats) == {"onnx", "torchscript"}, name
+        assert max(formats.values()) <= TOLERANCE, (name, formats)

@@ -109,3 +109,88 @@ def test_neither_a_threshold_nor_a_confidence_floor_escalates_from_an_expert_dea
     # an expert exactly as dear as the full path saves nothing by answering alone: it is not escalated either
     tied = np.array([10, 100, 100])
     assert decide_routes(SCORES, FULL, path_madds=tied, thresholds=np.full(4, 0.99))[0].tolist()[3] == IMAGE
+
+
+# -- the edges a mutation run showed untested ------------------------------------------------------------------
+
+
+def test_a_score_exactly_at_the_threshold_or_floor_is_sure_enough():
+    """Escalation is for a score *below* the threshold, a fallback for a top probability *below* the floor."""
+    at_the_line = np.array([[0.6, 0.1, 0.3]])
+    choice, by = decide_routes(at_the_line, FULL, path_madds=COST, thresholds=np.array([0.6]))
+    assert (choice.tolist(), decided(by)) == ([TEXT], ["router"])
+    assert confidence_fallback(np.array([TEXT]), np.array([0.7]), COST, FULL, np.array([0.7])).tolist() == [False]
+    assert confidence_fallback(np.array([TEXT]), np.array([0.69]), COST, FULL, np.array([0.7])).tolist() == [True]
+
+
+def test_a_request_with_no_eligible_expert_or_a_forced_one_it_cannot_feed_is_refused_by_name():
+    none_eligible = np.array([[True, False, False], [False, False, False], [True, True, True], [True, True, True]])
+    with pytest.raises(AssertionError, match="^every request needs at least one eligible expert$"):
+        decide_routes(SCORES, FULL, path_madds=COST, eligible=none_eligible)
+    text_only = np.array([[True, False, False]] * 4)
+    forced = np.array([NOT_FORCED, IMAGE, NOT_FORCED, NOT_FORCED])
+    with pytest.raises(AssertionError, match="^a forced expert lacks a modality it needs$"):
+        decide_routes(SCORES, FULL, path_madds=COST, eligible=text_only, forced=forced)
+
+
+def test_nan_thresholds_and_floors_compare_without_a_warning():
+    with np.errstate(invalid="raise"):  # what a server configured to raise on invalid float operations would do
+        choice, _ = decide_routes(SCORES, FULL, path_madds=COST, thresholds=np.full(4, np.nan))
+        fallback = confidence_fallback(np.array([TEXT]), np.array([0.4]), COST, FULL, np.array([np.nan]))
+    assert choice.tolist() == [TEXT, TEXT, FULL, IMAGE]
+    assert fallback.tolist() == [False]
+
+
+def test_calibration_of_very_sure_and_very_unsure_rows_together_stays_finite():
+    """Each row is scaled on its own: a sharp temperature would underflow a flat row if rows shared one maximum."""
+    rows = np.array([[0.999, 0.001, 0.0], [0.5, 0.5, 0.0]])  # zero scores too: log(0) must not be taken
+    with np.errstate(divide="raise", invalid="raise"):
+        sharp = calibrate(rows, 1e-4)
+    assert sharp == pytest.approx(np.array([[1.0, 0.0, 0.0], [0.5, 0.5, 0.0]]), abs=1e-9)
+    with np.errstate(divide="raise", invalid="raise"):
+        assert calibrate(np.array([[0.0, 0.0, 1.0]]), 2.0) == pytest.approx(np.array([[0.0, 0.0, 1.0]]), abs=1e-9)
+
+
+def nll_by_hand(scores: np.ndarray, targets: np.ndarray, temperature: float) -> float:
+    """The negative log-likelihood of temperature-scaled scores, written out plainly (no shared code)."""
+    total = 0.0
+    for row, target in zip(scores, targets, strict=True):
+        scaled = [p ** (1.0 / temperature) for p in row]  # softmax(log p / T) = p^(1/T) / sum
+        total -= np.log(scaled[target] / sum(scaled))
+    return total / len(targets)
+
+
+@pytest.mark.parametrize("true_temperature", [0.4, 2.5])
+def test_temperature_scaling_finds_the_minimum_of_the_likelihood_either_side_of_one(true_temperature):
+    rng = np.random.default_rng(1)
+    logits = rng.normal(0.0, 2.0, (600, 3))
+    probabilities = np.exp(logits / true_temperature)
+    probabilities /= probabilities.sum(1, keepdims=True)
+    targets = np.array([rng.choice(3, p=p) for p in probabilities])
+    scores = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+
+    grid = np.exp(np.linspace(np.log(0.1), np.log(10.0), 161))  # steps of 2.9%
+    best = grid[int(np.argmin([nll_by_hand(scores, targets, t) for t in grid]))]
+    assert fit_temperature(scores, targets) == pytest.approx(best, rel=0.03)
+
+
+def test_scores_that_say_nothing_of_the_labels_get_the_largest_temperature_searched():
+    scores = np.array([[0.7, 0.2, 0.1]] * 300)
+    targets = np.arange(300) % 3  # each label as often, whatever the scores say: the flattest scaling fits best
+    assert fit_temperature(scores, targets) == pytest.approx(50.0, rel=0.01)
+
+
+def test_temperature_scaling_takes_zero_scores_without_log_of_zero():
+    scores = np.array([[1.0, 0.0], [0.0, 1.0], [0.7, 0.3]])
+    with np.errstate(divide="raise", invalid="raise"):
+        temperature = fit_temperature(scores, np.array([0, 1, 0]))
+    assert 0.05 <= temperature <= 50.0
+
+
+def test_the_oracle_breaks_a_tie_in_cost_by_the_routers_order_among_many_experts():
+    """Among experts of one cost the first in the router's order is the cheapest; with more experts than NumPy's
+    insertion sort handles (16), only a stable sort keeps that order (this one is where its quicksort does not)."""
+    costs = np.array([2, 2, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 1, 2, 2, 1, 1, 2, 2, 1, 2, 2, 2, 1, 1, 2,
+                      1, 2, 1, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 1, 2, 2, 1, 1, 2, 2, 2, 1])  # fmt: skip
+    correct = np.ones((1, len(costs)), dtype=bool)
+    assert oracle_routes(correct, costs, 0).tolist() == [2]  # the first of cost 1

@@ -18,8 +18,10 @@ class FakeRepository:
     def __init__(self, served: dict[str, str]):
         self.served = dict(served)
         self.calls: list[tuple] = []
+        self.looks = 0
 
     def versions(self) -> dict[str, str]:
+        self.looks += 1  # one per round of following
         return dict(self.served)
 
     async def load(self, name, version, announce=True):
@@ -61,13 +63,14 @@ def test_follow_rebuilds_a_lost_file_from_what_is_served_and_unloads_nothing(tmp
 
     async def scenario():
         task = asyncio.create_task(follow(repository, shared, interval_s=0.01))
-        await asyncio.sleep(0.05)
+        await until(lambda: repository.looks >= 2)  # following
         if damage == "delete":
             shared.path.unlink()
         else:
             shared.path.write_text("{garbage")
         await until(lambda: shared.wanted() is not None)
-        await asyncio.sleep(0.1)  # several more rounds of following
+        rebuilt_at = repository.looks
+        await until(lambda: repository.looks >= rebuilt_at + 5)  # several more rounds of following
         task.cancel()
 
     run(scenario())

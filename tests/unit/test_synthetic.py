@@ -68,15 +68,68 @@ def _file_hashes(root: Path) -> dict[str, str]:
     }
 
 
+# The judge of captions, written here by hand from English, not imported from the generator (a caption judged by the
+# generator's own word lists passes whatever those lists say): every word that names a class colour or shape, the
+# held-out synonyms included. A generator word missing here fails the tests that captions name their class; a word
+# filed under the wrong class fails them too.
+COLOUR_NAMES = {
+    "red": ("red", "crimson", "scarlet", "ruby", "cherry"),
+    "green": ("green", "emerald", "lime", "jade", "olive"),
+    "blue": ("blue", "navy", "azure", "cobalt", "sapphire"),
+}
+SHAPE_NAMES = {
+    "circle": ("circle", "disc", "ring", "orb", "round"),
+    "square": ("square", "box", "block", "tile", "quadrilateral"),
+    "triangle": ("triangle", "wedge", "pyramid", "trigon", "delta"),
+    "cross": ("cross", "plus sign", "x mark", "saltire", "crosslet"),
+}
+HELD_OUT_WORDS = {"ruby", "cherry", "jade", "olive", "cobalt", "sapphire", "orb", "round", "tile", "quadrilateral",
+                  "trigon", "delta", "saltire", "crosslet"}  # fmt: skip
+
+
 def _class_words(caption: str) -> tuple[set[str], set[str]]:
-    """The colours and shapes a caption names, by the generator's own synonym table."""
+    """The colours and shapes a caption names, by the hand-written tables above."""
 
     def named(words: tuple[str, ...]) -> bool:
         return any(re.search(rf"\b{re.escape(word)}\b", caption) for word in words)
 
-    colours = {colour for colour, words in COLOUR_WORDS.items() if named(words)}
-    shapes = {shape for shape, words in SHAPE_WORDS.items() if named(words)}
+    colours = {colour for colour, words in COLOUR_NAMES.items() if named(words)}
+    shapes = {shape for shape, words in SHAPE_NAMES.items() if named(words)}
     return colours, shapes
+
+
+# Captions written by hand, with what they name: the judge is held to these before it judges the generator.
+HAND_CAPTIONS = [
+    ("a red circle", {"red"}, {"circle"}),
+    ("there is one crimson disc in this picture", {"red"}, {"circle"}),
+    ("an emerald x mark", {"green"}, {"cross"}),
+    ("a plus sign in navy", {"blue"}, {"cross"}),
+    ("one block, lime in colour", {"green"}, {"square"}),
+    ("the pyramid in this image is azure", {"blue"}, {"triangle"}),
+    ("you are looking at a cobalt trigon", {"blue"}, {"triangle"}),
+    ("a faded, grainy jade saltire", {"green"}, {"cross"}),
+    ("something scarlet is shown here", {"red"}, set()),
+    ("what colour is the ring?", set(), {"circle"}),
+    ("the object on the left", set(), set()),
+    ("the leftmost shape", set(), set()),
+    ("an object on a background", set(), set()),
+    ("what is this?", set(), set()),
+    ("boxing gloves", set(), set()),  # a class word inside another word names nothing
+]
+
+
+@pytest.mark.parametrize(("caption", "colours", "shapes"), HAND_CAPTIONS)
+def test_the_caption_judge_reads_hand_written_captions_right(caption, colours, shapes) -> None:
+    assert _class_words(caption) == (colours, shapes)
+
+
+def test_the_generator_names_each_class_only_with_words_the_judge_files_under_it() -> None:
+    for colour, words in (*COLOUR_WORDS.items(), *OOD_COLOUR_WORDS.items()):
+        for word in words:
+            assert _class_words(word) == ({colour}, set()), (colour, word)
+    for shape, words in (*SHAPE_WORDS.items(), *OOD_SHAPE_WORDS.items()):
+        for word in words:
+            assert _class_words(word) == (set(), {shape}), (shape, word)
 
 
 def _pixels(sample: Sample) -> np.ndarray:
@@ -108,6 +161,21 @@ def test_images_do_not_depend_on_generation_order(dataset: Path, samples: dict[s
     for sample in samples["test"][:10] + samples["test_ood"][:10]:
         again = render_image(SMALL.seed, int(sample.id), sample.label, sample.kind, SMALL.image_size)
         assert np.array_equal(np.asarray(load_image_rgb(sample)), again)
+
+
+def test_a_subset_of_splits_is_byte_for_byte_the_whole_data_sets(dataset: Path, tmp_path: Path) -> None:
+    """Evaluating a model needs its test splits only: they are the same files as in the whole data set."""
+    subset = tmp_path / "subset"
+    summary = generate(subset, SMALL, progress=False, splits=("test", "test_ood"))
+    assert summary["written_splits"] == ["test", "test_ood"]
+    assert sorted(p.name for p in subset.glob("*.jsonl")) == ["test.jsonl", "test_ood.jsonl"]
+    for split in ("test", "test_ood"):
+        assert (subset / f"{split}.jsonl").read_bytes() == (dataset / f"{split}.jsonl").read_bytes()
+    images = sorted(p.name for p in (subset / "img").iterdir())
+    assert len(images) == SPLIT_SIZES["test"] + SPLIT_SIZES["test_ood"]
+    assert all((subset / "img" / name).read_bytes() == (dataset / "img" / name).read_bytes() for name in images)
+    with pytest.raises(ValueError, match=r"splits \['dev'\] are not in"):
+        generate(tmp_path / "bad", SMALL, progress=False, splits=("dev",))
 
 
 # ---- what was generated ----
@@ -250,8 +318,9 @@ def test_cross_modal_captions_point_at_one_object_and_never_name_its_class(sampl
 
 def test_held_out_captions_use_words_training_never_saw(samples: dict[str, list[Sample]]) -> None:
     training_words = {w for split in ("train", "val", "test") for s in samples[split] for w in split_words(s.text)}
-    held_out_synonyms = {w for words in (*OOD_COLOUR_WORDS.values(), *OOD_SHAPE_WORDS.values()) for w in words}
-    assert not held_out_synonyms & training_words
+    assert not HELD_OUT_WORDS & training_words
+    held_out_seen = {w for s in samples["test_ood"] for w in split_words(s.text)} & HELD_OUT_WORDS
+    assert len(held_out_seen) >= 8, held_out_seen  # test_ood does use them
     ood_texts = {s.text for s in samples["test_ood"]}
     assert not ood_texts & {s.text for split in ("train", "val", "test") for s in samples[split]}
     unseen = [s for s in samples["test_ood"] if set(split_words(s.text)) - training_words]

@@ -67,8 +67,12 @@ def generate(
     *,
     progress: bool = True,
     overwrite: bool = False,
+    splits: Sequence[str] | None = None,
 ) -> dict:
     """Write the benchmark to ``out_dir`` and return the content of its ``synth.json``.
+
+    ``splits`` writes only those splits (e.g. test and test_ood to evaluate a model trained on this config):
+    each sample written is byte for byte the one the whole data set has.
 
     Files are written to a sibling staging directory that is renamed into place at the end; on any failure it is
     removed, so ``out_dir`` is either complete or untouched. An existing non-empty ``out_dir`` raises
@@ -78,7 +82,7 @@ def generate(
     _check_target(out_dir, overwrite=overwrite)
     staging = staging_dir(out_dir)
     try:
-        summary = _write_dataset(staging, config, progress=progress)
+        summary = _write_dataset(staging, config, progress=progress, splits=splits)
         _move_into_place(staging, out_dir, overwrite=overwrite)
     except BaseException:  # KeyboardInterrupt too: never leave a half-written staging directory behind
         shutil.rmtree(staging, ignore_errors=True)
@@ -117,12 +121,16 @@ def save_png(pixels: np.ndarray, path: Path) -> None:
     Image.fromarray(pixels).save(path, format="PNG")
 
 
-def _write_dataset(root: Path, config: SynthConfig, *, progress: bool) -> dict:
+def _write_dataset(root: Path, config: SynthConfig, *, progress: bool, splits: Sequence[str] | None = None) -> dict:
     planned = plan(config)
+    unknown = sorted(set(splits or ()) - set(config.split_sizes))
+    if unknown:
+        raise ValueError(f"splits {unknown} are not in this config's {sorted(config.split_sizes)}")
     (root / "img").mkdir()
-    id_width = max(6, len(str(len(planned) - 1)))
-    lines: dict[str, list[str]] = {split: [] for split in config.split_sizes}
-    for item in tqdm(planned, desc="synthetic samples", unit="img", disable=not progress):
+    id_width = max(6, len(str(len(planned) - 1)))  # from the whole plan: ids do not depend on what is written
+    lines: dict[str, list[str]] = {split: [] for split in config.split_sizes if splits is None or split in splits}
+    written = [item for item in planned if item.split in lines]
+    for item in tqdm(written, desc="synthetic samples", unit="img", disable=not progress):
         sample_id = f"{item.index:0{id_width}d}"
         image_file = f"img/{sample_id}.png"
         save_png(render_image(config.seed, item.index, item.label, item.kind, config.image_size), root / image_file)
@@ -139,6 +147,8 @@ def _write_dataset(root: Path, config: SynthConfig, *, progress: bool) -> dict:
     for split, split_lines in lines.items():
         (root / f"{split}.jsonl").write_text("\n".join(split_lines) + "\n", encoding="utf-8", newline="\n")
     summary = _summary(config, planned)
+    if splits is not None:
+        summary["written_splits"] = list(lines)  # the counts are the whole data set's; these files were written
     (root / "synth.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8", newline="\n")
     return summary
 
