@@ -19,6 +19,7 @@ from collections.abc import Callable
 
 import numpy as np
 
+from export.attribution import EXACT, HEAD, WANT_EXACT, WANT_HEAD, ExpertAttribution, coalition_logits
 from export.store import StoredModel
 
 Runner = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
@@ -34,8 +35,10 @@ class BatchExecution:
         runner: Callable[[str], Runner],
         tensors: dict[str, np.ndarray],  # full-batch request tensors: token_ids, text features, ...
         preprocess: Preprocess,  # makes a lazy source's tensors for the rows whose expert reads them
+        attributions: dict[str, ExpertAttribution] | None = None,  # how each expert's answers are attributed
     ):
         self.model = model
+        self.attributions = attributions or {}
         self.runner = runner
         self.tensors = tensors
         self.preprocess = preprocess
@@ -48,11 +51,16 @@ class BatchExecution:
         self.produced: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # tensor -> (its rows, its values for them)
         self.ran: dict[str, np.ndarray] = {}  # component -> the rows it has run for
         self.made: dict[str, np.ndarray] = {}  # lazy source -> the rows its tensors were made for
+        # expert -> HEAD / EXACT -> row -> (2, K) logits with the image removed, with the text removed
+        self.coalitions: dict[str, dict[str, dict[int, np.ndarray]]] = {}
 
-    def run(self, members: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+    def run(
+        self, members: dict[str, np.ndarray], wants: dict[str, np.ndarray] | None = None
+    ) -> tuple[dict[str, np.ndarray], dict[str, float]]:
         """Run each expert of ``members`` (expert -> rows); returns each expert's logits for its rows, in
         ``members``' row order, and the seconds each expert took (a shared component's time is split among
-        its experts in proportion to their requests)."""
+        its experts in proportion to their requests). ``wants`` (expert -> flags per row of ``members``) asks
+        for the logits attribution needs (export/attribution.py), kept in ``coalitions``."""
         pending: dict[str, np.ndarray] = {}
         for expert, rows in members.items():
             for component in self.chains[expert]:
@@ -74,7 +82,25 @@ class BatchExecution:
                 self._keep(f"logits@{component}" if name == "logits" else name, rows, value)
             self.ran[component] = np.union1d(self.ran.get(component, rows), rows)
         logits = {expert: self._gather(f"logits@{self.chains[expert][-1]}", rows) for expert, rows in members.items()}
+        for expert, flags in (wants or {}).items():
+            started = time.perf_counter()
+            self._attribute(expert, np.asarray(members[expert]), np.asarray(flags))
+            seconds[expert] = seconds.get(expert, 0.0) + time.perf_counter() - started
         return logits, seconds
+
+    def _attribute(self, expert: str, rows: np.ndarray, flags: np.ndarray) -> None:
+        """The coalition logits of ``expert`` for the rows whose flags ask for them, from its fusion inputs as its
+        chain produced them."""
+        info = self.attributions[expert]
+        kept = self.coalitions.setdefault(expert, {HEAD: {}, EXACT: {}})
+        for how, flag in ((HEAD, WANT_HEAD), (EXACT, WANT_EXACT)):
+            if not info.reads_both or (how == HEAD and info.head is None):
+                continue  # nothing of the kind to compute: a one-modality expert, or one without a head
+            asked = rows[(flags & flag) != 0]
+            if not len(asked):
+                continue
+            pairs = coalition_logits(self.model, info, self.runner, lambda name, r=asked: self._gather(name, r), how)
+            kept[how].update(zip(asked.tolist(), pairs, strict=True))
 
     def _make_lazy_inputs(self, pending: dict[str, np.ndarray]) -> None:
         """Each lazy source once, for the rows of every pending component that reads it and lacks it."""

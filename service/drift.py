@@ -10,6 +10,7 @@ MIN_REQUESTS)`` picks: a handful of picks always looks far from any mix.
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 
@@ -19,20 +20,25 @@ MIN_REQUESTS = 100
 
 
 def jensen_shannon(p: Sequence[float] | np.ndarray, q: Sequence[float] | np.ndarray) -> float:
-    """JS(p, q) in bits, in [0, 1]; both are normalized first (0 log 0 = 0)."""
-    p = np.asarray(p, np.float64)
-    q = np.asarray(q, np.float64)
-    assert p.shape == q.shape, f"two distributions over the same support: {p}, {q}"
-    assert p.sum() > 0, f"an empty distribution: {p}"
-    assert q.sum() > 0, f"an empty distribution: {q}"
-    p, q = p / p.sum(), q / q.sum()
-    m = (p + q) / 2
+    """JS(p, q) in bits, in [0, 1]; both are normalized first (0 log 0 = 0).
 
-    def kl(a: np.ndarray) -> float:
-        present = a > 0
-        return float((a[present] * np.log2(a[present] / m[present])).sum())
-
-    return min(1.0, max(0.0, 0.5 * kl(p) + 0.5 * kl(q)))
+    In plain Python floats: it runs for every routed request, over a handful of experts, where NumPy's calls cost
+    several times the arithmetic (an observed pick cost 16 us with NumPy, 3 us now)."""
+    p = [float(v) for v in p]
+    q = [float(v) for v in q]
+    assert len(p) == len(q), f"two distributions over the same support: {p}, {q}"
+    p_total, q_total = sum(p), sum(q)
+    assert p_total > 0, f"an empty distribution: {p}"
+    assert q_total > 0, f"an empty distribution: {q}"
+    divergence = 0.0
+    for a, b in zip(p, q, strict=True):
+        a, b = a / p_total, b / q_total
+        m = (a + b) / 2
+        if a > 0:
+            divergence += a * math.log2(a / m)
+        if b > 0:
+            divergence += b * math.log2(b / m)
+    return min(1.0, max(0.0, 0.5 * divergence))
 
 
 class RouteMixDrift:
@@ -47,12 +53,12 @@ class RouteMixDrift:
         self.window = window
         self.publish = publish
         self.expected = {
-            point: np.array([mix.get(e, 0.0) for e in self.experts], np.float64)
+            point: [float(mix.get(e, 0.0)) for e in self.experts]
             for point, mix in validation_mixes.items()
             if mix and sum(mix.values()) > 0
         }
         self._picks: dict[str, deque[int]] = {point: deque(maxlen=window) for point in self.expected}
-        self._counts = {point: np.zeros(len(self.experts), np.int64) for point in self.expected}
+        self._counts = {point: [0] * len(self.experts) for point in self.expected}
         self.values: dict[str, float] = {}
 
     def observe(self, point: str, expert_index: int) -> None:

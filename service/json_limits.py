@@ -3,8 +3,9 @@
 Parsing a JSON body into Python (or pydantic) objects costs far more than the body: a 9.5 MiB body of empty
 objects (``{"inputs":[{},{},...]}``) is 3.3 million dicts, 1.5 GiB and seconds of the event loop before any
 count could be checked. So every JSON body of this API is first scanned here, in bounded work: the scan walks
-the structure (strings, numbers and whitespace are skipped by C-level regular expressions, so a long string
-costs one call) and stops at the first value past a limit, with a 413:
+the structure (a string is skipped by searching for its closing quote with ``bytes.find``, numbers and whitespace
+by C-level regular expressions, so a long string costs one call) and stops at the first value past a limit, with
+a 413:
 
 - no array holds more than ``max_items`` elements (every array of this API's requests is a batch's rows,
   a tensor's elements or its shape, all bounded by DYNFUSE_MAX_BATCH_INPUTS, or shorter lists);
@@ -25,11 +26,10 @@ from dataclasses import dataclass
 from service.errors import PayloadTooLarge
 
 _WHITESPACE = re.compile(rb"[ \t\n\r]*")
-_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
 _NUMBER = re.compile(rb"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][-+]?[0-9]+)?")
 _LITERALS = {ord("t"): b"true", ord("f"): b"false", ord("n"): b"null"}
 _OPEN = {ord("["): ord("]"), ord("{"): ord("}")}
-_COMMA, _COLON, _QUOTE = ord(","), ord(":"), ord('"')
+_COMMA, _COLON, _QUOTE, _BACKSLASH = ord(","), ord(":"), ord('"'), ord("\\")
 
 
 @dataclass(frozen=True)
@@ -94,10 +94,9 @@ def check_json_limits(body: bytes, limits: JsonLimits) -> None:
                 _check_items(stack, limits)
                 continue  # its first element or member value
         elif byte == _QUOTE:
-            match = _STRING.match(body, position)
-            if match is None:
+            position = _string_end(body, position)
+            if position < 0:
                 return
-            position = match.end()
         elif byte in _LITERALS:
             literal = _LITERALS[byte]
             if body[position : position + len(literal)] != literal:
@@ -137,14 +136,32 @@ def check_json_limits(body: bytes, limits: JsonLimits) -> None:
 
 def _member_name(body: bytes, position: int) -> tuple[int, str]:
     """After ``{`` or ``,`` in an object: the position of the member's value, and its name (-1: not JSON)."""
-    match = _STRING.match(body, position)
-    if match is None:
+    if position >= len(body) or body[position] != _QUOTE:
         return -1, ""
-    name = body[match.start() + 1 : match.end() - 1][:64].decode("utf-8", "replace")
-    position = _WHITESPACE.match(body, match.end()).end()
+    after = _string_end(body, position)
+    if after < 0:
+        return -1, ""
+    name = body[position + 1 : after - 1][:64].decode("utf-8", "replace")
+    position = _WHITESPACE.match(body, after).end()
     if position >= len(body) or body[position] != _COLON:
         return -1, ""
     return _WHITESPACE.match(body, position + 1).end(), name
+
+
+def _string_end(body: bytes, position: int) -> int:
+    """The position just after the string that opens at ``position`` (a quote), or -1 when it never closes: the
+    first quote after it that is not escaped, that is, not preceded by an odd run of backslashes. Found with
+    ``bytes.find`` (memchr): a regular expression walked a request's 12 KB base64 image at about 2 ns a byte,
+    30 us of a single request's scan (bench/request_cost.py)."""
+    end = body.find(b'"', position + 1)
+    while end >= 0:
+        backslashes = 0
+        while body[end - 1 - backslashes] == _BACKSLASH:  # stops at the opening quote at the latest
+            backslashes += 1
+        if backslashes % 2 == 0:
+            return end + 1
+        end = body.find(b'"', end + 1)
+    return -1
 
 
 def _check_items(stack: list[_Container], limits: JsonLimits) -> None:

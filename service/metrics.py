@@ -93,7 +93,14 @@ class Metrics:
         )
         self.modality_importance = Histogram(
             "dynfuse_modality_importance",
-            "DRDF modal-weight-fusion importance per request.",
+            "Each modality's share of what raised the answer's log-probability (Shapley), per answering expert.",
+            ["model", "expert", "modality"],
+            buckets=IMPORTANCE_BUCKETS,
+            registry=r,
+        )
+        self.modality_weight = Histogram(
+            "dynfuse_modality_weight",
+            "DRDF's modal weight per request: how decisive each modality's router was for the choice of path.",
             ["model", "modality"],
             buckets=IMPORTANCE_BUCKETS,
             registry=r,
@@ -230,7 +237,7 @@ class Metrics:
         self._bind_requests(model)
         self._by_reason = {reason: self.rejected.labels(model, reason) for reason in REJECT_REASONS}
         for modality in MODALITIES:
-            self.modality_importance.labels(model, modality)
+            self.modality_weight.labels(model, modality)
         for loop in BACKGROUND_LOOPS:
             self.background_restarts.labels(model, loop)
 
@@ -245,6 +252,9 @@ class Metrics:
             self.expert_duration.labels(self.model, expert)
             for who in decided_by:
                 self.route_decisions.labels(self.model, expert, who)
+        for expert in (*experts, *((soft,) if soft is not None else ())):
+            for modality in MODALITIES:
+                self.modality_importance.labels(self.model, expert, modality)
         if soft is not None:
             self.route_decisions.labels(self.model, soft, "request")
         for point in operating_points:
@@ -301,7 +311,7 @@ class Metrics:
         ):
             series.labels(model)
         for modality in MODALITIES:
-            self.modality_importance.labels(model, modality)
+            self.modality_weight.labels(model, modality)
         view._bind_requests(model)
         view._by_reason = {reason: self.rejected.labels(model, reason) for reason in REJECT_REASONS}
         return view
@@ -323,6 +333,7 @@ class Metrics:
         madds: int,
         madds_full: int,
         importance,
+        modality_weights=None,
         operating_point: str | None = None,
         degraded: bool = False,
     ) -> None:
@@ -333,8 +344,11 @@ class Metrics:
             self.degraded_requests.labels(self.model).inc()
         self.compute_madds.labels(self.model).inc(madds)
         self.compute_full_madds.labels(self.model).inc(madds_full)
-        self.modality_importance.labels(self.model, "text").observe(float(importance[0]))
-        self.modality_importance.labels(self.model, "image").observe(float(importance[1]))
+        self.modality_importance.labels(self.model, expert, "text").observe(float(importance[0]))
+        self.modality_importance.labels(self.model, expert, "image").observe(float(importance[1]))
+        if modality_weights is not None:
+            self.modality_weight.labels(self.model, "text").observe(float(modality_weights[0]))
+            self.modality_weight.labels(self.model, "image").observe(float(modality_weights[1]))
 
     def observe_answer(self, expert: str, top_probability: float, uncertain_reason: str | None) -> None:
         self.top_probability.labels(self.model, expert).observe(top_probability)

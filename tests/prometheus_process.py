@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 import httpx
@@ -42,6 +43,19 @@ class Prometheus:
             time.sleep(0.1)
         raise AssertionError(f"{what}: not within {timeout} s ({promql} = {self.scalar(promql)})")
 
+    def wait_evaluated(self, after: float, what: str, timeout: float = 60.0) -> None:
+        """Until every rule group has been evaluated at a time later than ``after`` (a Unix time): by Prometheus'
+        own record of its evaluations (``lastEvaluation`` in /api/v1/rules), so a slow Prometheus is waited for."""
+        deadline = time.monotonic() + timeout
+        last: list[float] = []
+        while time.monotonic() < deadline:
+            groups = httpx.get(f"{self.base}/api/v1/rules", timeout=5).json()["data"]["groups"]
+            last = [unix_time(group["lastEvaluation"]) for group in groups]
+            if last and min(last) > after:
+                return
+            time.sleep(0.1)
+        raise AssertionError(f"{what}: the rules were not evaluated after {after} within {timeout} s (last: {last})")
+
     def alerts(self) -> dict[str, list[dict]]:
         """Alert name -> its active alerts (pending or firing), from /api/v1/alerts."""
         body = httpx.get(f"{self.base}/api/v1/alerts", timeout=5).json()
@@ -50,6 +64,15 @@ class Prometheus:
         for alert in body["data"]["alerts"]:
             active.setdefault(alert["labels"]["alertname"], []).append(alert)
         return active
+
+
+def unix_time(rfc3339: str) -> float:
+    """Prometheus' RFC 3339 times (nanoseconds, ``Z``) as a Unix time; its zero time (never) as 0."""
+    if rfc3339.startswith("0001-01-01"):
+        return 0.0
+    whole, _, fraction = rfc3339.removesuffix("Z").partition(".")
+    stamp = datetime.fromisoformat(whole).replace(tzinfo=timezone.utc).timestamp()
+    return stamp + (float(f"0.{fraction}") if fraction else 0.0)
 
 
 def start_prometheus(binary: str, directory: Path, config: dict, started: list[subprocess.Popen]) -> Prometheus:

@@ -7,12 +7,14 @@ The model as a v2 model (model metadata lists the same):
 
 - inputs ``image`` BYTES [N] (encoded image files: PNG, JPEG, ...) and ``text`` BYTES [N] (UTF-8);
 - request parameters ``route`` ('auto', 'soft' or an expert's name), ``threshold`` (0..1),
-  ``operating_point`` (a router of the model) and ``min_confidence`` (0..1), as in /v1; a number may also come as
-  a string holding it (KServe's gRPC InferParameter has no double);
+  ``operating_point`` (a router of the model), ``min_confidence`` (0..1) and ``explain`` (boolean), as in /v1; a
+  number may also come as a string holding it (KServe's gRPC InferParameter has no double);
 - outputs ``label`` BYTES [N], ``probabilities`` FP32 [N, K] (columns in the order of the metadata's
   ``labels``), ``expert`` BYTES [N], ``decided_by`` BYTES [N] (router | threshold | request |
-  missing_modality, as /v1's route.decided_by), ``importance`` FP32 [N, 2] (text, image), ``madds``
-  INT64 [N], ``saved_ratio`` FP32 [N], ``operating_point`` BYTES [N] (the router that decided), ``degraded`` and
+  missing_modality, as /v1's route.decided_by), ``importance`` FP32 [N, 2] (text, image),
+  ``modality_weights`` FP32 [N, 2] (text, image: /v1's route.modality_weights), ``shapley`` FP32 [N, 2] (only with
+  the request parameter ``explain``: /v1's explanation.shapley), ``madds`` INT64 [N], ``saved_ratio`` FP32 [N],
+  ``operating_point`` BYTES [N] (the router that decided), ``degraded`` and
   ``guarded`` BOOL [N] (/v1's route.degraded and route.guarded: a cheaper point under load, the guard's safer
   policy), ``uncertain`` BOOL [N] and ``uncertain_reason`` BYTES [N] (/v1's: out_of_distribution or
   low_confidence, empty when the answer is not uncertain).
@@ -39,6 +41,7 @@ from importlib import metadata
 import numpy as np
 
 from export.pipeline import AUTO, SOFT, PipelineInput, PipelineOutput
+from models.attribution import MODALITIES
 from service.api.v2_codec import check_parameters
 from service.config import Settings
 from service.decode import decode_base64, is_blank
@@ -54,6 +57,8 @@ OUTPUT_DATATYPES = {
     "expert": "BYTES",
     "decided_by": "BYTES",
     "importance": "FP32",
+    "modality_weights": "FP32",
+    "shapley": "FP32",
     "madds": "INT64",
     "saved_ratio": "FP32",
     "operating_point": "BYTES",
@@ -63,7 +68,9 @@ OUTPUT_DATATYPES = {
     "uncertain_reason": "BYTES",
 }
 # The request parameters of either transport; HTTP adds binary_data_output (the binary tensor data extension).
-REQUEST_PARAMETERS = frozenset({"route", "threshold", "operating_point", "min_confidence", "priority", "timeout"})
+REQUEST_PARAMETERS = frozenset(
+    {"route", "threshold", "operating_point", "min_confidence", "explain", "priority", "timeout"}
+)
 # The protocol answers a bad request with 400: the input errors /v1 answers with 415 (not an image) or 422
 # (invalid field) are 400 here. 413, 401, 404 and 503 keep their meaning.
 V2_STATUS = {415: 400, 422: 400}
@@ -124,7 +131,9 @@ def describe(service: InferenceService, name: str, version: str | None) -> dict:
     """The model metadata: name, versions, platform, inputs, outputs, and (beyond the protocol) the labels."""
     check_model(service, name, version)
     model = service.model
-    shapes = {"probabilities": [-1, len(model.labels)], "importance": [-1, 2]}
+    per_modality = [-1, len(MODALITIES)]
+    shapes = {"probabilities": [-1, len(model.labels)], "importance": per_modality, "modality_weights": per_modality,
+              "shapley": per_modality}  # fmt: skip
     return {
         "name": model.name,
         "versions": [model.version],
@@ -153,7 +162,7 @@ async def infer(
     try:
         options = _options(service, parameters, accepted)
         images, texts = _rows(tensors, settings.max_batch_inputs)
-        clients = [ClientInput(image, text, *options) for image, text in zip(images, texts, strict=True)]
+        clients = [ClientInput(image, text, **options) for image, text in zip(images, texts, strict=True)]
         items = await _prepare(service, clients)
         results = await service.classify(items, deadline)
     except ApiError as error:
@@ -162,10 +171,26 @@ async def infer(
     return values, partial(service.after_response, items, results)
 
 
-def _options(
-    service: InferenceService, parameters: dict, accepted: frozenset[str]
-) -> tuple[str, float | None, str | None, float | None]:
-    """The request parameters route, threshold, operating_point and min_confidence, checked once for the batch."""
+def available_outputs(parameters: dict, requested: list[str]) -> list[str]:
+    """The outputs a request may select: every one, but ``shapley`` only for an explained request (it has no value
+    otherwise; asking for it without ``explain`` is a client mistake, said so)."""
+    if _explain(parameters):
+        return list(OUTPUT_DATATYPES)
+    if "shapley" in requested:
+        raise InvalidInput("output 'shapley' needs the request parameter explain: true")
+    return [name for name in OUTPUT_DATATYPES if name != "shapley"]
+
+
+def _explain(parameters: dict) -> bool:
+    explain = parameters.get("explain", False)
+    if not isinstance(explain, bool):
+        raise InvalidInput(f"parameter explain: {explain!r} is not true or false")
+    return explain
+
+
+def _options(service: InferenceService, parameters: dict, accepted: frozenset[str]) -> dict:
+    """The request parameters route, threshold, operating_point, min_confidence and explain, checked once for the
+    batch, as ClientInput's fields."""
     check_parameters("request", parameters, accepted)
     route = parameters.get("route", AUTO)
     if not isinstance(route, str) or (route not in (AUTO, SOFT) and route not in service.pipeline.experts):
@@ -177,7 +202,13 @@ def _options(
         raise InvalidInput(
             f"parameter operating_point: {point!r} is not one of: {', '.join(service.model.operating_points)}"
         )
-    return route, _unit(parameters, "threshold"), point, _unit(parameters, "min_confidence")
+    return {
+        "route": route,
+        "threshold": _unit(parameters, "threshold"),
+        "operating_point": point,
+        "min_confidence": _unit(parameters, "min_confidence"),
+        "explain": _explain(parameters),
+    }
 
 
 def _unit(parameters: dict, name: str) -> float | None:
@@ -267,6 +298,8 @@ def _output_values(service: InferenceService, outputs: list[PipelineOutput]) -> 
         "expert": [o.expert for o in outputs],
         "decided_by": [o.decided_by for o in outputs],
         "importance": np.stack([o.importance for o in outputs]),  # (N, 2): text, image
+        "modality_weights": np.stack([o.modality_weights for o in outputs]),  # (N, 2): text, image
+        "shapley": np.stack([_shapley(o.explanation) for o in outputs]).astype(np.float32),  # (N, 2)
         "madds": madds,
         "saved_ratio": 1.0 - madds / service.model.madds_full,  # (N,)
         "operating_point": [o.operating_point for o in outputs],
@@ -275,3 +308,10 @@ def _output_values(service: InferenceService, outputs: list[PipelineOutput]) -> 
         "uncertain": np.array([r is not None for r in reasons], dtype=bool),
         "uncertain_reason": [r or "" for r in reasons],
     }
+
+
+def _shapley(explanation: dict | None) -> np.ndarray:
+    """(2,) text, image Shapley values of an explained answer (zeros for one not explained: never sent)."""
+    if explanation is None:
+        return np.zeros(2)
+    return np.array([explanation["shapley"]["text"], explanation["shapley"]["image"]])

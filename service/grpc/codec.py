@@ -79,12 +79,14 @@ def _elements(tensor, raw: bytes | None) -> list[bytes]:
     return split_bytes(raw, tensor.name, limit=expected + 1)
 
 
-def selected_outputs(request: pb.ModelInferRequest) -> list[str]:
-    """The outputs to send, in order: those requested (no output parameter is supported), or all of them."""
+def selected_outputs(request: pb.ModelInferRequest, request_parameters: dict) -> list[str]:
+    """The outputs to send, in order: those requested (no output parameter is supported), or all of them (``shapley``
+    only with the request parameter ``explain``)."""
     requested = None
     if request.outputs:
         requested = [(o.name, parameters(o.parameters, f"output {o.name!r}")) for o in request.outputs]
-    return [name for name, _ in requested_outputs(requested, list(OUTPUT_DATATYPES), set())]
+    available = v2_model.available_outputs(request_parameters, [o.name for o in request.outputs])
+    return [name for name, _ in requested_outputs(requested, available, set())]
 
 
 def infer_response(service: InferenceService, request_id: str, outputs: list[str], values: dict):

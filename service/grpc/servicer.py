@@ -179,9 +179,9 @@ class InferenceServicer(GRPCInferenceServiceServicer):
             raise InvalidInput(f"model_name is empty: name the model (this server serves {self._served()})")
         with self._leased(request.model_name) as service:
             v2_model.check_model(service, request.model_name, request.model_version or None)
-            outputs = codec.selected_outputs(request)
-            tensors = codec.input_tensors(request)
             parameters = codec.parameters(request.parameters, "request")
+            outputs = codec.selected_outputs(request, parameters)
+            tensors = codec.input_tensors(request)
             values, after_sent = await v2_model.infer(service, self.state.settings, parameters, tensors, deadline)
             return codec.infer_response(service, request.id, outputs, values), after_sent
 

@@ -144,7 +144,8 @@ def test_the_shipped_alerts_fire_on_a_replayed_shift_and_not_before(server_proce
             for answer in before:
                 assert client.post("/v1/classify", json=answer["pair"]).status_code == 200
             prom.wait_for(judged, lambda v: v == audited_before, "the audits before the shift", timeout=60)
-            time.sleep(4)  # four evaluations of the rules on them
+            # The rules evaluated on them for longer than their "for:" (2 s): an alert they raised would be firing.
+            prom.wait_evaluated(time.time() + 3, "the rules on the audits before the shift")
             assert prom.alerts() == {}, "an alert fired before the shift"
             guard = client.get(f"/v1/models/{MODEL_NAME}").json()["safety"]["guard"]
             assert guard["state"] == "watching"

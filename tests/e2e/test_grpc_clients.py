@@ -33,8 +33,8 @@ pytestmark = pytest.mark.e2e
 
 KSERVE_CLIENT = Path(__file__).with_name("kserve_grpc_client.py")
 OUTPUTS = [
-    "label", "probabilities", "expert", "decided_by", "importance", "madds", "saved_ratio", "operating_point",
-    "degraded", "guarded", "uncertain", "uncertain_reason",
+    "label", "probabilities", "expert", "decided_by", "importance", "modality_weights", "madds", "saved_ratio",
+    "operating_point", "degraded", "guarded", "uncertain", "uncertain_reason",
 ]  # fmt: skip
 KEY = "grpc-e2e-key"
 ADMIN = "grpc-e2e-admin-key"

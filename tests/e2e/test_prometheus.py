@@ -260,3 +260,19 @@ def test_every_dashboard_query_returns_data_and_compute_saved_matches_the_respon
     assert positive("Requests / s by protocol and status", "status") == statuses | grpc_statuses
     assert positive("Requests / s by protocol and status", "protocol") == {"http", "grpc"}
     assert positive("Requests / s by operating point", "operating_point") == {r["route"]["operating_point"] for r in ok}
+
+    # What decided the answers, per expert, and what decided the paths: the means the responses reported (sum and
+    # count of a histogram are scraped together, so rate()'s extrapolation cancels in their ratio).
+    def shown(title: str, label: str) -> dict[str, float]:
+        exprs = [expr for t, expr in dq.dashboard_queries() if t == title]
+        result = prom.query(dq.render_expr(exprs[0], model=MODEL_NAME))
+        return {entry["metric"][label]: float(entry["value"][1]) for entry in result}
+
+    image_share = {
+        expert: sum(r["importance"]["image"] for r in ok if r["route"]["expert"] == expert)
+        / sum(r["route"]["expert"] == expert for r in ok)
+        for expert in experts_run
+    }
+    assert shown("Modality importance by expert: image share", "expert") == pytest.approx(image_share, abs=1e-6)
+    weights = {m: sum(r["route"]["modality_weights"][m] for r in ok) / len(ok) for m in ("text", "image")}
+    assert shown("Modality weights (router): mean and quantiles", "modality") == pytest.approx(weights, abs=1e-6)

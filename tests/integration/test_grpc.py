@@ -24,8 +24,8 @@ from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
 OUTPUTS = [
-    "label", "probabilities", "expert", "decided_by", "importance", "madds", "saved_ratio", "operating_point",
-    "degraded", "guarded", "uncertain", "uncertain_reason",
+    "label", "probabilities", "expert", "decided_by", "importance", "modality_weights", "madds", "saved_ratio",
+    "operating_point", "degraded", "guarded", "uncertain", "uncertain_reason",
 ]  # fmt: skip
 NUMPY = {"FP32": "<f4", "INT64": "<i8", "BOOL": "?"}
 KEY = "grpc-s3cret"
@@ -142,7 +142,8 @@ def test_health_server_and_model_metadata_and_config(grpc_serve, manifest):
         ("text", "BYTES", ["-1"]),
     ]
     outputs = {t["name"]: (t["datatype"], [int(d) for d in t["shape"]]) for t in model["outputs"]}
-    assert list(outputs) == OUTPUTS
+    assert list(outputs) == [*OUTPUTS[:6], "shapley", *OUTPUTS[6:]]  # shapley is sent only with explain
+    assert outputs["shapley"] == ("FP32", [-1, 2])
     labels = manifest["labels"]
     assert outputs["probabilities"] == ("FP32", [-1, len(labels)])
     assert outputs["importance"] == ("FP32", [-1, 2])

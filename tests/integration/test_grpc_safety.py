@@ -178,3 +178,34 @@ def test_grpc_answers_that_disagree_on_audit_engage_the_guard_and_guarded_answer
     assert safety_over_grpc(client, agreeing[0], operating_point=point)["guarded"] is False
     assert safety_over_v2(http, agreeing[0], operating_point=point)["guarded"] is False
     client.close()
+
+
+def test_a_grpc_answer_is_handed_to_the_auditor_on_the_event_loop(serve, samples, monkeypatch):
+    """As each HTTP route (test_routing_safety.py): the batcher's spare lane is the loop's (an asyncio.Event and a
+    deque it reads), so gRPC's done callback must run there, not in a thread of grpc's."""
+    import asyncio
+
+    from service.inference import InferenceService
+
+    calls = []
+    real = InferenceService.after_response
+
+    def recorded(self, items, results):
+        try:
+            asyncio.get_running_loop()
+            on_loop = True
+        except RuntimeError:
+            on_loop = False
+        calls.append((len(items), on_loop))
+        real(self, items, results)
+
+    monkeypatch.setattr(InferenceService, "after_response", recorded)
+    http = serve(grpc_port=0, audit_rate=1.0, guard=False)
+    client = triton.InferenceServerClient(f"127.0.0.1:{http.app.state.grpc.port}")
+    infer(client, samples[0])
+    deadline = time.monotonic() + 30
+    while not calls:
+        assert time.monotonic() < deadline, "no after_response within 30 s"
+        time.sleep(0.02)
+    assert calls == [(1, True)]
+    client.close()

@@ -6,6 +6,7 @@ and the same inputs forced onto the full path say what an audit must find.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import shutil
@@ -86,6 +87,37 @@ def test_every_answer_from_a_cheaper_expert_is_audited_at_rate_1_and_counted_apa
     state = client.get(f"/v1/models/{MODEL}").json()["safety"]
     assert state["audits"]["agreed"] == agreed
     assert state["audits"]["disagreed"] == disagreed
+
+
+def test_audits_are_considered_on_the_event_loop_once_each_answer_is_sent(serve, samples, monkeypatch):
+    """Every route hands its answers to the auditor on the event loop (the batcher's spare lane is the loop's: an
+    asyncio.Event and a deque it reads), not in a worker thread, where no event loop runs."""
+    from service.inference import InferenceService
+
+    calls = []
+    real = InferenceService.after_response
+
+    def recorded(self, items, results):
+        try:
+            asyncio.get_running_loop()
+            on_loop = True
+        except RuntimeError:
+            on_loop = False
+        calls.append((len(items), on_loop))
+        real(self, items, results)
+
+    monkeypatch.setattr(InferenceService, "after_response", recorded)
+    client = serve(audit_rate=1.0, guard=False)
+    pair = {"image": b64(samples[0]["png"]), "text": samples[0]["text"]}
+    assert client.post("/v1/classify", json=pair).status_code == 200
+    assert client.post("/v1/classify/batch", json={"inputs": [pair, pair]}).status_code == 200
+    v2 = [
+        {"name": "image", "shape": [1], "datatype": "BYTES", "data": [pair["image"]]},
+        {"name": "text", "shape": [1], "datatype": "BYTES", "data": [pair["text"]]},
+    ]
+    assert client.post(f"/v2/models/{MODEL}/infer", json={"inputs": v2}).status_code == 200
+    wait_for(lambda: len(calls) == 3, "the three calls' after_response")
+    assert calls == [(1, True), (2, True), (1, True)]
 
 
 def test_no_audit_at_rate_0_and_the_guard_says_why_it_is_off(serve, samples):

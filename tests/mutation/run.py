@@ -27,7 +27,11 @@ PYTHON = Path(sys.executable)
 MODULES: dict[str, list[str]] = {
     "models/policy.py": ["tests/unit/test_policy.py", "tests/unit/test_evaluation.py"],
     "service/degrade.py": ["tests/unit/test_degrade.py", "tests/unit/test_batcher.py"],
-    "service/batcher.py": ["tests/unit/test_batcher.py", "tests/unit/test_batcher_states.py"],
+    "service/batcher.py": [
+        "tests/unit/test_batcher.py",
+        "tests/unit/test_batcher_states.py",
+        "tests/unit/test_spare_work.py",  # the spare lane (shadow audits)
+    ],
     # The fuzzer (150 mutants of 21 files) runs for every mutant of the decoder: minutes each on 2 cores. The
     # tests of what each step decides (formats, limits, orientation, reduction, pixels) cover the same code.
     "service/decode.py": [
@@ -37,8 +41,16 @@ MODULES: dict[str, list[str]] = {
     "service/admission.py": ["tests/unit/test_admission_unit.py"],
     "export/execution.py": ["tests/unit/test_pipeline_decisions.py"],
     "export/pipeline.py": ["tests/unit/test_pipeline_decisions.py"],
+    # Routing safety (issue 22): the guard's engage/release decisions and the validation figures it compares with.
+    "service/guard.py": ["tests/unit/test_guard.py"],
+    "models/safety.py": ["tests/unit/test_safety.py"],
 }
-PYTEST_ARGS = ["-p", "no:randomly", "-p", "no:cacheprovider", "-q", "-x", "--timeout", "120"]
+PYTEST_ARGS = ["-p", "no:randomly", "-p", "no:cacheprovider", "-q", "-x"]
+# pytest-timeout's limit per test (a failure: the mutant is killed). A mutant that makes a test wait on a condition
+# that never comes sleeps, spending no CPU time, so mutmut's own CPU-time limit never ends it: this one does.
+TEST_TIMEOUT_S = 120
+# The batcher's tests each take about a second; a hung mutant otherwise waits out their 15-60 s deadlines.
+TEST_TIMEOUTS_S = {"service/batcher.py": 20}
 
 
 def checkout_copy(target: Path) -> None:
@@ -64,7 +76,7 @@ def configure(copy: Path, module: str, tests: list[str]) -> None:
     settings = {
         "source_paths": [module],
         "also_copy": also_copy,
-        "pytest_add_cli_args": PYTEST_ARGS,
+        "pytest_add_cli_args": [*PYTEST_ARGS, "--timeout", str(TEST_TIMEOUTS_S.get(module, TEST_TIMEOUT_S))],
         "pytest_add_cli_args_test_selection": tests,
         "use_setproctitle": False,
     }

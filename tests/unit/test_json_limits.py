@@ -118,3 +118,18 @@ def test_the_limits_of_a_call_scale_with_its_rows():
         "outputs": [{"name": n, "parameters": {"binary_data": True}} for n in ("label", "expert", "madds")],
     }
     check_json_limits(json.dumps(v2).encode(), limits)  # and the largest /v2 call
+
+
+def test_a_string_ends_at_its_first_unescaped_quote_as_the_grammar_says():
+    """``_string_end`` (a memchr search) against JSON's string grammar written as a regular expression (what the
+    scan used before): the same end, or none, on random bytes rich in quotes and backslashes."""
+    import re
+
+    from service.json_limits import _string_end
+
+    grammar = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
+    rng = random.Random(3)
+    for _ in range(20000):
+        body = b'"' + bytes(rng.choice(b'"\\\\\\a,[') for _ in range(rng.randint(0, 12)))
+        match = grammar.match(body)
+        assert _string_end(body, 0) == (match.end() if match else -1), body

@@ -9,7 +9,8 @@ CONTRACT = {
     "dynfuse_route_decisions": ("counter", {"model", "expert", "decided_by"}),
     "dynfuse_compute_madds": ("counter", {"model"}),
     "dynfuse_compute_full_madds": ("counter", {"model"}),
-    "dynfuse_modality_importance": ("histogram", {"model", "modality"}),
+    "dynfuse_modality_importance": ("histogram", {"model", "expert", "modality"}),
+    "dynfuse_modality_weight": ("histogram", {"model", "modality"}),
     "dynfuse_request_duration_seconds": ("histogram", {"model", "protocol"}),
     "dynfuse_queue_duration_seconds": ("histogram", {"model"}),
     "dynfuse_expert_duration_seconds": ("histogram", {"model", "expert"}),
@@ -36,8 +37,9 @@ def exercised_metrics() -> Metrics:
     """Metrics with one observation in each, so every family has labelled samples to read."""
     metrics = Metrics("m")
     metrics.observe_prediction(
-        expert="text", decided_by="router", madds=10, madds_full=100, importance=(0.7, 0.3), operating_point="lambda_0"
-    )
+        expert="text", decided_by="router", madds=10, madds_full=100, importance=(0.7, 0.3),
+        modality_weights=(0.6, 0.4), operating_point="lambda_0",
+    )  # fmt: skip
     metrics.observe_batch(4, [0.001] * 4, {"text": 0.002})
     metrics.reject("queue_full")
     metrics.set_model_info("1", "onnx", "cpu")
@@ -67,7 +69,7 @@ def test_counters_are_exposed_with_the_total_suffix():
         'dynfuse_route_decisions_total{decided_by="router",expert="text",model="m"} 1.0',
         'dynfuse_compute_madds_total{model="m"} 10.0',
         'dynfuse_compute_full_madds_total{model="m"} 100.0',
-        'dynfuse_modality_importance_bucket{le="0.3",modality="image",model="m"} 1.0',
+        'dynfuse_modality_importance_bucket{expert="text",le="0.3",modality="image",model="m"} 1.0',
     ):
         assert line in text
 

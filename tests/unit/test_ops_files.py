@@ -488,6 +488,9 @@ def test_dashboard_covers_every_topic():
     assert modalities == {"text", "image"} or any(
         "modality" in _by(t["expr"]) for p in bucket_panels for t in p["targets"]
     ), "importance distribution not per modality"
+    by_expert = _panels_using(lambda e: "dynfuse_modality_importance_sum" in e and "expert" in _by(e))
+    assert by_expert, "no importance by expert"
+    assert _panels_using(lambda e: "dynfuse_modality_weight_sum" in e and "modality" in _by(e)), "modality weights"
 
     assert _panels_using(lambda e: "dynfuse_requests_total" in e and "status" in _by(e)), "no requests by status"
     assert {0.5, 0.95, 0.99} <= _quantiles("dynfuse_request_duration_seconds"), "latency p50/p95/p99"

@@ -39,6 +39,7 @@ def output(label: str) -> PipelineOutput:
         expert="text",
         decided_by="router",
         route_scores=np.ones(3, np.float32) / 3,
+        modality_weights=np.array([0.5, 0.5], np.float32),
         importance=np.array([1.0, 0.0], np.float32),
         madds=1,
         operating_point="p",
@@ -74,6 +75,15 @@ def batcher(pipeline, **overrides) -> MicroBatcher:
     return MicroBatcher(pipeline, Metrics("m"), **options)
 
 
+async def until(condition, timeout: float = 30.0) -> None:
+    """Wait on the event loop for ``condition()``, with a deadline generous enough for a loaded machine."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not condition():
+        assert loop.time() < deadline, "condition not met in time"
+        await asyncio.sleep(0.005)
+
+
 def run(scenario, timeout: float = 30.0):
     async def bounded():
         return await asyncio.wait_for(scenario(), timeout)
@@ -100,7 +110,7 @@ def test_spare_work_never_runs_ahead_of_a_queued_request():
         for job in jobs:
             b.offer_spare(job)  # offered before the next requests...
         later = [asyncio.create_task(b.submit([item(f"request-{k}")])) for k in (2, 3)]
-        await asyncio.sleep(0.05)  # ...which are queued while request-1 still runs
+        await until(lambda: b.queued == 2)  # ...which are queued while request-1 still runs
         pipeline.gate.set()
         await asyncio.gather(first, *later)
         await asyncio.gather(*(job.done.wait() for job in jobs))
@@ -128,7 +138,7 @@ def test_a_request_that_arrives_while_spare_work_runs_goes_before_the_next_job()
             b.offer_spare(job)
         await started(pipeline)  # audit-0 runs on the idle batcher, held at the gate
         request = asyncio.create_task(b.submit([item("request")]))
-        await asyncio.sleep(0.05)
+        await until(lambda: b.queued == 1)  # queued while audit-0 runs
         pipeline.gate.set()
         await request
         await asyncio.gather(*(job.done.wait() for job in jobs))
@@ -144,7 +154,9 @@ def test_spare_work_runs_on_an_idle_batcher():
     async def scenario():
         b = batcher(pipeline)
         b.start()
-        await asyncio.sleep(0.02)  # the worker is idle, waiting for work
+        for _ in range(3):  # the worker's task runs until it waits for work (nothing queued): no clock involved
+            await asyncio.sleep(0)
+        assert b.queued == 0 and b.spare_waiting == 0 and b.running  # noqa: PT018
         job = Job("audit")
         b.offer_spare(job)
         await job.done.wait()
@@ -169,7 +181,7 @@ def test_a_full_lane_drops_its_oldest_job_and_stop_drops_the_rest():
         assert jobs[0].outcome == "dropped"  # the lane holds 2: the oldest made room
         assert b.spare_waiting == 2
         stopping = asyncio.create_task(b.stop())
-        await asyncio.sleep(0.05)
+        await until(lambda: b.status() == "stopping")
         pipeline.gate.set()
         await asyncio.gather(busy, stopping)
         late = Job("late")

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
-from starlette.background import BackgroundTask
 
 from service.admission import deadline_of
 from service.api import v2_model
@@ -46,11 +45,14 @@ from service.api.v2_codec import (
     select_outputs,
 )
 from service.api.v2_model import OUTPUT_DATATYPES, SERVER_NAME, SERVER_VERSION, InputTensor
+from service.background import OnTheLoop
 from service.config import Settings
 from service.errors import ApiError
 from service.inference import InferenceService
 from service.json_limits import JsonLimits
 from service.schemas import (
+    EXPLAIN_DESCRIPTION,
+    IMPORTANCE_DESCRIPTION,
     MIN_CONFIDENCE_DESCRIPTION,
     OPERATING_POINT_DESCRIPTION,
     ROUTE_DESCRIPTION,
@@ -183,7 +185,10 @@ INFER = {
     "description": "Inputs 'image' and 'text', BYTES [N]; either may be left out (a missing modality), and an "
     "empty element is a missing modality for its row. JSON images are base64 strings; binary data carries the raw "
     f"file bytes. Request parameters: 'route': {ROUTE_DESCRIPTION} 'threshold': {THRESHOLD_DESCRIPTION} "
-    f"'operating_point': {OPERATING_POINT_DESCRIPTION} 'min_confidence': {MIN_CONFIDENCE_DESCRIPTION}",
+    f"'operating_point': {OPERATING_POINT_DESCRIPTION} 'min_confidence': {MIN_CONFIDENCE_DESCRIPTION} "
+    f"'explain': {EXPLAIN_DESCRIPTION} Outputs 'importance' (FP32 [N, 2], text, image): {IMPORTANCE_DESCRIPTION} "
+    "'modality_weights' (FP32 [N, 2]): DRDF's modal weights, how decisive each modality's router was for the choice "
+    "of path. 'shapley' (FP32 [N, 2]): the exact Shapley values, returned only when 'explain' is true.",
 }
 
 
@@ -209,7 +214,8 @@ async def _infer(
         decoded = parse_request(
             body, request.headers.get(HEADER_LENGTH), JsonLimits.for_rows(settings.max_batch_inputs)
         )
-        selected = select_outputs(decoded.request, list(OUTPUT_DATATYPES))
+        requested = [output.name for output in decoded.request.outputs or ()]
+        selected = select_outputs(decoded.request, v2_model.available_outputs(decoded.request.parameters, requested))
     except ApiError as error:
         raise v2_model.as_v2(error) from None
     parameters = decoded.request.parameters
@@ -226,7 +232,7 @@ async def _infer(
     if decoded.request.id is not None:
         header["id"] = decoded.request.id
     response = encode_response(header | {"outputs": tensors}, binary)
-    response.background = BackgroundTask(after_sent)  # audits: once it is sent
+    response.background = OnTheLoop(after_sent)  # audits: once it is sent, on the event loop
     return response
 
 
