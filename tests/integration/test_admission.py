@@ -125,10 +125,8 @@ def test_over_capacity_is_refused_503_before_its_body_is_read(tiny_store):
     assert refused_in < 5.0  # answered, not held like the admitted ones (30 s), with room for a loaded machine
     labels = {"model": "shapes", "reason": "over_capacity"}
     assert registry.get_sample_value("dynfuse_rejected_requests_total", labels) == 1
-    assert (
-        registry.get_sample_value("dynfuse_requests_total", {"model": "shapes", "status": "503", "key": "anonymous"})
-        == 1
-    )
+    http_503 = {"model": "shapes", "status": "503", "protocol": "http", "key": "anonymous"}
+    assert registry.get_sample_value("dynfuse_requests_total", http_503) == 1
     assert registry.get_sample_value("dynfuse_inflight_requests", {"model": "shapes"}) == 0
 
 
@@ -181,10 +179,8 @@ def test_a_request_past_its_deadline_is_504_and_counted(tiny_store):
     assert 0.25 < took < 5.0  # its own deadline (0.3 s), not the default (10 s), with room for a loaded machine
     assert after.status == 200  # the server keeps serving
     assert registry.get_sample_value("dynfuse_rejected_requests_total", {"model": "shapes", "reason": "deadline"}) == 1
-    assert (
-        registry.get_sample_value("dynfuse_requests_total", {"model": "shapes", "status": "504", "key": "anonymous"})
-        == 1
-    )
+    http_504 = {"model": "shapes", "status": "504", "protocol": "http", "key": "anonymous"}
+    assert registry.get_sample_value("dynfuse_requests_total", http_504) == 1
 
 
 def test_a_body_that_never_arrives_is_408_and_closes_the_connection(tiny_store):
@@ -273,9 +269,9 @@ def test_every_refusal_and_answer_is_counted_by_status(serve, path):
     response = client.post(path, content=b"{", headers={"content-type": "application/json"})
     assert 400 <= response.status_code < 500
     samples = scrape(client)
-    assert (
-        value(samples, "dynfuse_requests_total", model="shapes", status=str(response.status_code), key="anonymous") == 1
-    )
+    status = str(response.status_code)
+    labels = {"model": "shapes", "protocol": "http", "key": "anonymous"}
+    assert value(samples, "dynfuse_requests_total", status=status, **labels) == 1
     assert value(samples, "dynfuse_inflight_requests", model="shapes") == 0
 
 
