@@ -1,5 +1,5 @@
 """Every figure about the shipped default model, computed from its files: accuracy, compute saved, operating points,
-importance, per kind, test_ood, and the Pareto plots.
+the router's modality weights, per kind, test_ood, and the Pareto plots.
 
 The model is ``store/shapes/1``; its test and test_ood splits are generated again from the data configuration its
 provenance records (the generator is deterministic), and evaluated through the served components
@@ -98,7 +98,8 @@ def compute(store: Path = STORE, *, timings: bool = True, work: Path = DATA_WORK
         "policies": {
             split: [_policy(row) for row in rows[split] if not row["policy"].startswith("static:")] for split in SPLITS
         },  # fmt: skip
-        "importance": find_row(test, "auto").get("importance", {}),
+        # DRDF's modal weights (route.modality_weights); the answers' attribution (importance) is bench/importance.py's
+        "modality_weights": find_row(test, "auto").get("modality_weights", {}),
     }
     if timings:
         figures["timing"] = measure_timings(store, data)
@@ -293,12 +294,12 @@ def render_experts(figures: dict) -> str:
     return _table(header, rows) + "\n" + note
 
 
-def render_importance(figures: dict) -> str:
-    """The served router's image importance per kind: mean (quartiles), highest mean first."""
-    by_kind = figures["importance"].get("image_by_kind", {})
+def render_modality_weights(figures: dict) -> str:
+    """The served router's modality weight of the image per kind: mean (quartiles), highest mean first."""
+    by_kind = figures["modality_weights"].get("image_by_kind", {})
     ordered = sorted(by_kind.items(), key=lambda item: -item[1]["mean"])
     rows = [[kind, f"{f['mean']:.2f}", f"{f['q1']:.2f}–{f['q3']:.2f}"] for kind, f in ordered]
-    return _table(["case kind", "mean `importance.image`", "quartiles"], rows)
+    return _table(["case kind", "mean `modality_weights.image`", "quartiles"], rows)
 
 
 def render_operating_points(figures: dict) -> str:
@@ -361,7 +362,7 @@ def render_goals(figures: dict) -> str:
     share = test["auto"]["saved_ratio"] / test["oracle"]["saved_ratio"] if test["oracle"]["saved_ratio"] else 0.0
     mix = sorted(test["auto"]["route_mix"].items(), key=lambda item: -item[1])
     used = [(e, s) for e, s in mix if s >= 0.03]
-    means = {k: f["mean"] for k, f in figures["importance"].get("image_by_kind", {}).items()}
+    means = {k: f["mean"] for k, f in figures["modality_weights"].get("image_by_kind", {}).items()}
     spread = max(means.values()) - min(means.values()) if means else float("nan")
     ood_gap = 100 * (ood["full"]["accuracy"] - ood["auto"]["accuracy"])
 
@@ -380,7 +381,8 @@ def render_goals(figures: dict) -> str:
          met(share >= 0.85)],
         ["≥ 4 experts each chosen for ≥ 3% of test requests",
          ", ".join(f"`{e}` {_pct(s)}" for e, s in mix), met(len(used) >= 4)],
-        ["mean `importance.image` differs by ≥ 0.3 between kinds",
+        ["mean `importance.image` differs by ≥ 0.3 between kinds (measured here: the router's "
+         "`route.modality_weights`, what `importance` was then; the answers' attribution is figure 9's)",
          f"{spread:.3f}: " + ", ".join(f"{k} {v:.3f}" for k, v in sorted(means.items(), key=lambda i: -i[1])),
          met(spread >= 0.3)],
         ["`test_ood`: `auto` within 2 points of full",
@@ -395,7 +397,7 @@ RENDERERS = {
     "default-model/policies": render_policies,
     "default-model/summary": render_summary,
     "default-model/experts": render_experts,
-    "default-model/importance": render_importance,
+    "default-model/modality-weights": render_modality_weights,
     "default-model/operating-points": render_operating_points,
     "default-model/test-ood": render_test_ood,
 }

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
+from export.attribution import EXACT, HEAD, Answer, Attributor
 from export.backends import Backend, Runner
 from export.execution import IMAGE_SOURCE, BatchExecution
 from export.store import StoredModel
@@ -44,6 +45,7 @@ class PipelineInput:
     operating_point: str | None = None  # which router decides; None: the model's default
     min_confidence: float | None = None  # run the full path too when a cheaper expert's top probability is below
     degraded: bool = False  # the server chose a cheaper operating point under load (passed through to the output)
+    explain: bool = False  # also compute the exact Shapley values of the answer (export/attribution.py)
     guarded: bool = False  # the server's guard chose a safer policy for it (passed through to the output)
     # Kept only for a model whose experts bring their own preprocessing (``model.specs``):
     text: str | None = None  # the raw text, for the experts' tokenizers
@@ -57,13 +59,17 @@ class PipelineOutput:
     expert: str
     decided_by: str  # router | threshold | request | missing_modality | confidence
     route_scores: np.ndarray  # (E,) the router's calibrated scores
-    importance: np.ndarray  # (2,) text, image
-    madds: int  # what this request executed
+    modality_weights: np.ndarray  # (2,) text, image: DRDF's modal weights, how decisive each router was
+    importance: np.ndarray  # (2,) text, image: each modality's share of what raised the answer's log-probability
+    madds: int  # what this request executed, its attribution included
     operating_point: str  # the router that decided
     weights: np.ndarray | None = None  # (E,) soft fusion's weight per expert (0 for an ineligible one)
     fallback_from: str | None = None  # the cheaper expert whose answer the confidence fallback replaced
     fallback_label: str | None = None  # that expert's answer (what a shadow audit of the router's pick compares)
     degraded: bool = False  # served at a cheaper operating point because the server was under load
+    importance_method: str = ""  # one_modality | exact | head | mixture | unavailable (export/attribution.py)
+    attribution_madds: int = 0  # the part of madds spent on importance and explanation
+    explanation: dict | None = None  # explain=true: the exact Shapley values, their shares and the four log p
     guarded: bool = False  # served under the guard's safer policy
     confidence: float = 1.0  # the answering path's top probability, calibrated on validation (models/safety.py)
     ood_pvalue: float = 1.0  # how typical the input's features are of validation data (models/ood.py); 1: no density
@@ -90,6 +96,7 @@ class DynamicPipeline:
         finals = [e.components[-1] for e in model.experts]
         assert len(set(finals)) == len(finals), f"two experts end in the same component: {finals}"
         self._madds_cache: dict[frozenset, int] = {}
+        self.attributor = Attributor(model)
 
     def served_components(self) -> set[str]:
         """The components this process runs, loaded at start: the shared encoders, the router and every expert's
@@ -102,7 +109,9 @@ class DynamicPipeline:
     ) -> BatchExecution:
         """What runs the experts of one batch: here, in this process (service/ray/ sends them to their own
         deployments instead, with the same ``run(members)``)."""
-        return BatchExecution(self.model, self.runner, tensors, self._preprocessor(pixels, inputs))
+        return BatchExecution(
+            self.model, self.runner, tensors, self._preprocessor(pixels, inputs), self.attributor.experts
+        )
 
     def runner(self, component: str) -> Runner:
         """The loaded component (loaded on first use: evaluation asks for routers the server never runs)."""
@@ -153,6 +162,18 @@ class DynamicPipeline:
         if lacking:
             raise RouteError(f"route {route!r} needs {' and '.join(lacking)}, which the request does not carry")
 
+    def check_explain(self, route: str, explain: bool) -> None:
+        """Raise RouteError when an explanation is asked of a model that cannot give one."""
+        if not explain:
+            return
+        experts = self.experts if route in (AUTO, SOFT) else (route,)
+        unavailable = [e for e in experts if not self.attributor.can_explain(e)]
+        if unavailable:
+            raise RouteError(
+                f"explain: this model version was exported before attribution existed ({', '.join(unavailable)} "
+                "cannot be explained); export it again with this dynfuse, or leave explain out"
+            )
+
     def check_operating_point(self, name: str | None) -> None:
         """Raise RouteError for an operating point the model does not have (None: the default)."""
         if name is not None and name not in self.model.operating_points:
@@ -170,7 +191,7 @@ class DynamicPipeline:
         return self.runner(self._glimpse)({"thumbnail": thumbnails})["glimpse_features"]
 
     def route(self, text_features, glimpse_features, text_present, image_present, router: str | None = None):
-        """Router scores (N, E, uncalibrated), modality importance (N, 2) and fused weights (N, E)."""
+        """Router scores (N, E, uncalibrated), DRDF's modality weights (N, 2) and fused weights (N, E)."""
         out = self.runner(router or self.model.router)(
             {
                 "text_features": text_features,
@@ -204,6 +225,7 @@ class DynamicPipeline:
         for x in inputs:
             self.check_route(x.route, x.token_ids is not None, x.image is not None)
             self.check_operating_point(x.operating_point)
+            self.check_explain(x.route, x.explain)
 
         pixels = _stack([x.image for x in inputs], has_image, _pixel_shape(self.model), np.uint8)
         tensors = {
@@ -217,7 +239,7 @@ class DynamicPipeline:
         if has_image.any():
             tensors["glimpse_features"][has_image] = self.encode_glimpse(pixels[has_image])
         points = [x.operating_point or self.model.default_point for x in inputs]
-        scores, importance, weights = self._route_by_point(points, tensors, has_text, has_image)
+        scores, modality_weights, weights = self._route_by_point(points, tensors, has_text, has_image)
 
         eligible = (~self._needs[None, :, 0] | has_text[:, None]) & (~self._needs[None, :, 1] | has_image[:, None])
         soft = np.array([x.route == SOFT for x in inputs])
@@ -232,7 +254,9 @@ class DynamicPipeline:
         ran = [{self.experts[c]} for c in choice]  # the experts each request runs
         for i in np.flatnonzero(soft):
             ran[i] = {e for e, ok in zip(self.experts, eligible[i], strict=True) if ok}
-        logits, seconds = execution.run(_members(ran, self.experts))
+        explain = np.array([x.explain for x in inputs])
+        members = _members(ran, self.experts)
+        logits, seconds = execution.run(members, self._wants(members, explain))
         probabilities = self._combine(ran, logits, soft, weights, eligible, choice)
 
         # The cascade: a cheaper expert unsure of its answer hands the request to the full path too.
@@ -244,7 +268,9 @@ class DynamicPipeline:
         if fallback.any():
             rows = np.flatnonzero(fallback)
             replaced = {int(i): str(self.labels[probabilities[i].argmax()]) for i in rows}
-            full_logits, more_seconds = execution.run({self.model.full_expert: rows})
+            full = {self.model.full_expert: rows}
+            full_logits, more_seconds = execution.run(full, self._wants(full, explain))
+            logits[f"{self.model.full_expert}@fallback"] = full_logits[self.model.full_expert]
             probabilities[rows] = softmax(full_logits[self.model.full_expert])
             for expert, value in more_seconds.items():
                 seconds[expert] = seconds.get(expert, 0.0) + value
@@ -256,6 +282,10 @@ class DynamicPipeline:
         answering = [SOFT if soft[i] else self.experts[self.full_index if fallback[i] else choice[i]] for i in range(n)]
         confidence = self._calibrated_confidence(probabilities, answering)
         ood_pvalues = self._ood_pvalues(tensors, execution, has_text, has_image)
+        answers = self._answers(execution.coalitions, members, logits, probabilities, soft, weights, eligible, choice,
+                                fallback)  # fmt: skip
+        spent = self._attribution_madds(execution.coalitions, n)
+        attributed = [self.attributor.attribute(answers[i], bool(explain[i]), modality_weights[i]) for i in range(n)]
         outputs = [
             PipelineOutput(
                 label=str(self.labels[probabilities[i].argmax()]),
@@ -263,13 +293,17 @@ class DynamicPipeline:
                 expert=answering[i],
                 decided_by=DECIDED_BY[decided_by[i]],
                 route_scores=scores[i],
-                importance=importance[i],
-                madds=int(shared_madds[i] + self._experts_madds(ran[i])),
+                modality_weights=modality_weights[i],
+                importance=attributed[i].importance,
+                madds=int(shared_madds[i] + self._experts_madds(ran[i]) + spent[i]),
                 operating_point=points[i],
                 weights=_normalized(weights[i], eligible[i]) if soft[i] else None,
                 fallback_from=self.experts[choice[i]] if fallback[i] else None,
                 fallback_label=replaced.get(i),
                 degraded=inputs[i].degraded,
+                importance_method=attributed[i].method,
+                attribution_madds=int(spent[i]),
+                explanation=attributed[i].explanation,
                 guarded=inputs[i].guarded,
                 confidence=float(confidence[i]),
                 ood_pvalue=float(ood_pvalues[i]),
@@ -278,6 +312,54 @@ class DynamicPipeline:
         ]
         assert len(outputs) == n, f"pipeline produced {len(outputs)} outputs for {n} inputs"
         return outputs, seconds
+
+    def _wants(self, members: dict[str, np.ndarray], explain: np.ndarray) -> dict[str, np.ndarray]:
+        """What each expert's side must compute for attribution, per row it runs (export/attribution.py)."""
+        wants = {}
+        for expert, rows in members.items():
+            flags = np.array([self.attributor.wants(expert, bool(explain[r])) for r in rows], np.int64)
+            if flags.any():
+                wants[expert] = flags
+        return wants
+
+    def _answers(self, coalitions, members, logits, probabilities, soft, weights, eligible, choice, fallback):
+        """Each request's answer as attribution sees it: the experts mixed into it, their probabilities and the
+        coalition logits computed for them, and the label returned."""
+        full = self.model.full_expert
+        position = {expert: {row: k for k, row in enumerate(rows)} for expert, rows in members.items()}
+        if fallback.any():
+            position[f"{full}@fallback"] = {row: k for k, row in enumerate(np.flatnonzero(fallback))}
+        answers = []
+        for i in range(len(probabilities)):
+            if soft[i]:
+                mixed = _normalized(weights[i], eligible[i])
+                experts = [e for e, w in zip(self.experts, mixed, strict=True) if w > 0]
+                share = mixed[mixed > 0]
+            else:
+                experts = [full if fallback[i] else self.experts[choice[i]]]
+                share = np.ones(1)
+            sources = [f"{full}@fallback" if fallback[i] else e for e in experts]
+            answers.append(
+                Answer(
+                    label=int(probabilities[i].argmax()),
+                    experts=experts,
+                    weights=share.astype(np.float64),
+                    probabilities=[softmax(logits[s][position[s][i]][None])[0] for s in sources],
+                    coalitions=[
+                        {how: coalitions.get(e, {}).get(how, {}).get(i) for how in (HEAD, EXACT)} for e in experts
+                    ],
+                )
+            )
+        return answers
+
+    def _attribution_madds(self, coalitions: dict, n: int) -> np.ndarray:
+        """What each request spent on attribution: the heads and exact reruns computed for it."""
+        spent = np.zeros(n, np.int64)
+        for expert, kinds in coalitions.items():
+            info = self.attributor.experts[expert]
+            for how, rows in kinds.items():
+                spent[list(rows)] += info.madds if how == HEAD else info.explain_madds
+        return spent
 
     def _calibrated_confidence(self, probabilities: np.ndarray, answering: list[str]) -> np.ndarray:
         """(N,) each answer's top probability, temperature-scaled with its expert's validation temperature (soft
@@ -315,11 +397,12 @@ class DynamicPipeline:
         return preprocess
 
     def _route_by_point(self, points: list[str], tensors: dict, has_text, has_image):
-        """Scores (calibrated), importance and fused weights of each request, from its operating point's router."""
+        """Scores (calibrated), modality weights and fused weights of each request, from its operating point's
+        router."""
         n = len(points)
         scores = np.empty((n, len(self.experts)), np.float32)
         weights = np.empty((n, len(self.experts)), np.float32)
-        importance = np.empty((n, 2), np.float32)
+        modality_weights = np.empty((n, 2), np.float32)
         for name in dict.fromkeys(points):
             rows = np.flatnonzero(np.asarray(points) == name)
             point = self.model.operating_points[name]
@@ -328,8 +411,8 @@ class DynamicPipeline:
                 point.component,
             )  # fmt: skip
             scores[rows] = calibrate(routed[0], point.temperature)
-            importance[rows], weights[rows] = routed[1], routed[2]
-        return scores, importance, weights
+            modality_weights[rows], weights[rows] = routed[1], routed[2]
+        return scores, modality_weights, weights
 
     def _combine(self, ran, logits, soft, weights, eligible, choice) -> np.ndarray:
         """Each request's class probabilities: its expert's, or for soft fusion the weighted mixture of every

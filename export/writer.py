@@ -29,6 +29,7 @@ from export.pipeline import DynamicPipeline, PipelineInput
 from export.safety import measure_safety
 from export.store import FORMATS, MANIFEST, MODEL_FORMAT, list_store, load_model_dir, sha256_file
 from export.torchscript import TorchScriptComponent, export_torchscript
+from models.attribution_training import rebuild_heads
 from models.byo.model import ROUTER_ONLY, RouterOnlyModel, rebuild_router_only
 from models.data.manifest import has_split, read_split
 from models.data.tensors import TensorSplit, load_pixels, tensorize
@@ -83,6 +84,7 @@ def export_run(
     routers = rebuild_routers(checkpoint, model)
     components = {n: m for n, m in model.components.items() if n != "router"}
     components |= {f"router.{router_name}": module for router_name, module in routers.items()}
+    components |= rebuild_heads(checkpoint.get("attribution"))  # the distilled stand-ins of costly experts
     if router_only:
         checked = byo.check_samples(checkpoint, model, data_dir, log)
     else:
@@ -175,8 +177,13 @@ def _tensor_entry(name: str, tensor: torch.Tensor) -> dict:
 
 def _manifest(checkpoint: dict, name: str, version: str, entries: dict, parity: dict, files: dict) -> dict:
     costs = checkpoint["madds"]
+    attribution = {k: v for k, v in checkpoint.get("attribution", {}).items() if k != "heads"}
+    head_madds = {e["head"]: e["madds"] for e in attribution.get("experts", {}).values() if e.get("head")}
     for component_name, entry in entries.items():
-        entry["madds"] = costs["components"]["router" if component_name.startswith("router.") else component_name]
+        if component_name in head_madds:
+            entry["madds"] = head_madds[component_name]
+        else:
+            entry["madds"] = costs["components"]["router" if component_name.startswith("router.") else component_name]
     default_router = checkpoint["default_router"]
     evaluation = checkpoint["evaluation"]
     validation = {row.get("router"): row for row in evaluation["val"] if row["policy"].startswith("lambda=")}
@@ -228,6 +235,8 @@ def _manifest(checkpoint: dict, name: str, version: str, entries: dict, parity: 
             for r in checkpoint["routers"]
         ],
         "madds_full": costs["full"],
+        # How each expert's answers are attributed to the modalities (export/attribution.py reads it).
+        **({"attribution": attribution} if attribution else {}),
         "evaluation": {
             "summary": evaluation["summary"],
             "split": "test" if "test" in evaluation else "val",
@@ -246,7 +255,8 @@ def _manifest(checkpoint: dict, name: str, version: str, entries: dict, parity: 
 
 
 def _compact(row: dict) -> dict:
-    keep = ("policy", "accuracy", "madds_per_sample", "saved_ratio", "route_mix", "accuracy_by_kind", "importance")
+    keep = ("policy", "accuracy", "madds_per_sample", "saved_ratio", "route_mix", "accuracy_by_kind")
+    keep += ("modality_weights",)
     return {k: row[k] for k in keep if k in row}
 
 

@@ -78,7 +78,9 @@ def evaluate_policies(
         "auto", decide_routes(default_scores, full_index, path_madds=path_madds)[0], router=outputs.default_router
     )
     if outputs.router_importance is not None:
-        auto["importance"] = importance_summary(outputs.router_importance[outputs.default_router], outputs.kinds)
+        # DRDF's modal weights (route.modality_weights): what the routers made of each modality, not what decided
+        # the answers (their attribution is models/attribution.py's, measured by bench/importance.py).
+        auto["modality_weights"] = importance_summary(outputs.router_importance[outputs.default_router], outputs.kinds)
     rows.append(auto)
     rows.append(routed_row("oracle", oracle_routes(correct, path_madds, full_index)))
     calibrated = calibrate(default_scores, outputs.temperatures.get(outputs.default_router, 1.0))
@@ -140,7 +142,7 @@ def _row(policy, outputs: RoutingOutputs, correct, madds, choice, **extra) -> di
 
 
 def importance_summary(importance: np.ndarray, kinds: list[str] | None) -> dict:
-    """The image importance's distribution (text = 1 - image): mean and quartiles, overall and per kind."""
+    """The image's share's distribution (text = 1 - image): mean and quartiles, overall and per kind."""
 
     def describe(values: np.ndarray) -> dict:
         q1, median, q3 = np.quantile(values, [0.25, 0.5, 0.75]) if len(values) else (np.nan,) * 3

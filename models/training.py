@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from models.attribution_training import builtin_batches, fit_attribution, fusion_plans, removal_loss
 from models.costs import routing_costs
 from models.data.manifest import check_labels, has_split, label_names, read_split
 from models.data.tensors import TensorSplit, load_pixels, tensorize
@@ -77,6 +78,9 @@ class TrainConfig:
     best_expert_weight: float = 1.0
     router_alone_weight: float = 1.0
     router_folds: int = 2  # the validation split is cross-fitted in this many folds to choose the served router
+    # The default importance may cost this share of the full path's MAdds per request: experts whose exact values
+    # cost more get a distilled head (models/attribution_training.py).
+    attribution_budget: float = 0.02
     temperature: float = 1.0  # of the gate's softmax at the end of Stage II (the authors' code: 1)
     temperature_start: float = 1.0  # annealed linearly to `temperature`; > 1 keeps every expert's gradient alive early
     gumbel: bool = False  # add Gumbel noise to the gate logits (the paper's option; the authors' code: off)
@@ -171,6 +175,7 @@ def train(data_dir: Path, run_dir: Path, config: TrainConfig, *, progress: bool 
     full_expert = choose_full_expert(model, cache["val"], dataset.splits["val"])
     costs = routing_costs(model, full_expert)
     log(f"full path: {full_expert} (the most accurate expert on validation), {costs['full']:,} MAdds")
+    attribution = train_attribution(model, dataset, costs, config, log=log)
     routers, default_router, evaluation = train_routers(
         model, dataset, cache, costs, full_expert, config, progress=progress
     )
@@ -191,6 +196,7 @@ def train(data_dir: Path, run_dir: Path, config: TrainConfig, *, progress: bool 
         "full_expert": full_expert,
         "shared_encoders": dict(model.shared_encoders),
         "madds": costs,
+        "attribution": attribution,
         "train_config": asdict(config),
         "data": {"dir": str(Path(data_dir).resolve()), "sizes": {k: len(v) for k, v in dataset.splits.items()}},
         "evaluation": evaluation,
@@ -198,6 +204,7 @@ def train(data_dir: Path, run_dir: Path, config: TrainConfig, *, progress: bool 
         "train_seconds": round(elapsed, 1),
     }
     summary = {k: v for k, v in checkpoint.items() if k not in ("state_dict", "routers")}
+    summary["attribution"] = {k: v for k, v in attribution.items() if k != "heads"}
     _write_run_dir(run_dir, checkpoint, summary)
     log(f"\n{'test' if 'test' in evaluation else 'validation'} split, served router {default_router}:")
     log(format_table(headline))
@@ -218,6 +225,7 @@ def train_experts(
     )
     generator = torch.Generator().manual_seed(config.seed)
     max_shift = config.max_shift if config.max_shift is not None else train.images.shape[-1] // 16
+    plans = fusion_plans(model)
     history = []
     epochs = tqdm(range(config.epochs), desc="stage I (experts)", disable=not progress)
     for epoch in epochs:
@@ -232,6 +240,7 @@ def train_experts(
             logits, tensors = model.forward_experts(tokens, images)
             loss = sum(model.expert_loss(expert, out, tensors, labels) for expert, out in logits.items())
             loss = loss + F.cross_entropy(model.glimpse_logits(images), labels) + model.auxiliary_loss(tensors)
+            loss = loss + removal_loss(model, plans, tensors, labels, generator)  # what attribution asks of them
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -242,6 +251,25 @@ def train_experts(
         epochs.set_postfix(loss=f"{total / len(train):.3f}", **{k: f"{v:.3f}" for k, v in accuracy.items()})
     model.eval()
     return history
+
+
+def train_attribution(model: DynamicFusionModel, dataset: Dataset, costs: dict, config: TrainConfig, *, log) -> dict:
+    """How each expert's answers are attributed to the modalities, with the heads distilled for the experts whose
+    exact values cost more than the budget (trained on the training and validation splits, checked on the
+    others); what the checkpoint keeps under ``attribution``."""
+    evaluated = tuple(s for s in EVALUATED_SPLITS[1:] if s in dataset.splits)
+    entries, heads = fit_attribution(
+        model,
+        builtin_batches(model, dataset.splits),
+        costs=costs,
+        budget=config.attribution_budget,
+        label_counts=np.bincount(dataset.splits["train"].labels.numpy(), minlength=len(dataset.labels)),
+        head_splits=("train", "val"),
+        eval_splits=evaluated,
+        seed=config.seed,
+        log=log,
+    )
+    return entries | {"heads": {e: {"config": h.config(), "state_dict": h.state_dict()} for e, h in heads.items()}}
 
 
 def drop_words(token_ids: torch.Tensor, rate: float, generator: torch.Generator) -> torch.Tensor:

@@ -24,7 +24,7 @@ from models.policy import DECIDED_BY
 from service.audit import Auditor
 from service.batcher import BatchResult, MicroBatcher
 from service.config import Settings, check_settings_for
-from service.decode import OpenedImage, check_text, decode_image, open_image
+from service.decode import OpenedImage, check_text, decode_image, open_image, plain_png_pixels
 from service.degrade import DegradeController
 from service.drift import RouteMixDrift
 from service.errors import InvalidInput
@@ -53,6 +53,7 @@ class ClientInput:
     operating_point: str | None = None  # None: the server's default (DYNFUSE_OPERATING_POINT, else the store's)
     min_confidence: float | None = None  # None: the server's DYNFUSE_MIN_CONFIDENCE (off unless set)
     model: str | None = None  # the served model to ask; None: the default one
+    explain: bool = False  # also compute the exact Shapley values of the answer over {text, image}
 
 
 class ImageDecoder:
@@ -61,10 +62,17 @@ class ImageDecoder:
     def __init__(self, pipeline: DynamicPipeline, threads: int):
         self.pipeline = pipeline
         self.side = pipeline.decode_side  # the model's image size, or a larger one its experts' specs read
+        # A plain PNG at the model's side is its pixels as they are (service/decode.py), unless experts read more.
+        self.plain_side = pipeline.model.preprocessing.image_size if pipeline.model.specs.decode_side is None else None
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="dynfuse-decode")
 
     def pixels_now(self, opened: OpenedImage) -> tuple[np.ndarray, np.ndarray | None]:
         """(S, S, 3) uint8 on the calling thread, and the (L, L, 3) the experts' image specs start from, if any."""
+        if self.plain_side is not None:
+            pixels = plain_png_pixels(opened, self.plain_side)
+            if pixels is not None:
+                opened.image.close()
+                return pixels, None
         return self.pipeline.prepare_images(decode_image(opened, side=self.side))
 
     async def pixels(self, opened: OpenedImage) -> tuple[np.ndarray, np.ndarray | None]:
@@ -201,6 +209,7 @@ class InferenceService:
         try:
             self.pipeline.check_route(client.route, text is not None, opened is not None)
             self.pipeline.check_operating_point(client.operating_point)
+            self.pipeline.check_explain(client.route, client.explain)
         except RouteError as error:
             raise InvalidInput(str(error)) from None
         return text, opened
@@ -242,6 +251,7 @@ class InferenceService:
             operating_point=point,
             min_confidence=min_confidence,
             degraded=degraded,
+            explain=client.explain,
             guarded=guarded,
             # What the experts' own preprocessing starts from, kept only when the model has such experts.
             text=text if self.model.specs.keeps_text else None,
@@ -258,6 +268,7 @@ class InferenceService:
                 madds=out.madds,
                 madds_full=self.model.madds_full,
                 importance=out.importance,
+                modality_weights=out.modality_weights,
                 operating_point=out.operating_point,
                 degraded=out.degraded,
             )
@@ -292,12 +303,15 @@ class InferenceService:
                 label: round(float(p), 6) for label, p in zip(self.model.labels, out.probabilities, strict=True)
             },
             "route": self._route(out),
-            "importance": {"text": round(float(out.importance[0]), 6), "image": round(float(out.importance[1]), 6)},
+            "importance": _per_modality(out.importance),
+            "importance_method": out.importance_method,
+            **({"explanation": out.explanation} if out.explanation is not None else {}),
             **self._uncertain(out),
             "compute": {
                 "madds": out.madds,
                 "madds_full": madds_full,
                 "saved_ratio": round(1.0 - out.madds / madds_full, 6),
+                "attribution_madds": out.attribution_madds,
             },
             "timing_ms": {
                 "queue": round(1000 * result.queue_seconds, 3),
@@ -312,6 +326,7 @@ class InferenceService:
             "expert": out.expert,
             "decided_by": out.decided_by,
             "scores": {e: round(float(s), 6) for e, s in zip(experts, out.route_scores, strict=True)},
+            "modality_weights": _per_modality(out.modality_weights),
             "operating_point": out.operating_point,
             "degraded": out.degraded,
             "guarded": out.guarded,
@@ -386,3 +401,8 @@ class InferenceService:
                 for e in manifest.get("examples", [])
             ],
         }
+
+
+def _per_modality(values) -> dict[str, float]:
+    """(2,) text, image -> {"text": ..., "image": ...}, rounded as every figure of a response."""
+    return {"text": round(float(values[0]), 6), "image": round(float(values[1]), 6)}

@@ -17,6 +17,11 @@ MIN_CONFIDENCE_DESCRIPTION = (
     "Confidence fallback: when a cheaper expert's top probability is below this, the full path runs too and its "
     "answer is returned (decided_by 'confidence'; compute counts both). Default: the server's (off unless set)."
 )
+EXPLAIN_DESCRIPTION = (
+    "Also compute the exact two-player Shapley values of the answer's log-probability over {text, image} on the "
+    "expert that answered (a modality removed the way the model was trained to see it missing), returned in "
+    "'explanation'. It runs that expert's fusion part twice more; compute.madds counts it."
+)
 MODEL_DESCRIPTION = "The served model to ask (GET /v1/models lists them); default: the server's default model."
 THRESHOLD_DESCRIPTION = (
     "Serving-time knob along the accuracy/compute curve: when the router picks a path cheaper than the full "
@@ -36,6 +41,7 @@ class ClassifyRequest(BaseModel):
     operating_point: str | None = Field(None, description=OPERATING_POINT_DESCRIPTION)
     min_confidence: float | None = Field(None, ge=0.0, le=1.0, description=MIN_CONFIDENCE_DESCRIPTION)
     model: str | None = Field(None, description=MODEL_DESCRIPTION)
+    explain: bool = Field(False, description=EXPLAIN_DESCRIPTION)
 
 
 class BatchInput(BaseModel):
@@ -55,6 +61,7 @@ class BatchClassifyRequest(BaseModel):
     operating_point: str | None = Field(None, description=OPERATING_POINT_DESCRIPTION)
     min_confidence: float | None = Field(None, ge=0.0, le=1.0, description=MIN_CONFIDENCE_DESCRIPTION)
     model: str | None = Field(None, description=MODEL_DESCRIPTION)
+    explain: bool = Field(False, description=EXPLAIN_DESCRIPTION)
 
 
 class RouteInfo(BaseModel):
@@ -65,6 +72,11 @@ class RouteInfo(BaseModel):
         "confidence (the cheaper expert was unsure: the full path ran too)",
     )
     scores: dict[str, float] = Field(..., description="The router's calibrated score per expert (sums to 1).")
+    modality_weights: dict[str, float] = Field(
+        ...,
+        description="DRDF's modal weights: how decisive each modality's router was for the choice of path "
+        "(text + image = 1; a modality the request lacks gets 0). A property of the routing step, not of the answer.",
+    )
     operating_point: str = Field(..., description="The router (operating point) that decided.")
     degraded: bool = Field(
         ..., description="True when the server chose a cheaper operating point because it was under load."
@@ -83,15 +95,56 @@ class RouteInfo(BaseModel):
     )
 
 
+IMPORTANCE_DESCRIPTION = (
+    "What each modality did for the returned answer: its share of what raised the answering expert's "
+    "log-probability of the label, from two-player Shapley values over {text, image} (text + image = 1). An "
+    "expert that reads one modality gives it 1. Unlike route.modality_weights, which says how decisive each "
+    "modality's router was for the choice of path, this is about the answer."
+)
+
+
 class Importance(BaseModel):
-    text: float = Field(..., description="DRDF modal-weight-fusion importance of the text (0..1).")
-    image: float = Field(..., description="Importance of the image; text + image = 1.")
+    text: float = Field(..., description="The text's share of what raised the answer's log-probability (0..1).")
+    image: float = Field(..., description="The image's share; text + image = 1.")
+
+
+class ShapleyValues(BaseModel):
+    text: float = Field(..., description="phi_text, in nats of log p(label); negative: the text argued against it.")
+    image: float = Field(..., description="phi_image; phi_text + phi_image = log_prob.both - log_prob.neither.")
+
+
+class CoalitionLogProbs(BaseModel):
+    both: float = Field(..., description="log p(label) with both modalities, as answered.")
+    text_only: float = Field(..., description="log p(label) with the image removed.")
+    image_only: float = Field(..., description="log p(label) with the text removed.")
+    neither: float = Field(..., description="log p(label) with both removed (the same for every request).")
+
+
+class CoalitionLabels(BaseModel):
+    text_only: str = Field(..., description="The label the answer would have had with the image removed.")
+    image_only: str = Field(..., description="The label with the text removed.")
+    neither: str = Field(..., description="The label with both removed.")
+
+
+class Explanation(BaseModel):
+    shapley: ShapleyValues = Field(..., description="The exact two-player Shapley values of log p(label).")
+    importance: Importance = Field(
+        ..., description="The same values as shares, normalized as 'importance' is: the exact reference for it."
+    )
+    log_prob: CoalitionLogProbs = Field(..., description="The four values of the game the Shapley values split.")
+    labels: CoalitionLabels = Field(..., description="What the answering expert says with a modality removed.")
 
 
 class Compute(BaseModel):
-    madds: int = Field(..., description="Multiply-adds this request executed: encoders run + router + its expert.")
+    madds: int = Field(
+        ...,
+        description="Multiply-adds this request executed: encoders run + router + its expert + its attribution.",
+    )
     madds_full: int = Field(..., description="Multiply-adds of the static full model on the same input.")
     saved_ratio: float = Field(..., description="1 - madds / madds_full; slightly negative on the full path.")
+    attribution_madds: int = Field(
+        ..., description="The part of madds spent on importance (and on the explanation, when asked)."
+    )
 
 
 class Timing(BaseModel):
@@ -107,7 +160,15 @@ class ClassifyResponse(BaseModel):
     label: str = Field(..., description="The predicted class.")
     scores: dict[str, float] = Field(..., description="Class probabilities from the expert that ran.")
     route: RouteInfo
-    importance: Importance
+    importance: Importance = Field(..., description=IMPORTANCE_DESCRIPTION)
+    importance_method: str = Field(
+        ...,
+        description="How importance was computed: one_modality (the expert reads one), exact (Shapley values, the "
+        "expert's fusion part rerun), head (the same from a small head distilled from exact values), mixture "
+        "(route=soft: each expert's, weighted by its part in the label's probability), unavailable (a model "
+        "exported before attribution: DRDF's modality weights).",
+    )
+    explanation: Explanation | None = Field(None, description="explain=true only: " + EXPLAIN_DESCRIPTION)
     uncertain: bool = Field(
         ...,
         description="True when this answer deserves doubt: its path's calibrated top probability is low, or the "

@@ -28,6 +28,7 @@ CONTRACT_METRICS: dict[str, str] = {
     "dynfuse_compute_madds_total": "counter",
     "dynfuse_compute_full_madds_total": "counter",
     "dynfuse_modality_importance": "histogram",
+    "dynfuse_modality_weight": "histogram",
     "dynfuse_request_duration_seconds": "histogram",
     "dynfuse_queue_duration_seconds": "histogram",
     "dynfuse_expert_duration_seconds": "histogram",

@@ -29,6 +29,8 @@ TEXT_ENCODER_OUTPUTS = ("text_tokens", "text_features")
 
 def expert_from_run(run_dir: str | Path, expert_name: str) -> Expert:
     """One expert of a ``dynfuse train`` run, with the run's own preprocessing (word tokenizer, image mean/std)."""
+    from models.attribution import ABSENT
+    from models.attribution_training import fusion_plans
     from models.training import rebuild_model
 
     checkpoint = _checkpoint(str(Path(run_dir).resolve()))
@@ -39,6 +41,9 @@ def expert_from_run(run_dir: str | Path, expert_name: str) -> Expert:
     if {name for c in chain for name in components[c].input_names} & set(TEXT_ENCODER_OUTPUTS):
         chain.insert(0, "text_encoder")
     pre = checkpoint["preprocessing"]
+    # A missing modality as the run's Stage I showed it to the expert: zeros where its fusion part reads it.
+    plan = fusion_plans(model)[expert_name]
+    missing = {m: dict.fromkeys(names, ABSENT) for m, names in plan.inputs.items()} if plan.reads_both else None
     return Expert(
         modalities=spec.modalities,
         labels=list(checkpoint["labels"]),
@@ -49,6 +54,7 @@ def expert_from_run(run_dir: str | Path, expert_name: str) -> Expert:
             for c in chain
         ],
         description=f"{expert_name} of the dynfuse run {Path(run_dir).name}",
+        missing=missing,
     )
 
 

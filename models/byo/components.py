@@ -17,6 +17,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
+from models.attribution import AttributionError, FusionPlan, plan_fusion
 from models.byo.interface import Expert
 from models.experts import ExpertSpec
 from models.specs import ImageSpec, TextSpec, tensor_name
@@ -89,6 +90,40 @@ class ExpertChain:
                 label_order=order if last else None,
             )
             available |= dict(zip(component.outputs, outputs, strict=True))
+        self.names = available  # the user's name of a tensor -> its qualified name
+        self.declared_missing = {m: dict(v) for m, v in (expert.missing or {}).items()}
+
+    def fusion_plan(self) -> FusionPlan:
+        """The components that read both modalities (and those after), and what each modality hands them."""
+        inputs_of = {name: c.input_names for name, c in self.components.items()}
+        outputs_of = {name: c.output_names for name, c in self.components.items()}
+        return plan_fusion(self.name, self.modalities, tuple(self.components), inputs_of, outputs_of)
+
+    def missing(self) -> dict[str, dict[str, object]]:
+        """The declared missing-modality representation by qualified tensor name, checked against what the fusion
+        part reads: exactly those tensors, for each modality (AttributionError otherwise, saying what to declare)."""
+        plan = self.fusion_plan()
+        if not plan.reads_both:
+            return {}
+        user = {qualified: name for name, qualified in self.names.items()}
+        wanted = {m: [user.get(t, t) for t in plan.inputs[m]] for m in plan.modalities}
+        example = ", ".join(f"{m!r}: {{{', '.join(f'{n!r}: ...' for n in names)}}}" for m, names in wanted.items())
+        how = (
+            f"its fusion part ({', '.join(c.split('.', 1)[1] for c in plan.components)}) reads from the text "
+            f"{wanted['text']} and from the image {wanted['image']}; declare the value of each when its modality is "
+            f"missing, as the expert was trained to see it (or one that means nothing to it, e.g. zero logits): "
+            f"Expert(..., missing={{{example}}})"
+        )
+        declared = self.declared_missing
+        if not declared:
+            raise AttributionError(
+                f"expert {self.name}: it reads text and image, and dynfuse attributes each answer to them by asking it "
+                f"what it answers with one missing: {how}"
+            )
+        if set(declared) != set(plan.modalities) or any(sorted(declared[m]) != sorted(wanted[m]) for m in wanted):
+            given = {m: sorted(v) for m, v in declared.items()}
+            raise AttributionError(f"expert {self.name}: missing declares {given}, but {how}")
+        return {m: {self.names[name]: value for name, value in declared[m].items()} for m in plan.modalities}
 
     @property
     def spec(self) -> ExpertSpec:

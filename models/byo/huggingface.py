@@ -52,7 +52,11 @@ def image_classifier(source: str | Path, *, description: str = "") -> Expert:
 
 
 def late_fusion(text_source: str | Path, image_source: str | Path, *, max_length: int = 64) -> Expert:
-    """Both classifiers on one request, their log-probabilities averaged: the costly expert that reads both."""
+    """Both classifiers on one request, their log-probabilities averaged: the costly expert that reads both.
+
+    Three components, so that attribution is nearly free: each classifier's logits, then their fusion. A missing
+    modality is zero logits (a uniform distribution: no evidence), so the fusion answers from the other one alone,
+    and the exact Shapley values cost two reruns of the fusion, an average of two vectors."""
     from transformers import AutoModelForImageClassification, AutoModelForSequenceClassification
 
     text_model = AutoModelForSequenceClassification.from_pretrained(text_source)
@@ -67,27 +71,45 @@ def late_fusion(text_source: str | Path, image_source: str | Path, *, max_length
         image=image_spec(_file(image_source, "preprocessor_config.json"), default_size=image_model.config.image_size),
         components=[
             Component(
-                LateFusion(text_model, image_model),
-                inputs={"input_ids": "input_ids", "attention_mask": "attention_mask", "pixel_values": "image"},
-                outputs=("logits",),
-                name="fusion",
-            )
-        ],
+                TextLogits(text_model), inputs=("input_ids", "attention_mask"), outputs=("text_logits",), name="text"
+            ),
+            Component(
+                ImageLogits(image_model), inputs={"pixel_values": "image"}, outputs=("image_logits",), name="image"
+            ),
+            Component(LateFusion(), inputs=("text_logits", "image_logits"), outputs=("logits",), name="fusion"),
+        ],  # fmt: skip
+        missing={"text": {"text_logits": 0.0}, "image": {"image_logits": 0.0}},
         description=f"late fusion of {text_source} and {image_source}",
     )
+
+
+class TextLogits(nn.Module):
+    """A text classifier's logits, as a plain tensor."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=input_ids, attention_mask=attention_mask).logits  # (B, K)
+
+
+class ImageLogits(nn.Module):
+    """An image classifier's logits, as a plain tensor."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.model(pixel_values=pixel_values).logits  # (B, K)
 
 
 class LateFusion(nn.Module):
     """Mean of a text and an image classifier's log-probabilities (same labels, same order)."""
 
-    def __init__(self, text_model: nn.Module, image_model: nn.Module):
-        super().__init__()
-        self.text_model, self.image_model = text_model, image_model
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: torch.Tensor):
-        text = self.text_model(input_ids=input_ids, attention_mask=attention_mask).logits  # (B, K)
-        image = self.image_model(pixel_values=pixel_values).logits  # (B, K)
-        return (text.log_softmax(-1) + image.log_softmax(-1)) / 2
+    def forward(self, text_logits: torch.Tensor, image_logits: torch.Tensor) -> torch.Tensor:
+        return (text_logits.log_softmax(-1) + image_logits.log_softmax(-1)) / 2
 
 
 def image_spec(preprocessor_config: Path, *, default_size: int) -> ImageSpec:

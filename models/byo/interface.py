@@ -12,6 +12,16 @@ A factory, a function of no arguments registered with ``--expert NAME=package.mo
             components=[Component(model, inputs=("input_ids", "attention_mask"), outputs=("logits",))],
         )
 
+An expert that reads both modalities also declares how it sees a modality missing (``missing``): for each modality,
+the value of every tensor its fusion part reads from that modality alone (the part from its first component that
+reads both). dynfuse attributes each answer to the modalities by asking the expert what it answers with one of
+them given that way (two-player Shapley values), so it must be what the expert was trained to see, or a value
+that means "nothing" to it (zero logits: a uniform distribution). ``dynfuse train-router`` refuses a
+two-modality expert without it, naming the tensors to declare::
+
+    Expert(..., components=[text_part, image_part, fusion_part],
+           missing={"text": {"text_logits": 0.0}, "image": {"image_logits": 0.0}})
+
 A component's inputs are the spec tensors (``image`` from the image spec; ``input_ids`` and ``attention_mask``
 from a Hugging Face tokenizer, ``token_ids`` from dynfuse's word tokenizer) and the outputs of the components
 before it. Each module is called with keyword arguments, so a Hugging Face model is used as it is; it may return
@@ -54,6 +64,9 @@ class Expert:
     image: ImageSpec | None = None  # needed when a component reads "image"
     text: TextSpec | None = None  # needed when a component reads token ids
     description: str = ""  # shown in the run's summary
+    # Two-modality experts: modality -> {tensor its fusion part reads from that modality alone: the value (a number,
+    # or one sample's values as nested lists) that stands for the modality when it is missing}.
+    missing: Mapping[str, Mapping[str, float | Sequence]] | None = None
     # Filled by the loader: the expert's name and where it came from (``module:factory``).
     name: str = field(default="", init=False)
     source: str = field(default="", init=False)

@@ -25,6 +25,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from models.attribution import AttributionError
+from models.attribution_training import absent_like
 from models.byo.components import ExpertChain
 from models.byo.interface import Component, Expert
 from models.errors import DynfuseError
@@ -156,6 +158,39 @@ def check_expert(expert: Expert, labels: Sequence[str]) -> None:
         _check_arguments(expert, component, available)
         available |= dict.fromkeys(component.outputs, f"component {component.name}")
     _dry_run(expert, labels)
+    _check_missing(expert, labels)
+
+
+def _check_missing(expert: Expert, labels: Sequence[str]) -> None:
+    """A two-modality expert declares how it sees each modality missing, for exactly what its fusion part reads,
+    and runs on it: its answers with one modality missing are what attribution asks of it."""
+    chain = ExpertChain(expert, labels)
+    try:
+        fills = chain.missing()
+    except AttributionError as error:
+        raise ExpertError(str(error)) from error
+    if not fills:
+        return
+    plan = chain.fusion_plan()
+    tensors = chain.example_tensors(2, upto=chain.components[plan.components[0]])
+    for modality, values in fills.items():
+        removed = dict(tensors)
+        for name, value in values.items():
+            try:
+                removed[name] = absent_like(tensors[name], value)
+            except (RuntimeError, ValueError, TypeError) as error:
+                raise ExpertError(
+                    f"expert {expert.name}: missing[{modality!r}] gives {name.split('.')[-1].split('@')[0]!r} a value "
+                    f"of the wrong shape for its tensor {tuple(tensors[name].shape[1:])}: {error}"
+                ) from error
+        with torch.no_grad():
+            for name in plan.components:  # only the fusion part: what comes before it is what was replaced
+                component = chain.components[name]
+                outputs = component(*(removed[i] for i in component.input_names))
+                outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+                removed |= dict(zip(component.output_names, outputs, strict=True))
+        if not torch.isfinite(removed["logits"]).all():
+            raise ExpertError(f"expert {expert.name}: its logits with {modality} missing as declared are not finite")
 
 
 def _check_labels(expert: Expert, labels: Sequence[str]) -> None:

@@ -24,10 +24,12 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from models.attribution_training import fit_attribution
 from models.byo.loading import ExpertRef, load_experts, parse_expert_options
 from models.byo.model import ROUTER_ONLY, RouterOnlyConfig, RouterOnlyModel
 from models.costs import routing_costs
@@ -117,6 +119,9 @@ def train_router_only(
     log("validation accuracy: " + ", ".join(f"{e} {a:.2%} ({costs['static'][e]:,} MAdds)" for e, a in accuracy.items()))
     log(f"full path: {full_expert} (the most accurate expert on validation), {costs['full']:,} MAdds")
     clock = time.perf_counter()
+    attribution = train_attribution(model, dataset, Path(data_dir), spec_set, costs, config, log=log)
+    timings["attribution_seconds"] = time.perf_counter() - clock
+    clock = time.perf_counter()
     routers, default_router, evaluation = train_routers(
         model, dataset, cache, costs, full_expert, config, progress=progress
     )
@@ -142,6 +147,7 @@ def train_router_only(
         "full_expert": full_expert,
         "shared_encoders": dict(model.shared_encoders),
         "madds": costs,
+        "attribution": attribution,
         "train_config": asdict(config),
         "data": {"dir": str(Path(data_dir).resolve()), "sizes": {k: len(v) for k, v in dataset.splits.items()}},
         "evaluation": evaluation,
@@ -150,11 +156,47 @@ def train_router_only(
         "timings": {k: round(v, 2) for k, v in timings.items()},
     }
     summary = {k: v for k, v in checkpoint.items() if k not in ("state_dict", "routers")}
+    summary["attribution"] = {k: v for k, v in attribution.items() if k != "heads"}
     _write_run_dir(run_dir, checkpoint, summary)
     log(f"\n{'test' if 'test' in evaluation else 'validation'} split, served router {default_router}:")
     log(format_table(headline))
     log(f"trained the router in {elapsed:.0f} s -> {run_dir}")
     return summary
+
+
+def train_attribution(model: RouterOnlyModel, dataset, data_dir: Path, spec_set: SpecSet, costs: dict,
+                      config: TrainConfig, *, log) -> dict:  # fmt: skip
+    """How each user expert's answers are attributed (models/attribution_training.py), with each two-modality
+    expert's declared missing-modality representation; heads learn on the validation split, as the router does."""
+    samples: dict[str, list] = {}
+
+    def batches(expert: str, split: str, batch_size: int = 64):
+        if split not in samples:
+            samples[split] = read_split(data_dir, split)
+        chain = model.chains[expert]
+        for start in range(0, len(samples[split]), batch_size):
+            batch = samples[split][start : start + batch_size]
+            pixels = load_pixels(batch, spec_set.decode_side) if spec_set.decode_side else None
+            texts = [s.text for s in batch]
+            tensors = {name: torch.from_numpy(value) for key in chain.specs
+                       for name, value in spec_set.apply(key, texts, pixels).items()}  # fmt: skip
+            with torch.no_grad():
+                yield chain._run(tensors)
+
+    fills = {name: chain.missing() for name, chain in model.chains.items() if chain.fusion_plan().reads_both}
+    entries, heads = fit_attribution(
+        model,
+        batches,
+        costs=costs,
+        budget=config.attribution_budget,
+        label_counts=np.bincount(dataset.splits["train"].labels.numpy(), minlength=len(dataset.labels)),
+        head_splits=("val",),
+        eval_splits=tuple(s for s in EVALUATED_SPLITS[1:] if s in dataset.splits),
+        fills=fills,
+        seed=config.seed,
+        log=log,
+    )
+    return entries | {"heads": {e: {"config": h.config(), "state_dict": h.state_dict()} for e, h in heads.items()}}
 
 
 def spec_entry(key: str, spec) -> dict:

@@ -168,6 +168,15 @@ def _point_properties(points, *, form: bool = False) -> dict:
     }
 
 
+def _explain() -> dict:
+    return {
+        "type": "boolean",
+        "default": False,
+        "description": "Also compute the exact Shapley values of the answer over {text, image} ('explanation'; "
+        "compute.madds counts them).",
+    }
+
+
 def _non_null(schema: dict) -> dict:
     """The schema without its null branch: a /v2 parameter is sent or left out."""
     return next(branch for branch in schema["anyOf"] if branch.get("type") != "null") | {
@@ -236,6 +245,7 @@ def classify_json(routes, max_text: int, points=None, models: list[str] | None =
             "threshold": _threshold(),
             **_point_properties(points),
             "model": _model_property(models),
+            "explain": _explain(),
         },
         **_route_rules(routes),
         "description": "At least one of image and text; a forced route needs its expert's modalities.",
@@ -253,6 +263,7 @@ def classify_form(routes, max_text: int, points=None, models: list[str] | None =
             "threshold": _threshold(form=True),
             **_point_properties(points, form=True),
             "model": _model_property(models, form=True),
+            "explain": _explain(),
         },
         **_route_rules(routes),
     }
@@ -273,6 +284,7 @@ def classify_text_form(routes, max_text: int, points=None, models: list[str] | N
             "threshold": _threshold(form=True),
             **_point_properties(points, form=True),
             "model": _model_property(models, form=True),
+            "explain": _explain(),
         },
     }
 
@@ -310,6 +322,7 @@ def batch_json(routes, max_text: int, max_inputs: int, points=None, models: list
             "threshold": _threshold(),
             **_point_properties(points),
             "model": _model_property(models),
+            "explain": _explain(),
         },
         **_route_rules(routes, needs),
     }
@@ -357,6 +370,8 @@ def v2_request(routes, max_rows: int, points=None) -> dict:
         "expert",
         "decided_by",
         "importance",
+        "modality_weights",
+        "shapley",
         "madds",
         "saved_ratio",
         "operating_point",
@@ -377,6 +392,7 @@ def v2_request(routes, max_rows: int, points=None) -> dict:
                     "route": route,
                     "threshold": {"type": "number", "minimum": 0, "maximum": 1},
                     **{name: _non_null(schema) for name, schema in _point_properties(points).items()},
+                    "explain": _explain(),
                     "binary_data_output": {"type": "boolean"},
                     "priority": {**scalar, "description": "Accepted and ignored (one FIFO batcher)."},
                     "timeout": {**scalar, "description": "Accepted and ignored."},

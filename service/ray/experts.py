@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from export.attribution import EXACT, HEAD, WANT_EXACT, WANT_HEAD, read_attribution
 from export.backends import Backend, Runner
 from export.execution import BatchExecution
 from export.pipeline import SOFT, DynamicPipeline, PipelineInput, PipelineOutput
@@ -30,6 +31,10 @@ logger = logging.getLogger("dynfuse")
 
 READY_TIMEOUT_S = 300.0  # an expert deployment answers its first call within this (it may still be starting)
 PIXELS = "pixels"  # the sub-batch's images: (n, S, S, 3) uint8, where the chain reads the normalized "image"
+WANTS = "attribution"  # (n,) int64: what each row asks for its attribution (export/attribution.py's flags)
+# What an expert returns per row, (n, 5, K): its logits, then the coalition logits (text only, image only) by its
+# attribution head and exactly, NaN where the row did not ask for them.
+LOGITS, HEAD_PAIR, EXACT_PAIR = 0, slice(1, 3), slice(3, 5)
 EXPERT_RETRY_AFTER_S = 1
 
 
@@ -47,8 +52,9 @@ def expert_inputs(model: StoredModel, expert: str) -> tuple[str, ...]:
 
 
 def wire_names(model: StoredModel, expert: str) -> tuple[str, ...]:
-    """What the ingress sends an expert: its inputs, with the normalized image as its uint8 pixels."""
-    return tuple(PIXELS if name == "image" else name for name in expert_inputs(model, expert))
+    """What the ingress sends an expert: its inputs, with the normalized image as its uint8 pixels, and what each
+    row asks for its attribution."""
+    return (*(PIXELS if name == "image" else name for name in expert_inputs(model, expert)), WANTS)
 
 
 class ExpertWorker:
@@ -59,20 +65,33 @@ class ExpertWorker:
         self.backend = backend
         self.expert = expert
         self.inputs = wire_names(model, expert)
-        chain = model.expert(expert).components
+        self.attributions = read_attribution(model)
+        head = self.attributions[expert].head
+        chain = (*model.expert(expert).components, *((head,) if head else ()))
         self._runners: dict[str, Runner] = {c: backend.load(model.components[c]) for c in chain}
 
     def run(self, tensors: Mapping[str, np.ndarray]) -> np.ndarray:
-        """The expert's logits (n, K) for a sub-batch holding exactly ``self.inputs``."""
+        """(n, 5, K) for a sub-batch holding exactly ``self.inputs``: the expert's logits, then the coalition logits
+        its rows asked for (NaN elsewhere)."""
         assert set(tensors) == set(self.inputs), f"{self.expert} reads {self.inputs}, got {sorted(tensors)}"
         n = len(next(iter(tensors.values())))
         side = self.model.preprocessing.image_size
         pixels = tensors.get(PIXELS, np.zeros((n, side, side, 3), np.uint8))
         execution = BatchExecution(
-            self.model, self._runners.__getitem__, dict(tensors), lambda _source, rows: self._normalize(pixels[rows])
+            self.model,
+            self._runners.__getitem__,
+            {name: value for name, value in tensors.items() if name != WANTS},
+            lambda _source, rows: self._normalize(pixels[rows]),
+            self.attributions,
         )
-        logits, _ = execution.run({self.expert: np.arange(n)})
-        return logits[self.expert]
+        wants = np.asarray(tensors[WANTS])
+        logits, _ = execution.run({self.expert: np.arange(n)}, {self.expert: wants} if wants.any() else None)
+        out = np.full((n, 5, logits[self.expert].shape[1]), np.nan, np.float32)
+        out[:, LOGITS] = logits[self.expert]
+        for how, where in ((HEAD, HEAD_PAIR), (EXACT, EXACT_PAIR)):
+            for row, pair in execution.coalitions.get(self.expert, {}).get(how, {}).items():
+                out[row, where] = pair
+        return out
 
     def _normalize(self, pixels: np.ndarray) -> dict[str, np.ndarray]:
         """The model's own normalized image (experts with their own preprocessing specs do not run on Ray yet)."""
@@ -89,6 +108,8 @@ def _random(model: StoredModel, name: str, n: int, rng: np.random.Generator) -> 
     if name == PIXELS:
         side = model.preprocessing.image_size
         return rng.integers(0, 256, (n, side, side, 3), dtype=np.uint8)
+    if name == WANTS:  # the warm-up asks for all attribution can compute (only what the expert has is run)
+        return np.full(n, WANT_HEAD | WANT_EXACT, np.int64)
     if name == "token_ids":
         return rng.integers(2, model.tokenizer.vocab_size, (n, model.tokenizer.max_tokens)).astype(np.int64)
     shapes = {t.name: t.shape[1:] for info in model.components.values() for t in info.outputs}
@@ -129,38 +150,52 @@ class RemoteExecution:
         self.pixels = pixels
         self.timeout_s = timeout_s
         self.failed: dict[str, ApiError] = {}  # expert -> why its deployment did not answer this batch
+        self.coalitions: dict[str, dict[str, dict[int, np.ndarray]]] = {}  # as BatchExecution's
 
-    def run(self, members: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict[str, float]]:
-        """Each expert's logits for its rows. An expert deployment that cannot answer fails only its own rows:
-        its logits are zeros and its error is kept in ``failed`` (RemoteExpertsPipeline answers those requests with
-        it); when every expert of the call failed, the call raises the first error."""
+    def run(
+        self, members: Mapping[str, np.ndarray], wants: Mapping[str, np.ndarray] | None = None
+    ) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+        """Each expert's logits for its rows, and the coalition logits ``wants`` asks for (kept in ``coalitions``).
+        An expert deployment that cannot answer fails only its own rows: its logits are zeros and its error is kept
+        in ``failed`` (RemoteExpertsPipeline answers those requests with it); when every expert of the call failed,
+        the call raises the first error."""
         model, version = self.model.name, self.model.version
+        wants = wants or {}
         calls = {
-            expert: self.handles[expert].run.remote(self._sub_batch(expert, rows), model, version)
+            expert: self.handles[expert].run.remote(self._sub_batch(expert, rows, wants.get(expert)), model, version)
             for expert, rows in members.items()
         }
-        logits = {}
-        errors = {}
+        returned, errors = {}, {}
         for expert, call in calls.items():
             try:
-                logits[expert] = self._result(expert, call)
+                returned[expert] = self._result(expert, call)
             except (NotReady, DeadlineExceeded) as error:
                 errors[expert] = error
-                logits[expert] = np.zeros((len(members[expert]), len(self.model.labels)), np.float32)
+                returned[expert] = np.full((len(members[expert]), 5, len(self.model.labels)), np.nan, np.float32)
+                returned[expert][:, LOGITS] = 0.0
         if errors and len(errors) == len(calls):
             raise next(iter(errors.values()))
         self.failed.update(errors)
+        logits = {}
         for expert, rows in members.items():
-            assert logits[expert].shape[0] == len(rows), f"{expert}: {logits[expert].shape[0]} rows for {len(rows)}"
+            out = returned[expert]
+            assert out.shape[0] == len(rows), f"{expert}: {out.shape[0]} rows for {len(rows)}"
+            logits[expert] = out[:, LOGITS]
+            kept = self.coalitions.setdefault(expert, {HEAD: {}, EXACT: {}})
+            for how, where in ((HEAD, HEAD_PAIR), (EXACT, EXACT_PAIR)):
+                asked = ~np.isnan(out[:, where]).any(axis=(1, 2))
+                kept[how].update(zip(np.asarray(rows)[asked].tolist(), out[asked, where], strict=True))
         # Each expert replica records its own time on its batches (dynfuse_expert_duration_seconds), where it
         # is measured without the trip; the ingress adds none.
         return logits, {}
 
-    def _sub_batch(self, expert: str, rows: np.ndarray) -> dict[str, np.ndarray]:
-        return {
+    def _sub_batch(self, expert: str, rows: np.ndarray, wants: np.ndarray | None) -> dict[str, np.ndarray]:
+        tensors = {
             name: self.pixels[rows] if name == PIXELS else self.tensors[name][rows]
             for name in wire_names(self.model, expert)
+            if name != WANTS
         }
+        return tensors | {WANTS: np.zeros(len(rows), np.int64) if wants is None else np.asarray(wants, np.int64)}
 
     def _result(self, expert: str, call) -> np.ndarray:
         started = time.monotonic()
@@ -232,7 +267,7 @@ class RemoteExpertsPipeline(DynamicPipeline):
                 raise VersionMismatch(f"the deployment for expert {expert} of {wanted} holds {held}")
 
     def served_components(self) -> set[str]:
-        return set(self.model.shared_encoders.values()) | {self.model.router}
+        return set(self.model.shared_encoders.values()) | {self.model.router}  # attribution heads run with experts
 
     def execution(self, tensors: dict[str, np.ndarray], pixels: np.ndarray, inputs=None) -> RemoteExecution:
         execution = RemoteExecution(self.model, self.handles, tensors, pixels, self.timeout_s)

@@ -227,6 +227,7 @@ function fields(route) {
     threshold: chosen === "auto" ? $("threshold-input").value.trim() : null,
     operating_point: !$("op-field").hidden && routerDecides(chosen) ? $("op-select").value : null,
     model: state.models.length > 1 ? state.model.name : null, // one model: the server's default
+    explain: route === undefined && $("explain-input").checked ? "true" : null, // the compare view never explains
   };
 }
 

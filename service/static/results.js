@@ -17,6 +17,42 @@ const WHY = {
 
 const MODALITY_COLOURS = ["m0", "m1", "m2", "m3"];
 
+// How the importance was computed, in words: importance_method is a code.
+const METHOD = {
+  one_modality: "This expert reads one modality: it gets 100%.",
+  exact: "Computed exactly: the expert's fusion part ran again without each modality.",
+  head: "Estimated by a small head distilled from exact values; tick Explain for the exact ones.",
+  mixture: "Soft fusion: each expert's shares, weighted by its part in the label's probability.",
+  unavailable: "This model was exported before attribution: these are the routers' modality weights.",
+};
+
+const signed = (value) => `${value >= 0 ? "+" : "\u2212"}${Math.abs(value).toFixed(3)}`;
+
+// A two-part bar and its legend: #out-<id> and #<id>-legend, each figure in #out-<prefix>-<modality>.
+// shapley: the raw values, shown beside the shares (the exact explanation).
+function drawSplit(id, values, title, prefix = id, shapley = null) {
+  const modalities = Object.entries(values);
+  const describe = modalities.map(([name, value]) => `${name} ${formatPercent(value)}`).join(", ");
+  const colour = (i) => MODALITY_COLOURS[i % MODALITY_COLOURS.length];
+  fillStack($(`out-${id}`), modalities.map(([name, value], i) => ({ name, value, colour: colour(i) })),
+    `${title}: ${describe}`);
+  $(`${id}-legend`).replaceChildren(
+    ...modalities.map(([name, value], i) =>
+      el("li", {},
+        el("span", { class: `key ${colour(i)}` }),
+        `${humanize(name)} `,
+        el("strong", { id: `out-${prefix}-${name}`, dataset: { value }, text: formatPercent(value) }),
+        shapley ? el("span", { id: `out-shapley-${name}`, class: "muted", dataset: { value: shapley[name] },
+          text: ` (\u03c6 ${signed(shapley[name])})` }) : null),
+    ),
+  );
+}
+
+// One expert's importance in a table cell: "text 62% · image 38%".
+function importanceText(importance) {
+  return Object.entries(importance).map(([name, value]) => `${name} ${formatPercent(value)}`).join(" \u00b7 ");
+}
+
 export function topScore(scores) {
   return Math.max(...Object.values(scores));
 }
@@ -58,21 +94,18 @@ export function renderResult(model, body, { roundTripMs, expected }) {
   $("weights-block").hidden = !route.weights;
   fillBars($("out-route-weights"), route.weights ? expertBars(route.weights) : []);
 
-  const modalities = Object.entries(body.importance);
-  const describe = modalities.map(([name, value]) => `${name} ${formatPercent(value)}`).join(", ");
-  fillStack(
-    $("out-importance"),
-    modalities.map(([name, value], i) => ({ name, value, colour: MODALITY_COLOURS[i % MODALITY_COLOURS.length] })),
-    `Modality importance: ${describe}`,
-  );
-  $("importance-legend").replaceChildren(
-    ...modalities.map(([name, value], i) =>
-      el("li", {},
-        el("span", { class: `key ${MODALITY_COLOURS[i % MODALITY_COLOURS.length]}` }),
-        `${humanize(name)} `,
-        el("strong", { id: `out-importance-${name}`, dataset: { value }, text: formatPercent(value) })),
-    ),
-  );
+  drawSplit("importance", body.importance, "What decided the answer");
+  $("out-importance-method").textContent = METHOD[body.importance_method] || "";
+  drawSplit("modality-weights", route.modality_weights || {}, "Modality weights of the routers", "weight");
+  const explanation = body.explanation;
+  $("explanation-block").hidden = !explanation;
+  if (explanation) {
+    drawSplit("exact", explanation.importance, "Exact shares", "exact", explanation.shapley);
+    const lp = explanation.log_prob;
+    $("out-log-probs").textContent =
+      `log p = ${signed(lp.both)} (both), ${signed(lp.text_only)} (text only), ` +
+      `${signed(lp.image_only)} (image only), ${signed(lp.neither)} (neither).`;
+  }
 
   const { madds, madds_full: full, saved_ratio: saved } = body.compute;
   const scale = Math.max(madds, full);
@@ -127,7 +160,7 @@ function compareRow(model, experts, run, chosen, full) {
   const attributes = { class: isChosen ? "is-chosen" : "", dataset: { expert: run.expert, chosen: String(isChosen) } };
   if (run.error) {
     const message = `${run.error.status || ""} ${run.error.message}`.trim();
-    return el("tr", attributes, name, el("td", { colspan: 5, class: "error-text", text: message }));
+    return el("tr", attributes, name, el("td", { colspan: 6, class: "error-text", text: message }));
   }
   const body = run.body;
   const same = full ? (body.label === full.body.label ? "\u2713 yes" : "\u2717 no") : "\u2013";
@@ -138,5 +171,7 @@ function compareRow(model, experts, run, chosen, full) {
     el("td", { "data-label": "MAdds", class: "num", text: formatInt(body.compute.madds) }),
     el("td", { "data-label": "saved", class: "num", text: formatPercent(body.compute.saved_ratio) }),
     el("td", { "data-label": "same label as full", text: same }),
+    el("td", { "data-label": "what decided it", class: "importance-cell", text: importanceText(body.importance),
+      dataset: { text: body.importance.text, image: body.importance.image, method: body.importance_method } }),
   );
 }

@@ -7,7 +7,7 @@ nothing else:
   files are images; random bytes are answered 415 by design, and the schema says so in words);
 - a /v2 infer body generated as valid data gets the cross-field rules its operation describes: each
   input once, shape = [number of elements], the same N for both inputs, a modality in every row, each
-  output once;
+  output once, the output ``shapley`` only with the parameter ``explain``;
 - a multipart body generated as invalid data is checked against the operation's schema here, and
   dropped when it is in fact valid: schemathesis checks its own invalid cases, but cannot when they
   carry a file (its validator refuses the Binary type), and then takes a mutation inside one ``anyOf``
@@ -132,3 +132,6 @@ def _consistent_v2(body: dict) -> None:
         for output in outputs:
             seen.setdefault(output.get("name"), output)
         body["outputs"] = list(seen.values())
+        parameters = body.get("parameters")
+        if "shapley" in seen and not (isinstance(parameters, dict) and parameters.get("explain") is True):
+            body["parameters"] = {**(parameters or {}), "explain": True}

@@ -78,6 +78,15 @@ def base(servers) -> str:
     return servers()
 
 
+@pytest.fixture(scope="module")
+def explained_base(tiny_export):
+    """A server over the tiny run this checkout exports: explain needs a model exported with attribution, which the
+    shipped store/shapes/1 is not until it is re-shipped."""
+    started = []
+    yield launch_server(tiny_export, started)[1]
+    stop_servers(started)
+
+
 @pytest.fixture(autouse=True)
 def no_script_errors(request):
     """No test leaves a JavaScript error in the console (a failed HTTP status is the page's business)."""
@@ -198,6 +207,10 @@ def test_the_page_shows_what_the_api_answers_for_the_same_image_and_text(browser
         shown = by_id(browser, f"out-importance-{modality}")
         assert float(shown.get_attribute("data-value")) == api["importance"][modality]
         assert_percent(shown.text, api["importance"][modality])
+        weight = by_id(browser, f"out-weight-{modality}")  # the routers' figure, in the route card
+        assert float(weight.get_attribute("data-value")) == api["route"]["modality_weights"][modality]
+    assert by_id(browser, "out-importance-method").text  # how the shares were computed, in words
+    assert not by_id(browser, "explanation-block").is_displayed()  # exact values only on request
     assert by_id(browser, "out-madds").text == f"{api['compute']['madds']:,}"
     assert by_id(browser, "out-madds-full").text == f"{api['compute']['madds_full']:,}"
     assert_percent(by_id(browser, "out-saved").text, api["compute"]["saved_ratio"])
@@ -218,8 +231,12 @@ def test_compare_runs_every_expert_and_marks_the_routers_choice(browser, base, s
     assert [row.get_attribute("data-expert") for row in rows] == experts
     for row in rows:
         forced = api_classify(base, sample["png"], sample["text"], route=row.get_attribute("data-expert")).json()
-        label, confidence, madds, saved, _ = (cell.text for cell in row.find_elements("css selector", "td"))
+        cells = row.find_elements("css selector", "td")
+        label, confidence, madds, saved, _, decided = (cell.text for cell in cells)
         assert label == forced["label"]
+        for modality in ("text", "image"):  # each expert's own attribution of its answer
+            assert float(cells[5].get_attribute(f"data-{modality}")) == forced["importance"][modality]
+            assert f"{modality} " in decided
         assert_percent(confidence, max(forced["scores"].values()))
         assert madds == f"{forced['compute']['madds']:,}"
         assert_percent(saved, forced["compute"]["saved_ratio"])
@@ -227,6 +244,32 @@ def test_compare_runs_every_expert_and_marks_the_routers_choice(browser, base, s
     assert chosen == [auto["route"]["expert"]]
     assert "router's choice" in select(browser, "#compare-rows tr.is-chosen th")[0].text
     assert f"The router chose {auto['route']['expert']}" in by_id(browser, "compare-summary").text
+
+
+def test_explain_shows_the_exact_values_the_api_computes(browser, explained_base, samples, tmp_path):
+    base, sample = explained_base, samples[7]
+    open_playground(browser, base)
+    fill(browser, write_pair(tmp_path, sample), sample["text"])
+    select(browser, '#route-select option[value="mi2p"]')[0].click()  # reads both modalities
+    by_id(browser, "explain-input").click()
+    classify_on_page(browser)
+    wait(browser, lambda d: by_id(d, "explanation-block").is_displayed(), "no exact values shown")
+    api = api_classify(base, sample["png"], sample["text"], route="mi2p", explain="true").json()
+
+    for modality in ("text", "image"):
+        exact = by_id(browser, f"out-exact-{modality}")
+        assert float(exact.get_attribute("data-value")) == api["explanation"]["importance"][modality]
+        shapley = by_id(browser, f"out-shapley-{modality}")
+        assert float(shapley.get_attribute("data-value")) == api["explanation"]["shapley"][modality]
+        assert (
+            float(by_id(browser, f"out-importance-{modality}").get_attribute("data-value"))
+            == api["importance"][modality]
+        )
+    assert (
+        f"{api['explanation']['log_prob']['neither']:+.3f}".replace("-", "\u2212")
+        in by_id(browser, "out-log-probs").text
+    )
+    assert by_id(browser, "out-madds").text == f"{api['compute']['madds']:,}"  # the explanation's cost included
 
 
 def test_compare_without_an_image_says_why_the_image_experts_cannot_run(browser, base, samples):

@@ -29,6 +29,17 @@ def expert_components(manifest: dict, expert: str) -> list[str]:
     return next(e["components"] for e in manifest["experts"] if e["name"] == expert)
 
 
+def attribution_madds(manifest: dict, expert: str) -> int:
+    """What ``expert``'s default attribution costs (model.json); none for a model exported before attribution."""
+    return manifest["attribution"]["experts"][expert]["madds"] if "attribution" in manifest else 0
+
+
+def routed_madds(manifest: dict, expert: str) -> int:
+    """A request with both modalities routed to ``expert``: its path and its default attribution (model.json)."""
+    path = next(e for e in manifest["experts"] if e["name"] == expert)["path_madds"]
+    return path + attribution_madds(manifest, expert)
+
+
 def test_classify_json_answers_with_every_contract_field(client, samples, manifest):
     sample = samples[0]
     response = client.post("/v1/classify", json={"image": b64(sample["png"]), "text": sample["text"]})
@@ -46,10 +57,13 @@ def test_classify_json_answers_with_every_contract_field(client, samples, manife
     assert sum(body["route"]["scores"].values()) == pytest.approx(1.0, abs=1e-4)
     assert body["route"]["expert"] == max(body["route"]["scores"], key=body["route"]["scores"].get)
     assert body["importance"]["text"] + body["importance"]["image"] == pytest.approx(1.0, abs=1e-5)
-    expert = next(e for e in manifest["experts"] if e["name"] == body["route"]["expert"])
-    assert body["compute"]["madds"] == expert["path_madds"]
+    madds = routed_madds(manifest, body["route"]["expert"])
+    assert body["compute"]["madds"] == madds
     assert body["compute"]["madds_full"] == manifest["madds_full"]
-    assert body["compute"]["saved_ratio"] == pytest.approx(1 - expert["path_madds"] / manifest["madds_full"], abs=1e-5)
+    assert body["compute"]["saved_ratio"] == pytest.approx(1 - madds / manifest["madds_full"], abs=1e-5)
+    assert body["compute"]["attribution_madds"] == attribution_madds(manifest, body["route"]["expert"])
+    assert body["route"]["modality_weights"]["text"] + body["route"]["modality_weights"]["image"] == pytest.approx(1.0)
+    assert "explanation" not in body  # only when asked
     assert set(body["timing_ms"]) == {"queue", "inference", "total"}
     assert body["timing_ms"]["total"] >= body["timing_ms"]["inference"] >= 0
     assert response.headers["x-request-id"] == body["id"]
@@ -73,6 +87,7 @@ def test_without_an_image_only_the_text_expert_runs(client, samples, manifest):
     assert body["route"]["expert"] == "text"
     assert body["route"]["decided_by"] == "missing_modality"
     assert body["importance"] == {"text": 1.0, "image": 0.0}
+    assert body["route"]["modality_weights"] == {"text": 1.0, "image": 0.0}  # DRDF: a modality alone weighs 1
     assert body["compute"]["madds"] == component_madds(
         manifest, "text_encoder", manifest["router"]["component"], "text_head"
     )
@@ -93,6 +108,7 @@ def test_without_text_only_the_image_expert_runs(client, samples, manifest):
         assert body["route"]["expert"] == expert
         assert body["route"]["decided_by"] == "missing_modality"
         assert body["importance"] == {"text": 0.0, "image": 1.0}
+        assert body["route"]["modality_weights"] == {"text": 0.0, "image": 1.0}
         assert body["compute"]["madds"] == component_madds(
             manifest, "image_glimpse", manifest["router"]["component"], *expert_components(manifest, expert)
         )
@@ -101,8 +117,11 @@ def test_without_text_only_the_image_expert_runs(client, samples, manifest):
 def test_a_blank_text_counts_as_missing(client, samples, manifest):
     body = client.post("/v1/classify", json={"image": b64(samples[0]["png"]), "text": "   "}).json()
 
+    without_text = client.post("/v1/classify", json={"image": b64(samples[0]["png"])}).json()
     expected = best_image_only_expert(manifest, body["route"]["scores"])
     assert (body["route"]["expert"], body["route"]["decided_by"]) == (expected, "missing_modality")
+    assert body["route"] == without_text["route"]  # the same image-only choice as with no text at all
+    assert body["importance"] == {"text": 0.0, "image": 1.0}
 
 
 @pytest.mark.parametrize("expert", sorted(EXPERTS))
@@ -113,8 +132,7 @@ def test_a_forced_route_runs_that_expert(client, samples, manifest, expert):
 
     assert body["route"]["expert"] == expert
     assert body["route"]["decided_by"] == "request"
-    path = next(e for e in manifest["experts"] if e["name"] == expert)["path_madds"]
-    assert body["compute"]["madds"] == path
+    assert body["compute"]["madds"] == routed_madds(manifest, expert)
 
 
 def test_threshold_zero_is_the_router_and_one_is_the_full_path_from_every_cheaper_pick(client, samples, manifest):
@@ -253,8 +271,9 @@ def test_named_keys_label_the_request_metrics_by_name_never_by_key(serve, sample
     assert client.post("/v1/classify", json=pair).status_code == 401
     text = client.get("/metrics").text
     samples_ = scrape(client)
-    assert value(samples_, "dynfuse_requests_total", model="shapes", status="200", key="ci") == 1
-    assert value(samples_, "dynfuse_requests_total", model="shapes", status="200", key="partner") == 2
-    assert value(samples_, "dynfuse_requests_total", model="shapes", status="401", key="anonymous") == 4
+    http = {"model": "shapes", "protocol": "http"}
+    assert value(samples_, "dynfuse_requests_total", status="200", key="ci", **http) == 1
+    assert value(samples_, "dynfuse_requests_total", status="200", key="partner", **http) == 2
+    assert value(samples_, "dynfuse_requests_total", status="401", key="anonymous", **http) == 4
     for secret in ("ci-s3cret", "clé", "🔑"):  # the keys themselves never reach the metrics
         assert secret not in text

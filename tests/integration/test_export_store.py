@@ -25,9 +25,13 @@ def test_model_json_lists_everything_serving_needs(tiny_export):
 
     assert manifest["labels"]
     assert manifest["preprocessing"]["image_size"] == 32
+    # The distilled attribution heads of the experts whose exact values cost over 2% of the full path: mi2p's
+    # two reruns alone cost more than the full path (export/attribution.py).
+    heads = {f"attribution.{e}" for e, entry in manifest["attribution"]["experts"].items() if entry["method"] == "head"}
+    assert "attribution.mi2p" in heads
     assert set(manifest["components"]) == {
         "text_encoder", "image_glimpse", "image_trunk", "image_encoder", "text_head", "image_lite", "image_head",
-        "fusion_head", "mulmix", "mi2p", "muse", "router.lambda_0", "router.lambda_0.3",
+        "fusion_head", "mulmix", "mi2p", "muse", "router.lambda_0", "router.lambda_0.3", *heads,
     }  # fmt: skip
     for name, component in manifest["components"].items():
         assert component["madds"] > 0, name

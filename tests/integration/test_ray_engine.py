@@ -97,6 +97,8 @@ def essentials(body: dict) -> dict:
         "decided_by": body["route"]["decided_by"],
         "madds": body["compute"]["madds"],
         "madds_full": body["compute"]["madds_full"],
+        "attribution_madds": body["compute"]["attribution_madds"],
+        "importance_method": body["importance_method"],
     }
 
 
@@ -104,6 +106,10 @@ def assert_same(ray_body: dict, local_body: dict) -> None:
     assert essentials(ray_body) == essentials(local_body)
     for key in ("text", "image"):
         assert ray_body["importance"][key] == pytest.approx(local_body["importance"][key], abs=2e-6)
+        assert ray_body["route"]["modality_weights"][key] == pytest.approx(local_body["route"]["modality_weights"][key])
+    assert ("explanation" in ray_body) == ("explanation" in local_body)
+    for part, values in local_body.get("explanation", {}).items():  # computed on the expert deployment
+        assert ray_body["explanation"][part] == pytest.approx(values, abs=1e-5), part
     for label, p in local_body["scores"].items():
         assert ray_body["scores"][label] == pytest.approx(p, abs=1e-5), label
     for expert, s in local_body["route"]["scores"].items():
@@ -131,7 +137,8 @@ def test_forced_and_soft_routes_fan_out_to_the_expert_deployments(cluster, singl
     base, _ = cluster
     experts = [e["name"] for e in single_process.get(f"/v1/models/{MODEL_NAME}").json()["experts"]]
     pair = {"image": b64(samples[5]["png"]), "text": samples[5]["text"]}
-    requests = [{**pair, "route": route} for route in (*experts, "soft")]
+    # Explained: the exact values are computed where the expert runs, in its own deployment.
+    requests = [{**pair, "route": route, "explain": True} for route in (*experts, "soft")]
     with httpx.Client(base_url=base, timeout=30) as client:
         remote = answers(client.post, requests, threads=4)
     local = answers(single_process.post, requests, threads=1)

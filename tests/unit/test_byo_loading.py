@@ -137,3 +137,100 @@ def test_train_router_refuses_a_bad_expert_before_training(experts_dir, tmp_path
     assert code == 1
     assert "dynfuse train-router: error: expert ghost: cannot import module 'no_such_module'" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+BOTH_FILE = textwrap.dedent(
+    """
+    import torch
+    from torch import nn
+    from models.byo import Component, Expert, ImageSpec, TextSpec
+
+    LABELS = ["cat", "dog", "fox"]
+
+
+    class Words(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embedding = nn.Embedding(16, 4)
+
+        def forward(self, token_ids):
+            return self.embedding(token_ids).mean(1)  # (B, 4)
+
+
+    class Colour(nn.Module):
+        def forward(self, pixel_values):
+            return pixel_values.mean((2, 3))  # (B, 3)
+
+
+    class Fusion(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.head = nn.Linear(7, 3)
+
+        def forward(self, words, colour):
+            return self.head(torch.cat([words, colour], 1))
+
+
+    def both(missing):
+        return Expert(
+            modalities=("text", "image"),
+            labels=LABELS,
+            image=ImageSpec(8),
+            text=TextSpec(TOKENIZER, 6),
+            components=[
+                Component(Words(), inputs=("token_ids",), outputs=("words",), name="text"),
+                Component(Colour(), inputs={"pixel_values": "image"}, outputs=("colour",), name="image"),
+                Component(Fusion(), inputs=("words", "colour"), outputs=("logits",), name="fusion"),
+            ],
+            missing=missing,
+        )
+
+
+    def declared():
+        return both({"text": {"words": 0.0}, "image": {"colour": [0.0, 0.0, 0.0]}})
+
+
+    def undeclared():
+        return both(None)
+
+
+    def misnamed():
+        return both({"text": {"token_ids": 0}, "image": {"colour": 0.0}})
+
+
+    def misshapen():
+        return both({"text": {"words": [0.0, 0.0]}, "image": {"colour": 0.0}})
+    """
+)
+
+
+@pytest.fixture
+def both_dir(tmp_path, monkeypatch):
+    from models.tokenizer import Tokenizer
+
+    tokenizer = tmp_path / "words.json"
+    Tokenizer.build(["a cat", "a dog", "a fox"], max_tokens=6).save(tokenizer)
+    (tmp_path / "two_modalities.py").write_text(BOTH_FILE.replace("TOKENIZER", repr(str(tokenizer))))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return tmp_path
+
+
+def test_a_two_modality_expert_without_its_missing_representation_is_refused_saying_what_to_declare(both_dir):
+    with pytest.raises(ExpertError) as refused:
+        load("a=two_modalities:declared", "b=two_modalities:undeclared")
+    message = str(refused.value)
+    assert message.startswith("expert b: it reads text and image")
+    assert "its fusion part (fusion) reads from the text ['words'] and from the image ['colour']" in message
+    assert "Expert(..., missing={'text': {'words': ...}, 'image': {'colour': ...}})" in message
+
+    misnamed = r"^expert c: missing declares .*'token_ids'.*reads from the text \['words'\]"
+    with pytest.raises(ExpertError, match=misnamed):
+        load("a=two_modalities:declared", "c=two_modalities:misnamed")
+    with pytest.raises(ExpertError, match=r"^expert d: missing\['text'\] gives 'words' a value of the wrong shape"):
+        load("a=two_modalities:declared", "d=two_modalities:misshapen")
+
+
+def test_a_declared_representation_is_kept_by_the_names_the_pipeline_uses(both_dir):
+    first, _ = load("a=two_modalities:declared", "b=two_modalities:declared")
+    assert first.missing() == {"text": {"a.text.words": 0.0}, "image": {"a.image.colour": [0.0, 0.0, 0.0]}}
+    assert first.fusion_plan().components == ("a.fusion",)

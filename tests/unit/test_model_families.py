@@ -77,6 +77,11 @@ def test_the_tiny_presets_components_round_trip_in_the_sessions_export(tiny_expo
     eager PyTorch, on random inputs of batch 1, 3 and 16 and on real ones; its model.json records each difference."""
     manifest = json.loads((tiny_export / "shapes" / "1" / "model.json").read_text())
     components = set(create_model("dynamic_fusion_tiny").components) - {"router"}
+    # and the attribution heads distilled for the experts whose exact values cost more than the budget
+    heads = {e["head"] for e in manifest["attribution"]["experts"].values() if e.get("head")}
+    assert heads
+    assert all(head.startswith("attribution.") for head in heads)
+    components |= heads
     assert {name for name in manifest["components"] if not name.startswith("router.")} == components
     parity = manifest["parity"]["components"]
     assert set(parity) == set(manifest["components"])

@@ -39,6 +39,7 @@ def output(label: str) -> PipelineOutput:
         expert="text",
         decided_by="router",
         route_scores=np.ones(3, np.float32) / 3,
+        modality_weights=np.array([0.5, 0.5], np.float32),
         importance=np.array([1.0, 0.0], np.float32),
         madds=1,
         operating_point="p",

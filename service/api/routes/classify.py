@@ -30,6 +30,7 @@ from service.inference import ClientInput
 from service.json_limits import JsonLimits, check_json_limits
 from service.repository import Leases
 from service.schemas import (
+    EXPLAIN_DESCRIPTION,
     MIN_CONFIDENCE_DESCRIPTION,
     MODEL_DESCRIPTION,
     OPERATING_POINT_DESCRIPTION,
@@ -50,7 +51,8 @@ ROUTER_CHECKS = (require_api_key,)
 
 router = APIRouter(prefix="/v1", tags=["inference"], dependencies=[Depends(check) for check in ROUTER_CHECKS])
 
-FORM_FIELDS = {"image", "text", "route", "threshold", "operating_point", "min_confidence", "model"}
+FORM_FIELDS = {"image", "text", "route", "threshold", "operating_point", "min_confidence", "model", "explain"}
+FORM_BOOLEANS = {"true": True, "false": False}  # as the document's boolean type says, nothing looser
 
 ERROR_RESPONSES = {
     status: {"model": ErrorResponse, "description": description}
@@ -94,6 +96,7 @@ CLASSIFY_BODY = {
                             "description": MIN_CONFIDENCE_DESCRIPTION,
                         },
                         "model": {"type": "string", "description": MODEL_DESCRIPTION},
+                        "explain": {"type": "boolean", "default": False, "description": EXPLAIN_DESCRIPTION},
                     },
                 }
             },
@@ -151,7 +154,13 @@ async def classify_batch(request: Request, models: ModelsDep, settings: Settings
         try:
             image = decode_base64(entry.image) if entry.image is not None else None
             client = ClientInput(
-                image, entry.text, body.route, body.threshold, body.operating_point, body.min_confidence
+                image,
+                entry.text,
+                body.route,
+                body.threshold,
+                body.operating_point,
+                body.min_confidence,
+                explain=body.explain,
             )
             items.append(await service.prepare(client))
         except ApiError as error:
@@ -208,6 +217,7 @@ async def _read_json(request: Request, max_rows: int) -> ClientInput:
         parsed.operating_point,
         parsed.min_confidence,
         model=parsed.model,
+        explain=parsed.explain,
     )
 
 
@@ -251,7 +261,18 @@ async def _client_input(form) -> ClientInput:
         raise InvalidInput("model: must be a plain form field")
     threshold = _parse_unit("threshold", form.get("threshold"))
     min_confidence = _parse_unit("min_confidence", form.get("min_confidence"))
-    return ClientInput(image, text, route, threshold, point, min_confidence, model=model)
+    explain = _parse_flag("explain", form.get("explain"))
+    return ClientInput(image, text, route, threshold, point, min_confidence, model=model, explain=explain)
+
+
+def _parse_flag(field: str, value) -> bool:
+    """A form field holding true or false, False when it is absent."""
+    if value is None:
+        return False
+    if isinstance(value, str) and value in FORM_BOOLEANS:
+        return FORM_BOOLEANS[value]
+    shown = repr(value) if isinstance(value, str) else "a file"
+    raise InvalidInput(f"{field}: {shown} is not true or false; send explain=true, or leave the field out")
 
 
 def _parse_unit(field: str, value) -> float | None:
