@@ -12,7 +12,7 @@ import time
 import pytest
 from test_admission_unit import App, Exchange, counted, door, rejected, run
 
-from service.admission import MAX_HEADER_BYTES, _run_until
+from service.admission import MAX_HEADER_BYTES, run_until
 
 
 class ChunkedExchange(Exchange):
@@ -139,6 +139,9 @@ def test_an_over_capacity_refusal_is_counted_under_its_key():
     assert counted(admission, 200, key="team-b") == 1
 
 
+HTTP = {"model": "m", "protocol": "http"}
+
+
 def test_each_request_is_timed_as_a_duration_whatever_its_answer():
     admission = door(App(), capacity=1)
     app_held = App(held=True)
@@ -160,8 +163,8 @@ def test_each_request_is_timed_as_a_duration_whatever_its_answer():
     run(scenario)
     for front, answers in ((admission, 1), (loading, 1), (busy, 2)):
         registry = front.metrics.registry
-        count = registry.get_sample_value("dynfuse_request_duration_seconds_count", {"model": "m"})
-        total = registry.get_sample_value("dynfuse_request_duration_seconds_sum", {"model": "m"})
+        count = registry.get_sample_value("dynfuse_request_duration_seconds_count", HTTP)
+        total = registry.get_sample_value("dynfuse_request_duration_seconds_sum", HTTP)
         assert count == answers
         assert 0 <= total < 60 * answers  # seconds spent, not a clock reading
 
@@ -174,22 +177,23 @@ def test_the_deadline_timer_cancels_at_the_deadline_and_lets_an_earlier_answer_t
     async def answer(after_s: float, done: list):
         await asyncio.sleep(after_s)
         done.append(after_s)
+        return "answered"
 
     async def scenario():
         done: list[float] = []
-        await _run_until(time.monotonic() + 30, answer(0.01, done))  # well within its deadline
-        outcomes = [list(done)]
+        result = await run_until(time.monotonic() + 30, answer(0.01, done))  # well within its deadline
+        outcomes = [(result, list(done))]
         for deadline_in, takes in ((0.05, 0.5), (-1.0, 0.01)):  # ends after its deadline; a deadline already past
             started = time.monotonic()
             try:
-                await _run_until(time.monotonic() + deadline_in, answer(takes, done))
+                await run_until(time.monotonic() + deadline_in, answer(takes, done))
                 outcomes.append(("answered", list(done)))
             except TimeoutError:
                 outcomes.append(("timed out", time.monotonic() - started < takes))
         return outcomes
 
     outcomes = asyncio.run(asyncio.wait_for(scenario(), 30))
-    assert outcomes == [[0.01], ("timed out", True), ("timed out", True)]
+    assert outcomes == [("answered", [0.01]), ("timed out", True), ("timed out", True)]
 
 
 def test_json_of_a_refusal_is_the_protocols_error_shape():
