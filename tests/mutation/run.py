@@ -37,6 +37,7 @@ MODULES: dict[str, list[str]] = {
     # tests of what each step decides (formats, limits, orientation, reduction, pixels) cover the same code.
     "service/decode.py": [
         "tests/unit/test_decode.py",
+        "tests/unit/test_decode_refusals.py",
         "--deselect=tests/unit/test_decode.py::test_every_mutant_of_every_accepted_format_decodes_or_is_a_4xx",
     ],
     "service/admission.py": ["tests/unit/test_admission_unit.py", "tests/unit/test_admission_edges.py"],
