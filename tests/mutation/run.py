@@ -43,6 +43,8 @@ MODULES: dict[str, list[str]] = {
     "service/admission.py": ["tests/unit/test_admission_unit.py", "tests/unit/test_admission_edges.py"],
     "export/execution.py": ["tests/unit/test_pipeline_decisions.py", "tests/unit/test_pipeline_answers.py"],
     "export/pipeline.py": ["tests/unit/test_pipeline_decisions.py", "tests/unit/test_pipeline_answers.py"],
+    # Importance (issue 21): the attribution of an answer to each modality, its Shapley arithmetic and its checks.
+    "export/attribution.py": ["tests/unit/test_attribution_math.py"],
     # Routing safety (issue 22): the guard's engage/release decisions and the validation figures it compares with.
     "service/guard.py": ["tests/unit/test_guard.py", "tests/unit/test_guard_report.py"],
     "models/safety.py": ["tests/unit/test_safety.py", "tests/unit/test_safety_section.py"],
