@@ -246,6 +246,9 @@ def test_another_front_door_shares_the_capacity_and_is_refused_and_paced_alike(m
     assert slept == [pytest.approx(1 / 200, abs=1e-9)]  # the default pace: 200 refusals a second
     assert third is None
     assert admission.admitted == 1
+    roomy = door(App(), capacity=3)
+    assert [roomy.admit(), roomy.admit()] == [None, None]
+    assert roomy.admitted == 2  # each admission counted, not merely noted
 
 
 def test_other_scopes_reach_the_app_with_their_own_receive():
