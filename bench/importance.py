@@ -261,7 +261,7 @@ def held_out_data(data: Path, seed: int, store_model) -> Path:
     if trained_on == seed:
         raise SystemExit(f"--seed {seed} is the seed the model was trained on: pick another")
     if not (data / "synth.json").is_file():
-        generate(data, SynthConfig(seed=seed, image_size=store_model.preprocessing.image_size), progress=True)
+        generate(data, SynthConfig(seed=seed, image_size=store_model.preprocessing.image_size), splits=SPLITS)
     return data
 
 
@@ -272,6 +272,24 @@ def wait_ready(client, timeout_s: float = 900.0) -> None:
         if time.monotonic() > deadline:
             raise SystemExit(f"the model was not ready after {timeout_s:.0f} s: {client.get('/readyz').text}")
         time.sleep(0.2)
+
+
+def measure(store: Path, model: str, data: Path) -> dict:
+    """The figures of each split of ``data``, through the API of an app serving ``model`` of ``store``."""
+    from fastapi.testclient import TestClient
+
+    from export.store import load_model
+    from service.config import Settings
+    from service.main import create_app
+
+    madds_full = load_model(store, model).madds_full
+    figures = {}
+    with TestClient(create_app(Settings(store=store, model=model))) as client:
+        wait_ready(client)
+        for split in SPLITS:
+            samples = load_test_split(data, split)
+            figures[split] = split_figures(samples, run_split(client, samples, model), madds_full)
+    return figures
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -288,21 +306,11 @@ def main(argv: list[str] | None = None) -> int:
         plot(json.loads(args.out.read_text())["splits"], args.plot)
         return 0
 
-    from fastapi.testclient import TestClient
-
     from export.store import load_model
-    from service.config import Settings
-    from service.main import create_app
 
     model = load_model(args.store, args.model)
     data = held_out_data(args.data or Path("build") / f"importance-heldout-s{args.seed}", args.seed, model)
-    figures = {}
-    with TestClient(create_app(Settings(store=args.store, model=model.name))) as client:
-        wait_ready(client)
-        for split in SPLITS:
-            samples = load_test_split(data, split)
-            answers = run_split(client, samples, model.name)
-            figures[split] = split_figures(samples, answers, model.madds_full)
+    figures = measure(args.store, model.name, data)
     met = goals(figures)
     for split, f in figures.items():
         print(f"\n{split} ({f['samples']} pairs, accuracy {f['accuracy']:.2%}):")
