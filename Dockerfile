@@ -2,8 +2,11 @@
 #
 #   docker build -t dynfuse .                          # CPU image (the default target, "cpu")
 #   docker build -t dynfuse:gpu --target gpu .         # NVIDIA image: ONNX Runtime's CUDA provider
-#   docker run --rm -p 8000:8000 dynfuse
-#   docker run --rm --gpus all -p 8000:8000 dynfuse:gpu
+#   docker run --rm -p 8000:8000 -p 8001:8001 dynfuse
+#   docker run --rm --gpus all -p 8000:8000 -p 8001:8001 dynfuse:gpu
+#
+# Port 8000 serves HTTP (/v1, /v2, /metrics, the playground), 8001 the Open Inference Protocol over
+# gRPC (tritonclient.grpc, KServe's gRPC client): Triton's ports. -e DYNFUSE_GRPC_PORT= turns gRPC off.
 #
 # The model store: both images carry the default model the repository ships ("shapes",
 # store/shapes/1, ONNX files with its provenance) at /opt/dynfuse/store (DYNFUSE_STORE); nothing
@@ -92,10 +95,11 @@ RUN pip install --no-cache-dir --no-deps /tmp/wheels/*.whl \
 COPY store/shapes/1 /opt/dynfuse/store/shapes/1
 ENV DYNFUSE_STORE=/opt/dynfuse/store \
     DYNFUSE_BACKEND=onnx \
-    DYNFUSE_DEVICE=cuda
+    DYNFUSE_DEVICE=cuda \
+    DYNFUSE_GRPC_PORT=8001
 USER 10001:10001
 WORKDIR /home/dynfuse
-EXPOSE 8000
+EXPOSE 8000 8001
 HEALTHCHECK --interval=15s --timeout=5s --start-period=120s --retries=3 \
     CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/readyz', timeout=4)"]
 CMD ["dynfuse", "serve", "--host", "0.0.0.0", "--port", "8000"]
@@ -119,10 +123,11 @@ RUN pip install --no-cache-dir --no-deps /tmp/wheels/*.whl \
 COPY store/shapes/1 /opt/dynfuse/store/shapes/1
 ENV DYNFUSE_STORE=/opt/dynfuse/store \
     DYNFUSE_BACKEND=onnx \
-    DYNFUSE_DEVICE=cpu
+    DYNFUSE_DEVICE=cpu \
+    DYNFUSE_GRPC_PORT=8001
 USER 10001:10001
 WORKDIR /home/dynfuse
-EXPOSE 8000
+EXPOSE 8000 8001
 # /readyz answers 503 until the model is loaded and warm; urlopen raises on it (exit 1).
 HEALTHCHECK --interval=15s --timeout=5s --start-period=60s --retries=3 \
     CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/readyz', timeout=4)"]

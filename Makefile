@@ -9,6 +9,7 @@ BIN    := $(VENV)/bin
 STORE  ?= store
 HOST   ?= 127.0.0.1
 PORT   ?= 8000
+GRPC_PORT ?=
 TORCH  := torch==2.13.0
 # pytest-xdist workers for `make test` (0: one process); tests/conftest.py trains the tiny model once for all.
 TEST_WORKERS ?= 2
@@ -41,7 +42,7 @@ $(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
 	touch $@ $(VENV)/.installed-train $(VENV)/.installed-serve
 
 run: $(VENV)/.installed-serve
-	$(BIN)/dynfuse serve --store $(STORE) --host $(HOST) --port $(PORT)
+	$(BIN)/dynfuse serve --store $(STORE) --host $(HOST) --port $(PORT) $(if $(GRPC_PORT),--grpc-port $(GRPC_PORT))
 
 # The whole suite, as CI runs it, in two steps: every file whole on one of TEST_WORKERS workers (a module's fixtures
 # are made once), then the tests that start a Ray cluster, one at a time (a cluster starting beside other work on 2

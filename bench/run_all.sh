@@ -20,6 +20,8 @@ done
 for i in 2 3; do
     "$PYTHON" -m bench.http_load --no-profile --workers 2 --out "bench/results/http_load_workers2_repeat$i.json"
 done
+# Figure 9: gRPC against HTTP (JSON and binary), the Open Inference Protocol, one server, transports in turn.
+"$PYTHON" -m bench.grpc_throughput
 "$PYTHON" -m bench.gpu --device cpu --quick --out bench/results/gpu_cpu_smoke.json
 # Figure 5: goodput under overload, one worker and two (needs wrk); then the 10-minute soak and chaos run.
 "$PYTHON" -m bench.overload

@@ -132,7 +132,7 @@ class Admission:
             await send(message)
 
         try:
-            await _run_until(deadline, self.app(scope, tracked_receive, tracked_send))
+            await run_until(deadline, self.app(scope, tracked_receive, tracked_send))
         except TimeoutError:
             if status is not None:  # too late to answer anything else; the server closes the connection
                 return None
@@ -161,9 +161,33 @@ class Admission:
         return name or ANONYMOUS
 
     def _refusal(self, scope) -> ApiError | None:
-        """Why this request is refused before any work, or None to admit it."""
+        """Why this HTTP request is refused before any work, or None to admit it."""
         if _header_bytes(scope) > MAX_HEADER_BYTES:
             return HeadersTooLarge(f"the request headers are over the limit of {MAX_HEADER_BYTES:,} bytes")
+        return self.refusal()
+
+    # -- another front door (gRPC, service/grpc/): the same capacity, readiness and pacing --------
+    def admit(self) -> ApiError | None:
+        """Admit one inference request that did not come through ``__call__``: None when admitted (then call
+        ``release`` once it is answered), else the refusal to answer it with. HTTP and gRPC requests share the
+        capacity."""
+        refusal = self.refusal()
+        if refusal is None:
+            self.admitted += 1
+            self._inflight.inc()
+        return refusal
+
+    def release(self) -> None:
+        self.admitted -= 1
+        self._inflight.dec()
+
+    async def pace(self, refusal: ApiError) -> None:
+        """Hold a 503 refusal until its turn, as HTTP's refusals are held (at most ``max_refusal_hold_s``)."""
+        if refusal.status == 503:
+            await self._paced()
+
+    def refusal(self) -> ApiError | None:
+        """Why an inference request is refused before any work (not serving, over capacity), or None."""
         not_serving = self.state.repository.not_serving
         if not_serving is not None:
             return NotReady(not_serving)
@@ -211,15 +235,14 @@ def _unbounded_body(scope, max_body_bytes: int) -> bool:
     return not declared.isdigit() or int(declared) > max_body_bytes
 
 
-async def _run_until(deadline: float, coroutine) -> None:
-    """Await ``coroutine``, cancelled with TimeoutError at ``deadline`` (``time.monotonic()``)."""
+async def run_until(deadline: float, coroutine):
+    """Await ``coroutine`` and return its result, cancelled with TimeoutError at ``deadline`` (``time.monotonic()``)."""
     loop = asyncio.get_running_loop()
     when = loop.time() + (deadline - time.monotonic())
     if hasattr(asyncio, "timeout_at"):  # Python 3.11+: no extra task per request
         async with asyncio.timeout_at(when):
-            await coroutine
-        return
+            return await coroutine
     try:  # pragma: no cover - Python 3.10
-        await asyncio.wait_for(coroutine, max(0.0, when - loop.time()))
+        return await asyncio.wait_for(coroutine, max(0.0, when - loop.time()))
     except asyncio.TimeoutError as error:  # pragma: no cover
         raise TimeoutError from error

@@ -147,6 +147,7 @@ def cmd_serve(args) -> int:
             "store": args.store,
             "host": args.host,
             "port": args.port,
+            "grpc_port": args.grpc_port,
             "backend": args.backend,
             "device": args.device,
             "model": args.model,
@@ -160,9 +161,15 @@ def cmd_serve(args) -> int:
         if value is not None
     }
     if args.engine == "ray":
+        settings = load_settings(**overrides)
+        if settings.grpc_port is not None:
+            raise ValueError(
+                "gRPC (--grpc-port, DYNFUSE_GRPC_PORT) is served by the uvicorn engine only: --engine ray serves the "
+                "Open Inference Protocol over HTTP (/v2); leave the gRPC port unset, or serve with --engine uvicorn"
+            )
         from service.ray.run import serve_on_ray
 
-        return serve_on_ray(load_settings(**overrides), args.address, args.deployments)
+        return serve_on_ray(settings, args.address, args.deployments)
     if args.address or args.deployments:
         raise ValueError("--address and --deployments are for --engine ray")
     return serve(load_settings(**overrides))
@@ -290,6 +297,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--store")
     serve.add_argument("--host")
     serve.add_argument("--port", type=int)
+    serve.add_argument(
+        "--grpc-port",
+        type=int,
+        help="also serve the Open Inference Protocol over gRPC on this port (default: off; the image uses 8001)",
+    )
     serve.add_argument("--backend", choices=("onnx", "torchscript"))
     serve.add_argument("--device", choices=("cpu", "cuda"))
     serve.add_argument("--model", help="model name (default: the store's only model)")

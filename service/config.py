@@ -42,6 +42,14 @@ class Settings(BaseSettings):
     threads: int | None = Field(None, ge=1, description="Intra-op threads of the runtime; default: all cores.")
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
+    grpc_port: int | None = Field(
+        None,
+        ge=0,
+        le=65535,
+        description="Also serve the Open Inference Protocol over gRPC (inference.GRPCInferenceService, which "
+        "tritonclient.grpc and KServe's gRPC client speak) on this port of the same host, in the same process as HTTP: "
+        "same models, batcher, limits and metrics. Default: off (8001 in the Docker image); 0 picks a free port.",
+    )
     workers: int = Field(
         0,
         ge=0,
@@ -218,6 +226,13 @@ class Settings(BaseSettings):
             raise ValueError(f"{value} is a file; DYNFUSE_STORE must be a directory (STORE/<name>/<version>/)")
         return value
 
+    @field_validator("grpc_port", mode="before")
+    @classmethod
+    def _grpc_off_when_blank(cls, value):
+        if isinstance(value, str) and not value.strip():
+            return None  # DYNFUSE_GRPC_PORT= (empty) turns gRPC off, e.g. over the image's 8001
+        return value
+
     @field_validator("api_key", "admin_key")
     @classmethod
     def _key_not_blank(cls, value: str | None) -> str | None:
@@ -268,6 +283,20 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"max_queue ({self.max_queue}) is smaller than max_batch_size ({self.max_batch_size}): "
                 "raise DYNFUSE_MAX_QUEUE or lower DYNFUSE_MAX_BATCH_SIZE"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _grpc_port_of_its_own(self) -> Settings:
+        if self.grpc_port is not None and self.grpc_port != 0 and self.grpc_port == self.port:
+            raise ValueError(
+                f"DYNFUSE_GRPC_PORT ({self.grpc_port}) is the HTTP port (DYNFUSE_PORT): gRPC needs a port of its own, "
+                "e.g. 8001 beside 8000"
+            )
+        if self.grpc_port == 0 and self.workers > 1:  # 0 workers (one per core): serve() checks once resolved
+            raise ValueError(
+                "DYNFUSE_GRPC_PORT=0 (any free port) would give each of the DYNFUSE_WORKERS processes a different "
+                "port: name the port, or serve one process (DYNFUSE_WORKERS=1)"
             )
         return self
 

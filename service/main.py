@@ -74,9 +74,17 @@ def create_app(
         loader = asyncio.create_task(_load(app), name="dynfuse-load")
         if settings.workers > 1:
             await loader
+        grpc_server = None
+        if settings.grpc_port is not None:
+            from service.grpc.server import GrpcServer  # grpcio is imported only when gRPC is served
+
+            grpc_server = app.state.grpc = GrpcServer(app)
+            await grpc_server.start()
         try:
             yield
         finally:
+            if grpc_server is not None:  # its calls in flight finish while the batchers still run
+                await grpc_server.stop()
             for task in (loader, *app.state.background):
                 task.cancel()
             await app.state.repository.stop()
@@ -93,6 +101,7 @@ def create_app(
     app.state.background = []  # the store poll and the following of other workers, when on
     app.state.load_error = None
     app.state.make_pipeline = make_pipeline
+    app.state.grpc = None  # the gRPC server (service/grpc/), when DYNFUSE_GRPC_PORT is set
     app.state.access = AccessPolicy.from_settings(settings)  # keys and model control, for every front end
     install_error_handlers(app, on_rejected=metrics.reject)
     # Inside the front door (admission): every request that may read a body (or drain one) holds a place

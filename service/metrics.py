@@ -43,6 +43,10 @@ BACKGROUND_LOOPS = ("follow", "store_poll")  # the loops service/repository_sync
 # What the inference routes answer; 503 (overloaded, not ready) and 504 (deadline) are the only 5xx a
 # request should ever get, and 500 a test should never see.
 STATUSES = ("200", "400", "401", "404", "408", "413", "415", "422", "431", "499", "500", "503", "504")
+# The front doors an inference request comes through (the ``protocol`` label): HTTP (/v1 and /v2) and the Open
+# Inference Protocol over gRPC (service/grpc/). A gRPC request's ``status`` is the HTTP status of the same outcome
+# (INVALID_ARGUMENT is 400, RESOURCE_EXHAUSTED 413 or 503, ...: service/grpc/errors.py), so one query reads both.
+PROTOCOLS = ("http", "grpc")
 
 
 class Metrics:
@@ -60,8 +64,9 @@ class Metrics:
         # Traffic
         self.requests = Counter(
             "dynfuse_requests",
-            "Inference HTTP requests by status code, and the name of the inference key that made them.",
-            ["model", "status", "key"],
+            "Inference requests by status code (for gRPC: the HTTP status of the same outcome), protocol, and the "
+            "name of the inference key that made them.",
+            ["model", "status", "protocol", "key"],
             registry=r,
         )
         self.rejected = Counter(
@@ -176,8 +181,8 @@ class Metrics:
         # Latency and batching
         self.request_duration = Histogram(
             "dynfuse_request_duration_seconds",
-            "Inference request latency.",
-            ["model"],
+            "Inference request latency, by protocol (http or grpc).",
+            ["model", "protocol"],
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
@@ -220,7 +225,6 @@ class Metrics:
             self.compute_madds,
             self.compute_full_madds,
             self.inflight,
-            self.request_duration,
             self.queue_duration,
             self.batch_size,
             self.degraded_requests,
@@ -230,9 +234,8 @@ class Metrics:
             series.labels(model)
         # Bound once: a refusal under overload must cost as little as possible, and .labels() is a lock
         # and a dictionary lookup every time.
-        self._by_status = {(status, ANONYMOUS): self.requests.labels(model, status, ANONYMOUS) for status in STATUSES}
+        self._bind_requests(model)
         self._by_reason = {reason: self.rejected.labels(model, reason) for reason in REJECT_REASONS}
-        self._duration = self.request_duration.labels(model)
         for modality in MODALITIES:
             self.modality_weight.labels(model, modality)
         for loop in BACKGROUND_LOOPS:
@@ -302,7 +305,6 @@ class Metrics:
         for series in (
             self.compute_madds,
             self.compute_full_madds,
-            self.request_duration,
             self.queue_duration,
             self.batch_size,
             self.audit_madds,
@@ -310,10 +312,18 @@ class Metrics:
             series.labels(model)
         for modality in MODALITIES:
             self.modality_weight.labels(model, modality)
-        view._by_status = {(status, ANONYMOUS): self.requests.labels(model, status, ANONYMOUS) for status in STATUSES}
+        view._bind_requests(model)
         view._by_reason = {reason: self.rejected.labels(model, reason) for reason in REJECT_REASONS}
-        view._duration = self.request_duration.labels(model)
         return view
+
+    def _bind_requests(self, model: str) -> None:
+        """The request series of ``model``, every status of every protocol, created (at 0) and bound once."""
+        self._by_status = {
+            (protocol, status, ANONYMOUS): self.requests.labels(model, status, protocol, ANONYMOUS)
+            for protocol in PROTOCOLS
+            for status in STATUSES
+        }
+        self._duration = {protocol: self.request_duration.labels(model, protocol) for protocol in PROTOCOLS}
 
     def observe_prediction(
         self,
@@ -356,14 +366,16 @@ class Metrics:
         child = self._by_reason.get(reason)
         (child if child is not None else self.rejected.labels(self.model, reason)).inc()
 
-    def count_request(self, status: int, seconds: float, key: str = ANONYMOUS) -> None:
+    def count_request(self, status: int, seconds: float, key: str = ANONYMOUS, protocol: str = "http") -> None:
         """One inference request answered with ``status`` after ``seconds``, made with the inference key named
-        ``key`` (service/auth.py: never the key itself)."""
-        child = self._by_status.get((str(status), key))
+        ``key`` (service/auth.py: never the key itself), that came in over ``protocol``."""
+        child = self._by_status.get((protocol, str(status), key))
         if child is None:  # a key's series are made at its first request: the keys file may change at any time
-            child = self._by_status[(str(status), key)] = self.requests.labels(self.model, str(status), key)
+            child = self._by_status[(protocol, str(status), key)] = self.requests.labels(
+                self.model, str(status), protocol, key
+            )
         child.inc()
-        self._duration.observe(seconds)
+        self._duration[protocol].observe(seconds)
 
     def render(self) -> bytes:
         if not self.multiprocess:

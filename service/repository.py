@@ -26,7 +26,7 @@ from urllib.parse import quote
 
 from export.store import ModelNotFoundError, StoreError, list_store, resolve
 from service.config import Settings
-from service.errors import InvalidInput, LoadRefused, NotFound, NotReady, Superseded
+from service.errors import InvalidInput, LoadRefused, MalformedRequest, NotFound, NotReady, Superseded
 from service.inference import InferenceService
 from service.metrics import Metrics
 
@@ -42,6 +42,29 @@ class LoadResult:
     version: str
     previous_version: str | None  # the version it replaced; None when the model was not served
     seconds: float  # verify + warm up + swap; 0 when that version was already served
+
+
+def load_version(parameters: dict) -> str | None:
+    """The version a load asks for (its one parameter, ``version``; None: the highest in the store), from either
+    transport's parameters. Triton's ``config`` and ``file:`` overrides are refused: a model is what the store
+    verified."""
+    unknown = sorted(set(parameters) - {"version"})
+    if unknown:
+        raise MalformedRequest(
+            f"load parameters {unknown} are not supported: dynfuse serves a model as the store holds it "
+            "(export another version instead); the only parameter is 'version'"
+        )
+    version = parameters.get("version")
+    if version is not None and (isinstance(version, bool) or not isinstance(version, str | int)):
+        raise MalformedRequest(f"parameter version: {version!r} is not a version name")
+    return None if version is None else str(version)
+
+
+def check_unload_parameters(parameters: dict) -> None:
+    """``unload_dependents`` is accepted and has nothing to act on (a dynfuse model has no dependents)."""
+    unknown = sorted(set(parameters) - {"unload_dependents"})
+    if unknown:
+        raise MalformedRequest(f"unload parameters {unknown} are not supported; the only one is 'unload_dependents'")
 
 
 class ModelRepository:

@@ -14,6 +14,7 @@ import logging
 import math
 import os
 import signal
+import socket
 import sys
 import tempfile
 from pathlib import Path
@@ -53,12 +54,27 @@ def serve(settings: Settings) -> int:
         )
         return 1
     settings = pinned(settings, path)
+    if settings.grpc_port:
+        problem = port_in_use(settings.host, settings.grpc_port)
+        if problem is not None:
+            print(f"dynfuse serve: error: cannot serve gRPC on port {settings.grpc_port} (--grpc-port, "
+                  f"DYNFUSE_GRPC_PORT): {problem}", file=sys.stderr)  # fmt: skip
+            return 1
     if not settings.workers:  # one per core; on a GPU one process (N would hold N copies of the model there)
         settings = settings.model_copy(update={"workers": 1 if settings.device == "cuda" else available_cores()})
+    if settings.grpc_port == 0 and settings.workers > 1:
+        message = (
+            f"DYNFUSE_GRPC_PORT=0 (any free port) would give each of the {settings.workers} worker processes a "
+            "different port: name the port, or serve one process (--workers 1)"
+        )
+        print(f"dynfuse serve: error: {message}", file=sys.stderr)
+        return 1
     base = f"http://{settings.host}:{settings.port}"
     runtime = f"{settings.backend}, {settings.device}"
     print(f"dynfuse: serving {path.parent.name} v{path.name} from {settings.store} ({runtime})")
     print(f"dynfuse: API docs at {base}/docs, readiness at {base}/readyz, metrics at {base}/metrics", flush=True)
+    if settings.grpc_port is not None:
+        print(f"dynfuse: Open Inference Protocol over gRPC on {settings.host}:{settings.grpc_port or '(a free port)'}")
     if settings.workers > 1:
         return _serve_workers(settings)
     from service.main import create_app  # here, not at the top: the supervisor of N workers never needs it
@@ -79,6 +95,19 @@ def serve(settings: Settings) -> int:
     signal.signal(signal.SIGTERM, lambda *_: None)
     uvicorn.Server(config).run()
     return 0
+
+
+def port_in_use(host: str, port: int) -> str | None:
+    """Why ``port`` can't be bound on ``host`` (in use, not allowed), or None. The socket sets no SO_REUSEPORT, so
+    a server that holds the port with it (as gRPC's workers do) counts as in use too."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers bind: TIME_WAIT is no obstacle
+        try:
+            probe.bind((host, port))
+        except OSError as error:
+            return error.strerror or str(error)
+    return None
 
 
 def available_cores(cgroup: Path = Path("/sys/fs/cgroup")) -> int:

@@ -38,7 +38,8 @@ from service.errors import MalformedRequest, PayloadTooLarge, UnsupportedMediaTy
 from service.json_limits import JsonLimits, check_json_limits
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
-NUMPY_DTYPES = {"FP32": "<f4", "INT64": "<i8"}  # the numeric datatypes this server sends, little-endian
+# The non-BYTES datatypes this server sends, little-endian (BOOL: one byte per element, 0 or 1, as the protocol says).
+NUMPY_DTYPES = {"FP32": "<f4", "INT64": "<i8", "BOOL": "?"}
 
 
 def _scalar(value, handler):
@@ -290,9 +291,8 @@ def check_parameters(where: str, parameters: dict, accepted: set[str]) -> None:
         raise MalformedRequest(f"{where}: the shared memory extension is not supported; send the data in the body")
     if "classification" in unknown:
         raise MalformedRequest(f"{where}: the classification extension is not supported; request the outputs")
-    raise MalformedRequest(
-        f"{where}: unknown parameter(s) {', '.join(map(repr, unknown))}; accepted: {', '.join(sorted(accepted))}"
-    )
+    known = f"accepted: {', '.join(sorted(accepted))}" if accepted else "it takes none"
+    raise MalformedRequest(f"{where}: unknown parameter(s) {', '.join(map(repr, unknown))}; {known}")
 
 
 def bytes_elements(tensor: RequestInput, binary: bytes | None) -> list[str] | list[bytes]:
@@ -361,20 +361,32 @@ def select_outputs(request: InferenceRequest, available: list[str]) -> list[tupl
     default = request.parameters.get("binary_data_output", False)
     if not isinstance(default, bool):
         raise MalformedRequest(f"parameter binary_data_output must be true or false, not {default!r}")
-    if request.outputs is None:
-        return [(name, default) for name in available]
-    selected: dict[str, bool] = {}
-    for output in request.outputs:
-        if output.name not in available:
-            raise MalformedRequest(f"unknown output {output.name!r}; this model has: {', '.join(available)}")
-        if output.name in selected:
-            raise MalformedRequest(f"output {output.name!r} is requested twice")
-        check_parameters(f"output {output.name!r}", output.parameters, {"binary_data"})
-        binary = output.parameters.get("binary_data", default)
+    requested = None if request.outputs is None else [(o.name, o.parameters) for o in request.outputs]
+    selected = []
+    for name, parameters in requested_outputs(requested, available, {"binary_data"}):
+        binary = parameters.get("binary_data", default)
         if not isinstance(binary, bool):
-            raise MalformedRequest(f"output {output.name!r}: binary_data must be true or false, not {binary!r}")
-        selected[output.name] = binary
-    return list(selected.items())
+            raise MalformedRequest(f"output {name!r}: binary_data must be true or false, not {binary!r}")
+        selected.append((name, binary))
+    return selected
+
+
+def requested_outputs(
+    requested: list[tuple[str, dict]] | None, available: list[str], accepted: set[str]
+) -> list[tuple[str, dict]]:
+    """(output name, its parameters) in response order: the requested outputs, checked, or all of them. Either
+    transport's request names its outputs this way (HTTP's JSON, gRPC's InferRequestedOutputTensor)."""
+    if requested is None:
+        return [(name, {}) for name in available]
+    seen: set[str] = set()
+    for name, parameters in requested:
+        if name not in available:
+            raise MalformedRequest(f"unknown output {name!r}; this model has: {', '.join(available)}")
+        if name in seen:
+            raise MalformedRequest(f"output {name!r} is requested twice")
+        check_parameters(f"output {name!r}", parameters, accepted)
+        seen.add(name)
+    return requested
 
 
 # -- writing a response --------------------------------------------------------------------------

@@ -91,7 +91,8 @@ def test_the_walkthrough_serves_the_users_experts_with_a_trained_router(walkthro
             samples = scrape(client)
             assert value(samples, "dynfuse_route_decisions_total", model="mine", expert="text",
                          decided_by="missing_modality") == 1  # fmt: skip
-            assert value(samples, "dynfuse_requests_total", model="mine", status="200", key="anonymous") == 4
+            labels = {"model": "mine", "protocol": "http", "key": "anonymous"}
+            assert value(samples, "dynfuse_requests_total", status="200", **labels) == 4
     finally:
         stop_servers(started)
 

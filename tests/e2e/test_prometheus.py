@@ -15,9 +15,12 @@ from concurrent.futures import ThreadPoolExecutor
 
 import dashboard_queries as dq
 import httpx
+import numpy as np
 import pytest
-from conftest import MODEL_NAME, b64, require_tool
+import tritonclient.grpc as triton_grpc
+from conftest import MODEL_NAME, b64, free_port, require_tool
 from prometheus_process import Prometheus, start_prometheus, stop
+from tritonclient.utils import InferenceServerException
 
 pytestmark = pytest.mark.e2e
 
@@ -101,6 +104,31 @@ def send(base: str, requests: list[dict]) -> list[httpx.Response]:
         return list(pool.map(lambda r: client.post("/v1/classify", **r["kwargs"]), requests))
 
 
+def send_grpc(url: str, samples: list[dict], full: str) -> tuple[list[int], set[str], int]:
+    """A few calls of the Open Inference Protocol over gRPC (tritonclient.grpc): (MAdds of each answered row,
+    the HTTP statuses the metrics count them under, how many answers are audited: those of a cheaper expert the
+    router picked, or that a confidence fallback replaced)."""
+    client = triton_grpc.InferenceServerClient(url)
+    madds, statuses, audited = [], set(), 0
+    for rows in (samples[:3], samples[3:4]):
+        inputs = []
+        for name, elements in (("image", [s["png"] for s in rows]), ("text", [s["text"].encode() for s in rows])):
+            tensor = triton_grpc.InferInput(name, [len(rows)], "BYTES")
+            tensor.set_data_from_numpy(np.array(elements, dtype=np.object_))
+            inputs.append(tensor)
+        result = client.infer(MODEL_NAME, inputs)
+        madds += result.as_numpy("madds").tolist()
+        for expert, decided_by in zip(result.as_numpy("expert"), result.as_numpy("decided_by"), strict=True):
+            audited += decided_by == b"confidence" or (decided_by == b"router" and expert.decode() != full)
+        statuses.add("200")
+    with pytest.raises(InferenceServerException) as refused:
+        client.infer(MODEL_NAME, inputs, parameters={"route": "no_such_expert"})
+    assert refused.value.status() == "StatusCode.INVALID_ARGUMENT"
+    statuses.add("400")
+    client.close()
+    return madds, statuses
+
+
 # --- the test -----------------------------------------------------------------------------------
 
 
@@ -110,11 +138,13 @@ def test_every_dashboard_query_returns_data_and_compute_saved_matches_the_respon
     started = time.monotonic()
     # Degrading from one waiting request on, with batches that wait 100 ms to fill: the burst's concurrent
     # requests find one waiting, so some are served degraded.
+    grpc_port = free_port()
     # Every answer of a cheaper expert audited, and the route mix's drift published from 10 picks on: the
     # defaults (2% of those answers, a window of 500 picks) leave a burst of 44 requests with no audit and no
     # drift, and the "Is routing still safe?" panels with nothing to show. tests/e2e/test_alerts.py runs them
     # on a longer replay.
     _, base = server_process(
+        grpc_port=grpc_port,
         max_body_bytes=MAX_BODY_BYTES,
         degrade_to="lambda_0.3",
         degrade_high_water=1,
@@ -134,6 +164,9 @@ def test_every_dashboard_query_returns_data_and_compute_saved_matches_the_respon
 
     requests = burst(samples)
     responses = send(base, requests)
+    full = httpx.get(f"{base}/v1/models/{MODEL_NAME}").json()["full_expert"]
+    grpc_madds, grpc_statuses, grpc_audited = send_grpc(f"127.0.0.1:{grpc_port}", samples, full)
+    grpc_calls = 3  # two answered, one refused
 
     for request, response in zip(requests, responses, strict=True):
         if request["reason"] is None:
@@ -149,8 +182,8 @@ def test_every_dashboard_query_returns_data_and_compute_saved_matches_the_respon
     assert experts_run == set(EXPERTS), experts_run
 
     # The audits run after the answers were sent, in spare capacity: every answer a cheaper expert gave to a
-    # request the router decided (a confidence fallback keeps the cheaper answer: its audit is free).
-    full = httpx.get(f"{base}/v1/models/{MODEL_NAME}").json()["full_expert"]
+    # request the router decided (a confidence fallback keeps the cheaper answer: its audit is free), over
+    # either transport.
     audited = [
         r
         for q, r in zip(requests, [x.json() if x.status_code == 200 else None for x in responses], strict=True)
@@ -164,10 +197,11 @@ def test_every_dashboard_query_returns_data_and_compute_saved_matches_the_respon
 
     # Until Prometheus has a sample with the whole burst and its audits, then one scrape more, so that even a
     # series first scraped in that sample has two samples in the window (rate() needs two).
-    prom.wait_for(f'sum(dynfuse_requests_total{{model="{MODEL_NAME}"}})', lambda v: v == len(requests), "burst scraped")
+    everything = len(requests) + grpc_calls
+    prom.wait_for(f'sum(dynfuse_requests_total{{model="{MODEL_NAME}"}})', lambda v: v == everything, "burst scraped")
     prom.wait_for(
         f'sum(dynfuse_audits_total{{model="{MODEL_NAME}", outcome=~"agreed|disagreed"}})',
-        lambda v: v == len(audited),
+        lambda v: v == len(audited) + grpc_audited,
         "audits scraped",
     )
     scrapes = prom.scalar(f"count_over_time(up{job}[1m])")
@@ -179,8 +213,9 @@ def test_every_dashboard_query_returns_data_and_compute_saved_matches_the_respon
     # extrapolate below zero). Both counters are scraped at the same instants and are 0 at the
     # window's first sample (scraped before the burst), so the factor is the same for both and
     # cancels in the ratio: what is left is float rounding.
-    madds = sum(r["compute"]["madds"] for r in ok)
-    madds_full = sum(r["compute"]["madds_full"] for r in ok)
+    madds_full_per_row = httpx.get(f"{base}/v1/models/{MODEL_NAME}", timeout=10).json()["madds_full"]
+    madds = sum(r["compute"]["madds"] for r in ok) + sum(grpc_madds)
+    madds_full = sum(r["compute"]["madds_full"] for r in ok) + madds_full_per_row * len(grpc_madds)
     expected = 1 - madds / madds_full
     saved_queries = [
         expr
@@ -222,7 +257,8 @@ def test_every_dashboard_query_returns_data_and_compute_saved_matches_the_respon
     assert positive("Route mix by expert", "expert") == experts_run
     assert positive("Route decisions by decided_by", "decided_by") == deciders
     assert positive("Rejections / s by reason", "reason") == {r["reason"] for r in requests if r["reason"]}
-    assert positive("Requests / s by status", "status") == statuses
+    assert positive("Requests / s by protocol and status", "status") == statuses | grpc_statuses
+    assert positive("Requests / s by protocol and status", "protocol") == {"http", "grpc"}
     assert positive("Requests / s by operating point", "operating_point") == {r["route"]["operating_point"] for r in ok}
 
     # What decided the answers, per expert, and what decided the paths: the means the responses reported (sum and

@@ -80,7 +80,8 @@ def test_workers_share_the_port_and_report_summed_metrics(server_process, sample
         for sample in family.samples
     }
     model = responses[0].json()["model"]
-    assert scraped[("dynfuse_requests_total", (("key", "anonymous"), ("model", model), ("status", "200")))] == 12
+    labels = (("key", "anonymous"), ("model", model), ("protocol", "http"), ("status", "200"))
+    assert scraped[("dynfuse_requests_total", labels)] == 12
     assert scraped[("dynfuse_compute_madds_total", (("model", model),))] == sum(
         r.json()["compute"]["madds"] for r in responses
     )

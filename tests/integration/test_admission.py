@@ -125,10 +125,8 @@ def test_over_capacity_is_refused_503_before_its_body_is_read(tiny_store):
     assert refused_in < 5.0  # answered, not held like the admitted ones (30 s), with room for a loaded machine
     labels = {"model": "shapes", "reason": "over_capacity"}
     assert registry.get_sample_value("dynfuse_rejected_requests_total", labels) == 1
-    assert (
-        registry.get_sample_value("dynfuse_requests_total", {"model": "shapes", "status": "503", "key": "anonymous"})
-        == 1
-    )
+    http_503 = {"model": "shapes", "status": "503", "protocol": "http", "key": "anonymous"}
+    assert registry.get_sample_value("dynfuse_requests_total", http_503) == 1
     assert registry.get_sample_value("dynfuse_inflight_requests", {"model": "shapes"}) == 0
 
 
@@ -181,10 +179,8 @@ def test_a_request_past_its_deadline_is_504_and_counted(tiny_store):
     assert 0.25 < took < 5.0  # its own deadline (0.3 s), not the default (10 s), with room for a loaded machine
     assert after.status == 200  # the server keeps serving
     assert registry.get_sample_value("dynfuse_rejected_requests_total", {"model": "shapes", "reason": "deadline"}) == 1
-    assert (
-        registry.get_sample_value("dynfuse_requests_total", {"model": "shapes", "status": "504", "key": "anonymous"})
-        == 1
-    )
+    http_504 = {"model": "shapes", "status": "504", "protocol": "http", "key": "anonymous"}
+    assert registry.get_sample_value("dynfuse_requests_total", http_504) == 1
 
 
 def test_a_body_that_never_arrives_is_408_and_closes_the_connection(tiny_store):
@@ -247,13 +243,13 @@ def test_where_an_image_decodes_is_decided_by_its_pixel_count_not_its_size_in_by
     import service.inference as inference
 
     threads = []
-    real = inference.decode_image
+    real = inference.ImageDecoder.pixels_now  # every decode, Pillow's or libspng's (service/decode.py)
 
-    def recording(opened, *, side):
+    def recording(self, opened):
         threads.append((opened.pixels, threading.current_thread().name))
-        return real(opened, side=side)
+        return real(self, opened)
 
-    monkeypatch.setattr(inference, "decode_image", recording)
+    monkeypatch.setattr(inference.ImageDecoder, "pixels_now", recording)
     client = serve()
     small, big = samples[0]["png"], palette_png(4096)
     assert len(big) < 64 * 1024  # small in bytes: the old rule would decode it on the event loop
@@ -273,9 +269,9 @@ def test_every_refusal_and_answer_is_counted_by_status(serve, path):
     response = client.post(path, content=b"{", headers={"content-type": "application/json"})
     assert 400 <= response.status_code < 500
     samples = scrape(client)
-    assert (
-        value(samples, "dynfuse_requests_total", model="shapes", status=str(response.status_code), key="anonymous") == 1
-    )
+    status = str(response.status_code)
+    labels = {"model": "shapes", "protocol": "http", "key": "anonymous"}
+    assert value(samples, "dynfuse_requests_total", status=status, **labels) == 1
     assert value(samples, "dynfuse_inflight_requests", model="shapes") == 0
 
 

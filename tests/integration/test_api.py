@@ -271,8 +271,9 @@ def test_named_keys_label_the_request_metrics_by_name_never_by_key(serve, sample
     assert client.post("/v1/classify", json=pair).status_code == 401
     text = client.get("/metrics").text
     samples_ = scrape(client)
-    assert value(samples_, "dynfuse_requests_total", model="shapes", status="200", key="ci") == 1
-    assert value(samples_, "dynfuse_requests_total", model="shapes", status="200", key="partner") == 2
-    assert value(samples_, "dynfuse_requests_total", model="shapes", status="401", key="anonymous") == 4
+    http = {"model": "shapes", "protocol": "http"}
+    assert value(samples_, "dynfuse_requests_total", status="200", key="ci", **http) == 1
+    assert value(samples_, "dynfuse_requests_total", status="200", key="partner", **http) == 2
+    assert value(samples_, "dynfuse_requests_total", status="401", key="anonymous", **http) == 4
     for secret in ("ci-s3cret", "clé", "🔑"):  # the keys themselves never reach the metrics
         assert secret not in text

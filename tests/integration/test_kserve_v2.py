@@ -24,7 +24,7 @@ from tritonclient.utils import serialize_byte_tensor
 INFER = "/v2/models/shapes/infer"
 OUTPUTS = [
     "label", "probabilities", "expert", "decided_by", "importance", "modality_weights", "madds", "saved_ratio",
-    "operating_point",
+    "operating_point", "degraded", "guarded", "uncertain", "uncertain_reason",
 ]  # fmt: skip
 
 
@@ -105,6 +105,11 @@ def assert_rows_match_v1(values: dict, v1: list[dict], labels: list[str]) -> Non
         assert values["probabilities"][row].tolist() == pytest.approx([expected["scores"][k] for k in labels], abs=1e-6)
         assert values["madds"][row] == expected["compute"]["madds"]
         assert values["saved_ratio"][row] == pytest.approx(expected["compute"]["saved_ratio"], abs=1e-6)
+        assert values["operating_point"][row] == expected["route"]["operating_point"], row
+        assert values["degraded"][row] == expected["route"]["degraded"], row
+        assert values["guarded"][row] == expected["route"]["guarded"], row
+        assert values["uncertain"][row] == expected["uncertain"], row
+        assert values["uncertain_reason"][row] == expected.get("uncertain_reason", ""), row
 
 
 # -- health and metadata -----------------------------------------------------------------------
@@ -147,6 +152,10 @@ def test_model_metadata_lists_inputs_outputs_and_labels(client, manifest):
             {"name": "madds", "datatype": "INT64", "shape": [-1]},
             {"name": "saved_ratio", "datatype": "FP32", "shape": [-1]},
             {"name": "operating_point", "datatype": "BYTES", "shape": [-1]},
+            {"name": "degraded", "datatype": "BOOL", "shape": [-1]},
+            {"name": "guarded", "datatype": "BOOL", "shape": [-1]},
+            {"name": "uncertain", "datatype": "BOOL", "shape": [-1]},
+            {"name": "uncertain_reason", "datatype": "BYTES", "shape": [-1]},
         ],
         "labels": manifest["labels"],
     }
@@ -460,10 +469,10 @@ def test_metrics_count_v2_infers_like_v1(client, samples):
     rows = [read_outputs(r)[1] for r in responses]
 
     metrics = scrape(client)
-    assert (
-        value(metrics, "dynfuse_requests_total", model="shapes", status="200", key="anonymous") == 3
-    )  # one per HTTP call
-    assert value(metrics, "dynfuse_requests_total", model="shapes", status="400", key="anonymous") == 1
+    # one per HTTP call
+    labels = {"model": "shapes", "protocol": "http", "key": "anonymous"}
+    assert value(metrics, "dynfuse_requests_total", status="200", **labels) == 3
+    assert value(metrics, "dynfuse_requests_total", status="400", **labels) == 1
     assert value(metrics, "dynfuse_rejected_requests_total", model="shapes", reason="invalid") == 1
     decisions = Counter((e, d) for r in rows for e, d in zip(r["expert"], r["decided_by"], strict=True))
     assert sum(decisions.values()) == 6

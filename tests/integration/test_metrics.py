@@ -38,10 +38,10 @@ def test_counters_equal_the_sums_of_the_responses(serve, samples):
             value(metrics, "dynfuse_route_decisions_total", model="shapes", expert=expert, decided_by=decided_by)
             == count
         )
-    assert (
-        value(metrics, "dynfuse_requests_total", model="shapes", status="200", key="anonymous") == 11
-    )  # 10 single + 1 batch call
-    assert value(metrics, "dynfuse_requests_total", model="shapes", status="422", key="anonymous") == 2
+    # 10 single + 1 batch call
+    labels = {"model": "shapes", "protocol": "http", "key": "anonymous"}
+    assert value(metrics, "dynfuse_requests_total", status="200", **labels) == 11
+    assert value(metrics, "dynfuse_requests_total", status="422", **labels) == 2
     assert value(metrics, "dynfuse_rejected_requests_total", model="shapes", reason="invalid") == 2
     for modality in ("text", "image"):
         for expert in {r["route"]["expert"] for r in responses}:  # the importance of each expert's answers
@@ -55,7 +55,7 @@ def test_counters_equal_the_sums_of_the_responses(serve, samples):
         assert value(metrics, "dynfuse_modality_weight_sum", model="shapes", modality=modality) == pytest.approx(
             sum(r["route"]["modality_weights"][modality] for r in responses), abs=1e-3
         )
-    assert value(metrics, "dynfuse_request_duration_seconds_count", model="shapes") == 13
+    assert value(metrics, "dynfuse_request_duration_seconds_count", model="shapes", protocol="http") == 13
     assert value(metrics, "dynfuse_queue_duration_seconds_count", model="shapes") == len(responses)
     assert value(metrics, "dynfuse_batch_size_sum", model="shapes") == len(responses)
     assert value(metrics, "dynfuse_inflight_requests", model="shapes") == 0

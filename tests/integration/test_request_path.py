@@ -60,13 +60,8 @@ def test_a_client_that_disconnects_mid_body_is_a_499_not_a_500(tiny_store):
 
     sent, registry = asyncio.run(scenario())
     assert sent[0]["status"] == 499
-    assert (
-        registry.get_sample_value("dynfuse_requests_total", {"model": "shapes", "status": "499", "key": "anonymous"})
-        == 1
-    )
-    assert (
-        registry.get_sample_value("dynfuse_requests_total", {"model": "shapes", "status": "500", "key": "anonymous"})
-        == 0
-    )
+    by_status = {"model": "shapes", "protocol": "http", "key": "anonymous"}
+    assert registry.get_sample_value("dynfuse_requests_total", {**by_status, "status": "499"}) == 1
+    assert registry.get_sample_value("dynfuse_requests_total", {**by_status, "status": "500"}) == 0
     reason = {"model": "shapes", "reason": "client_disconnect"}
     assert registry.get_sample_value("dynfuse_rejected_requests_total", reason) == 1

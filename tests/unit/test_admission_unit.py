@@ -87,7 +87,7 @@ def door(app, *, capacity=2, timeout_s=30.0, not_serving=None, access=None, **op
 
 
 def counted(admission: Admission, status: int, key: str = "anonymous") -> float:
-    labels = {"model": "m", "status": str(status), "key": key}
+    labels = {"model": "m", "status": str(status), "key": key, "protocol": "http"}
     return admission.metrics.registry.get_sample_value("dynfuse_requests_total", labels) or 0.0
 
 

@@ -5,13 +5,13 @@ from __future__ import annotations
 from service.metrics import Metrics
 
 CONTRACT = {
-    "dynfuse_requests": ("counter", {"model", "status", "key"}),
+    "dynfuse_requests": ("counter", {"model", "status", "protocol", "key"}),
     "dynfuse_route_decisions": ("counter", {"model", "expert", "decided_by"}),
     "dynfuse_compute_madds": ("counter", {"model"}),
     "dynfuse_compute_full_madds": ("counter", {"model"}),
     "dynfuse_modality_importance": ("histogram", {"model", "expert", "modality"}),
     "dynfuse_modality_weight": ("histogram", {"model", "modality"}),
-    "dynfuse_request_duration_seconds": ("histogram", {"model"}),
+    "dynfuse_request_duration_seconds": ("histogram", {"model", "protocol"}),
     "dynfuse_queue_duration_seconds": ("histogram", {"model"}),
     "dynfuse_expert_duration_seconds": ("histogram", {"model", "expert"}),
     "dynfuse_batch_size": ("histogram", {"model"}),
@@ -43,9 +43,9 @@ def exercised_metrics() -> Metrics:
     metrics.observe_batch(4, [0.001] * 4, {"text": 0.002})
     metrics.reject("queue_full")
     metrics.set_model_info("1", "onnx", "cpu")
-    metrics.count_request(200, 0.01, key="ci")
+    metrics.count_request(200, 0.01, key="ci", protocol="grpc")
     metrics.inflight.labels("m").inc()
-    metrics.request_duration.labels("m").observe(0.01)
+    metrics.request_duration.labels("m", "grpc").observe(0.01)
     metrics.init_routes(["text", "mi2p"], ["router"], ["lambda_0"])
     metrics.init_safety(["text", "mi2p"], "mi2p", {"lambda_0": 0.9}, ("lambda_0", "lambda_0+min_confidence=0.5"))
     metrics.route_mix_drift.labels("m", "lambda_0").set(0.1)
@@ -117,7 +117,28 @@ def test_every_rejection_reason_and_status_is_a_series_from_the_first_scrape():
     for reason in REJECTION_REASONS:
         assert f'dynfuse_rejected_requests_total{{model="m",reason="{reason}"}} 0.0' in text, reason
     for status in STATUSES:
-        assert f'dynfuse_requests_total{{key="anonymous",model="m",status="{status}"}} 0.0' in text, status
+        for protocol in ("http", "grpc"):
+            line = f'dynfuse_requests_total{{key="anonymous",model="m",protocol="{protocol}",status="{status}"}} 0.0'
+            assert line in text, line
+    for protocol in ("http", "grpc"):
+        assert f'dynfuse_request_duration_seconds_count{{model="m",protocol="{protocol}"}} 0.0' in text, protocol
+
+
+def test_a_request_counts_under_its_protocol():
+    metrics = Metrics("m")
+    metrics.count_request(200, 0.003, protocol="grpc")
+    metrics.count_request(413, 0.001, protocol="grpc")
+    metrics.count_request(200, 0.02)  # HTTP by default: the front door's own calls
+    text = metrics.render().decode()
+    for line in (
+        'dynfuse_requests_total{key="anonymous",model="m",protocol="grpc",status="200"} 1.0',
+        'dynfuse_requests_total{key="anonymous",model="m",protocol="grpc",status="413"} 1.0',
+        'dynfuse_requests_total{key="anonymous",model="m",protocol="http",status="200"} 1.0',
+        'dynfuse_request_duration_seconds_count{model="m",protocol="grpc"} 2.0',
+        'dynfuse_request_duration_seconds_bucket{le="0.0025",model="m",protocol="grpc"} 1.0',
+        'dynfuse_request_duration_seconds_count{model="m",protocol="http"} 1.0',
+    ):
+        assert line in text, line
 
 
 def test_the_safety_series_exist_from_the_first_scrape():
@@ -150,10 +171,12 @@ def test_a_request_is_counted_under_its_key_name_and_the_rest_as_anonymous():
     metrics.count_request(200, 0.01, key="ci")
     metrics.count_request(200, 0.01, key="ci")
     metrics.count_request(401, 0.01)
+    metrics.count_request(200, 0.01, key="ci", protocol="grpc")
     text = metrics.render().decode()
-    assert 'dynfuse_requests_total{key="ci",model="m",status="200"} 2.0' in text
-    assert 'dynfuse_requests_total{key="anonymous",model="m",status="401"} 1.0' in text
-    assert 'dynfuse_requests_total{key="anonymous",model="m",status="200"} 0.0' in text
+    assert 'dynfuse_requests_total{key="ci",model="m",protocol="http",status="200"} 2.0' in text
+    assert 'dynfuse_requests_total{key="ci",model="m",protocol="grpc",status="200"} 1.0' in text
+    assert 'dynfuse_requests_total{key="anonymous",model="m",protocol="http",status="401"} 1.0' in text
+    assert 'dynfuse_requests_total{key="anonymous",model="m",protocol="http",status="200"} 0.0' in text
 
 
 def test_the_background_loops_restarts_exist_from_the_first_scrape():

@@ -129,7 +129,8 @@ def test_dockerfile_runtime_stage(stage):
     users = [rest for keyword, rest in instructions if keyword == "USER"]
     assert users, f"{stage}: no USER"
     assert users[-1].split(":")[0] not in ("root", "0"), f"{stage}: runs as root"
-    assert re.search(r"^EXPOSE 8000\b", text, flags=re.MULTILINE)
+    assert re.search(r"^EXPOSE 8000 8001$", text, flags=re.MULTILINE)
+    assert "DYNFUSE_GRPC_PORT=8001" in text  # gRPC on Triton's port, as the compose file publishes it
     healthchecks = [rest for keyword, rest in instructions if keyword == "HEALTHCHECK"]
     assert len(healthchecks) == 1, f"{stage}: {len(healthchecks)} HEALTHCHECKs"
     assert "/readyz" in healthchecks[0]
@@ -260,6 +261,7 @@ def test_docker_compose_services():
     context = build if isinstance(build, str) else build["context"]
     assert context == "."
     assert any(str(port).split(":")[-1] == "8000" for port in dynfuse["ports"])
+    assert any(str(port).split(":")[-1] == "8001" for port in dynfuse["ports"])  # gRPC
 
     for name in ("prometheus", "grafana"):
         image = services[name]["image"]

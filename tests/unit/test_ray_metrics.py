@@ -63,7 +63,7 @@ def test_the_service_creates_its_counters_at_zero_for_ray_too():
     finally:
         RayMetrics.kinds[0].announce = original
     assert {"dynfuse_degraded_requests", "dynfuse_degraded_seconds", "dynfuse_compute_madds"} <= set(calls)
-    assert {"model": "m", "status": "200", "key": "anonymous"} in calls["dynfuse_requests"]
+    assert {"model": "m", "status": "200", "protocol": "http", "key": "anonymous"} in calls["dynfuse_requests"]
     assert {"model": "m", "operating_point": "cheap"} in calls["dynfuse_operating_point_requests"]
 
 

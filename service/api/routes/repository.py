@@ -31,6 +31,7 @@ from service.api.deps import RepositoryDep, require_index_access, require_model_
 from service.api.v2_codec import ErrorV2
 from service.errors import MalformedRequest
 from service.json_limits import JsonLimits, check_json_limits
+from service.repository import check_unload_parameters, load_version
 
 router = APIRouter(prefix="/v2/repository", tags=["Model repository (v2)"])
 
@@ -120,16 +121,7 @@ async def index(request: Request, repository: RepositoryDep) -> list[dict]:
 )
 async def load(name: str, request: Request, repository: RepositoryDep) -> dict:
     body = await _body(request, LoadRequest)
-    unknown = sorted(set(body.parameters) - {"version"})
-    if unknown:
-        raise MalformedRequest(
-            f"load parameters {unknown} are not supported: dynfuse serves a model as the store holds it "
-            "(export another version instead); the only parameter is 'version'"
-        )
-    version = body.parameters.get("version")
-    if version is not None and (isinstance(version, bool) or not isinstance(version, str | int)):
-        raise MalformedRequest(f"parameter version: {version!r} is not a version name")
-    result = await repository.load(name, None if version is None else str(version))
+    result = await repository.load(name, load_version(body.parameters))
     return {
         "name": result.name,
         "version": result.version,
@@ -149,9 +141,7 @@ async def load(name: str, request: Request, repository: RepositoryDep) -> dict:
 )
 async def unload(name: str, request: Request, repository: RepositoryDep) -> dict:
     body = await _body(request, UnloadRequest)
-    unknown = sorted(set(body.parameters) - {"unload_dependents"})
-    if unknown:
-        raise MalformedRequest(f"unload parameters {unknown} are not supported; the only one is 'unload_dependents'")
+    check_unload_parameters(body.parameters)
     version = await repository.unload(name)
     return {"name": name, "version": version, "state": "UNAVAILABLE"}
 
