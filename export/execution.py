@@ -49,8 +49,8 @@ class BatchExecution:
         # Producers before consumers: chains are ordered, so the order of first appearance over all of them is one.
         self.order = tuple(dict.fromkeys(c for e in model.experts for c in e.components))
         self.produced: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # tensor -> (its rows, its values for them)
-        self.ran: dict[str, np.ndarray] = {}  # component -> the rows it has run for
-        self.made: dict[str, np.ndarray] = {}  # lazy source -> the rows its tensors were made for
+        self.ran: dict[str, set[int]] = {}  # component -> the rows it has run for
+        self.made: dict[str, set[int]] = {}  # lazy source -> the rows its tensors were made for
         # expert -> HEAD / EXACT -> row -> (2, K) logits with the image removed, with the text removed
         self.coalitions: dict[str, dict[str, dict[int, np.ndarray]]] = {}
 
@@ -61,11 +61,14 @@ class BatchExecution:
         ``members``' row order, and the seconds each expert took (a shared component's time is split among
         its experts in proportion to their requests). ``wants`` (expert -> flags per row of ``members``) asks
         for the logits attribution needs (export/attribution.py), kept in ``coalitions``."""
-        pending: dict[str, np.ndarray] = {}
+        # Row sets as Python sets of at most a batch of ints: NumPy's union1d and setdiff1d cost several
+        # microseconds a call on arrays this small, a dozen calls a batch (bench/pipeline_cost.py).
+        wanted: dict[str, set[int]] = {}
         for expert, rows in members.items():
+            listed = rows.tolist() if isinstance(rows, np.ndarray) else list(rows)
             for component in self.chains[expert]:
-                pending[component] = np.union1d(pending.get(component, rows), rows)
-        pending = {c: np.setdiff1d(rows, self.ran.get(c, ()), assume_unique=True) for c, rows in pending.items()}
+                wanted.setdefault(component, set()).update(listed)
+        pending = {c: _sorted_rows(rows - self.ran.get(c, set())) for c, rows in wanted.items()}
         self._make_lazy_inputs(pending)
         seconds = dict.fromkeys(members, 0.0)
         for component in self.order:
@@ -80,7 +83,7 @@ class BatchExecution:
                 seconds[expert] += elapsed * len(expert_rows) / sum(len(r) for r in users.values())
             for name, value in outputs.items():
                 self._keep(f"logits@{component}" if name == "logits" else name, rows, value)
-            self.ran[component] = np.union1d(self.ran.get(component, rows), rows)
+            self.ran.setdefault(component, set()).update(rows.tolist())
         logits = {expert: self._gather(f"logits@{self.chains[expert][-1]}", rows) for expert, rows in members.items()}
         for expert, flags in (wants or {}).items():
             started = time.perf_counter()
@@ -104,19 +107,18 @@ class BatchExecution:
 
     def _make_lazy_inputs(self, pending: dict[str, np.ndarray]) -> None:
         """Each lazy source once, for the rows of every pending component that reads it and lacks it."""
-        readers: dict[str, list[np.ndarray]] = {}
+        readers: dict[str, set[int]] = {}
         for component, rows in pending.items():
             for source in {self.sources.get(name) for name in self.inputs[component]} - {None}:
-                readers.setdefault(source, []).append(rows)  # type: ignore[arg-type]
-        for source, row_sets in readers.items():
-            rows = np.unique(np.concatenate(row_sets))
-            have = self.made.get(source, np.empty(0, int))
-            missing = np.setdiff1d(rows, have, assume_unique=True)
+                readers.setdefault(source, set()).update(rows.tolist())  # type: ignore[arg-type]
+        for source, rows in readers.items():
+            have = self.made.setdefault(source, set())
+            missing = _sorted_rows(rows - have)
             if not len(missing):
                 continue
             for name, values in self.preprocess(source, missing).items():
                 self._keep(name, missing, values)
-            self.made[source] = np.union1d(have, missing)
+            have.update(missing.tolist())
 
     def _keep(self, name: str, rows: np.ndarray, values: np.ndarray) -> None:
         if name in self.produced:  # a later pass: merge, keeping rows sorted
@@ -133,3 +135,8 @@ class BatchExecution:
         if len(source_rows) == len(rows):
             return values  # the same rows: a consumer's rows are always among its producer's
         return values[np.searchsorted(source_rows, rows)]
+
+
+def _sorted_rows(rows: set[int]) -> np.ndarray:
+    """A set of rows as the sorted int64 array the components' inputs are gathered with."""
+    return np.array(sorted(rows), dtype=np.int64)

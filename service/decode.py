@@ -23,8 +23,12 @@ import io
 import logging
 import re
 import warnings
+import zlib
 from dataclasses import dataclass
 
+import numpy as np
+import pybase64
+import pyspng
 from PIL import Image, UnidentifiedImageError
 
 from models.preprocess import to_rgb
@@ -64,6 +68,14 @@ def decode_base64(data: str, field: str = "image") -> bytes:
     if data.startswith("data:"):
         _, _, data = data.partition(",")
     try:
+        # pybase64 (SIMD): 0.8 us for a 12 KB image, where the standard library takes 16. It refuses a few strings
+        # the standard library accepts (an extra "=" after a whole quantum), never the other way round, and both
+        # give the same bytes: what it refuses gets the standard library's verdict and message, so what is
+        # accepted, and how, is unchanged.
+        return pybase64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError):
+        pass
+    try:
         return base64.b64decode(data, validate=True)
     except (binascii.Error, ValueError) as error:
         raise InvalidInput(f"{field}: not valid base64 ({error})") from None
@@ -77,6 +89,7 @@ class OpenedImage:
     format: str
     width: int
     height: int
+    data: bytes = b""  # the file itself (plain_png_pixels decodes it without Pillow)
 
     @property
     def pixels(self) -> int:
@@ -107,7 +120,7 @@ def open_image(data: bytes, *, max_pixels: int) -> OpenedImage:
         raise InvalidInput(f"image: the header gives a size of {width}x{height} pixels")
     if width * height > max_pixels:
         raise PayloadTooLarge(f"image: {width}x{height} pixels is over the limit of {max_pixels:,} pixels")
-    return OpenedImage(image, image.format or "unknown", width, height)
+    return OpenedImage(image, image.format or "unknown", width, height, data)
 
 
 def decode_image(opened: OpenedImage, *, side: int) -> Image.Image:
@@ -139,6 +152,55 @@ def decode_image(opened: OpenedImage, *, side: int) -> Image.Image:
     finally:
         if decoded is not opened.image:  # what was decoded from it is a picture of its own
             opened.image.close()
+
+
+# What may sit in a PNG that plain_png_pixels decodes: chunks that leave its pixels as its image data says. Not
+# eXIf or text (Pillow reads an EXIF orientation from both), tRNS, PLTE, acTL/fcTL (animation) or anything else.
+PLAIN_PNG_CHUNKS = frozenset({b"IHDR", b"IDAT", b"IEND", b"sRGB", b"gAMA", b"pHYs", b"cHRM"})
+MAX_PLAIN_PNG_CHUNKS = 32  # past this many chunks, Pillow's path (it walks them anyway)
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def plain_png_pixels(opened: OpenedImage, side: int) -> np.ndarray | None:
+    """The (side, side, 3) uint8 pixels of a plain 8-bit RGB PNG already at the model's side, decoded by libspng
+    (pyspng) in about 60% of what Pillow's decode and array copy take; None for any other image, which then goes
+    ``decode_image``'s way. PNG is lossless, so both give the same pixels, which training's own conversion
+    (``models.preprocess``) would then keep as they are: the plain case is 8-bit truecolour, not interlaced, at
+    exactly ``side`` x ``side``, with no chunk outside ``PLAIN_PNG_CHUNKS`` (no EXIF orientation to apply, no
+    transparency, palette or animation). What libspng refuses (a bad checksum, truncated data) goes Pillow's way
+    too, so a file is refused, or not, as Pillow decides."""
+    data = opened.data
+    if opened.format != "PNG" or opened.width != side or opened.height != side or not _plain_png(data):
+        return None
+    try:
+        pixels = pyspng.load(data)
+    except Exception:  # noqa: BLE001 - Pillow's path decides what a file libspng cannot read is
+        return None
+    if pixels.shape != (side, side, 3) or pixels.dtype != np.uint8:
+        return None
+    return pixels
+
+
+def _plain_png(data: bytes) -> bool:
+    """8-bit RGB (colour type 2), deflate, standard filters, not interlaced, only chunks of PLAIN_PNG_CHUNKS, each with
+    its checksum right."""
+    # IHDR comes first: length 13, then width, height, bit depth, colour type, compression, filter, interlace.
+    if data[:16] != PNG_SIGNATURE + b"\x00\x00\x00\x0dIHDR" or data[24:29] != b"\x08\x02\x00\x00\x00":
+        return False
+    position = 8
+    for _ in range(MAX_PLAIN_PNG_CHUNKS):
+        kind = data[position + 4 : position + 8]
+        if kind not in PLAIN_PNG_CHUNKS:
+            return False
+        end = position + 8 + int.from_bytes(data[position : position + 4], "big")
+        # Each chunk's checksum, as Pillow's decoder would notice a damaged stream: pyspng has libspng decode
+        # whatever the checksums say, so a flipped byte of the image data would otherwise become wrong pixels.
+        if data[end : end + 4] != zlib.crc32(data[position + 4 : end]).to_bytes(4, "big"):
+            return False
+        if kind == b"IEND":
+            return True
+        position = end + 4
+    return False
 
 
 def _reduce_in_strips(image: Image.Image, factors: tuple[int, int]) -> Image.Image:

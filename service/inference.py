@@ -24,7 +24,7 @@ from models.policy import DECIDED_BY
 from service.audit import Auditor
 from service.batcher import BatchResult, MicroBatcher
 from service.config import Settings, check_settings_for
-from service.decode import OpenedImage, check_text, decode_image, open_image
+from service.decode import OpenedImage, check_text, decode_image, open_image, plain_png_pixels
 from service.degrade import DegradeController
 from service.drift import RouteMixDrift
 from service.errors import InvalidInput
@@ -62,10 +62,17 @@ class ImageDecoder:
     def __init__(self, pipeline: DynamicPipeline, threads: int):
         self.pipeline = pipeline
         self.side = pipeline.decode_side  # the model's image size, or a larger one its experts' specs read
+        # A plain PNG at the model's side is its pixels as they are (service/decode.py), unless experts read more.
+        self.plain_side = pipeline.model.preprocessing.image_size if pipeline.model.specs.decode_side is None else None
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="dynfuse-decode")
 
     def pixels_now(self, opened: OpenedImage) -> tuple[np.ndarray, np.ndarray | None]:
         """(S, S, 3) uint8 on the calling thread, and the (L, L, 3) the experts' image specs start from, if any."""
+        if self.plain_side is not None:
+            pixels = plain_png_pixels(opened, self.plain_side)
+            if pixels is not None:
+                opened.image.close()
+                return pixels, None
         return self.pipeline.prepare_images(decode_image(opened, side=self.side))
 
     async def pixels(self, opened: OpenedImage) -> tuple[np.ndarray, np.ndarray | None]:

@@ -243,13 +243,13 @@ def test_where_an_image_decodes_is_decided_by_its_pixel_count_not_its_size_in_by
     import service.inference as inference
 
     threads = []
-    real = inference.decode_image
+    real = inference.ImageDecoder.pixels_now  # every decode, Pillow's or libspng's (service/decode.py)
 
-    def recording(opened, *, side):
+    def recording(self, opened):
         threads.append((opened.pixels, threading.current_thread().name))
-        return real(opened, side=side)
+        return real(self, opened)
 
-    monkeypatch.setattr(inference, "decode_image", recording)
+    monkeypatch.setattr(inference.ImageDecoder, "pixels_now", recording)
     client = serve()
     small, big = samples[0]["png"], palette_png(4096)
     assert len(big) < 64 * 1024  # small in bytes: the old rule would decode it on the event loop

@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from models.preprocess import to_pixels, to_rgb
-from service.decode import IMAGE_FORMATS, check_text, decode_image, is_blank, open_image
+from service.decode import IMAGE_FORMATS, check_text, decode_image, is_blank, open_image, plain_png_pixels
 from service.errors import ApiError
 
 MAX_PIXELS = 4096 * 4096
@@ -48,6 +48,7 @@ def seeds() -> dict[str, bytes]:
     """Small valid files of every accepted format, in the modes and variants each one can carry."""
     return {
         "png-rgb": encoded("PNG", picture("RGB", (23, 17))),
+        "png-rgb-model-side": encoded("PNG", picture("RGB", (SIDE, SIDE))),  # plain_png_pixels decodes it
         "png-palette": encoded("PNG", picture("P", (23, 17))),
         "png-rgba": encoded("PNG", picture("RGBA", (23, 17))),
         "png-gray16": encoded("PNG", picture("L", (23, 17)).convert("I;16")),
@@ -113,18 +114,25 @@ def mutations(data: bytes, rng: random.Random, count: int):
 
 
 def outcome(data: bytes) -> str:
-    """'ok' with a (SIDE, SIDE, 3) result, or the 4xx status; anything else escapes and fails the test."""
+    """'ok' with a (SIDE, SIDE, 3) result, or the 4xx status; anything else escapes and fails the test. What the
+    plain-PNG decoder makes of the file, when it takes it, is exactly what Pillow's path makes of it."""
+    plain = None
     try:
-        image = decode_image(open_image(data, max_pixels=MAX_PIXELS), side=SIDE)
+        opened = open_image(data, max_pixels=MAX_PIXELS)
+        plain = plain_png_pixels(opened, SIDE)
+        image = decode_image(opened, side=SIDE)
     except ApiError as error:
         status = error.status
     else:
         status = None
     if status is not None:
+        assert plain is None, f"libspng decoded a file Pillow refuses with {status}"
         assert status in (413, 415, 422), status
         return str(status)
     assert image.mode == "RGB"
     assert to_pixels(image, SIDE).shape == (SIDE, SIDE, 3)
+    if plain is not None:
+        assert np.array_equal(plain, to_pixels(image, SIDE))
     return "ok"
 
 
@@ -395,3 +403,82 @@ def test_serve_refuses_to_start_when_pillow_lacks_a_promised_codec(monkeypatch, 
     (version / "model.json").write_text("{}")
     assert serve(Settings(store=store)) == 1
     assert "cannot decode WEBP (webp), which the API accepts" in capsys.readouterr().err
+
+
+def test_base64_is_read_as_the_standard_library_reads_it():
+    """decode_base64 (pybase64 first) against base64.b64decode(validate=True): the same bytes for what it
+    accepts, a 422 naming the standard library's error for what it refuses, on random strings rich in padding
+    and foreign characters, as data URLs too."""
+    import base64
+    import binascii
+
+    from service.decode import decode_base64
+    from service.errors import InvalidInput
+
+    rng = random.Random(5)
+    accepted = refused = 0
+    for _ in range(30000):
+        text = "".join(rng.choice("QUJDabc01+/=\n -_é") for _ in range(rng.randint(0, 14)))
+        sent = f"data:image/png;base64,{text}" if rng.random() < 0.2 else text
+        try:
+            expected, reason = base64.b64decode(text, validate=True), None
+        except (binascii.Error, ValueError) as error:
+            expected, reason = None, str(error)
+        if expected is not None:
+            assert decode_base64(sent) == expected, sent
+            accepted += 1
+        else:
+            with pytest.raises(InvalidInput, match="not valid base64") as refusal:
+                decode_base64(sent)
+            assert reason in refusal.value.message, sent
+            refused += 1
+    assert accepted > 1000  # both outcomes exercised
+    assert refused > 1000
+
+
+def png_chunk(kind: bytes, payload: bytes) -> bytes:
+    return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+
+
+def with_chunk(png: bytes, chunk: bytes) -> bytes:
+    """The PNG with ``chunk`` inserted right after its IHDR (8 + 25 bytes)."""
+    return png[:33] + chunk + png[33:]
+
+
+def test_a_plain_png_at_the_model_side_is_decoded_by_libspng_to_exactly_pillows_pixels():
+    rng = random.Random(11)
+    for seed in range(40):
+        options = {"compress_level": rng.randint(0, 9), "optimize": rng.random() < 0.3}
+        data = encoded("PNG", picture("RGB", (SIDE, SIDE), seed), **options)
+        if seed % 4 == 0:  # chunks that change nothing about the pixels
+            data = with_chunk(data, png_chunk(b"pHYs", struct.pack(">IIB", 2835, 2835, 1)))
+            data = with_chunk(data, png_chunk(b"sRGB", b"\x00"))
+        with Image.open(io.BytesIO(data)) as reference:
+            expected = to_pixels(to_rgb(reference), SIDE)  # what training does with a file
+        got = plain_png_pixels(open_image(data, max_pixels=MAX_PIXELS), SIDE)
+        assert got is not None, options
+        assert np.array_equal(got, expected)
+
+
+def test_any_other_png_goes_pillows_way():
+    plain = encoded("PNG", picture("RGB", (SIDE, SIDE)))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    others = {
+        "another side": encoded("PNG", picture("RGB", (SIDE, SIDE + 1))),
+        "the model side twice": encoded("PNG", picture("RGB", (2 * SIDE, 2 * SIDE))),
+        "palette": encoded("PNG", picture("P", (SIDE, SIDE))),
+        "alpha": encoded("PNG", picture("RGBA", (SIDE, SIDE))),
+        "grey": encoded("PNG", picture("L", (SIDE, SIDE))),
+        "16-bit": encoded("PNG", picture("L", (SIDE, SIDE)).convert("I;16")),
+        "interlaced": plain[:28] + b"\x01" + struct.pack(">I", zlib.crc32(plain[12:28] + b"\x01")) + plain[33:],
+        "EXIF orientation": encoded("PNG", picture("RGB", (SIDE, SIDE)), exif=exif.tobytes()),
+        "text": with_chunk(plain, png_chunk(b"tEXt", b"Comment\x00hello")),
+        "transparency": with_chunk(plain, png_chunk(b"tRNS", b"\x00\x01\x00\x02\x00\x03")),
+        "animated": animated("PNG"),
+        "a bad checksum": plain[:-20] + bytes([plain[-20] ^ 1]) + plain[-19:],
+        "JPEG": encoded("JPEG", picture("RGB", (SIDE, SIDE))),
+    }
+    assert plain_png_pixels(open_image(plain, max_pixels=MAX_PIXELS), SIDE) is not None
+    for name, data in others.items():
+        assert plain_png_pixels(open_image(data, max_pixels=MAX_PIXELS), SIDE) is None, name
