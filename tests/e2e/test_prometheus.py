@@ -126,7 +126,7 @@ def send_grpc(url: str, samples: list[dict], full: str) -> tuple[list[int], set[
     assert refused.value.status() == "StatusCode.INVALID_ARGUMENT"
     statuses.add("400")
     client.close()
-    return madds, statuses
+    return madds, statuses, audited
 
 
 # --- the test -----------------------------------------------------------------------------------
