@@ -30,6 +30,7 @@ MODULES: dict[str, list[str]] = {
     "service/batcher.py": [
         "tests/unit/test_batcher.py",
         "tests/unit/test_batcher_states.py",
+        "tests/unit/test_batcher_faults.py",
         "tests/unit/test_spare_work.py",  # the spare lane (shadow audits)
     ],
     # The fuzzer (150 mutants of 21 files) runs for every mutant of the decoder: minutes each on 2 cores. The
@@ -38,12 +39,12 @@ MODULES: dict[str, list[str]] = {
         "tests/unit/test_decode.py",
         "--deselect=tests/unit/test_decode.py::test_every_mutant_of_every_accepted_format_decodes_or_is_a_4xx",
     ],
-    "service/admission.py": ["tests/unit/test_admission_unit.py"],
-    "export/execution.py": ["tests/unit/test_pipeline_decisions.py"],
-    "export/pipeline.py": ["tests/unit/test_pipeline_decisions.py"],
+    "service/admission.py": ["tests/unit/test_admission_unit.py", "tests/unit/test_admission_edges.py"],
+    "export/execution.py": ["tests/unit/test_pipeline_decisions.py", "tests/unit/test_pipeline_answers.py"],
+    "export/pipeline.py": ["tests/unit/test_pipeline_decisions.py", "tests/unit/test_pipeline_answers.py"],
     # Routing safety (issue 22): the guard's engage/release decisions and the validation figures it compares with.
-    "service/guard.py": ["tests/unit/test_guard.py"],
-    "models/safety.py": ["tests/unit/test_safety.py"],
+    "service/guard.py": ["tests/unit/test_guard.py", "tests/unit/test_guard_report.py"],
+    "models/safety.py": ["tests/unit/test_safety.py", "tests/unit/test_safety_section.py"],
 }
 PYTEST_ARGS = ["-p", "no:randomly", "-p", "no:cacheprovider", "-q", "-x"]
 # pytest-timeout's limit per test (a failure: the mutant is killed). A mutant that makes a test wait on a condition
@@ -137,9 +138,9 @@ def main() -> int:
     args = parser.parse_args()
     WORK.mkdir(parents=True, exist_ok=True)
     out = ROOT / "bench" / "results" / "mutation.json"
-    recorded = json.loads(out.read_text()) if out.exists() else {}
     for module in args.modules:
         result = run(module, args.children)
+        recorded = json.loads(out.read_text()) if out.exists() else {}  # read now: another run may have written
         recorded[module] = result
         out.write_text(json.dumps(recorded, indent=1) + "\n")
         ratio = "no mutant scored" if result["killed_ratio"] is None else f"killed {result['killed_ratio']:.1%}"
