@@ -29,7 +29,6 @@ import urllib.request
 from pathlib import Path
 
 from bench.common import (
-    DEFAULT_DATA,
     DEFAULT_STORE,
     REPO,
     RESULTS,
@@ -175,7 +174,13 @@ def one_round(transport, base, grpc_target, bodies, model, concurrency, seconds,
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--store", type=Path, default=DEFAULT_STORE)
-    parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    parser.add_argument(
+        "--data",
+        type=Path,
+        default=None,
+        help="a data set whose test split gives the bodies; default: the held-out set of bench/peer_compare.py "
+        "(build/heldout-s<seed>-<size>px, made if missing)",
+    )
     parser.add_argument("--rounds", type=int, default=3, help="rounds; each transport once per round")
     parser.add_argument("--seconds", type=float, default=10.0, help="length of each transport's load in a round")
     parser.add_argument("--concurrency", type=int, default=32)
@@ -189,6 +194,9 @@ def main(argv: list[str] | None = None) -> int:
     from export.store import load_model
 
     model = load_model(args.store).name
+    from bench.peer_compare import HELD_OUT_SEED, held_out_data
+
+    args.data = held_out_data(args.store, args.data, HELD_OUT_SEED)
     samples = load_test_split(args.data)
     work = Path(tempfile.mkdtemp(prefix="dynfuse-bench-grpc-"))
     files = write_bodies(samples, model, work)
@@ -269,6 +277,7 @@ def main(argv: list[str] | None = None) -> int:
         {
             "figure": "gRPC against HTTP (Open Inference Protocol)",
             "model": model,
+            "data": str(args.data),
             "samples": len(samples),
             "concurrency": args.concurrency,
             "seconds_per_round": args.seconds,

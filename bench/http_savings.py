@@ -8,7 +8,10 @@ of the ratio are measured, not computed. Beside it, the server's CPU seconds per
 processes, /proc) give the same ratio in CPU time: on a busy machine, where the rates say more about the other
 processes than about the server, that one still says what routing saved.
 
-    python -m bench.http_savings [--rounds 6] [--seconds 8] [--concurrency 4]
+The pairs are bench/peer_compare.py's held-out ones (the test split of ``dynfuse data synth --seed 7``, made when
+missing: a fresh clone runs the command as it is), unless ``--data`` names another data set.
+
+    python -m bench.http_savings [--rounds 6] [--seconds 8] [--concurrency 4] [--data DIR]
 """
 
 from __future__ import annotations
@@ -25,7 +28,6 @@ import urllib.request
 from pathlib import Path
 
 from bench.common import (
-    DEFAULT_DATA,
     DEFAULT_STORE,
     REPO,
     RESULTS,
@@ -44,6 +46,7 @@ from bench.common import (
 
 GOAL_RATIO = 0.5  # time saved per sample over MAdds saved per sample
 BATCH = 32  # pairs per /v1/classify/batch call
+HELD_OUT_SEED = 7  # bench/peer_compare.py's
 
 
 def counters(base: str) -> dict[str, float]:
@@ -90,7 +93,7 @@ def one_round(base: str, bodies: Path, concurrency: int, seconds: float, server:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--store", type=Path, default=DEFAULT_STORE)
-    parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    parser.add_argument("--data", type=Path, help=f"data set (default: held-out, made with seed {HELD_OUT_SEED})")
     parser.add_argument("--rounds", type=int, default=6, help="A/B rounds (each policy once per round)")
     parser.add_argument("--seconds", type=float, default=8.0, help="length of each policy's load in a round")
     parser.add_argument("--concurrency", type=int, default=4, help="batch calls in flight")
@@ -103,6 +106,10 @@ def main(argv: list[str] | None = None) -> int:
     from export.store import load_model
 
     full = load_model(args.store).full_expert
+    if args.data is None:
+        from bench.peer_compare import held_out_data
+
+        args.data = held_out_data(args.store, None, HELD_OUT_SEED)
     samples = load_test_split(args.data)
     work = Path(tempfile.mkdtemp(prefix="dynfuse-bench-"))
     files = {}
@@ -172,6 +179,7 @@ def main(argv: list[str] | None = None) -> int:
         {
             "figure": "realized savings over HTTP",
             "full_expert": full,
+            "data": str(args.data),
             "batch": BATCH,
             "concurrency": args.concurrency,
             "seconds_per_round": args.seconds,

@@ -17,6 +17,8 @@ with each modality left out (what the served system answers without it). Per spl
 - the cost: the default's MAdds per request against the full path's, and what ``explain`` adds.
 
     python -m bench.importance [--store store] [--data build/importance-heldout-s2121] [--seed 2121]
+
+With the default --out it also writes the pages' importance blocks (bench/importance_pages.py).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bench import importance_pages as pages
 from bench.common import DEFAULT_STORE, RESULTS, chunks, load_test_split, markdown_table, write_result
 
 SPLITS = ("test", "test_ood")
@@ -251,12 +254,14 @@ def held_out_data(data: Path, seed: int, store_model) -> Path:
     """The held-out set: generated here when missing, and never the seed the model was trained on."""
     from models.data.synthetic import SynthConfig, generate
 
-    synth = Path(store_model.manifest["training"]["data"]["dir"]) / "synth.json"
-    trained_on = json.loads(synth.read_text())["config"]["seed"] if synth.is_file() else None
+    trained_on = store_model.manifest.get("provenance", {}).get("data", {}).get("seed")
+    if trained_on is None:  # a model built before provenance: its data directory may still be on this machine
+        synth = Path(store_model.manifest.get("training", {}).get("data", {}).get("dir", "")) / "synth.json"
+        trained_on = json.loads(synth.read_text())["config"]["seed"] if synth.is_file() else None
     if trained_on == seed:
         raise SystemExit(f"--seed {seed} is the seed the model was trained on: pick another")
     if not (data / "synth.json").is_file():
-        generate(data, SynthConfig(seed=seed, image_size=store_model.preprocessing.image_size), progress=True)
+        generate(data, SynthConfig(seed=seed, image_size=store_model.preprocessing.image_size), splits=SPLITS)
     return data
 
 
@@ -267,6 +272,24 @@ def wait_ready(client, timeout_s: float = 900.0) -> None:
         if time.monotonic() > deadline:
             raise SystemExit(f"the model was not ready after {timeout_s:.0f} s: {client.get('/readyz').text}")
         time.sleep(0.2)
+
+
+def measure(store: Path, model: str, data: Path) -> dict:
+    """The figures of each split of ``data``, through the API of an app serving ``model`` of ``store``."""
+    from fastapi.testclient import TestClient
+
+    from export.store import load_model
+    from service.config import Settings
+    from service.main import create_app
+
+    madds_full = load_model(store, model).madds_full
+    figures = {}
+    with TestClient(create_app(Settings(store=store, model=model))) as client:
+        wait_ready(client)
+        for split in SPLITS:
+            samples = load_test_split(data, split)
+            figures[split] = split_figures(samples, run_split(client, samples, model), madds_full)
+    return figures
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -283,21 +306,11 @@ def main(argv: list[str] | None = None) -> int:
         plot(json.loads(args.out.read_text())["splits"], args.plot)
         return 0
 
-    from fastapi.testclient import TestClient
-
     from export.store import load_model
-    from service.config import Settings
-    from service.main import create_app
 
     model = load_model(args.store, args.model)
     data = held_out_data(args.data or Path("build") / f"importance-heldout-s{args.seed}", args.seed, model)
-    figures = {}
-    with TestClient(create_app(Settings(store=args.store, model=model.name))) as client:
-        wait_ready(client)
-        for split in SPLITS:
-            samples = load_test_split(data, split)
-            answers = run_split(client, samples, model.name)
-            figures[split] = split_figures(samples, answers, model.madds_full)
+    figures = measure(args.store, model.name, data)
     met = goals(figures)
     for split, f in figures.items():
         print(f"\n{split} ({f['samples']} pairs, accuracy {f['accuracy']:.2%}):")
@@ -318,6 +331,11 @@ def main(argv: list[str] | None = None) -> int:
             "model": model.name,
             "version": model.version,
             "held_out": {"data": str(data), "seed": args.seed, "splits": list(SPLITS)},
+            # which build of the model these are of: the pages' figures must be of the shipped one
+            "provenance": {
+                "commit": model.manifest.get("provenance", {}).get("commit"),
+                "training_inputs": model.manifest.get("provenance", {}).get("training_inputs", {}).get("digest"),
+            },
             "attribution": {
                 e: {k: v for k, v in entry.items() if k in ("method", "madds", "explain_madds")}
                 for e, entry in model.manifest.get("attribution", {}).get("experts", {}).items()
@@ -328,6 +346,9 @@ def main(argv: list[str] | None = None) -> int:
             "plot": args.plot.name,
         },
     )
+    if args.out.resolve() == pages.RESULT.resolve():  # the recorded figures: the pages show them
+        for page in pages.write_pages(json.loads(args.out.read_text())):
+            print(f"wrote {page.relative_to(pages.REPO)}")
     return 0
 
 

@@ -28,8 +28,12 @@ from dataclasses import dataclass
 
 import numpy as np
 import pybase64
-import pyspng
 from PIL import Image, UnidentifiedImageError
+
+try:
+    import pyspng
+except ImportError:  # installed on Linux x86-64 only (pyproject.toml): elsewhere Pillow decodes every PNG
+    pyspng = None
 
 from models.preprocess import to_rgb
 from service.errors import InvalidInput, PayloadTooLarge, UnsupportedMediaType
@@ -163,14 +167,16 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 def plain_png_pixels(opened: OpenedImage, side: int) -> np.ndarray | None:
     """The (side, side, 3) uint8 pixels of a plain 8-bit RGB PNG already at the model's side, decoded by libspng
-    (pyspng) in about 60% of what Pillow's decode and array copy take; None for any other image, which then goes
+    (pyspng) in about two thirds of what Pillow's decode and array copy take; None for any other image, which then goes
     ``decode_image``'s way. PNG is lossless, so both give the same pixels, which training's own conversion
     (``models.preprocess``) would then keep as they are: the plain case is 8-bit truecolour, not interlaced, at
     exactly ``side`` x ``side``, with no chunk outside ``PLAIN_PNG_CHUNKS`` (no EXIF orientation to apply, no
     transparency, palette or animation). What libspng refuses (a bad checksum, truncated data) goes Pillow's way
     too, so a file is refused, or not, as Pillow decides."""
     data = opened.data
-    if opened.format != "PNG" or opened.width != side or opened.height != side or not _plain_png(data):
+    if pyspng is None or opened.format != "PNG" or opened.width != side or opened.height != side:
+        return None
+    if not _plain_png(data):
         return None
     try:
         pixels = pyspng.load(data)

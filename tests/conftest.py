@@ -113,6 +113,32 @@ def quiet(*_args, **_kwargs) -> None:
     return
 
 
+def with_guard_floor(manifest: dict) -> dict:
+    """``manifest`` (a model.json) with a safer floor for its served point's guard: when validation chose none (none
+    qualified, as for the shipped model's), the point's highest floor. For tests of the guard's mechanics and of
+    its metrics, on a copy of the store."""
+    safety, point = manifest["safety"], manifest["router"]["operating_point"]
+    if safety["guard"][point]["min_confidence"] is None:
+        own = [p for p in safety["policies"] if p["operating_point"] == point]
+        base = next(p for p in own if p["min_confidence"] is None)
+        floor = max((p for p in own if p["min_confidence"] is not None), key=lambda p: p["min_confidence"])
+        safety["guard"][point] = {
+            "operating_point": point,
+            "min_confidence": floor["min_confidence"],
+            "policy": floor["policy"],
+            "validation": {k: floor[k] for k in ("accuracy", "agreement", "saved_ratio", "fallback_share")},
+            "served_validation": {k: base[k] for k in ("accuracy", "agreement", "saved_ratio")},
+        }
+    return manifest
+
+
+def make_strict(manifest: dict) -> dict:
+    """``manifest`` with its served point's validated agreement raised to 1.0, so that any disagreement an audit finds
+    is a fall, and a floor for its guard (``with_guard_floor``)."""
+    manifest["safety"]["operating_points"][manifest["router"]["operating_point"]]["agreement"] = 1.0
+    return with_guard_floor(manifest)
+
+
 def b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
 

@@ -8,6 +8,7 @@ port with a generated config that scrapes the service every second.
 
 from __future__ import annotations
 
+import json
 import math
 import subprocess
 import time
@@ -18,7 +19,7 @@ import httpx
 import numpy as np
 import pytest
 import tritonclient.grpc as triton_grpc
-from conftest import MODEL_NAME, b64, free_port, require_tool
+from conftest import MODEL_NAME, b64, free_port, require_tool, with_guard_floor
 from prometheus_process import Prometheus, start_prometheus, stop
 from tritonclient.utils import InferenceServerException
 
@@ -104,12 +105,13 @@ def send(base: str, requests: list[dict]) -> list[httpx.Response]:
         return list(pool.map(lambda r: client.post("/v1/classify", **r["kwargs"]), requests))
 
 
-def send_grpc(url: str, samples: list[dict], full: str) -> tuple[list[int], set[str], int]:
+def send_grpc(url: str, samples: list[dict], full: str) -> tuple[list[int], set[str], int, list[dict]]:
     """A few calls of the Open Inference Protocol over gRPC (tritonclient.grpc): (MAdds of each answered row,
     the HTTP statuses the metrics count them under, how many answers are audited: those of a cheaper expert the
-    router picked, or that a confidence fallback replaced)."""
+    router picked, or that a confidence fallback replaced; each row's expert, importance and modality weights as
+    /v1 names them)."""
     client = triton_grpc.InferenceServerClient(url)
-    madds, statuses, audited = [], set(), 0
+    madds, statuses, audited, answers = [], set(), 0, []
     for rows in (samples[:3], samples[3:4]):
         inputs = []
         for name, elements in (("image", [s["png"] for s in rows]), ("text", [s["text"].encode() for s in rows])):
@@ -118,6 +120,13 @@ def send_grpc(url: str, samples: list[dict], full: str) -> tuple[list[int], set[
             inputs.append(tensor)
         result = client.infer(MODEL_NAME, inputs)
         madds += result.as_numpy("madds").tolist()
+        for expert, importance, weights in zip(
+            result.as_numpy("expert"), result.as_numpy("importance"), result.as_numpy("modality_weights"), strict=True
+        ):
+            text, image = importance.tolist()
+            text_weight, image_weight = weights.tolist()
+            route = {"expert": expert.decode(), "modality_weights": {"text": text_weight, "image": image_weight}}
+            answers.append({"route": route, "importance": {"text": text, "image": image}})
         for expert, decided_by in zip(result.as_numpy("expert"), result.as_numpy("decided_by"), strict=True):
             audited += decided_by == b"confidence" or (decided_by == b"router" and expert.decode() != full)
         statuses.add("200")
@@ -126,16 +135,23 @@ def send_grpc(url: str, samples: list[dict], full: str) -> tuple[list[int], set[
     assert refused.value.status() == "StatusCode.INVALID_ARGUMENT"
     statuses.add("400")
     client.close()
-    return madds, statuses
+    return madds, statuses, audited, answers
 
 
 # --- the test -----------------------------------------------------------------------------------
 
 
 def test_every_dashboard_query_returns_data_and_compute_saved_matches_the_responses(
-    server_process, prometheus, samples
+    server_process, prometheus, samples, store_copy
 ):
     started = time.monotonic()
+    # The served store, with a floor for its guard when validation chose none (the guard's panel shows its
+    # changes: a guard with no safer policy has none), degrading to its cheapest other operating point.
+    [model_json] = list(store_copy.glob(f"{MODEL_NAME}/*/model.json"))
+    manifest = with_guard_floor(json.loads(model_json.read_text()))
+    model_json.write_text(json.dumps(manifest))
+    served = manifest["router"]["operating_point"]
+    cheaper = max((r["lambda"], r["name"]) for r in manifest["routers"] if r["name"] != served)[1]
     # Degrading from one waiting request on, with batches that wait 100 ms to fill: the burst's concurrent
     # requests find one waiting, so some are served degraded.
     grpc_port = free_port()
@@ -144,9 +160,10 @@ def test_every_dashboard_query_returns_data_and_compute_saved_matches_the_respon
     # drift, and the "Is routing still safe?" panels with nothing to show. tests/e2e/test_alerts.py runs them
     # on a longer replay.
     _, base = server_process(
+        store_copy,
         grpc_port=grpc_port,
         max_body_bytes=MAX_BODY_BYTES,
-        degrade_to="lambda_0.3",
+        degrade_to=cheaper,
         degrade_high_water=1,
         degrade_low_water=0,
         max_batch_delay_ms=100,
@@ -165,7 +182,7 @@ def test_every_dashboard_query_returns_data_and_compute_saved_matches_the_respon
     requests = burst(samples)
     responses = send(base, requests)
     full = httpx.get(f"{base}/v1/models/{MODEL_NAME}").json()["full_expert"]
-    grpc_madds, grpc_statuses, grpc_audited = send_grpc(f"127.0.0.1:{grpc_port}", samples, full)
+    grpc_madds, grpc_statuses, grpc_audited, grpc_answers = send_grpc(f"127.0.0.1:{grpc_port}", samples, full)
     grpc_calls = 3  # two answered, one refused
 
     for request, response in zip(requests, responses, strict=True):
@@ -268,11 +285,12 @@ def test_every_dashboard_query_returns_data_and_compute_saved_matches_the_respon
         result = prom.query(dq.render_expr(exprs[0], model=MODEL_NAME))
         return {entry["metric"][label]: float(entry["value"][1]) for entry in result}
 
+    answered = ok + grpc_answers  # both transports' answers are observed
     image_share = {
-        expert: sum(r["importance"]["image"] for r in ok if r["route"]["expert"] == expert)
-        / sum(r["route"]["expert"] == expert for r in ok)
-        for expert in experts_run
+        expert: sum(r["importance"]["image"] for r in answered if r["route"]["expert"] == expert)
+        / sum(r["route"]["expert"] == expert for r in answered)
+        for expert in experts_run | {r["route"]["expert"] for r in grpc_answers}
     }
     assert shown("Modality importance by expert: image share", "expert") == pytest.approx(image_share, abs=1e-6)
-    weights = {m: sum(r["route"]["modality_weights"][m] for r in ok) / len(ok) for m in ("text", "image")}
+    weights = {m: sum(r["route"]["modality_weights"][m] for r in answered) / len(answered) for m in ("text", "image")}
     assert shown("Modality weights (router): mean and quantiles", "modality") == pytest.approx(weights, abs=1e-6)

@@ -13,7 +13,7 @@ import time
 import numpy as np
 import pytest
 import tritonclient.grpc as triton
-from conftest import b64, scrape
+from conftest import b64, make_strict, scrape
 
 MODEL = "shapes"
 
@@ -127,12 +127,10 @@ def test_grpc_and_v2_answers_say_uncertain_and_why_as_v1_does(serve, samples, th
 
 @pytest.fixture
 def strict_store(store_copy):
-    """The tiny store with its served point's validated agreement raised to 1.0: any disagreement is a fall (as in
+    """The served store made strict (conftest's make_strict): any disagreement is a fall (as in
     test_routing_safety.py)."""
     [path] = list(store_copy.glob(f"{MODEL}/*/model.json"))
-    manifest = json.loads(path.read_text())
-    manifest["safety"]["operating_points"][manifest["router"]["operating_point"]]["agreement"] = 1.0
-    path.write_text(json.dumps(manifest))
+    path.write_text(json.dumps(make_strict(json.loads(path.read_text()))))
     return store_copy
 
 

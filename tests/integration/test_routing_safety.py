@@ -13,7 +13,7 @@ import shutil
 import time
 
 import pytest
-from conftest import b64, scrape, value
+from conftest import b64, make_strict, scrape, value
 
 MODEL = "shapes"
 
@@ -132,12 +132,9 @@ def test_no_audit_at_rate_0_and_the_guard_says_why_it_is_off(serve, samples):
 
 @pytest.fixture
 def strict_store(store_copy):
-    """The tiny store with its served point's validated agreement raised to 1.0: any disagreement is a fall."""
+    """The served store made strict (conftest's make_strict): any disagreement is a fall, and the guard has a floor."""
     [path] = list(store_copy.glob(f"{MODEL}/*/model.json"))
-    manifest = json.loads(path.read_text())
-    point = manifest["router"]["operating_point"]
-    manifest["safety"]["operating_points"][point]["agreement"] = 1.0
-    path.write_text(json.dumps(manifest))
+    path.write_text(json.dumps(make_strict(json.loads(path.read_text()))))
     return store_copy
 
 

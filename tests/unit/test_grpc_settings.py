@@ -38,3 +38,49 @@ def test_the_listening_address_brackets_ipv6_hosts():
     assert address("0.0.0.0", 8001) == "0.0.0.0:8001"
     assert address("::", 8001) == "[::]:8001"
     assert address("[::1]", 8001) == "[::1]:8001"
+
+
+def _served(monkeypatch, tmp_path):
+    """``serve`` with nothing started: what it started, by kind."""
+    import os
+
+    from service import server
+
+    for name in [name for name in os.environ if name.startswith("DYNFUSE_")]:
+        monkeypatch.delenv(name)
+    (tmp_path / "shapes" / "1").mkdir(parents=True)
+    (tmp_path / "shapes" / "1" / "model.json").write_text("{}")
+    started = {}
+    monkeypatch.setattr(server, "_serve_workers", lambda settings: started.setdefault("workers", settings) and 0)
+    monkeypatch.setattr(server.uvicorn.Server, "run", lambda self: started.setdefault("one process", True))
+    monkeypatch.setattr(server, "tune_for_serving", lambda: None)
+    monkeypatch.setattr(server.signal, "signal", lambda *args: None)
+    return server, started
+
+
+def test_any_free_port_with_the_default_workers_is_refused_where_that_is_several_processes(
+    monkeypatch, tmp_path, capsys
+):
+    """Workers 0 (the default) is one per core: on 3 cores that is 3 processes, which 'any free port' cannot give
+    one gRPC port; on one core it is one process, which can."""
+    server, started = _served(monkeypatch, tmp_path)
+    monkeypatch.setattr(server, "available_cores", lambda: 3)
+    assert server.serve(Settings(store=tmp_path, grpc_port=0)) == 1
+    assert "DYNFUSE_GRPC_PORT=0" in capsys.readouterr().err
+    assert started == {}
+    monkeypatch.setattr(server, "available_cores", lambda: 1)
+    assert server.serve(Settings(store=tmp_path, grpc_port=0)) == 0
+    assert started == {"one process": True}
+
+
+def test_the_grpc_port_is_shared_unless_the_server_is_one_process():
+    """SO_REUSEPORT lets each worker bind the one port; workers 0 (one per core) counts as several."""
+    from types import SimpleNamespace
+
+    from service.grpc.server import GrpcServer
+
+    def reuseport(workers: int) -> int:
+        app = SimpleNamespace(state=SimpleNamespace(settings=Settings(grpc_port=8001, workers=workers)))
+        return dict(GrpcServer(app).options)["grpc.so_reuseport"]
+
+    assert (reuseport(0), reuseport(2), reuseport(1)) == (1, 1, 0)
