@@ -137,3 +137,10 @@ def test_a_corrupt_files_message_is_cut_at_500_characters():
     message = _corrupt(ValueError("x" * 600)).message
     assert message == f"image: truncated or corrupt image data (ValueError: {'x' * 600})"[:500]
     assert len(message) == 500
+
+
+def test_a_picture_one_pixel_wide_or_high_is_accepted():
+    for width, height in ((1, 5), (5, 1)):
+        opened = open_image(png(width, height), max_pixels=100)
+        assert (opened.width, opened.height) == (width, height)
+        assert decode_image(opened, side=8).size == (width, height)
