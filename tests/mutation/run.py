@@ -37,11 +37,14 @@ MODULES: dict[str, list[str]] = {
     # tests of what each step decides (formats, limits, orientation, reduction, pixels) cover the same code.
     "service/decode.py": [
         "tests/unit/test_decode.py",
+        "tests/unit/test_decode_refusals.py",
         "--deselect=tests/unit/test_decode.py::test_every_mutant_of_every_accepted_format_decodes_or_is_a_4xx",
     ],
     "service/admission.py": ["tests/unit/test_admission_unit.py", "tests/unit/test_admission_edges.py"],
     "export/execution.py": ["tests/unit/test_pipeline_decisions.py", "tests/unit/test_pipeline_answers.py"],
     "export/pipeline.py": ["tests/unit/test_pipeline_decisions.py", "tests/unit/test_pipeline_answers.py"],
+    # Importance (issue 21): the attribution of an answer to each modality, its Shapley arithmetic and its checks.
+    "export/attribution.py": ["tests/unit/test_attribution_math.py"],
     # Routing safety (issue 22): the guard's engage/release decisions and the validation figures it compares with.
     "service/guard.py": ["tests/unit/test_guard.py", "tests/unit/test_guard_report.py"],
     "models/safety.py": ["tests/unit/test_safety.py", "tests/unit/test_safety_section.py"],

@@ -8,11 +8,15 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from types import SimpleNamespace
 
 import pytest
 from test_admission_unit import App, Exchange, counted, door, rejected, run
 
-from service.admission import MAX_HEADER_BYTES, run_until
+import service.admission as admission_module
+from service.admission import MAX_HEADER_BYTES, Admission, run_until
+from service.errors import InvalidInput
+from service.metrics import Metrics
 
 
 class ChunkedExchange(Exchange):
@@ -203,3 +207,75 @@ def test_json_of_a_refusal_is_the_protocols_error_shape():
 
     assert exchange.status == 503
     assert json.loads(exchange.sent[1]["body"]) == {"error": "the model is loading"}
+
+
+def test_another_front_door_shares_the_capacity_and_is_refused_and_paced_alike(monkeypatch):
+    """gRPC's door (service/grpc/): admit() takes a place of the same capacity, release() gives it back; a 503
+    refusal waits its turn, another does not."""
+    admission = door(App(), capacity=1)
+    slept: list[float] = []
+
+    async def recording_sleep(delay):
+        slept.append(delay)
+
+    async def scenario():
+        first = admission.admit()
+        held = (
+            admission.admitted,
+            admission.metrics.registry.get_sample_value("dynfuse_inflight_requests", {"model": "m"}),
+        )
+        second = admission.admit()
+        monkeypatch.setattr(admission_module.asyncio, "sleep", recording_sleep)
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        loop.time = lambda: now  # a stopped clock: the pace is computed, not timed
+        await admission.pace(second)  # the first refusal: its turn is now
+        await admission.pace(second)  # the next one: one interval later
+        await admission.pace(InvalidInput("not a 503"))
+        del loop.time
+        monkeypatch.undo()
+        admission.release()
+        third = admission.admit()
+        return first, held, second, third
+
+    first, held, second, third = run(scenario)
+    assert first is None
+    assert held == (1, 1.0)
+    assert second.status == 503
+    assert second.message == "the server is at capacity (1 requests in flight); retry after 1 s"
+    assert slept == [pytest.approx(1 / 200, abs=1e-9)]  # the default pace: 200 refusals a second
+    assert third is None
+    assert admission.admitted == 1
+    roomy = door(App(), capacity=3)
+    assert [roomy.admit(), roomy.admit()] == [None, None]
+    assert roomy.admitted == 2  # each admission counted, not merely noted
+
+
+def test_other_scopes_reach_the_app_with_their_own_receive():
+    seen = []
+
+    async def app(scope, receive, send):
+        seen.append((scope["type"], receive))
+
+    async def receive():
+        return {"type": "lifespan.startup"}
+
+    admission = Admission(
+        app, state=SimpleNamespace(), metrics=Metrics("m"), capacity=1, request_timeout_s=1.0, max_body_bytes=10
+    )
+    run(lambda: admission({"type": "lifespan"}, receive, None))
+
+    assert seen == [("lifespan", receive)]
+
+
+def test_a_state_without_keys_configured_counts_requests_as_anonymous():
+    app = App()
+    admission = Admission(
+        app, state=SimpleNamespace(repository=SimpleNamespace(not_serving=None)), metrics=Metrics("m"), capacity=1,
+        request_timeout_s=5.0, max_body_bytes=100,
+    )  # fmt: skip
+    exchange = Exchange()
+    run(lambda: admission(exchange.scope, exchange.receive, exchange.send))
+
+    assert exchange.status == 200
+    assert counted(admission, 200) == 1

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import threading
 import time
+from types import SimpleNamespace
 
 import pytest
 from test_batcher import POISON, BrokenPipeline, FakePipeline, batcher, failed, item, run, until
@@ -382,16 +384,19 @@ def test_probes_while_unhealthy_back_off_along_their_schedule(monkeypatch):
         pipeline.broken = True
         for _ in range(UNHEALTHY_AFTER):
             await failed(b)
-        await until(lambda: len(probed_at) >= 5)  # the one that found it broken, then four while unhealthy
+        await until(lambda: b._failed_probes >= 4)  # after the one that found it broken, four while unhealthy
         status = b.status()
-        await b.stop()
-        return status
+        await b.stop()  # a probe under way is finished first
+        return status, b._failed_probes
 
-    status = run(scenario)
+    status, failed_probes = run(scenario)
     gaps = [later - earlier for earlier, later in zip(probed_at, probed_at[1:5], strict=False)]
     slack = 0.005  # the event loop's timers may fire up to a clock tick early
     assert [gap >= wait - slack for gap, wait in zip(gaps, (0.01, 0.05, 0.3, 0.3), strict=True)] == [True] * 4, gaps
-    assert status.endswith("(probe: RuntimeError: CUDA error: device lost); 4 probe(s) failed since"), status
+    assert failed_probes == len(probed_at) - 1  # every probe but the first (before the unhealthy spell) counted once
+    assert re.search(r"\(probe: RuntimeError: CUDA error: device lost\); [4-9] probe\(s\) failed since$", status), (
+        status
+    )
 
 
 class LongFailure(FakePipeline):
@@ -672,3 +677,68 @@ def test_a_caller_that_gives_up_mid_batch_leaves_the_others_answered(one_by_one)
     else:
         assert first[0].output.label == "call1"
     assert last[0].output.label.startswith("call")
+
+
+def test_stop_waits_30_s_by_default_for_the_worker(monkeypatch):
+    waits: list[float | None] = []
+    real_wait = asyncio.wait
+
+    async def recording_wait(tasks, *args, timeout=None, **kwargs):
+        waits.append(timeout)
+        return await real_wait(tasks, *args, timeout=timeout, **kwargs)
+
+    async def scenario():
+        b = batcher(FakePipeline())
+        b.start()
+        await b.submit([item()])
+        monkeypatch.setattr(batcher_module.asyncio, "wait", recording_wait)
+        await b.stop()
+
+    run(scenario)
+    assert waits == [30.0]
+
+
+def test_a_batch_whose_delay_has_passed_when_the_queue_is_looked_at_closes_with_what_it_holds(monkeypatch):
+    ticks = iter(range(0, 10**6, 10))  # a clock that moves 10 s between reads: every delay has passed
+    fake_time = SimpleNamespace(perf_counter=lambda: float(next(ticks)), monotonic=time.monotonic)
+    pipeline = FakePipeline()
+
+    async def scenario():
+        b = batcher(pipeline, max_batch_size=4, max_batch_delay_s=1.0)
+        b.start()
+        monkeypatch.setattr(batcher_module, "time", fake_time)
+        answer = await b.submit([item()])
+        monkeypatch.undo()
+        await b.stop()
+        return answer
+
+    assert run(scenario)[0].output.label == "call1"
+    assert pipeline.calls == [1]
+
+
+def test_stop_past_its_grace_cancels_a_call_queued_behind_a_stuck_one():
+    """A replaced worker's call waits in the thread's queue behind the stuck call; stop drops it: the pipeline never
+    runs a call whose caller was already answered 503."""
+    pipeline = FakePipeline()
+    pipeline.gate = threading.Event()
+
+    async def scenario():
+        b = batcher(pipeline, max_batch_size=1)
+        b.start()
+        first = asyncio.ensure_future(b.submit([item()]))
+        await until(lambda: pipeline.entered == 1)
+        b._worker.cancel()
+        second = asyncio.ensure_future(b.submit([item()]))
+        await until(lambda: b.restarts == 1 and b._batch_started is not None)  # queued behind the stuck call
+        await b.stop(grace_s=0.1)
+        results = await asyncio.gather(first, second, return_exceptions=True)
+        pipeline.gate.set()
+        await until(lambda: len(pipeline.calls) == 1)  # the stuck call ends
+        deadline = time.monotonic() + 0.5  # room for a queued call to run, were it left there
+        while pipeline.entered < 2 and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        return results
+
+    first, second = run(scenario)
+    assert isinstance(second, NotReady)
+    assert pipeline.entered == 1

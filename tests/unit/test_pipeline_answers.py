@@ -166,3 +166,15 @@ def test_warmup_runs_every_route_at_each_batch_size_and_every_operating_point_on
     pixels = np.concatenate([x.image.ravel() for x in inputs_seen])
     assert pixels.min() < 16  # random pictures over the whole range
     assert pixels.max() > 240
+
+
+def test_a_fallback_to_the_full_path_reuses_the_shared_trunk_its_first_pass_ran():
+    """Case 2 routes to image (trunk -> image_head), sure at 0.7; under a floor of 0.9 the full path (trunk ->
+    full_head) answers too, and the trunk, already run for it, is not run again."""
+    backend = ScriptedBackend()
+    outputs, _, calls = predict(with_model(backend), backend, request(2, min_confidence=0.9))
+
+    assert (outputs[0].expert, outputs[0].fallback_from) == ("full", "image")
+    assert [cases for name, cases in calls if name == "trunk"] == [[2]]
+    assert [cases for name, cases in calls if name == "full_head"] == [[2]]
+    assert outputs[0].probabilities == pytest.approx(np.array(PROBS["full"][2]), abs=1e-6)

@@ -106,3 +106,4 @@ def test_calibrated_confidence_is_the_top_probability_at_the_temperature():
     assert at_two == pytest.approx(roots.max(axis=1) / roots.sum(axis=1), abs=1e-12)
     assert at_one == pytest.approx([0.8, 0.5], abs=1e-12)
     assert at_two.dtype == np.float64
+    assert calibrated_confidence(probabilities.astype(np.float32), 2.0).dtype == np.float64  # computed in float64
