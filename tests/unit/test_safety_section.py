@@ -96,6 +96,24 @@ def test_no_floor_qualifies_below_the_served_points_accuracy_and_the_answer_says
     }  # fmt: skip
 
 
+def test_a_floor_short_of_halving_still_guards_and_the_one_that_disagrees_least_is_chosen():
+    # Alone: disagreement 0.5. Floors 0.5 and 0.75 lower it to 0.375 and 0.3125, neither down to 0.25: the guard
+    # takes 0.75, the one that disagrees least, rather than no guard at all.
+    policies = rows(0.5, 0.75, 0.625, 0.75) + [
+        {"policy": "p+min_confidence=0.75", "operating_point": "p", "min_confidence": 0.75, "accuracy": 0.75,
+         "agreement": 0.6875, "saved_ratio": 0.125, "fallback_share": 0.5},
+    ]  # fmt: skip
+
+    chosen = choose_guard(policies, "p")
+
+    assert chosen["policy"] == "p+min_confidence=0.75"
+    assert chosen["validation"]["agreement"] == 0.6875
+
+
+def test_a_floor_that_agrees_no_more_than_the_point_alone_is_no_guard():
+    assert choose_guard(rows(0.5, 0.75, 0.5, 0.75), "p")["policy"] is None
+
+
 def test_calibrated_confidence_is_the_top_probability_at_the_temperature():
     probabilities = probs([0, 2], [0.8, 0.5])  # rows (0.8, 0.1, 0.1) and (0.25, 0.25, 0.5)
 
