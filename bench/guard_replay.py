@@ -12,6 +12,12 @@ random draw per trial), as the server does. For each rate: how often the guard e
 
 One run of bench/shift.py is one draw of this; this says how likely its outcome was.
 
+When export found no safer policy for the served point (model.json ``safety.guard``: no floor), the server's
+guard is off and never engages; the replay then measures detection alone (``guard_off``): when audits like the
+server's would have crossed the guard's line. The alert ``DynfuseRoutingAgreementLow`` (docker/prometheus/alerts.yml)
+watches the same line, with the same margin and minimum of audits, over 15 minutes of audits instead of the last
+``DYNFUSE_GUARD_WINDOW``.
+
     python -m bench.guard_replay [--store store] [--data build/heldout-s7] [--rates 0.02,0.05,0.1,0.25]
 """
 
@@ -47,10 +53,19 @@ def stream(store: Path, model: str | None, data: Path) -> tuple[dict, np.ndarray
     return load_model(store, model).manifest, np.concatenate(cheaper), np.concatenate(agrees), len(cheaper[0])
 
 
+def guard_off(manifest: dict) -> bool:
+    """Whether the server's guard is off for the served point: export chose no safer policy for it."""
+    point = manifest["router"]["operating_point"]
+    return manifest["safety"].get("guard", {}).get(point, {}).get("min_confidence") is None
+
+
 def replay(manifest: dict, cheaper, agrees, n_test: int, rate: float, settings, trials: int) -> dict:
     from service.guard import Guard, GuardSettings
 
     point = manifest["router"]["operating_point"]
+    safety = manifest["safety"]
+    if guard_off(manifest):  # detection alone: a stand-in floor so that the Guard judges the audits
+        safety = {**safety, "guard": {**safety["guard"], point: {**safety["guard"][point], "min_confidence": 1.0}}}
     guard_settings = GuardSettings(
         enabled=True,
         margin=settings.guard_margin,
@@ -62,7 +77,7 @@ def replay(manifest: dict, cheaper, agrees, n_test: int, rate: float, settings, 
     for trial in range(trials):
         draw = random.Random(trial)
         guard = Guard(
-            model=manifest["name"], operating_point=point, min_confidence=None, safety=manifest["safety"],
+            model=manifest["name"], operating_point=point, min_confidence=None, safety=safety,
             settings=guard_settings,
         )  # fmt: skip
         on_in_test, first_ood = 0, None
@@ -143,6 +158,11 @@ def main(argv: list[str] | None = None) -> int:
         f"test_ood {observed['test_ood']:.3f}; guard window {settings.guard_window}, min audits "
         f"{settings.guard_min_audits}, margin {settings.guard_margin}, recover margin {settings.guard_recover_margin}"
     )
+    if guard_off(manifest):
+        print(
+            f"the served point {point} has no safer policy (export: {manifest['safety'].get('guard_rule')}): the "
+            "server's guard is off; below, when audits would cross its line (detection alone)"
+        )
     print(
         markdown_table(
             [
@@ -165,6 +185,8 @@ def main(argv: list[str] | None = None) -> int:
             "version": manifest["version"],
             "data": str(data.relative_to(REPO) if data.is_relative_to(REPO) else data),
             "operating_point": point,
+            # True: no safer policy for the point, the server's guard never engages; the runs are detection alone
+            "guard_off": guard_off(manifest),
             "validated_agreement": validated,
             "stream_agreement": observed,
             "requests": {"test": n_test, "test_ood": int(len(cheaper) - n_test)},

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Rerun the CPU benchmarks and refresh bench/results/ (figures 1-3, 5, 7 and 9, the soak; about 40 minutes on 2 cores).
+# Rerun the CPU benchmarks and refresh bench/results/ (figures 1-3, 5, 7 and 12, the soak; about 40 minutes on 2 cores).
 # Figure 4 needs a CUDA machine: python -m bench.gpu (see bench/BENCHMARKS.md); here it runs as a CPU smoke test.
 # Needs the shipped model's test splits (make figures writes them to build/figures/), wrk (apt-get install wrk; else a Python load generator
 # is used) and py-spy (.venv/bin/pip install -e '.[bench]') for the profile.

@@ -329,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
         {
             "figure": "routing under a shift: test then test_ood through dynfuse serve",
             "data": str(data.relative_to(REPO) if data.is_relative_to(REPO) else data),
-            "store": str(args.store),
+            "store": str(args.store.relative_to(REPO) if args.store.resolve().is_relative_to(REPO) else args.store),
             "goals": goals,
             "plot": args.plot.name,
             "runs": [

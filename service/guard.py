@@ -105,11 +105,10 @@ class Guard:
         return None if self.validated_agreement is None else self.validated_agreement - self.settings.recover_margin
 
     def record(self, agreed: bool) -> None:
-        """One audit outcome of the served operating point: does the router's pick agree with the full path?"""
-        if self.state == OFF:
-            return
+        """One audit outcome of the served operating point: does the router's pick agree with the full path?
+        An off guard keeps the recent agreement too (GET /v1/models/{name} shows it), and never changes."""
         self.outcomes.append(bool(agreed))
-        if len(self.outcomes) < self.settings.min_audits:
+        if self.state == OFF or len(self.outcomes) < self.settings.min_audits:
             return
         agreement = self.recent_agreement
         if self.state == WATCHING and agreement < self.engage_below:

@@ -98,6 +98,9 @@ def test_off_with_a_reason_and_then_it_never_engages(point, safety, enabled, rea
     feed(guard, 0, 50)
     assert guard.state == OFF
     assert changes == []
+    # Off, it still says how the audits went.
+    assert guard.describe()["recent_agreement"] == 0.0
+    assert guard.describe()["recent_audits"] == 20  # the window
 
 
 def test_describe_reports_the_recent_agreement_and_the_lines():
