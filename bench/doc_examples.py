@@ -1,12 +1,12 @@
 """The shell and Python examples of README.md and docs/*.md, run as a reader runs them, against the shipped model.
 
 Each page's examples run in order, in a fresh copy of the repository (the reader's checkout, `.venv` linked),
-against a real ``dynfuse serve`` of ``store/`` on a free port (``localhost:8000`` in a page means that
-server). Shell blocks (```bash, ```sh) run under ``/bin/sh``, so a bashism fails; Python blocks run with
-``.venv/bin/python``. When a ```json or ```text block follows an example (before the next example or
-heading), it is what the example prints, and the run is compared with it: JSON by structure and value
-(floats within a tolerance; ids, timings and other volatile fields only by type; a string ending in "…"
-by its prefix), text line by line.
+against a real ``dynfuse serve`` of ``store/`` on free ports (``localhost:8000`` in a page means that server,
+and ``localhost:8001`` its gRPC port, as `make run GRPC_PORT=8001` serves it). Shell blocks (```bash, ```sh)
+run under ``/bin/sh``, so a bashism fails; Python blocks run with ``.venv/bin/python``. When a ```json or
+```text block follows an example (before the next example or heading), it is what the example prints, and the
+run is compared with it: JSON by structure and value (floats within a tolerance; ids, timings and other
+volatile fields only by type; a string ending in "…" by its prefix), text line by line.
 
 A block that cannot run here says why on the line before it: ``<!-- not run: REASON -->``.
 
@@ -37,6 +37,7 @@ OUTPUTS = ("json", "text")
 NOT_RUN = re.compile(r"<!--\s*not run:\s*(?P<reason>.+?)\s*-->")
 FENCE = re.compile(r"^(?P<indent> *)(?P<fence>```+|~~~+)(?P<info>[^`\n]*)$")
 PORT_IN_PAGES = 8000
+GRPC_PORT_IN_PAGES = 8001
 # Fields whose values change from run to run: compared by type only.
 VOLATILE = {"id", "timing_ms", "queue", "inference", "total", "load_seconds", "created"}
 FLOAT_TOLERANCE = 2e-3  # absolute: probabilities and ratios printed to 6 digits; runtimes may differ in the last ones
@@ -127,9 +128,12 @@ def reader_checkout(destination: Path, repo: Path = REPO) -> Path:
     return destination
 
 
-def run_block(block: Block, cwd: Path, port: int) -> Result:
-    code = block.code.replace(f"localhost:{PORT_IN_PAGES}", f"localhost:{port}")
-    code = code.replace(f"127.0.0.1:{PORT_IN_PAGES}", f"127.0.0.1:{port}")
+def run_block(block: Block, cwd: Path, port: int, grpc_port: int | None = None) -> Result:
+    code = block.code
+    for in_page, actual in ((PORT_IN_PAGES, port), (GRPC_PORT_IN_PAGES, grpc_port)):
+        if actual is not None:
+            code = code.replace(f"localhost:{in_page}", f"localhost:{actual}")
+            code = code.replace(f"127.0.0.1:{in_page}", f"127.0.0.1:{actual}")
     if RUNNABLE[block.lang] == "sh":
         command = ["/bin/sh", "-e", "-c", code]
     else:
@@ -281,18 +285,30 @@ def update(page: Path, results: list[Result]) -> bool:
     return changed
 
 
+def _free_ports(count: int) -> list[int]:
+    """Ports free on loopback now, all different (held open together while they are chosen)."""
+    import socket
+
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
 class Server:
-    """``dynfuse serve`` of the reader's store on a free loopback port, as `make run` starts it."""
+    """``dynfuse serve`` of the reader's store on free loopback ports (HTTP and gRPC), as `make run GRPC_PORT=8001`
+    starts it."""
 
     def __init__(self, checkout: Path, store: str = "store"):
-        import socket
-
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
+        self.port, self.grpc_port = _free_ports(2)
         env = {k: v for k, v in os.environ.items() if not k.startswith("DYNFUSE_")}
+        command = [str(checkout / ".venv" / "bin" / "dynfuse"), "serve", "--store", store, "--port", str(self.port)]
         self.process = subprocess.Popen(
-            [str(checkout / ".venv" / "bin" / "dynfuse"), "serve", "--store", store, "--port", str(self.port)],
+            [*command, "--grpc-port", str(self.grpc_port)],
             cwd=checkout, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )  # fmt: skip
 
@@ -334,7 +350,7 @@ def run_pages(selected: list[Path], *, repo: Path = REPO) -> list[Result]:
                 work = Path(temporary) / page.stem
                 shutil.copytree(checkout, work, symlinks=True)
                 for block in runnable(parse(page)):
-                    result = run_block(block, work, server.port)
+                    result = run_block(block, work, server.port, server.grpc_port)
                     result.problems = check(result)
                     results.append(result)
         finally:

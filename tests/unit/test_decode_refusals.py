@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import logging
 import struct
 import zlib
 
@@ -85,12 +86,23 @@ def test_a_decompression_bomb_header_is_refused_before_any_pixel():
     assert bomb.value.message == "image: over the decompression limit of 40,000,000 pixels"
 
 
-def test_a_header_pillow_cannot_parse_is_a_corrupt_file():
-    damaged = bytearray(png_header(8, 8))
-    damaged[16:20] = b"\xff\xff\xff\xff"  # the width, past what PNG allows; the checksum no longer matches
-    with pytest.raises((InvalidInput, UnsupportedMediaType)) as error:
-        open_image(bytes(damaged), max_pixels=100)
-    assert error.value.message.startswith("image: ")
+def test_a_header_pillow_cannot_parse_is_a_corrupt_file_named_by_what_the_parser_said(caplog):
+    bmp_of_unknown_header = b"BM" + bytes(20)
+    with caplog.at_level(logging.DEBUG, logger="dynfuse"), pytest.raises(InvalidInput) as error:
+        open_image(bmp_of_unknown_header, max_pixels=100)
+    said = "OSError: Unsupported BMP header type (0)"
+    assert error.value.message == f"image: truncated or corrupt image data ({said})"
+    assert f"undecodable image: {said}" in [r.getMessage() for r in caplog.records]
+
+
+def test_a_data_url_is_split_at_its_first_comma():
+    with pytest.raises(InvalidInput):
+        decode_base64("data:image/png;base64,aGVs,bG8=")  # a comma in the data: not base64
+
+
+def test_a_picture_twice_the_target_in_one_direction_only_is_reduced_in_that_one():
+    opened = open_image(png(20, 40), max_pixels=10_000)
+    assert decode_image(opened, side=8).size == (20, 20)  # target 16: the height by 2, the width kept
 
 
 @pytest.mark.parametrize(
@@ -125,3 +137,10 @@ def test_a_corrupt_files_message_is_cut_at_500_characters():
     message = _corrupt(ValueError("x" * 600)).message
     assert message == f"image: truncated or corrupt image data (ValueError: {'x' * 600})"[:500]
     assert len(message) == 500
+
+
+def test_a_picture_one_pixel_wide_or_high_is_accepted():
+    for width, height in ((1, 5), (5, 1)):
+        opened = open_image(png(width, height), max_pixels=100)
+        assert (opened.width, opened.height) == (width, height)
+        assert decode_image(opened, side=8).size == (width, height)
