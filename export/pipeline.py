@@ -376,7 +376,7 @@ class DynamicPipeline:
         encoder's map for the requests whose path ran it here; 1 without a fitted density."""
         if self.model.ood is None:
             return np.ones(len(has_text))
-        image_map = getattr(execution, "produced", {}).get(MAP_TENSOR)  # (rows, values); none when run elsewhere
+        image_map = getattr(execution, "produced", {}).get(MAP_TENSOR)  # (rows, values); Ray experts send it back
         rows, values = image_map if image_map is not None else (None, None)
         return self.model.ood.pvalues(
             tensors["text_features"], tensors["glimpse_features"], has_text, has_image, values, rows

@@ -63,7 +63,7 @@ class ExpertDeployment:
         """Which model, version and expert this replica runs, and a digest of what it was built from."""
         return self.identity
 
-    async def run(self, sub_batch: dict[str, np.ndarray], model: str, version: str) -> np.ndarray:
+    async def run(self, sub_batch: dict[str, np.ndarray], model: str, version: str) -> dict[str, np.ndarray]:
         """The logits of ``sub_batch``, which the ingress computed with ``model`` ``version``: never the answer of
         another version's expert (during a redeploy, an ingress and an expert replica of different versions may
         meet; the request is then refused and retried, not answered wrong)."""
@@ -75,12 +75,12 @@ class ExpertDeployment:
         return await self._batched(sub_batch)
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.002)
-    async def _batched(self, sub_batches: list[dict[str, np.ndarray]]) -> list[np.ndarray]:
+    async def _batched(self, sub_batches: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
         joined, sizes = concatenate(sub_batches)
         started = time.perf_counter()
-        logits = self.worker.run(joined)
+        returned = self.worker.run(joined)
         self.duration.observe(time.perf_counter() - started)
-        return split(logits, sizes)
+        return split(returned, sizes)
 
 
 @serve.deployment(name=INGRESS_NAME)

@@ -25,6 +25,7 @@ from export.backends import Backend, Runner
 from export.execution import BatchExecution
 from export.pipeline import SOFT, DynamicPipeline, PipelineInput, PipelineOutput
 from export.store import StoredModel
+from models.ood import MAP_TENSOR
 from service.errors import ApiError, DeadlineExceeded, NotReady
 
 logger = logging.getLogger("dynfuse")
@@ -35,6 +36,10 @@ WANTS = "attribution"  # (n,) int64: what each row asks for its attribution (exp
 # What an expert returns per row, (n, 5, K): its logits, then the coalition logits (text only, image only) by its
 # attribution head and exactly, NaN where the row did not ask for them.
 LOGITS, HEAD_PAIR, EXACT_PAIR = 0, slice(1, 3), slice(3, 5)
+# What an expert returns: that array under OUTPUTS, and, when the model's out-of-distribution density reads the image
+# encoder's map (models/ood.py) and the expert's chain produced it, that map under MAP_TENSOR (NaN for rows whose
+# chain did not run the encoder): the ingress's p-values are then the single process's.
+OUTPUTS = "outputs"
 EXPERT_RETRY_AFTER_S = 1
 
 
@@ -69,10 +74,12 @@ class ExpertWorker:
         head = self.attributions[expert].head
         chain = (*model.expert(expert).components, *((head,) if head else ()))
         self._runners: dict[str, Runner] = {c: backend.load(model.components[c]) for c in chain}
+        self.sends_map = model.ood is not None and MAP_TENSOR in model.ood.views
 
-    def run(self, tensors: Mapping[str, np.ndarray]) -> np.ndarray:
-        """(n, 5, K) for a sub-batch holding exactly ``self.inputs``: the expert's logits, then the coalition logits
-        its rows asked for (NaN elsewhere)."""
+    def run(self, tensors: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """For a sub-batch holding exactly ``self.inputs``: under OUTPUTS, (n, 5, K) the expert's logits, then the
+        coalition logits its rows asked for (NaN elsewhere); under MAP_TENSOR, the image encoder's map where the
+        model's density reads it and the chain produced it (module docstring)."""
         assert set(tensors) == set(self.inputs), f"{self.expert} reads {self.inputs}, got {sorted(tensors)}"
         n = len(next(iter(tensors.values())))
         side = self.model.preprocessing.image_size
@@ -91,7 +98,14 @@ class ExpertWorker:
         for how, where in ((HEAD, HEAD_PAIR), (EXACT, EXACT_PAIR)):
             for row, pair in execution.coalitions.get(self.expert, {}).get(how, {}).items():
                 out[row, where] = pair
-        return out
+        returned = {OUTPUTS: out}
+        produced = execution.produced.get(MAP_TENSOR) if self.sends_map else None
+        if produced is not None:
+            rows, values = produced
+            image_map = np.full((n, *values.shape[1:]), np.nan, np.float32)
+            image_map[rows] = values
+            returned[MAP_TENSOR] = image_map
+        return returned
 
     def _normalize(self, pixels: np.ndarray) -> dict[str, np.ndarray]:
         """The model's own normalized image (experts with their own preprocessing specs do not run on Ray yet)."""
@@ -123,9 +137,13 @@ def concatenate(sub_batches: list[Mapping[str, np.ndarray]]) -> tuple[dict[str, 
     return joined, sizes
 
 
-def split(logits: np.ndarray, sizes: list[int]) -> list[np.ndarray]:
-    assert len(logits) == sum(sizes), f"{len(logits)} rows of logits for sub-batches of {sizes}"
-    return np.split(logits, np.cumsum(sizes)[:-1])
+def split(returned: Mapping[str, np.ndarray], sizes: list[int]) -> list[dict[str, np.ndarray]]:
+    """What ``ExpertWorker.run`` returned for joined sub-batches, back as one return per sub-batch."""
+    for name, values in returned.items():
+        assert len(values) == sum(sizes), f"{len(values)} rows of {name} for sub-batches of {sizes}"
+    cuts = np.cumsum(sizes)[:-1]
+    parts = {name: np.split(values, cuts) for name, values in returned.items()}
+    return [{name: parts[name][k] for name in parts} for k in range(len(sizes))]
 
 
 class VersionMismatch(RuntimeError):
@@ -151,6 +169,8 @@ class RemoteExecution:
         self.timeout_s = timeout_s
         self.failed: dict[str, ApiError] = {}  # expert -> why its deployment did not answer this batch
         self.coalitions: dict[str, dict[str, dict[int, np.ndarray]]] = {}  # as BatchExecution's
+        # As BatchExecution's, for the image encoder's map only (the experts send it back: ExpertWorker.run).
+        self.produced: dict[str, tuple[np.ndarray, np.ndarray]] = {}
 
     def run(
         self, members: Mapping[str, np.ndarray], wants: Mapping[str, np.ndarray] | None = None
@@ -171,15 +191,17 @@ class RemoteExecution:
                 returned[expert] = self._result(expert, call)
             except (NotReady, DeadlineExceeded) as error:
                 errors[expert] = error
-                returned[expert] = np.full((len(members[expert]), 5, len(self.model.labels)), np.nan, np.float32)
-                returned[expert][:, LOGITS] = 0.0
+                outputs = np.full((len(members[expert]), 5, len(self.model.labels)), np.nan, np.float32)
+                outputs[:, LOGITS] = 0.0
+                returned[expert] = {OUTPUTS: outputs}
         if errors and len(errors) == len(calls):
             raise next(iter(errors.values()))
         self.failed.update(errors)
         logits = {}
         for expert, rows in members.items():
-            out = returned[expert]
+            out = returned[expert][OUTPUTS]
             assert out.shape[0] == len(rows), f"{expert}: {out.shape[0]} rows for {len(rows)}"
+            self._keep_map(np.asarray(rows), returned[expert].get(MAP_TENSOR))
             logits[expert] = out[:, LOGITS]
             kept = self.coalitions.setdefault(expert, {HEAD: {}, EXACT: {}})
             for how, where in ((HEAD, HEAD_PAIR), (EXACT, EXACT_PAIR)):
@@ -188,6 +210,22 @@ class RemoteExecution:
         # Each expert replica records its own time on its batches (dynfuse_expert_duration_seconds), where it
         # is measured without the trip; the ingress adds none.
         return logits, {}
+
+    def _keep_map(self, rows: np.ndarray, image_map: np.ndarray | None) -> None:
+        """The rows of ``image_map`` an expert's chain produced, merged into ``produced`` as BatchExecution merges
+        a later pass's (a row's map is the same whichever chain ran the encoder)."""
+        if image_map is None:
+            return
+        ran = ~np.isnan(image_map.reshape(len(image_map), -1)).any(axis=1)
+        if not ran.any():
+            return
+        rows, values = rows[ran], image_map[ran]
+        if MAP_TENSOR in self.produced:
+            old_rows, old_values = self.produced[MAP_TENSOR]
+            new = ~np.isin(rows, old_rows)
+            rows, values = np.concatenate([old_rows, rows[new]]), np.concatenate([old_values, values[new]])
+        order = np.argsort(rows, kind="stable")
+        self.produced[MAP_TENSOR] = (rows[order], values[order])
 
     def _sub_batch(self, expert: str, rows: np.ndarray, wants: np.ndarray | None) -> dict[str, np.ndarray]:
         tensors = {

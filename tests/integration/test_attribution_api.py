@@ -312,6 +312,10 @@ def test_each_expert_s_own_deployment_computes_what_the_single_process_does(tiny
                 theirs.importance_method,
             )
             np.testing.assert_allclose(mine.importance, theirs.importance, atol=1e-5)
+            # What "uncertain" is decided from: the calibrated top probability, and the out-of-distribution
+            # p-value, which takes the image encoder's map from the expert deployment that ran it.
+            assert mine.confidence == pytest.approx(theirs.confidence, abs=1e-5)
+            assert mine.ood_pvalue == pytest.approx(theirs.ood_pvalue, abs=1e-9), (route, mine.expert)
             assert (mine.explanation is None) == (theirs.explanation is None)
             if theirs.explanation is not None:
                 assert mine.explanation["shapley"] == pytest.approx(theirs.explanation["shapley"], abs=1e-5)

@@ -23,7 +23,7 @@ import dashboard_queries as dq
 import httpx
 import pytest
 import yaml
-from conftest import MODEL_NAME, b64, free_port, require_tool, wait_ready
+from conftest import MODEL_NAME, b64, free_port, require_tool, wait_ready, with_guard_floor
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 from ray_cluster import publish_biased_version, ray_application, replica_pids
@@ -54,9 +54,12 @@ REQUEST_TIMEOUT_S = 10.0  # the default DYNFUSE_REQUEST_TIMEOUT_S: no request ma
 
 @pytest.fixture(scope="module")
 def ray_store(tiny_store, tmp_path_factory) -> Path:
-    """The tiny model's version 1, and a version 2 whose text expert always answers V2_TEXT_LABEL."""
+    """The tiny model's version 1, with a safer policy for its guard (the shipped model has none: its guard stays
+    off, on either engine), and a version 2 whose text expert always answers V2_TEXT_LABEL."""
     store = tmp_path_factory.mktemp("ray-store") / "store"
     shutil.copytree(tiny_store, store)
+    model_json = store / MODEL_NAME / "1" / "model.json"
+    model_json.write_text(json.dumps(with_guard_floor(json.loads(model_json.read_text()))))
     publish_biased_version(store, "2", expert="text", label=V2_TEXT_LABEL)
     return store
 
@@ -67,9 +70,14 @@ def cluster(ray_store):
     sized to the cluster (Ray counts this machine's CPUs), as for a user. Where this differs from the defaults,
     for the swap test: version 1 is pinned (the store's highest is 2, which the swap test loads), and model
     control is on (explicit, on loopback, so no admin key), which also sizes the experts with room for a second
-    version's. tests/e2e/test_ray_cli.py runs the defaults as they are."""
+    version's. Every answer a cheaper expert gave is audited, and the route mix's drift is published from 10 picks
+    on (as tests/e2e/test_prometheus.py runs the single process: the defaults leave this module's few hundred
+    requests with no audit and no drift); the guard watches, but needs more audits than the module makes before it
+    decides, so that the answers stay comparable with the single process's. tests/e2e/test_ray_cli.py runs the
+    defaults as they are."""
     metrics_port = free_port()
-    args = {"settings": {"store": str(ray_store), "model_version": "1", "host": "127.0.0.1"}}
+    safety = {"audit_rate": 1.0, "drift_window": 10, "guard_window": 100_000, "guard_min_audits": 100_000}
+    args = {"settings": {"store": str(ray_store), "model_version": "1", "host": "127.0.0.1", **safety}}
     env = {"DYNFUSE_MODEL_CONTROL": "explicit"}
     with ray_application(args, free_port(), metrics_port=metrics_port, env=env) as base:
         yield base, f"http://127.0.0.1:{metrics_port}/metrics"
@@ -99,6 +107,9 @@ def essentials(body: dict) -> dict:
         "madds_full": body["compute"]["madds_full"],
         "attribution_madds": body["compute"]["attribution_madds"],
         "importance_method": body["importance_method"],
+        "uncertain": body["uncertain"],
+        "uncertain_reason": body.get("uncertain_reason"),
+        "guarded": body["route"]["guarded"],
     }
 
 
@@ -166,12 +177,23 @@ def test_errors_are_the_single_process_errors(cluster, single_process, path, req
     assert (remote.status_code, remote.json()) == (local.status_code, local.json())
 
 
+def same_policies(safety: dict) -> dict:
+    """What of GET /v1/models/{name}'s ``safety`` comes from the model, not from the traffic or the settings."""
+    guard = safety["guard"]
+    keys = ("enabled", "operating_point", "served_policy", "safer_policy", "safer_min_confidence")
+    keys += ("validated_agreement",)
+    return {"guard": {k: guard[k] for k in keys}, "uncertain": safety["uncertain"], "drift": set(safety["drift"])}
+
+
 def test_v2_health_and_models_as_the_single_process_server(cluster, single_process, samples):
     base, _ = cluster
     for path in ("/healthz", "/readyz", "/v2/health/ready", f"/v2/models/{MODEL_NAME}", f"/v1/models/{MODEL_NAME}"):
         remote = httpx.get(base + path, timeout=30)
         assert remote.status_code == 200, (path, remote.text)
-        assert remote.json() == single_process.get(path).json(), path
+        mine, theirs = remote.json(), single_process.get(path).json()
+        if "safety" in theirs:  # the live state of each server's own traffic and settings (the cluster's audit all)
+            assert same_policies(mine.pop("safety")) == same_policies(theirs.pop("safety")), path
+        assert mine == theirs, path
     infer = {
         "inputs": [
             {"name": "text", "shape": [1], "datatype": "BYTES", "data": [samples[0]["text"]]},
@@ -282,6 +304,29 @@ def test_prometheus_reads_the_cluster_under_the_dashboards_names(cluster, sample
             ).json()["data"]["result"]
         }
         assert {b["route"]["expert"] for b in bodies} <= set(experts_now), experts_now
+
+        # Is routing still safe? on the cluster: the ingress audits the answers of cheaper experts on the full
+        # path's deployment, publishes the drift of its route mix and its guard's state (watching: off, 0).
+        def eventually(promql: str, holds, what: str) -> float | None:
+            deadline = time.monotonic() + 60
+            while not holds(value := scalar(promql)) and time.monotonic() < deadline:
+                time.sleep(0.5)
+            assert holds(value), (what, promql, value)
+            return value
+
+        model = f'model="{MODEL_NAME}"'
+        audited = f'sum(dynfuse_audits_total{{{model}, outcome=~"agreed|disagreed"}})'
+        eventually(audited, lambda v: v and v > 0, "audits")
+        eventually(f"sum(dynfuse_audit_madds_total{{{model}}})", lambda v: v and v > 0, "audit compute")
+        eventually(f"max(dynfuse_route_mix_drift{{{model}}})", lambda v: v is not None and 0 <= v <= 1, "drift")
+        eventually(f"max(dynfuse_guard_active{{{model}}})", lambda v: v == 0, "guard off")
+        eventually(f"sum(dynfuse_guard_changes_total{{{model}}})", lambda v: v == 0, "no guard change")
+        answered = len(bodies)
+        eventually(f"sum(dynfuse_top_probability_count{{{model}}})", lambda v: v and v >= answered, "top probability")
+        # GET /v1/models/{name}: the state of the ingress replica that answers it (each guards its own traffic).
+        guard = httpx.get(f"{base}/v1/models/{MODEL_NAME}", timeout=10).json()["safety"]["guard"]
+        assert (guard["state"], guard["active"], guard["changes"]) == ("watching", False, 0), guard
+        assert guard["recent_audits"] > 0, guard
     finally:
         process.terminate()
         process.wait(timeout=10)
