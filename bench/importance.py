@@ -284,7 +284,10 @@ def measure(store: Path, model: str, data: Path) -> dict:
 
     madds_full = load_model(store, model).madds_full
     figures = {}
-    with TestClient(create_app(Settings(store=store, model=model))) as client:
+    # No audits and no guard: audits sample answers at random, and a guard they engage changes later answers, so
+    # the figures would differ from run to run. These are the figures of the router's own answers.
+    settings = Settings(store=store, model=model, audit_rate=0.0, guard=False)
+    with TestClient(create_app(settings)) as client:
         wait_ready(client)
         for split in SPLITS:
             samples = load_test_split(data, split)
