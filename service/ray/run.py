@@ -97,6 +97,11 @@ class RayServe:
         self.tearing_down = False
         self.failure: BaseException | None = None  # the start's, handed to the main thread
         self.starter: threading.Thread | None = None
+        # The start thread outlives its work until the teardown is done: Ray starts the local cluster's GCS and
+        # raylet with PR_SET_PDEATHSIG, which Linux delivers when the *thread* that spawned them ends, so a start
+        # thread that returned once ready killed the cluster under the served experts.
+        self.start_finished = threading.Event()
+        self.torn_down = threading.Event()
         self.signal_read, self.signal_write = os.pipe()  # the handler's byte wakes the watchdog
 
     # -- the command -----------------------------------------------------------------------------------
@@ -167,6 +172,9 @@ class RayServe:
                 print(f"dynfuse: ready in {time.monotonic() - started:.1f} s", flush=True)
         except BaseException as error:  # noqa: BLE001 - handed to the main thread, which reports it and stops
             self.failure = error
+        finally:
+            self.start_finished.set()
+            self.torn_down.wait()  # the cluster's processes die with this thread (see __init__)
 
     def _start(self) -> None:
         ray = _import_ray_without_its_failure_handler()
@@ -272,8 +280,8 @@ class RayServe:
         began = self.signalled_at or time.monotonic()
         left = lambda: HARD_STOP_S - 1.0 - (time.monotonic() - began)  # noqa: E731 - a clock, read below
         if self.starter is not None:
-            self.starter.join(min(2 * POLL_S + 1.0, max(0.0, left())))
-        start_returned = self.starter is None or not self.starter.is_alive()
+            self.start_finished.wait(min(2 * POLL_S + 1.0, max(0.0, left())))
+        start_returned = self.starter is None or self.start_finished.is_set()
         if self.serve_started and (start_returned or not self.local):
             _bounded(self._drain, min(DRAIN_S, max(0.0, left())), "Serve's shutdown")
         if self.ray_started and start_returned and not self.local:
@@ -291,6 +299,7 @@ class RayServe:
             if left_alive:
                 logger.error("processes of the local cluster still alive: %s", left_alive)
         self._remove_temp_dir()
+        self.torn_down.set()
 
     def _drain(self) -> None:
         from ray import serve
