@@ -30,6 +30,8 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from bench.common import free_ports
+
 REPO = Path(__file__).resolve().parents[1]
 PAGES = ("README.md", "docs/*.md")
 RUNNABLE = {"bash": "sh", "sh": "sh", "shell": "sh", "python": "python"}
@@ -285,26 +287,12 @@ def update(page: Path, results: list[Result]) -> bool:
     return changed
 
 
-def _free_ports(count: int) -> list[int]:
-    """Ports free on loopback now, all different (held open together while they are chosen)."""
-    import socket
-
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
-
-
 class Server:
     """``dynfuse serve`` of the reader's store on free loopback ports (HTTP and gRPC), as `make run GRPC_PORT=8001`
     starts it."""
 
     def __init__(self, checkout: Path, store: str = "store"):
-        self.port, self.grpc_port = _free_ports(2)
+        self.port, self.grpc_port = free_ports(2)
         env = {k: v for k, v in os.environ.items() if not k.startswith("DYNFUSE_")}
         command = [str(checkout / ".venv" / "bin" / "dynfuse"), "serve", "--store", store, "--port", str(self.port)]
         self.process = subprocess.Popen(
