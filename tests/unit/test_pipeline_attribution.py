@@ -188,9 +188,7 @@ def test_explain_gives_the_exact_values_their_shares_the_four_log_probabilities_
 
 def test_a_head_expert_answers_by_its_distilled_head_and_reruns_the_fusion_head_only_when_asked_to_explain():
     pipeline, backend = served("head")
-    outputs, _, calls = predict(
-        pipeline, backend, *(request(c, route="full", explain=c == 2) for c in (1, 2, 3))
-    )
+    outputs, _, calls = predict(pipeline, backend, *(request(c, route="full", explain=c == 2) for c in (1, 2, 3)))
 
     for output, c in zip(outputs, (1, 2, 3), strict=True):
         assert (output.importance_method, output.label) == ("head", "cat")
