@@ -46,6 +46,7 @@ MODULES: dict[str, list[str]] = {
         "tests/unit/test_pipeline_decisions.py",
         "tests/unit/test_pipeline_answers.py",
         "tests/unit/test_pipeline_attribution.py",
+        "tests/unit/test_batch_execution.py",
     ],
     "export/pipeline.py": [
         "tests/unit/test_pipeline_decisions.py",

@@ -12,7 +12,8 @@ carries text_features (c, 0) and image_mid (c, 0). model.json's ``absent`` makes
     text only   c W_TEXT[0]                 = (c, 0, 0)       (the image removed)
     image only  W_TEXT[1] + c W_IMAGE[0]    = (2c, 0, 3)      (the text removed)
 
-and the distilled head answers (2c, 0, 0) with the image removed and (0, c, 0) with the text removed. v(neither)
+and the distilled head (which reads text_tokens and image_mid) answers (2c, 0, 0) with the image removed and (0, c, 0)
+with the text removed. full_head declares image_mid's per-sample size dynamic (-1), as an ONNX export may. v(neither)
 is each expert's NEITHER below. Every expected value is worked out from these with the two-player Shapley formula
 phi_text = 1/2 [(v_t - v_n) + (v_b - v_i)], phi_image = 1/2 [(v_i - v_n) + (v_b - v_t)] in plain Python.
 """
@@ -27,7 +28,7 @@ import pytest
 from test_pipeline_decisions import MADDS, PROBS, SHARED, WEIGHTS, ScriptedBackend, predict, request, scripted_model
 
 from export import execution
-from export.attribution import WANT_EXACT, WANT_HEAD, Attributor
+from export.attribution import EXACT, HEAD, WANT_EXACT, WANT_HEAD, Answer, Attributor
 from export.pipeline import DynamicPipeline, RouteError
 from export.store import ComponentInfo, StoreError, TensorInfo
 
@@ -90,7 +91,9 @@ class FusionBackend(ScriptedBackend):
             for tensor in self.declared[component.name].inputs:
                 value = inputs[tensor.name]
                 assert value.dtype == np.dtype(tensor.dtype), (component.name, tensor.name, value.dtype)
-                assert value.shape[1:] == tensor.shape[1:], (component.name, tensor.name, value.shape)
+                assert len(value.shape) == len(tensor.shape), (component.name, tensor.name, value.shape)
+                for size, declared in zip(value.shape[1:], tensor.shape[1:], strict=True):
+                    assert declared in (-1, size), (component.name, tensor.name, value.shape)
             if component.name in ("full_head", "attribution_full"):
                 self.inputs.append((component.name, {k: v.copy() for k, v in inputs.items()}))
             return run(inputs)
@@ -103,7 +106,7 @@ class FusionBackend(ScriptedBackend):
             logits = inputs["text_features"] @ W_TEXT + inputs["image_mid"] @ W_IMAGE
             return {"logits": logits.astype(np.float32)}
         if name == "attribution_full":
-            c = inputs["text_features"][:, 0].astype(np.float64)
+            c = inputs["image_mid"][:, 0].astype(np.float64)
             text_only = np.stack([2 * c, 0 * c, 0 * c], axis=1)
             image_only = np.stack([0 * c, c, 0 * c], axis=1)
             return {"coalition_logits": np.stack([text_only, image_only], axis=1).astype(np.float32)}
@@ -134,13 +137,18 @@ def attributed_model(method: str = "exact", **entries):
     model = scripted_model()
     head = ComponentInfo(
         "attribution_full",
-        (TensorInfo("text_features", "float32", (-1, 2)), TensorInfo("image_mid", "float32", (-1, 2))),
+        (TensorInfo("text_tokens", "float32", (-1, 4, 2)), TensorInfo("image_mid", "float32", (-1, 2))),
         (TensorInfo("coalition_logits", "float32", (-1, 2, 3)),),
         HEAD_MADDS,
         {},
     )
+    full_head = dataclasses.replace(
+        model.components["full_head"],
+        inputs=(TensorInfo("image_mid", "float32", (-1, -1)), TensorInfo("text_features", "float32", (-1, 2))),
+    )
     manifest = {"attribution": {"experts": {k: v for k, v in experts.items() if v is not None}}}
-    return dataclasses.replace(model, manifest=manifest, components=model.components | {head.name: head})
+    components = model.components | {head.name: head, "full_head": full_head}
+    return dataclasses.replace(model, manifest=manifest, components=components)
 
 
 def served(method: str = "exact", **entries):
@@ -184,6 +192,9 @@ def test_explain_gives_the_exact_values_their_shares_the_four_log_probabilities_
     assert explanation["labels"] == {"text_only": "cat", "image_only": "owl", "neither": "dog"}
     assert outputs[0].importance.tolist() == pytest.approx(share(phi), abs=1e-5)
     assert outputs[0].attribution_madds == EXACT_MADDS  # the default estimate is already exact: nothing more
+    figures = [v for part in ("shapley", "importance", "log_prob") for v in explanation[part].values()]
+    assert all(round(v, 6) == v for v in figures)  # to 6 decimals, as documented
+    assert any(round(v, 5) != v for v in figures)
 
 
 def test_a_head_expert_answers_by_its_distilled_head_and_reruns_the_fusion_head_only_when_asked_to_explain():
@@ -245,6 +256,7 @@ def test_soft_fusion_weighs_each_experts_importance_by_its_part_in_the_answers_p
         (parts[0] * 0.0 + parts[1] * 1.0 + parts[2] * full_share[1]) / sum(parts),
     )
     assert answer.importance.tolist() == pytest.approx(expected, abs=1e-5)
+    assert answer.importance.dtype == np.float32
     assert answer.attribution_madds == EXACT_MADDS
     # The explanation is of the mixture as served: each coalition's probabilities mixed with the same weights.
     text_only = [weights[0] * PROBS["text"][1][k] + weights[1] * NEITHER["image"][k]
@@ -345,6 +357,50 @@ def test_what_each_expert_asks_of_its_side_and_how_a_mixture_is_named():
     assert unavailable.default_method(["text", "full"]) == "unavailable"
     assert unavailable.default_method(["full", "text"]) == "unavailable"
     assert [unavailable.can_explain(e) for e in ("text", "image", "full")] == [True, True, False]
+    assert unavailable.wants("full", False) == 0  # nothing it can compute (explain is refused before: check_explain)
+    assert [unavailable.experts[e].expert for e in ("text", "image", "full")] == ["text", "image", "full"]
+    # Its answers report the router's modality weights, as float32 whatever they came as.
+    answer = Answer(0, ["full"], np.ones(1), [np.array([0.5, 0.3, 0.2])], [{HEAD: None, EXACT: None}])
+    reported = unavailable.attribute(answer, explain=False, fallback_weights=np.array([0.25, 0.75]))
+    assert (reported.importance.tolist(), reported.importance.dtype, reported.method) == (
+        [0.25, 0.75], np.float32, "unavailable"
+    )  # fmt: skip
+
+
+def test_a_mixture_of_two_experts_weighs_each_by_its_part_in_the_label_and_shares_equally_when_neither_has_it():
+    attributor = Attributor(attributed_model())
+    text, image = np.array([0.8, 0.1, 0.1]), np.array([0.4, 0.5, 0.1])
+    answer = Answer(0, ["text", "image"], np.array([0.5, 0.5]), [text, image], [{}, {}])
+    # w p(cat): 0.5 * 0.8 for the text expert (importance (1, 0)), 0.5 * 0.4 for the image expert ((0, 1)).
+    assert attributor.attribute(answer, explain=False).importance.tolist() == pytest.approx([2 / 3, 1 / 3])
+    never = Answer(2, ["text", "image"], np.array([0.7, 0.3]), [np.array([1.0, 0, 0]), np.array([0, 1.0, 0])], [{}, {}])
+    assert attributor.attribute(never, explain=False).importance.tolist() == [0.5, 0.5]
+
+
+def test_an_expert_side_that_did_not_answer_leaves_an_even_importance_and_an_undefined_explanation_not_an_error():
+    # On Ray an expert deployment that failed sends no coalition logits; its requests get its error instead.
+    attributor = Attributor(attributed_model("exact"))
+    probabilities = np.array([probability(full_logits(1)["both"], k) for k in range(3)])
+    answer = Answer(0, ["full"], np.ones(1), [probabilities], [{HEAD: None, EXACT: None}])
+    attributed = attributor.attribute(answer, explain=True)
+
+    assert attributed.importance.tolist() == [0.5, 0.5]  # nothing known of either modality's part
+    assert math.isnan(attributed.explanation["shapley"]["text"])
+    log_prob = attributed.explanation["log_prob"]
+    assert log_prob["both"] == pytest.approx(math.log(probabilities[0]), abs=1e-6)
+    assert log_prob["neither"] == pytest.approx(math.log(0.2), abs=1e-6)
+    assert math.isnan(log_prob["text_only"]) and math.isnan(log_prob["image_only"])  # noqa: PT018
+
+
+def test_a_coalition_whose_probability_underflows_counts_as_log_1e_30_not_minus_infinity():
+    attributor = Attributor(attributed_model("exact"))
+    probabilities = np.array([probability(full_logits(1)["both"], k) for k in range(3)])
+    pair = np.array([[0.0, 2000.0, 0.0], [1.0, 0.0, 0.0]])  # without the image, cat's probability is exactly 0
+    answer = Answer(0, ["full"], np.ones(1), [probabilities], [{HEAD: None, EXACT: pair}])
+    explanation = attributor.attribute(answer, explain=True).explanation
+
+    assert explanation["log_prob"]["text_only"] == round(math.log(1e-30), 6)
+    assert math.isfinite(explanation["shapley"]["text"]) and math.isfinite(explanation["shapley"]["image"])  # noqa: PT018
 
 
 def test_model_json_attribution_is_read_in_modality_order_with_its_costs():
