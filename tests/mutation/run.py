@@ -52,6 +52,7 @@ MODULES: dict[str, list[str]] = {
         "tests/unit/test_pipeline_decisions.py",
         "tests/unit/test_pipeline_answers.py",
         "tests/unit/test_pipeline_attribution.py",
+        "tests/unit/test_pipeline_specs.py",  # experts that bring their own preprocessing
     ],
     # Importance (issue 21): the attribution of an answer to each modality, its Shapley arithmetic and its checks,
     # and the served path on a scripted model whose full path is a fusion head of known weights.
