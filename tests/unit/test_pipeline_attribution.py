@@ -278,10 +278,12 @@ def test_soft_fusion_weighs_each_experts_importance_by_its_part_in_the_answers_p
 
 def test_soft_fusion_with_one_eligible_expert_is_that_experts_importance():
     pipeline, backend = served("exact")
-    outputs, _, _ = predict(pipeline, backend, request(2, route="soft", text=False))
+    outputs, _, _ = predict(pipeline, backend, request(2, route="soft", text=False, explain=True))
 
     assert outputs[0].importance.tolist() == [0.0, 1.0]
     assert outputs[0].importance_method == "one_modality"
+    # The image expert's own exact values: (0.2, 0.7, 0.1) with its image, (0.3, 0.3, 0.4) without.
+    assert outputs[0].explanation["shapley"] == pytest.approx({"text": 0.0, "image": math.log(0.7 / 0.3)}, abs=1e-5)
 
 
 @pytest.mark.parametrize("method", ["exact", "head"])
