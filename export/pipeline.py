@@ -285,7 +285,7 @@ class DynamicPipeline:
         answers = self._answers(execution.coalitions, members, logits, probabilities, soft, weights, eligible, choice,
                                 fallback)  # fmt: skip
         spent = self._attribution_madds(execution.coalitions, n)
-        attributed = [self.attributor.attribute(answers[i], bool(explain[i]), modality_weights[i]) for i in range(n)]
+        attributed = self.attributor.attribute_all(answers, explain, modality_weights)
         outputs = [
             PipelineOutput(
                 label=str(self.labels[probabilities[i].argmax()]),
