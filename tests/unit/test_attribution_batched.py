@@ -138,3 +138,64 @@ def _with(x, **changes):
     import dataclasses
 
     return dataclasses.replace(x, **changes)
+
+
+def test_a_blocks_softmax_is_each_rows_own_bit_for_bit():
+    """The pipeline takes each answer's probabilities from its expert's softmax over the whole sub-batch, where it
+    took them row by row: the same numbers, whatever the block's size and the logits' scale."""
+    from export.pipeline import softmax
+
+    rng = np.random.default_rng(5)
+    for n in (1, 2, 3, 5, 7, 8, 9, 15, 16, 17, 31, 32, 64):
+        for scale in (1e-3, 1.0, 10.0, 80.0):
+            block = (rng.standard_normal((n, 12)) * scale).astype(np.float32)
+            whole = softmax(block)
+            for i in range(n):
+                np.testing.assert_array_equal(whole[i], softmax(block[i][None])[0])
+
+
+def test_each_answers_probabilities_are_its_experts_softmax_row_or_the_soft_mix(pipeline, samples):
+    """What ``_combine`` gives each request, worked out row by row from the logits the experts returned: a hard-routed
+    request its expert's softmax (bit for bit), a soft one the router-weighted mix of every eligible expert's."""
+    from export.pipeline import softmax
+
+    captured = []
+    make = pipeline.execution
+
+    def recording_execution(*args):
+        execution = make(*args)
+        run = execution.run
+
+        def recording_run(members, wants=None):
+            logits, seconds = run(members, wants)
+            captured.append((dict(members), dict(logits)))
+            return logits, seconds
+
+        execution.run = recording_run
+        return execution
+
+    pipeline.execution = recording_execution
+    try:
+        inputs = [pipeline.prepare(s["text"], _image(s["png"])) for s in samples[:96]]
+        for route in ("auto", "soft", "mi2p", "text"):
+            for start in range(0, len(inputs), 16):
+                captured.clear()
+                batch = [_with(x, route=route) for x in inputs[start : start + 16]]
+                outputs, _ = pipeline.predict(batch)
+                members, logits = captured[0]
+                rows = {e: {int(r): k for k, r in enumerate(m)} for e, m in members.items()}
+                for i, out in enumerate(outputs):
+                    if out.fallback_from is not None:
+                        continue  # the full path's answer replaced it (test_pipeline_answers covers the fallback)
+                    if route == "soft":
+                        w = out.weights
+                        want = np.zeros(len(pipeline.labels), np.float32)
+                        for e, expert in enumerate(pipeline.experts):
+                            if w[e] > 0:
+                                want += w[e] * softmax(logits[expert][rows[expert][i]][None])[0]
+                        np.testing.assert_array_equal(out.probabilities, want)
+                    else:
+                        row = logits[out.expert][rows[out.expert][i]]
+                        np.testing.assert_array_equal(out.probabilities, softmax(row[None])[0])
+    finally:
+        pipeline.execution = make
