@@ -532,3 +532,16 @@ def test_any_other_png_goes_pillows_way():
         assert plain_png_pixels(open_image(plain, max_pixels=MAX_PIXELS), SIDE) is not None
     for name, data in others.items():
         assert plain_png_pixels(open_image(data, max_pixels=MAX_PIXELS), SIDE) is None, name
+
+
+@pytest.mark.parametrize(("width", "height"), [((1 << 24) + 64, 1), (1, (1 << 24) + 64)])
+def test_a_plain_png_header_is_read_with_all_four_bytes_of_each_side(width, height):
+    """A plain 8-bit RGB PNG is checked from its IHDR alone: a side of 2^24 + 64 pixels (whose last three bytes read
+    64) is what it says, over the 4096 x 4096 limit, as Pillow's own reading of the header would make it."""
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    data = b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", header)
+    data += png_chunk(b"IDAT", zlib.compress(b"\x00" * 16)) + png_chunk(b"IEND", b"")
+    with Image.open(io.BytesIO(data)) as reference:
+        assert reference.size == (width, height)
+    with pytest.raises(ApiError, match=f"image: {width}x{height} pixels is over the limit of 16,777,216 pixels"):
+        open_image(data, max_pixels=MAX_PIXELS)
