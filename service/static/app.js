@@ -67,7 +67,9 @@ function showModel(model) {
   $("op-field").hidden = points.length === 0;
   $("op-select").replaceChildren(
     ...points.map((point) =>
-      el("option", { value: point.name, selected: Boolean(point.default), text: pointLabel(point) })),
+      el("option", {
+        value: point.name, selected: Boolean(point.default), text: pointLabel(point), title: pointTitle(point),
+      })),
   );
   updateRouterOptions();
 
@@ -98,12 +100,21 @@ function routeLabel(model, route) {
   return `${route}: forced (${expert.modalities.join(" + ")}, ${formatInt(expert.path_madds)} MAdds)`;
 }
 
+// Short enough for the select's width beside the form (its title, the option's tooltip, says it in full).
 function pointLabel(point) {
   const figures = [
-    point.accuracy !== undefined ? `accuracy ${formatPercent(point.accuracy)}` : null,
+    point.accuracy !== undefined ? `${formatPercent(point.accuracy)} right` : null,
     point.saved_ratio !== undefined ? `saves ${formatPercent(point.saved_ratio)}` : null,
   ].filter(Boolean);
-  return figures.length ? `${point.name} (${figures.join(", ")})` : point.name;
+  return figures.length ? `${point.name}: ${figures.join(", ")}` : point.name;
+}
+
+function pointTitle(point) {
+  const figures = [
+    point.accuracy !== undefined ? `accuracy ${formatPercent(point.accuracy)} on validation` : null,
+    point.saved_ratio !== undefined ? `saves ${formatPercent(point.saved_ratio)} of the full path's MAdds` : null,
+  ].filter(Boolean);
+  return figures.length ? `${point.name}: ${figures.join(", ")}` : point.name;
 }
 
 // The threshold moves the router's own decision and an operating point picks the router: neither
