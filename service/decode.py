@@ -51,8 +51,10 @@ IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP")
 CODECS = {"PNG": "zlib", "JPEG": "jpg", "WEBP": "webp"}
 
 # Modes ``Image.reduce`` averages directly; palette (P, PA), bilevel (1) and 16-bit (I;16*) images become RGB
-# first, a strip at a time, since averaging palette indices or packed bits would be meaningless.
-REDUCIBLE_MODES = frozenset({"L", "LA", "La", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr", "I", "F"})
+# first, a strip at a time, since averaging palette indices or packed bits would be meaningless. So do images with
+# alpha (LA, RGBA, ...): ``reduce`` weighs their colours by alpha (a transparent box becomes black), where training
+# drops alpha and keeps the stored colours (models.preprocess.to_rgb).
+REDUCIBLE_MODES = frozenset({"L", "RGB", "RGBX", "CMYK", "YCbCr", "I", "F"})
 STRIP_PIXELS = 1 << 18  # the others become RGB a strip of about this many pixels at a time (1 MiB of RGB)
 
 # What a reduced image keeps, in multiples of the model's side: like Pillow's ``thumbnail`` (reducing_gap

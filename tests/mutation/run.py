@@ -41,10 +41,22 @@ MODULES: dict[str, list[str]] = {
         "--deselect=tests/unit/test_decode.py::test_every_mutant_of_every_accepted_format_decodes_or_is_a_4xx",
     ],
     "service/admission.py": ["tests/unit/test_admission_unit.py", "tests/unit/test_admission_edges.py"],
-    "export/execution.py": ["tests/unit/test_pipeline_decisions.py", "tests/unit/test_pipeline_answers.py"],
-    "export/pipeline.py": ["tests/unit/test_pipeline_decisions.py", "tests/unit/test_pipeline_answers.py"],
-    # Importance (issue 21): the attribution of an answer to each modality, its Shapley arithmetic and its checks.
-    "export/attribution.py": ["tests/unit/test_attribution_math.py"],
+    # The pipeline and its execution on the scripted model (no trained weights), its attribution path included.
+    "export/execution.py": [
+        "tests/unit/test_pipeline_decisions.py",
+        "tests/unit/test_pipeline_answers.py",
+        "tests/unit/test_pipeline_attribution.py",
+        "tests/unit/test_batch_execution.py",
+    ],
+    "export/pipeline.py": [
+        "tests/unit/test_pipeline_decisions.py",
+        "tests/unit/test_pipeline_answers.py",
+        "tests/unit/test_pipeline_attribution.py",
+        "tests/unit/test_pipeline_specs.py",  # experts that bring their own preprocessing
+    ],
+    # Importance (issue 21): the attribution of an answer to each modality, its Shapley arithmetic and its checks,
+    # and the served path on a scripted model whose full path is a fusion head of known weights.
+    "export/attribution.py": ["tests/unit/test_attribution_math.py", "tests/unit/test_pipeline_attribution.py"],
     # Routing safety (issue 22): the guard's engage/release decisions and the validation figures it compares with.
     "service/guard.py": ["tests/unit/test_guard.py", "tests/unit/test_guard_report.py"],
     "models/safety.py": ["tests/unit/test_safety.py", "tests/unit/test_safety_section.py"],

@@ -279,6 +279,39 @@ def halves(size: tuple[int, int]) -> Image.Image:
     return Image.fromarray(np.repeat(array[..., None], 3, axis=2).clip(0, 255).astype(np.uint8))
 
 
+@pytest.mark.parametrize("mode", ["RGBA", "LA"])
+def test_a_big_picture_with_transparency_keeps_its_stored_colours_when_reduced(mode):
+    """Training drops alpha and reads the colours as stored (models.preprocess.to_rgb), whatever the picture's size:
+    a big one, reduced while decoded, must not weigh them by alpha (which makes a transparent area black)."""
+    pixels = np.empty((1024, 1536, 4), np.uint8)
+    pixels[..., :3] = (200, 100, 50)  # one colour everywhere...
+    pixels[..., 3] = np.where(np.arange(1536)[None, :] < 768, 255, 0)  # ...opaque on the left, transparent right
+    source = Image.fromarray(pixels, "RGBA")
+    data = encoded("PNG", source if mode == "RGBA" else source.convert("LA"))
+    expected = (200, 100, 50) if mode == "RGBA" else (124, 124, 124)  # ITU-R 601 luma: (200*299+100*587+50*114)/1000
+    image = decode_image(open_image(data, max_pixels=MAX_PIXELS), side=64)
+
+    assert (image.mode, image.size) == ("RGB", (128, 128))  # reduced by 12 x 8 to twice the side on each axis
+    assert (np.asarray(image) == expected).all()
+
+
+def test_a_jpeg_exactly_twice_the_target_is_decoded_at_half_scale_by_its_dct():
+    """At side 64 the target is 128; a JPEG whose short side is 256 is decoded at 1/2 by libjpeg's DCT scaling (what
+    ``draft`` asks), not decoded whole and box-averaged: the pixels are those of the scaled decode."""
+    data = encoded("JPEG", picture("RGB", (256, 320)), quality=70)
+    with Image.open(io.BytesIO(data)) as scaled:
+        scaled.draft("RGB", (128, 128))
+        scaled.load()
+        assert scaled.size == (128, 160)
+        expected = np.asarray(scaled.convert("RGB"))
+    with Image.open(io.BytesIO(data)) as whole:
+        averaged = np.asarray(whole.convert("RGB").reduce(2))
+    assert not np.array_equal(averaged, expected)  # the two ways tell apart on this picture
+
+    got = np.asarray(decode_image(open_image(data, max_pixels=MAX_PIXELS), side=64))
+    assert np.array_equal(got, expected)
+
+
 @pytest.mark.parametrize("fmt", ["JPEG", "PNG", "GIF"])
 def test_a_reduced_image_gives_nearly_the_pixels_of_the_full_decode(fmt):
     source = halves((1600, 900))

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 from test_pipeline_decisions import PROBS, ScriptedBackend, predict, request, scripted_model
 
-from export.pipeline import DynamicPipeline, PipelineInput
+from export.pipeline import DynamicPipeline, PipelineInput, _normalized, softmax
 
 
 def with_model(backend, **fields) -> DynamicPipeline:
@@ -178,3 +178,65 @@ def test_a_fallback_to_the_full_path_reuses_the_shared_trunk_its_first_pass_ran(
     assert [cases for name, cases in calls if name == "trunk"] == [[2]]
     assert [cases for name, cases in calls if name == "full_head"] == [[2]]
     assert outputs[0].probabilities == pytest.approx(np.array(PROBS["full"][2]), abs=1e-6)
+
+
+def test_every_answers_arrays_are_float32_as_the_components_give_them():
+    backend = ScriptedBackend()
+    outputs, _, _ = predict(with_model(backend), backend, request(1), request(2, route="soft"), request(3, text=False))
+
+    for output in outputs:
+        arrays = [output.probabilities, output.route_scores, output.modality_weights, output.importance]
+        assert [a.dtype for a in arrays] == [np.float32] * 4
+    assert outputs[1].weights.dtype == np.float32
+
+
+def test_two_answers_by_one_expert_each_get_their_own_calibrated_confidence():
+    backend = ScriptedBackend()
+    pipeline = with_model(backend, safety={"expert_temperatures": {"text": 2.0}})
+    # Cases 1 and 4 both route to the text expert: (0.8, 0.1, 0.1) and (0.2, 0.3, 0.5).
+    outputs, _, _ = predict(pipeline, backend, request(1), request(4))
+
+    assert [o.expert for o in outputs] == ["text", "text"]
+    assert [o.confidence for o in outputs] == pytest.approx(
+        [tempered_top(PROBS["text"][1], 2.0), tempered_top(PROBS["text"][4], 2.0)], abs=1e-6
+    )
+
+
+class ElsewherePipeline(DynamicPipeline):
+    """Runs its experts through an execution that keeps nothing of what they produced, as the Ray engine's does."""
+
+    def execution(self, tensors, pixels, inputs):
+        local = super().execution(tensors, pixels, inputs)
+
+        class Remote:
+            coalitions = local.coalitions
+            run = local.run
+
+        return Remote()
+
+
+def test_an_execution_that_keeps_no_image_map_still_gives_each_answer_its_pvalue():
+    backend = MapBackend()
+    density = RecordingDensity()
+    pipeline = ElsewherePipeline(dataclasses.replace(scripted_model(), ood=density), backend)
+    outputs, _, _ = predict(pipeline, backend, request(2), request(3))
+
+    assert [o.ood_pvalue for o in outputs] == pytest.approx([0.1, 0.2])
+    assert (density.seen["map"], density.seen["map_rows"]) == (None, None)  # the features alone
+
+
+def test_soft_fusion_weights_are_the_eligible_experts_router_weights_renormalized():
+    # Two of three experts eligible, their router weights summing to 0.5: renormalized to 0.4 and 0.6.
+    weights = _normalized(np.array([0.2, 0.3, 0.5], np.float32), np.array([True, True, False]))
+    assert weights.tolist() == pytest.approx([0.4, 0.6, 0.0])
+    assert weights.dtype == np.float32
+    # Weights of numerically nothing: the eligible experts share equally.
+    assert _normalized(np.array([1e-13, 0.0, 0.9]), np.array([True, True, False])).tolist() == [0.5, 0.5, 0.0]
+
+
+def test_softmax_of_large_logits_is_a_distribution_row_by_row():
+    # exp(1000) overflows a float64: each row is shifted by its own maximum first.
+    probabilities = softmax(np.array([[1000.0, 0.0, 1000.0], [0.0, 0.0, 0.0], [-1000.0, -1000.0, -999.0]]))
+    e = np.e
+    expected = [[0.5, 0.0, 0.5], [1 / 3] * 3, [1 / (e + 2), 1 / (e + 2), e / (e + 2)]]
+    np.testing.assert_allclose(probabilities, expected, rtol=1e-12)

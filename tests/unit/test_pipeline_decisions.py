@@ -288,3 +288,67 @@ def test_outputs_come_back_in_request_order_for_any_mix(pipeline, backend):
     assert [o.expert for o in outputs] == [expected[c] for c in order]
     for output, case in zip(outputs, order, strict=True):
         assert output.probabilities == pytest.approx(np.array(PROBS[expected[case]][case]), abs=1e-6)
+
+
+def test_a_confidence_floor_never_overrides_a_forced_route_or_soft_fusion(pipeline, backend):
+    # Case 4: the text expert's top probability is 0.5, and soft fusion's (0.25 text, 0.25 image, 0.5 full) is 0.35.
+    outputs, _, calls = predict(
+        pipeline, backend, request(4, route="text", min_confidence=0.9), request(4, route="soft", min_confidence=0.9)
+    )
+
+    assert [(o.expert, o.decided_by, o.fallback_from) for o in outputs] == [
+        ("text", "request", None), ("soft", "request", None)
+    ]  # fmt: skip
+    assert runs_of(calls, "full_head") == [[4]]  # once, for the soft mixture: no fallback pass
+
+
+def test_a_fallback_remembers_the_label_of_the_cheaper_answer_it_replaced(pipeline, backend):
+    outputs, _, _ = predict(pipeline, backend, request(4, min_confidence=0.6), request(1, min_confidence=0.6))
+
+    fell_back, kept = outputs
+    assert (fell_back.label, fell_back.fallback_from, fell_back.fallback_label) == ("dog", "text", "owl")
+    assert (kept.label, kept.fallback_label) == ("cat", None)
+
+
+def test_the_flags_the_server_sets_pass_through_to_each_answer(pipeline, backend):
+    outputs, _, _ = predict(pipeline, backend, request(1, degraded=True), request(1, guarded=True), request(1))
+
+    assert [(o.degraded, o.guarded) for o in outputs] == [(True, False), (False, True), (False, False)]
+
+
+def test_each_answer_reports_its_routers_modality_weights(pipeline, backend):
+    # The scripted router weighs each present modality equally.
+    outputs, _, _ = predict(pipeline, backend, request(1), request(2, text=False), request(3, image=False))
+
+    assert [o.modality_weights.tolist() for o in outputs] == [[0.5, 0.5], [0.0, 1.0], [1.0, 0.0]]
+
+
+def test_a_fallbacks_time_counts_in_the_full_paths_seconds(pipeline, backend, monkeypatch):
+    ticks = iter(range(0, 1000, 1))
+    monkeypatch.setattr(execution.time, "perf_counter", lambda: float(next(ticks)))  # every component takes 1 s
+
+    _, seconds, calls = predict(pipeline, backend, request(3), request(4, min_confidence=0.6))
+
+    # First pass: text_head (case 4), trunk and full_head (case 3); the fallback: trunk and full_head for case 4.
+    assert runs_of(calls, "full_head") == [[3], [4]]
+    assert seconds == pytest.approx({"text": 1.0, "full": 4.0})
+
+
+def test_a_route_missing_what_it_needs_names_each_modality(pipeline):
+    with pytest.raises(RouteError, match="route 'text' needs text, which the request does not carry"):
+        pipeline.check_route("text", has_text=False, has_image=True)
+    with pytest.raises(RouteError, match="route 'full' needs text and image, which"):
+        pipeline.check_route("full", has_text=False, has_image=False)
+
+
+def test_the_components_loaded_at_start_are_the_encoders_the_served_router_and_every_experts_chain(pipeline):
+    assert pipeline.served_components() == {
+        "text_encoder", "image_glimpse", "router_a", "text_head", "trunk", "image_head", "full_head"
+    }  # fmt: skip
+
+
+def test_predict_refuses_an_empty_batch_and_a_request_with_nothing_in_it(pipeline):
+    with pytest.raises(AssertionError, match="predict needs at least one input"):
+        pipeline.predict([])
+    with pytest.raises(AssertionError, match="every input needs text or an image"):
+        pipeline.predict([request(1, text=False, image=False)])
