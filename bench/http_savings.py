@@ -53,13 +53,47 @@ def counters(base: str) -> dict[str, float]:
     """MAdds executed and predictions made so far, from the server's /metrics."""
     with urllib.request.urlopen(f"{base}/metrics", timeout=10) as response:
         text = response.read().decode()
-    totals = {"madds": 0.0, "predictions": 0.0}
+    totals = {"madds": 0.0, "predictions": 0.0, "audits": 0.0, "audits_dropped": 0.0, "audit_madds": 0.0}
     for line in text.splitlines():
         if line.startswith("dynfuse_compute_madds_total{"):
             totals["madds"] += float(line.rsplit(" ", 1)[1])
         elif line.startswith("dynfuse_route_decisions_total{"):
             totals["predictions"] += float(line.rsplit(" ", 1)[1])
+        elif line.startswith("dynfuse_audits_total{"):
+            totals["audits_dropped" if 'outcome="dropped"' in line else "audits"] += float(line.rsplit(" ", 1)[1])
+        elif line.startswith("dynfuse_audit_madds_total{"):
+            totals["audit_madds"] += float(line.rsplit(" ", 1)[1])
     return totals
+
+
+def thread_cpu(pids: tuple[int, ...]) -> dict[str, float]:
+    """CPU seconds of each thread of the server's processes so far, by thread id (/proc/<pid>/task/<tid>/stat)."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    out = {}
+    for pid in pids:
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            try:
+                stat = (task / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue  # ended meanwhile
+            out[f"{pid}/{task.name}"] = (int(stat[11]) + int(stat[12])) / ticks
+    return out
+
+
+def by_role(before: dict[str, float], after: dict[str, float], pids: tuple[int, ...]) -> dict[str, float]:
+    """A round's CPU seconds by what the threads do: each process's main thread runs the event loop (the requests'
+    Python: parsing, decoding, checks, rendering, metrics), its busiest other thread is the batch worker (the
+    pipeline's Python and ONNX Runtime's calling thread), the rest are ONNX Runtime's pool threads and helpers."""
+    spent = {tid: after[tid] - before.get(tid, 0.0) for tid in after}
+    roles = {"event_loop": 0.0, "batch_worker": 0.0, "other_threads": 0.0}
+    for pid in pids:
+        mine = {tid: value for tid, value in spent.items() if tid.startswith(f"{pid}/")}
+        roles["event_loop"] += mine.pop(f"{pid}/{pid}", 0.0)
+        if mine:
+            busiest = max(mine, key=mine.get)
+            roles["batch_worker"] += mine.pop(busiest)
+        roles["other_threads"] += sum(mine.values())
+    return roles
 
 
 def wrk(base: str, bodies: Path, concurrency: int, seconds: float) -> dict:
@@ -75,16 +109,24 @@ def wrk(base: str, bodies: Path, concurrency: int, seconds: float) -> dict:
 
 def one_round(base: str, bodies: Path, concurrency: int, seconds: float, server: int) -> dict:
     pids = server_processes(server)
-    before, cpu_before = counters(base), cpu_seconds(pids)
+    before, cpu_before, threads_before = counters(base), cpu_seconds(pids), thread_cpu(pids)
     load = wrk(base, bodies, concurrency, seconds)
-    after, cpu_after = counters(base), cpu_seconds(pids)
+    after, cpu_after, threads_after = counters(base), cpu_seconds(pids), thread_cpu(pids)
     predictions = after["predictions"] - before["predictions"]
     errors = sum(load["errors"].values())
+    samples = max(BATCH * load["requests"], 1)
+    roles = by_role(threads_before, threads_after, pids)
     return {
         "samples_per_second": BATCH * load["requests"] / load["duration_s"],
         "madds_per_sample": (after["madds"] - before["madds"]) / max(predictions, 1),
         "predictions": predictions,
-        "server_cpu_ms_per_sample": 1000 * (cpu_after - cpu_before) / max(BATCH * load["requests"], 1),
+        "server_cpu_ms_per_sample": 1000 * (cpu_after - cpu_before) / samples,
+        "server_cpu_ms_per_sample_by_thread": {role: 1000 * value / samples for role, value in roles.items()},
+        # Shadow audits (DYNFUSE_AUDIT_RATE) of route auto's cheaper answers: the full path on one request, in the
+        # batcher's spare time; their CPU is in the figures above, their MAdds are not (a counter of their own).
+        "audits_per_sample": (after["audits"] - before["audits"]) / samples,
+        "audits_dropped_per_sample": (after["audits_dropped"] - before["audits_dropped"]) / samples,
+        "audit_madds_per_sample": (after["audit_madds"] - before["audit_madds"]) / samples,
         "errors": errors,
         "latency_ms": load["latency_ms"],
     }
@@ -174,6 +216,17 @@ def main(argv: list[str] | None = None) -> int:
         f"other processes used {watch.foreign_share:.0%} of the CPU"
     )
     print(f"in server CPU time: saved {statistics.median(cpu_saved):.1%} per sample, ratio {cpu_ratio:.2f}")
+    for route, runs in rounds.items():
+        roles = {
+            role: statistics.median(r["server_cpu_ms_per_sample_by_thread"][role] for r in runs)
+            for role in runs[0]["server_cpu_ms_per_sample_by_thread"]
+        }
+        audits = statistics.median(r["audits_per_sample"] for r in runs)
+        print(
+            f"{route}: CPU ms/sample by thread (medians) "
+            + ", ".join(f"{role} {value:.3f}" for role, value in roles.items())
+            + f"; audits run per sample {audits:.4f}"
+        )
     write_result(
         args.out,
         {

@@ -28,6 +28,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=16, help="pairs per predict call (the serving max_batch_size)")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--pairs", type=int, default=480, help="held-out pairs per round")
+    parser.add_argument(
+        "--stages",
+        action="store_true",
+        help="also the CPU of each stage of predict (attribution, answers, OOD p-values, ...), each stage's time with "
+        "the runtime calls it makes",
+    )
     parser.add_argument("--out", type=Path, default=RESULTS / "pipeline_cost.json")
     args = parser.parse_args(argv)
 
@@ -59,6 +65,9 @@ def main(argv: list[str] | None = None) -> int:
 
     backend.load = timed_load
     pipeline = DynamicPipeline(model, backend)
+    stages: dict[str, float] = collections.defaultdict(float)
+    if args.stages:
+        time_stages(pipeline, stages)
     pipeline.warmup(batch_sizes=(1, args.batch))
     inputs = decoded_inputs(pipeline, load_test_split(data)[: args.pairs])
     routes = {"auto": inputs, model.full_expert: [dataclasses.replace(x, route=model.full_expert) for x in inputs]}
@@ -68,6 +77,7 @@ def main(argv: list[str] | None = None) -> int:
             seconds.clear()
             calls.clear()
             rows.clear()
+            stages.clear()
             started = time.thread_time()
             for batch in chunks(routes[route], args.batch):
                 pipeline.predict(batch)
@@ -80,6 +90,7 @@ def main(argv: list[str] | None = None) -> int:
                     "glue_us_per_pair": 1e6 * (total - sum(seconds.values())) / n,
                     "calls": dict(calls),
                     "rows": dict(rows),
+                    "stages_us_per_pair": {name: 1e6 * s / n for name, s in stages.items()},
                 }
             )
 
@@ -93,6 +104,7 @@ def main(argv: list[str] | None = None) -> int:
             "glue_us_per_pair": middle["glue_us_per_pair"],
             "components_us_per_pair": dict(sorted(middle["components_us_per_pair"].items())),
             "calls_per_batch": {name: count / (len(inputs) / args.batch) for name, count in middle["calls"].items()},
+            "stages_us_per_pair": dict(sorted(middle["stages_us_per_pair"].items(), key=lambda kv: -kv[1])),
         }
     names = sorted({n for s in summary.values() for n in s["components_us_per_pair"]})
     header = ["", *summary]
@@ -102,6 +114,11 @@ def main(argv: list[str] | None = None) -> int:
     body.append(["**total**", *(f"**{s['total_us_per_pair']:.1f}**" for s in summary.values())])
     print(f"CPU us per pair, batches of {args.batch}, one runtime thread (the round of median total):\n")
     print(markdown_table(header, body))
+    if args.stages:
+        names = sorted({n for s in summary.values() for n in s["stages_us_per_pair"]})
+        body = [[name, *(f"{s['stages_us_per_pair'].get(name, 0.0):.1f}" for s in summary.values())] for name in names]
+        print("\nCPU us per pair by stage of predict (with the runtime calls each makes):\n")
+        print(markdown_table(header, body))
     auto, full = summary["auto"]["total_us_per_pair"], summary[model.full_expert]["total_us_per_pair"]
     print(f"\nauto saves {1 - auto / full:.1%} of the pipeline's CPU per pair")
     write_result(
@@ -117,6 +134,45 @@ def main(argv: list[str] | None = None) -> int:
         },
     )
     return 0
+
+
+# The stages of DynamicPipeline.predict that --stages times: methods of the pipeline, of its attributor and of the
+# batch execution (whose run() holds the experts' runtime calls, the lazy inputs and the attribution reruns).
+PIPELINE_STAGES = (
+    "encode_text",
+    "encode_glimpse",
+    "_route_by_point",
+    "execution",
+    "_wants",
+    "_combine",
+    "_calibrated_confidence",
+    "_ood_pvalues",
+    "_answers",
+    "_attribution_madds",
+)
+EXECUTION_STAGES = ("run", "_make_lazy_inputs", "_attribute")
+
+
+def time_stages(pipeline, stages: dict[str, float]) -> None:
+    """Wrap the stages so that each call adds its thread CPU time to ``stages`` (nested stages count in both)."""
+    from export import execution
+
+    def timed(function, name):
+        def wrapper(*args, **kwargs):
+            started = time.thread_time()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                stages[name] += time.thread_time() - started
+
+        return wrapper
+
+    for name in PIPELINE_STAGES:
+        setattr(pipeline, name, timed(getattr(pipeline, name), name))
+    attribute = "attribute_all" if hasattr(pipeline.attributor, "attribute_all") else "attribute"
+    setattr(pipeline.attributor, attribute, timed(getattr(pipeline.attributor, attribute), "attribution"))
+    for name in EXECUTION_STAGES:  # on the class: each batch makes its own BatchExecution
+        setattr(execution.BatchExecution, name, timed(getattr(execution.BatchExecution, name), f"execution.{name}"))
 
 
 if __name__ == "__main__":

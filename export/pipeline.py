@@ -285,7 +285,7 @@ class DynamicPipeline:
         answers = self._answers(execution.coalitions, members, logits, probabilities, soft, weights, eligible, choice,
                                 fallback)  # fmt: skip
         spent = self._attribution_madds(execution.coalitions, n)
-        attributed = [self.attributor.attribute(answers[i], bool(explain[i]), modality_weights[i]) for i in range(n)]
+        attributed = self.attributor.attribute_all(answers, explain, modality_weights)
         outputs = [
             PipelineOutput(
                 label=str(self.labels[probabilities[i].argmax()]),
@@ -330,6 +330,13 @@ class DynamicPipeline:
         if fallback.any():
             position[f"{full}@fallback"] = {row: k for k, row in enumerate(np.flatnonzero(fallback))}
         answers = []
+        source_probs: dict[str, np.ndarray] = {}  # each source's softmax, made once: row by row it is the same
+
+        def probs_of(source: str, i: int) -> np.ndarray:
+            if source not in source_probs:
+                source_probs[source] = softmax(logits[source])
+            return source_probs[source][position[source][i]]
+
         for i in range(len(probabilities)):
             if soft[i]:
                 mixed = _normalized(weights[i], eligible[i])
@@ -344,7 +351,7 @@ class DynamicPipeline:
                     label=int(probabilities[i].argmax()),
                     experts=experts,
                     weights=share.astype(np.float64),
-                    probabilities=[softmax(logits[s][position[s][i]][None])[0] for s in sources],
+                    probabilities=[probs_of(s, i) for s in sources],
                     coalitions=[
                         {how: coalitions.get(e, {}).get(how, {}).get(i) for how in (HEAD, EXACT)} for e in experts
                     ],

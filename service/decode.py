@@ -24,7 +24,6 @@ import logging
 import re
 import warnings
 import zlib
-from dataclasses import dataclass
 
 import numpy as np
 import pybase64
@@ -87,15 +86,36 @@ def decode_base64(data: str, field: str = "image") -> bytes:
         raise InvalidInput(f"{field}: not valid base64 ({error})") from None
 
 
-@dataclass
 class OpenedImage:
-    """An image whose header has been read and checked; no pixel is decoded yet."""
+    """An image whose header has been read and checked; no pixel is decoded yet. ``image`` is Pillow's view of the
+    file, opened on first use for a plain PNG (``open_image``), whose pixels libspng decodes without it."""
 
-    image: Image.Image
-    format: str
-    width: int
-    height: int
-    data: bytes = b""  # the file itself (plain_png_pixels decodes it without Pillow)
+    def __init__(
+        self,
+        image: Image.Image | None,
+        format: str,
+        width: int,
+        height: int,
+        data: bytes = b"",
+        plain: bool | None = None,
+    ):
+        self._image = image
+        self.plain = plain  # whether ``_plain_png`` holds for the file, once known
+        self.format = format
+        self.width = width
+        self.height = height
+        self.data = data  # the file itself (plain_png_pixels decodes it without Pillow)
+
+    @property
+    def image(self) -> Image.Image:
+        if self._image is None:
+            self._image = _pillow_open(self.data)
+        return self._image
+
+    def close(self) -> None:
+        """Release Pillow's view of the file, if it was opened."""
+        if self._image is not None:
+            self._image.close()
 
     @property
     def pixels(self) -> int:
@@ -105,14 +125,29 @@ class OpenedImage:
 
 def open_image(data: bytes, *, max_pixels: int) -> OpenedImage:
     """The image's header, checked. 415: not an image of an accepted format; 413: over ``max_pixels``;
-    422: a header Pillow cannot make sense of."""
+    422: a header Pillow cannot make sense of.
+
+    A plain PNG (``_plain_png``: the one kind libspng decodes here) is checked from its IHDR alone: for such a file
+    Pillow's open reads the same width and height and cannot fail (every chunk it parses before the image data has
+    its checksum right and the length its parser reads), so it is left until something needs it (any image but a
+    plain one at the model's side), and the ~15 us it takes a request are saved (bench/BENCHMARKS.md section 8)."""
     if not data:
         raise InvalidInput("image: empty; send an image file or leave the field out")
+    plain = _plain_png(data)
+    if plain:
+        width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+        # Pillow refuses a side of 0 (415) and applies its own bomb check first: those go its way.
+        limit = Image.MAX_IMAGE_PIXELS if Image.MAX_IMAGE_PIXELS is not None else (1 << 31) ** 2
+        if 0 < width < 1 << 31 and 0 < height < 1 << 31 and width * height <= limit:
+            return _checked(OpenedImage(None, "PNG", width, height, data, plain), max_pixels)
+    opened = _pillow_open_checked(data, max_pixels)
+    opened.plain = plain
+    return _checked(opened, max_pixels)
+
+
+def _pillow_open_checked(data: bytes, max_pixels: int) -> OpenedImage:
     try:
-        with warnings.catch_warnings():
-            # Our own pixel limit below decides; Pillow's warning between its two thresholds is noise.
-            warnings.simplefilter("ignore")
-            image = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
+        image = _pillow_open(data)
         width, height = image.size
     except UnidentifiedImageError:
         raise UnsupportedMediaType(
@@ -122,11 +157,24 @@ def open_image(data: bytes, *, max_pixels: int) -> OpenedImage:
         raise PayloadTooLarge(f"image: over the decompression limit of {max_pixels:,} pixels") from None
     except Exception as error:  # noqa: BLE001 - anything the header parser raises is a malformed file
         raise _corrupt(error) from None
+    return OpenedImage(image, image.format or "unknown", width, height, data)
+
+
+def _pillow_open(data: bytes) -> Image.Image:
+    with warnings.catch_warnings():
+        # Our own pixel limit decides; Pillow's warning between its two thresholds is noise.
+        warnings.simplefilter("ignore")
+        return Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
+
+
+def _checked(opened: OpenedImage, max_pixels: int) -> OpenedImage:
+    width, height = opened.width, opened.height
     if width <= 0 or height <= 0:
         raise InvalidInput(f"image: the header gives a size of {width}x{height} pixels")
     if width * height > max_pixels:
+        opened.close()
         raise PayloadTooLarge(f"image: {width}x{height} pixels is over the limit of {max_pixels:,} pixels")
-    return OpenedImage(image, image.format or "unknown", width, height, data)
+    return opened
 
 
 def decode_image(opened: OpenedImage, *, side: int) -> Image.Image:
@@ -163,6 +211,9 @@ def decode_image(opened: OpenedImage, *, side: int) -> Image.Image:
 # What may sit in a PNG that plain_png_pixels decodes: chunks that leave its pixels as its image data says. Not
 # eXIf or text (Pillow reads an EXIF orientation from both), tRNS, PLTE, acTL/fcTL (animation) or anything else.
 PLAIN_PNG_CHUNKS = frozenset({b"IHDR", b"IDAT", b"IEND", b"sRGB", b"gAMA", b"pHYs", b"cHRM"})
+# The length the PNG specification gives each of those that has one: Pillow's open parses them, and refuses some that
+# are shorter (a file with any other length goes Pillow's way, which decides what it makes of it).
+PLAIN_PNG_LENGTHS = {b"IHDR": 13, b"IEND": 0, b"sRGB": 1, b"gAMA": 4, b"pHYs": 9, b"cHRM": 32}
 MAX_PLAIN_PNG_CHUNKS = 32  # past this many chunks, Pillow's path (it walks them anyway)
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -178,7 +229,7 @@ def plain_png_pixels(opened: OpenedImage, side: int) -> np.ndarray | None:
     data = opened.data
     if pyspng is None or opened.format != "PNG" or opened.width != side or opened.height != side:
         return None
-    if not _plain_png(data):
+    if not (opened.plain if opened.plain is not None else _plain_png(data)):
         return None
     try:
         pixels = pyspng.load(data)
@@ -191,7 +242,7 @@ def plain_png_pixels(opened: OpenedImage, side: int) -> np.ndarray | None:
 
 def _plain_png(data: bytes) -> bool:
     """8-bit RGB (colour type 2), deflate, standard filters, not interlaced, only chunks of PLAIN_PNG_CHUNKS, each with
-    its checksum right."""
+    its checksum right and the length PLAIN_PNG_LENGTHS gives it."""
     # IHDR comes first: length 13, then width, height, bit depth, colour type, compression, filter, interlace.
     if data[:16] != PNG_SIGNATURE + b"\x00\x00\x00\x0dIHDR" or data[24:29] != b"\x08\x02\x00\x00\x00":
         return False
@@ -200,7 +251,10 @@ def _plain_png(data: bytes) -> bool:
         kind = data[position + 4 : position + 8]
         if kind not in PLAIN_PNG_CHUNKS:
             return False
-        end = position + 8 + int.from_bytes(data[position : position + 4], "big")
+        length = int.from_bytes(data[position : position + 4], "big")
+        if PLAIN_PNG_LENGTHS.get(kind, length) != length:
+            return False
+        end = position + 8 + length
         # Each chunk's checksum, as Pillow's decoder would notice a damaged stream: pyspng has libspng decode
         # whatever the checksums say, so a flipped byte of the image data would otherwise become wrong pixels.
         if data[end : end + 4] != zlib.crc32(data[position + 4 : end]).to_bytes(4, "big"):

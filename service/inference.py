@@ -71,7 +71,7 @@ class ImageDecoder:
         if self.plain_side is not None:
             pixels = plain_png_pixels(opened, self.plain_side)
             if pixels is not None:
-                opened.image.close()
+                opened.close()
                 return pixels, None
         return self.pipeline.prepare_images(decode_image(opened, side=self.side))
 

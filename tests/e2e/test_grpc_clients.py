@@ -293,8 +293,10 @@ def test_with_the_default_workers_a_grpc_load_swaps_every_worker(server_process,
     client.close()
     text = grpc_inputs([samples[0]["png"]], [samples[0]["text"]])
 
-    def version_on_a_new_channel() -> str:  # a new channel is a new connection, which may reach any worker
-        fresh = triton_grpc.InferenceServerClient(url)
+    def version_on_a_new_channel() -> str:
+        # A new connection, which may reach any worker: gRPC's channels share one connection per target through a
+        # global subchannel pool unless told otherwise, and that one connection always reaches the same worker.
+        fresh = triton_grpc.InferenceServerClient(url, channel_args=[("grpc.use_local_subchannel_pool", 1)])
         try:
             return fresh.infer("shapes", text).get_response().model_version
         finally:

@@ -38,6 +38,7 @@ MODULES: dict[str, list[str]] = {
     "service/decode.py": [
         "tests/unit/test_decode.py",
         "tests/unit/test_decode_refusals.py",
+        "tests/unit/test_decode_plain_open.py",  # the plain PNG checked from its IHDR
         "--deselect=tests/unit/test_decode.py::test_every_mutant_of_every_accepted_format_decodes_or_is_a_4xx",
     ],
     "service/admission.py": ["tests/unit/test_admission_unit.py", "tests/unit/test_admission_edges.py"],
@@ -53,10 +54,15 @@ MODULES: dict[str, list[str]] = {
         "tests/unit/test_pipeline_answers.py",
         "tests/unit/test_pipeline_attribution.py",
         "tests/unit/test_pipeline_specs.py",  # experts that bring their own preprocessing
+        "tests/unit/test_attribution_batched.py",  # answers' probabilities and importance, batched
     ],
     # Importance (issue 21): the attribution of an answer to each modality, its Shapley arithmetic and its checks,
     # and the served path on a scripted model whose full path is a fusion head of known weights.
-    "export/attribution.py": ["tests/unit/test_attribution_math.py", "tests/unit/test_pipeline_attribution.py"],
+    "export/attribution.py": [
+        "tests/unit/test_attribution_math.py",
+        "tests/unit/test_pipeline_attribution.py",
+        "tests/unit/test_attribution_batched.py",
+    ],
     # Routing safety (issue 22): the guard's engage/release decisions and the validation figures it compares with.
     "service/guard.py": ["tests/unit/test_guard.py", "tests/unit/test_guard_report.py"],
     "models/safety.py": ["tests/unit/test_safety.py", "tests/unit/test_safety_section.py"],

@@ -163,6 +163,7 @@ def test_warmup_runs_every_route_at_each_batch_size_and_every_operating_point_on
         assert set(x.token_ids.tolist()) <= {2, 3, 4, 5}  # words of the vocabulary, no padding or unknown
         assert x.image.dtype == np.uint8 and x.image.shape == (4, 4, 3)  # noqa: PT018
         assert x.text is None and x.spec_image is None  # noqa: PT018
+    assert {i for x in inputs_seen for i in x.token_ids.tolist()} == {2, 3, 4, 5}  # every word drawn
     pixels = np.concatenate([x.image.ravel() for x in inputs_seen])
     assert pixels.min() < 16  # random pictures over the whole range
     assert pixels.max() > 240
