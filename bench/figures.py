@@ -78,6 +78,7 @@ def compute(store: Path = STORE, *, timings: bool = True, work: Path = DATA_WORK
             "commit": provenance.get("commit"),
             "training_inputs": provenance["training_inputs"]["digest"],
             "served_point": model.default_point,
+            "served_min_confidence": model.default_min_confidence,
             "full_expert": model.full_expert,
             "madds_full": model.madds_full,
             "samples": {split: _samples(data, split) for split in SPLITS},
@@ -225,6 +226,13 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
+def _floor_words(model: dict) -> str:
+    """The words after the served point's name when the store serves it with a confidence floor (model.json
+    router.min_confidence): ", with its confidence floor 0.5"; none without one."""
+    floor = model.get("served_min_confidence")
+    return "" if floor is None else f", with its confidence floor {floor:g}"
+
+
 def render_policies(figures: dict) -> str:
     """The headline policies on the test split, with their route mix."""
     experts = _expert_order(figures)
@@ -232,7 +240,7 @@ def render_policies(figures: dict) -> str:
     label = {
         "full": f"full (`{model['full_expert']}`, static)",
         "cheap": "cheap (the cheapest expert, static)",
-        "auto": f"**auto** (the served router, `{model['served_point']}`)",
+        "auto": f"**auto** (the served router, `{model['served_point']}`{_floor_words(model)})",
         "oracle": "oracle (cheapest right expert)",
         "soft": "soft (every expert, weighted)",
     }
@@ -314,7 +322,7 @@ def render_operating_points(figures: dict) -> str:
         if policy == "full":
             name = f"`full` (`{figures['model']['full_expert']}`)"
         elif policy == "auto":
-            name = f"**`auto`** (`{served}`, served)"
+            name = f"**`auto`** (`{served}`{_floor_words(figures['model'])}, served)"
         accuracy = _pct(row["accuracy"], 2)
         rows.append([name, f"**{accuracy}**" if policy == "auto" else accuracy, f"{row['madds_per_sample']:,.0f}",
                      _pct(row["saved_ratio"])])  # fmt: skip
@@ -341,7 +349,8 @@ def render_model(figures: dict) -> str:
     samples = ", ".join(f"{split} {n:,}" for split, n in model["samples"].items())
     return (
         f"Figures of `store/{model['name']}/{model['version']}` (built at `{commit}`, training inputs "
-        f"`{model['training_inputs'][:12]}`), served operating point `{model['served_point']}`, full path "
+        f"`{model['training_inputs'][:12]}`), served operating point `{model['served_point']}`{_floor_words(model)}, "
+        "full path "
         f"`{model['full_expert']}` ({model['madds_full']:,} MAdds); samples: {samples}. Computed by "
         "`make figures` (`python -m bench.figures`) from the shipped files into "
         "[`bench/results/default_model.json`](../bench/results/default_model.json).\n"

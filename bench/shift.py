@@ -284,6 +284,7 @@ def main(argv: list[str] | None = None) -> int:
                 "audit_rate": model["safety"]["audits"]["rate"] if rate == "default" else float(rate),
                 "settings": settings,
                 "served_point": model["default_operating_point"],
+                "served_min_confidence": model.get("default_min_confidence"),
                 "validated_agreement": guard["validated_agreement"],
                 "engage_below": guard["engage_below"],
                 "safer_policy": guard["safer_policy"],

@@ -82,6 +82,7 @@ def evaluate_store(
         expert_components={e.name: e.components for e in model.experts},
         routers=[{"name": c, "lambda": lam} for c, lam in routers],
         default_router=model.router,
+        default_min_confidence=model.default_min_confidence,
         experts=list(model.expert_names),
         path_madds={e.name: e.path_madds for e in model.experts},
         static_madds={e["name"]: e["static_madds"] for e in model.manifest["experts"]},

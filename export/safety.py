@@ -75,6 +75,7 @@ def measure_safety(checkpoint: dict, model, data_dir: Path | None, staging: Path
         outputs=cache,
         routes=routes,
         default_router=checkpoint["default_router"],
+        default_min_confidence=checkpoint.get("default_min_confidence"),
     )
     safety = measure(outputs)
 
@@ -90,6 +91,8 @@ def measure_safety(checkpoint: dict, model, data_dir: Path | None, staging: Path
     }
     served = checkpoint["default_router"]
     point, guard = safety["operating_points"][served], safety["guard"][served]
+    floor = checkpoint.get("default_min_confidence")
+    served = served if floor is None else f"{served} (confidence floor {floor:g})"
     log(
         f"safety on {len(split)} validation samples: {served} answers {point['cheaper_share']:.1%} on a cheaper path, "
         f"{point['agreement']:.2%} of them as the full path does; the guard's safer policy: {guard['policy']}"

@@ -93,6 +93,9 @@ class StoredModel:
     madds_full: int
     operating_points: dict[str, OperatingPoint]  # every router, by name
     default_point: str  # the one served unless a request or the settings pick another
+    # The confidence floor served with default_point unless a request or the settings set one (model.json
+    # router.min_confidence); None: the router's picks alone.
+    default_min_confidence: float | None = None
     specs: SpecSet = field(default_factory=SpecSet)  # the experts' own preprocessing, by key; empty for most
     # What safe routing means for this model, measured on validation at export (models/safety.py): empty for a
     # model exported without it; and the out-of-distribution density of its features (models/ood.py).
@@ -253,6 +256,7 @@ def _parse(path: Path, manifest: dict) -> StoredModel:
             madds_full=int(manifest["madds_full"]),
             operating_points=points,
             default_point=next(p.name for p in points.values() if p.component == manifest["router"]["component"]),
+            default_min_confidence=_unit_or_none(manifest["router"].get("min_confidence"), "router.min_confidence"),
             specs=_specs(path, pre.get("specs", {})),
             safety=dict(manifest.get("safety") or {}),
             ood=_ood(path, manifest.get("safety") or {}),
@@ -261,6 +265,15 @@ def _parse(path: Path, manifest: dict) -> StoredModel:
         raise StoreError(f"{path / MANIFEST}: {error}") from error
     except (KeyError, TypeError, ValueError, StopIteration) as error:
         raise StoreError(f"{path / MANIFEST}: malformed ({type(error).__name__}: {error})") from error
+
+
+def _unit_or_none(value, field_name: str) -> float | None:
+    """A probability in [0, 1] from model.json, or None; anything else is a broken manifest."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+        raise ValueError(f"{field_name} must be a number in [0, 1] or null, not {value!r}")
+    return float(value)
 
 
 def _specs(path: Path, entries: dict) -> SpecSet:

@@ -217,6 +217,9 @@ def _manifest(checkpoint: dict, name: str, version: str, entries: dict, parity: 
                 r.get("temperature", 1.0) for r in checkpoint["routers"] if r["name"] == default_router
             ),
             "madds": costs["components"]["router"],
+            # The confidence floor served with it (models/router_selection.py select_policy): the full path runs too
+            # where the routed expert's top probability is below it. None: the router's picks alone.
+            "min_confidence": checkpoint.get("default_min_confidence"),
             "kind": "DRDF dual router + MWF, hard argmax (DynMM)",
             "scores": [e["name"] for e in checkpoint["experts"]],
             "importance": ["text", "image"],

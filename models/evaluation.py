@@ -44,6 +44,21 @@ class RoutingOutputs:
     component_madds: dict[str, int] | None = None
     expert_components: dict[str, tuple[str, ...]] | None = None
     extra: dict = field(default_factory=dict)
+    # The confidence floor served with ``default_router`` (model.json ``router.min_confidence``): ``auto`` runs the
+    # full path too where the routed expert's top probability is below it. None: the router's picks alone.
+    default_min_confidence: float | None = None
+
+    def with_floor(self, choice: np.ndarray, floor: float | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(final, madds, fallback), each (N,): the expert that answers, what the request cost, and whether the
+        full path ran too because ``choice``'s expert (cheaper than it) answered with a top probability below
+        ``floor`` (None: never), as the served pipeline's cascade does."""
+        experts, n = self.experts, len(choice)
+        full = experts.index(self.full_expert)
+        path_madds = np.array([self.path_madds[e] for e in experts], dtype=np.float64)
+        top = np.stack([self.expert_probs[e].max(axis=1) for e in experts], axis=1)[np.arange(n), choice]
+        fallback = confidence_fallback(choice, top, path_madds, full, np.full(n, np.nan if floor is None else floor))
+        both = np.array([self.madds_of({e, self.full_expert}) for e in experts], dtype=np.float64)
+        return np.where(fallback, full, choice), np.where(fallback, both[choice], path_madds[choice]), fallback
 
     def madds_of(self, experts: set[str]) -> int:
         """A request that ran every expert of ``experts``: encoders, router and each component once."""
@@ -74,9 +89,13 @@ def evaluate_policies(
     rows = [static_row("full", outputs.full_expert), static_row("cheap", cheapest)]
     rows += [static_row(f"static:{e}", e) for e in experts]  # every expert alone, full and cheap included
     default_scores = outputs.router_scores[outputs.default_router]
-    auto = routed_row(
-        "auto", decide_routes(default_scores, full_index, path_madds=path_madds)[0], router=outputs.default_router
-    )
+    auto_choice = decide_routes(default_scores, full_index, path_madds=path_madds)[0]
+    if outputs.default_min_confidence is not None and outputs.expert_components is not None:
+        final, madds, fallback = outputs.with_floor(auto_choice, outputs.default_min_confidence)
+        auto = _row("auto", outputs, correct[np.arange(n), final], madds, final, router=outputs.default_router,
+                    min_confidence=outputs.default_min_confidence, fallback_share=float(fallback.mean()))  # fmt: skip
+    else:
+        auto = routed_row("auto", auto_choice, router=outputs.default_router)
     if outputs.router_importance is not None:
         # DRDF's modal weights (route.modality_weights): what the routers made of each modality, not what decided
         # the answers (their attribution is models/attribution.py's, measured by bench/importance.py).
@@ -109,13 +128,9 @@ def _multi_expert_rows(outputs: RoutingOutputs, correct: np.ndarray, full_index:
             zip(experts, weights.mean(axis=0).round(4).tolist(), strict=True))))  # fmt: skip
     path_madds = np.array([outputs.path_madds[e] for e in experts], dtype=np.float64)
     choice, _ = decide_routes(outputs.router_scores[outputs.default_router], full_index, path_madds=path_madds)
-    top = np.stack([outputs.expert_probs[e].max(axis=1) for e in experts], axis=1)[np.arange(n), choice]  # (N,)
-    both = {i: outputs.madds_of({experts[i], outputs.full_expert}) for i in range(len(experts))}
     for floor in confidences:
-        fallback = confidence_fallback(choice, top, path_madds, full_index, np.full(n, floor))
-        final = np.where(fallback, full_index, choice)
-        madds = np.where(fallback, [both[c] for c in choice], [outputs.path_madds[experts[c]] for c in choice])
-        row = _row(f"confidence={floor:g}", outputs, correct[np.arange(n), final], madds.astype(float), final)
+        final, madds, fallback = outputs.with_floor(choice, floor)
+        row = _row(f"confidence={floor:g}", outputs, correct[np.arange(n), final], madds, final)
         row["fallback_share"] = float(fallback.mean())
         rows.append(row)
     return rows

@@ -10,7 +10,8 @@ from __future__ import annotations
 import torch.nn.functional as F
 
 from models.data.tensors import TensorSplit
-from models.evaluation import RoutingOutputs, evaluate_policies, find_row
+from models.evaluation import RoutingOutputs, evaluate_policies
+from models.safety import CONFIDENCE_FLOORS, floor_policies
 
 
 def evaluate_split(
@@ -23,6 +24,7 @@ def evaluate_split(
     split: TensorSplit,
     routes: dict,
     default_router: str | None = None,
+    default_min_confidence: float | None = None,
 ) -> list[dict]:
     """The policy table of one split; ``routes`` holds each router's scores and importance on it."""
     routing = routing_outputs(
@@ -34,6 +36,7 @@ def evaluate_split(
         outputs=outputs,
         routes=routes,
         default_router=default_router,
+        default_min_confidence=default_min_confidence,
     )
     return evaluate_policies(routing)
 
@@ -48,6 +51,7 @@ def routing_outputs(
     outputs: dict,
     routes: dict,
     default_router: str | None = None,
+    default_min_confidence: float | None = None,
 ) -> RoutingOutputs:
     """What a model produced on one split (``outputs``: ``expert_outputs``; ``routes``: each router's scores,
     importance and weights), as the policy evaluation and the safety measurements read it."""
@@ -64,6 +68,7 @@ def routing_outputs(
         expert_components={e.name: e.components for e in model.experts},
         routers=[{"name": r["name"], "lambda": r["lambda"]} for r in routers],
         default_router=default_router or routers[0]["name"],
+        default_min_confidence=default_min_confidence,
         experts=[e.name for e in model.experts],
         path_madds=costs["path"],
         static_madds=costs["static"],
@@ -77,21 +82,32 @@ def policy_figures(row: dict) -> dict:
     return {k: row[k] for k in ("policy", "accuracy", "saved_ratio")}
 
 
-def select_router(
-    validation_rows: list[dict], routers: list[dict], tolerance: float, reworded: list[list[dict]] = ()
-) -> str:
-    """The cheapest router whose validation accuracy is within ``tolerance`` of the full expert's, on the
-    validation split and on each of its reworded copies (``reworded``: their policy tables)."""
-    full_accuracy = find_row(validation_rows, "full")["accuracy"]
-    candidates = [find_row(validation_rows, f"lambda={r['lambda']:g}") | {"name": r["name"]} for r in routers]
+def select_policy(
+    validation: RoutingOutputs, routers: list[dict], tolerance: float, reworded: list[RoutingOutputs] = ()
+) -> tuple[str, float | None]:
+    """The served policy, (router, confidence floor or None): the cheapest on validation of every router alone and
+    with each floor of ``CONFIDENCE_FLOORS`` (the full path runs too where the routed expert's top probability is
+    below it) whose accuracy is within ``tolerance`` of the full path's on the validation split and on each of its
+    reworded copies (``reworded``: the same samples, captions with words dropped, routed likewise).
 
-    def holds_up(candidate: dict) -> bool:
-        return all(
-            find_row(rows, candidate["policy"])["accuracy"] >= find_row(rows, "full")["accuracy"] - tolerance
-            for rows in reworded
-        )
+    A floor lets a cheaper router serve: its confident answers stay cheap, and the ones it is unsure of (unseen
+    wording among them) go to the full path. Among equal costs, no floor, then the lowest. When no policy holds
+    up, the most accurate router alone on validation (as ``select_router``)."""
+    tables = [validation, *reworded]
 
-    good = [c for c in candidates if c["accuracy"] >= full_accuracy - tolerance and holds_up(c)]
-    if good:
-        return min(good, key=lambda c: c["madds_per_sample"])["name"]
-    return max(candidates, key=lambda c: (c["accuracy"], -c["madds_per_sample"]))["name"]
+    def figures(outputs: RoutingOutputs, name: str) -> dict:
+        return {(row["min_confidence"]): row for row in floor_policies(outputs, name)}
+
+    full_accuracy = [float((t.expert_probs[t.full_expert].argmax(axis=1) == t.labels).mean()) for t in tables]
+    by_router = {r["name"]: [figures(t, r["name"]) for t in tables] for r in routers}
+    candidates = [
+        (name, floor, rows[0][floor]["saved_ratio"])
+        for name, rows in by_router.items()
+        for floor in (None, *CONFIDENCE_FLOORS)
+        if all(table[floor]["accuracy"] >= full - tolerance for table, full in zip(rows, full_accuracy, strict=True))
+    ]
+    if candidates:
+        name, floor, _ = min(candidates, key=lambda c: (-c[2], c[1] is not None, c[1] or 0.0))
+        return name, floor
+    alone = {name: rows[0][None] for name, rows in by_router.items()}
+    return max(alone, key=lambda name: (alone[name]["accuracy"], alone[name]["saved_ratio"])), None

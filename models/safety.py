@@ -21,13 +21,14 @@ from __future__ import annotations
 import numpy as np
 
 from models.evaluation import RoutingOutputs
-from models.policy import calibrate, confidence_fallback, decide_routes, fit_temperature
+from models.policy import calibrate, decide_routes, fit_temperature
 
 CONFIDENCE_FLOORS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 # The safer policy disagrees with the full path at most this share as often as the served point does, on validation.
 GUARD_DISAGREEMENT_SHARE = 0.5
 GUARD_RULE = (
-    "the served point with the lowest confidence floor that makes it disagree with the full path at most "
+    "the served point with the lowest confidence floor (above the one it is served with) that makes it disagree "
+    "with the full path at most "
     f"{GUARD_DISAGREEMENT_SHARE:g} times as often as it does alone, at no loss of accuracy, on validation; "
     "when no floor goes that far, the floor that disagrees least, if it disagrees less than the point alone"
 )
@@ -51,7 +52,12 @@ def measure(outputs: RoutingOutputs) -> dict:
         )
         for router in outputs.routers
     }
-    policies = [row for router in outputs.routers for row in _policies(outputs, router["name"], answers, agrees)]
+    served_floor = {outputs.default_router: outputs.default_min_confidence}
+    policies = [
+        row
+        for router in outputs.routers
+        for row in floor_policies(outputs, router["name"], _floors(served_floor.get(router["name"])))
+    ]
     temperatures = {e: round(fit_temperature(outputs.expert_probs[e], outputs.labels), 4) for e in experts}
     return {
         "split": "val",
@@ -59,9 +65,14 @@ def measure(outputs: RoutingOutputs) -> dict:
         "expert_temperatures": temperatures,
         "operating_points": points,
         "policies": policies,
-        "guard": {name: choose_guard(policies, name) for name in points},
+        "guard": {name: choose_guard(policies, name, served_floor.get(name)) for name in points},
         "guard_rule": GUARD_RULE,
     }
+
+
+def _floors(served: float | None) -> tuple[float, ...]:
+    """The floors measured for a point: ``CONFIDENCE_FLOORS``, and the one it is served with."""
+    return tuple(sorted({*CONFIDENCE_FLOORS, *([] if served is None else [served])}))
 
 
 def _point_figures(choice: np.ndarray, agrees: np.ndarray, experts: list[str], full: int) -> dict:
@@ -81,21 +92,18 @@ def _point_figures(choice: np.ndarray, agrees: np.ndarray, experts: list[str], f
     }
 
 
-def _policies(outputs: RoutingOutputs, point: str, answers: np.ndarray, agrees: np.ndarray) -> list[dict]:
-    """The point alone and with each confidence floor: accuracy, agreement with full over all answers, saved."""
+def floor_policies(outputs: RoutingOutputs, point: str, floors=CONFIDENCE_FLOORS) -> list[dict]:
+    """The point alone and with each confidence floor of ``floors``: accuracy, agreement with the full path over
+    all answers, MAdds saved, and the share that fell back to the full path."""
     experts, n = outputs.experts, len(outputs.labels)
     full = experts.index(outputs.full_expert)
     path_madds = np.array([outputs.path_madds[e] for e in experts], dtype=np.float64)
+    answers = np.stack([outputs.expert_probs[e].argmax(axis=1) for e in experts], axis=1)  # (N, E)
+    agrees = answers == answers[:, full : full + 1]
     choice, _ = decide_routes(outputs.router_scores[point], full, path_madds=path_madds)
-    top = np.stack([outputs.expert_probs[e].max(axis=1) for e in experts], axis=1)[np.arange(n), choice]  # (N,)
-    alone = np.array([outputs.path_madds[experts[c]] for c in range(len(experts))], np.float64)
-    both = np.array([outputs.madds_of({experts[c], outputs.full_expert}) for c in range(len(experts))], np.float64)
     rows = []
-    for floor in (None, *CONFIDENCE_FLOORS):
-        floors = np.full(n, np.nan if floor is None else floor)
-        fallback = confidence_fallback(choice, top, path_madds, full, floors)
-        final = np.where(fallback, full, choice)
-        madds = np.where(fallback, both[choice], alone[choice])
+    for floor in (None, *floors):
+        final, madds, fallback = outputs.with_floor(choice, floor)
         rows.append(
             {
                 "policy": policy_name(point, floor),
@@ -110,21 +118,26 @@ def _policies(outputs: RoutingOutputs, point: str, answers: np.ndarray, agrees: 
     return rows
 
 
-def choose_guard(policies: list[dict], served: str) -> dict:
+def choose_guard(policies: list[dict], served: str, floor: float | None = None) -> dict:
     """The safer policy for ``served`` (``GUARD_RULE``), with its validation figures; ``None`` as its floor when
     none is safer (the point never disagrees with the full path on validation, or no floor lowers its disagreement
-    without costing accuracy).
+    without costing accuracy). ``floor``: the confidence floor the point is served with (model.json
+    ``router.min_confidence``): the policy the guard stands in for is the point with it, and only higher floors
+    are safer.
 
     Only floors on the served point are candidates: a floor leaves the router's picks as they are, so the audits
     made while the guard is on still measure the point the guard stands in for (service/guard.py). A floor short
     of the halving target still stands: a guard that can never engage protects nobody (the default model's served
     point once had its best floor at 2.42% disagreement against a target of 2.375%, and shipped with no guard)."""
     own = [p for p in policies if p["operating_point"] == served]
-    base = next(p for p in own if p["min_confidence"] is None)
+    base = next(p for p in own if p["min_confidence"] == floor)
     safer = [
         p
         for p in own
-        if p["min_confidence"] is not None and p["agreement"] > base["agreement"] and p["accuracy"] >= base["accuracy"]
+        if p["min_confidence"] is not None
+        and p["min_confidence"] > (floor or 0.0)
+        and p["agreement"] > base["agreement"]
+        and p["accuracy"] >= base["accuracy"]
     ]
     if not safer or base["agreement"] >= 1.0:
         return {"operating_point": served, "min_confidence": None, "policy": None}

@@ -39,7 +39,7 @@ from models.policy import fit_temperature
 from models.preprocess import ImagePreprocessing
 from models.registry import create_model
 from models.router import DualRouter
-from models.router_selection import evaluate_split, policy_figures, select_router
+from models.router_selection import evaluate_split, policy_figures, routing_outputs, select_policy
 from models.staging import staging_dir
 from models.tokenizer import PAD_ID, UNK_ID, Tokenizer
 
@@ -189,6 +189,7 @@ def train(data_dir: Path, run_dir: Path, config: TrainConfig, *, progress: bool 
         "state_dict": model.state_dict(),
         "routers": router_entries(routers),
         "default_router": default_router,
+        "default_min_confidence": evaluation["default_min_confidence"],
         "labels": dataset.labels,
         "tokenizer": dataset.tokenizer.to_dict(),
         "preprocessing": dataset.preprocessing.to_dict(),
@@ -359,19 +360,23 @@ def train_routers(
 
     context = {"model": model, "routers": routers, "costs": costs, "full_expert": full_expert}
     val = dataset.splits["val"]
-    validation = evaluate_split(**context, split=val, outputs=cache["val"], routes=validation_routes)
     # The same validation samples with their captions reworded (word dropout), routed by the same cross-fitted
-    # routers: the served router must hold up there too.
-    reworded = [
-        evaluate_split(
-            **context, split=val, outputs=variant, routes={n: r["variants"][k] for n, r in validation_routes.items()}
-        )
+    # routers: the served policy (a router, maybe with a confidence floor) must hold up there too.
+    variant_routes = [
+        (variant, {n: r["variants"][k] for n, r in validation_routes.items()})
         for k, variant in enumerate(cache["val"].get("augmented") or [])
     ]
-    default_router = select_router(validation, routers, config.select_tolerance, reworded)
+    default_router, default_floor = select_policy(
+        routing_outputs(**context, split=val, outputs=cache["val"], routes=validation_routes),
+        routers,
+        config.select_tolerance,
+        [routing_outputs(**context, split=val, outputs=v, routes=r) for v, r in variant_routes],
+    )
+    reworded = [evaluate_split(**context, split=val, outputs=v, routes=r) for v, r in variant_routes]
     model.router.load_state_dict(next(r for r in routers if r["name"] == default_router)["router"].state_dict())
+    served = {"default_router": default_router, "default_min_confidence": default_floor}
     evaluation = {"val": evaluate_split(**context, split=val, outputs=cache["val"], routes=validation_routes,
-                                        default_router=default_router)}  # fmt: skip
+                                        **served)}  # fmt: skip
     if reworded:  # what the selection saw of each router on the reworded captions
         evaluation["val_reworded"] = [
             {
@@ -384,8 +389,9 @@ def train_routers(
         if split in dataset.splits:
             routes = {r["name"]: route(r["router"], cache[split]) for r in routers}
             evaluation[split] = evaluate_split(**context, split=dataset.splits[split], outputs=cache[split],
-                                               routes=routes, default_router=default_router)  # fmt: skip
+                                               routes=routes, **served)  # fmt: skip
     evaluation["default_router"] = default_router
+    evaluation["default_min_confidence"] = default_floor
     evaluation["summary"] = summarize(evaluation.get("test", evaluation["val"]))
     return routers, default_router, evaluation
 

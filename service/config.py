@@ -122,7 +122,9 @@ class Settings(BaseSettings):
         ge=0.0,
         le=1.0,
         description="Confidence fallback for requests that set none: when a cheaper expert's top probability is "
-        "below this, the full path runs too. Default: off.",
+        "below this, the full path runs too. Default: the floor the store serves with its default operating point "
+        "(model.json router.min_confidence; GET /v1/models/{name} shows default_min_confidence), off for a model "
+        "without one. 0 turns it off.",
     )
     degrade_to: str | None = Field(
         None,

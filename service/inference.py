@@ -104,6 +104,13 @@ class InferenceService:
             on_batch_taken=self._queue_shrank,
         )
         self.default_point = settings.operating_point or model.default_point
+        # The confidence floor served with the default point: DYNFUSE_MIN_CONFIDENCE when set, else the one the store
+        # chose for its served point (model.json router.min_confidence), which goes with that point only.
+        self.default_min_confidence = (
+            settings.min_confidence
+            if settings.min_confidence is not None or self.default_point != model.default_point
+            else model.default_min_confidence
+        )
         high, low = settings.water_marks
         self.degrade = DegradeController(
             settings.degrade_to,
@@ -132,7 +139,7 @@ class InferenceService:
         self.guard = Guard(
             model=model.name,
             operating_point=self.default_point,
-            min_confidence=settings.min_confidence,
+            min_confidence=self.default_min_confidence,
             safety=safety,
             settings=guard_settings,
             on_change=changed,
@@ -232,7 +239,10 @@ class InferenceService:
             # A request that names its point gets it; the others may be served cheaper while the queue is high.
             degraded = self.degrade.update(self.batcher.queued)
             point = self.degrade.operating_point if degraded else self.default_point
-        min_confidence = client.min_confidence if client.min_confidence is not None else self.settings.min_confidence
+        min_confidence = client.min_confidence
+        if min_confidence is None:  # the served policy's floor, unless the request named its point or was degraded
+            served = client.operating_point is None and point == self.default_point
+            min_confidence = self.default_min_confidence if served else self.settings.min_confidence
         # The guard's safer policy, for requests routed by the router that asked for no policy of their own.
         guarded = (
             self.guard.active
@@ -386,6 +396,7 @@ class InferenceService:
             "routes": [AUTO, SOFT, *self.pipeline.experts],
             "operating_points": self.operating_points(),
             "default_operating_point": self.default_point,
+            "default_min_confidence": self.default_min_confidence,
             "degrade_to": self.degrade.operating_point,
             "madds_full": self.model.madds_full,
             "backend": self.pipeline.backend.name,

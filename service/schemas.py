@@ -211,7 +211,11 @@ class ModelDescription(BaseModel):
     labels: list[str]
     experts: list[ExpertDescription]
     full_expert: str
-    router: dict = Field(..., description="The served router: component, lambda, MAdds, score and importance order.")
+    router: dict = Field(
+        ...,
+        description="The served router: component, lambda, the confidence floor served with it (min_confidence), "
+        "MAdds, score and importance order.",
+    )
     routes: list[str] = Field(..., description="Accepted values of a request's route: auto, soft, or an expert.")
     operating_points: list[dict] = Field(
         ...,
@@ -219,6 +223,12 @@ class ModelDescription(BaseModel):
         "saved ratio, route mix), cheapest first; 'default' marks the one requests get when they name none.",
     )
     default_operating_point: str
+    default_min_confidence: float | None = Field(
+        None,
+        description="The confidence floor requests that name no operating point and set no min_confidence get: "
+        "DYNFUSE_MIN_CONFIDENCE, else the one the store serves with its default point (router.min_confidence); "
+        "None: the router's picks alone.",
+    )
     degrade_to: str | None = Field(None, description="The cheaper point served under load (None: never).")
     madds_full: int
     backend: str

@@ -136,6 +136,7 @@ def train_router_only(
         "state_dict": model.state_dict(),
         "routers": router_entries(routers),
         "default_router": default_router,
+        "default_min_confidence": evaluation["default_min_confidence"],
         "labels": dataset.labels,
         "tokenizer": dataset.tokenizer.to_dict(),
         "preprocessing": dataset.preprocessing.to_dict(),

@@ -21,6 +21,7 @@ import asyncio
 import logging
 import math
 import time
+from collections.abc import Callable
 from contextlib import asynccontextmanager
 
 import grpc
@@ -149,9 +150,21 @@ class InferenceServicer(GRPCInferenceServiceServicer):
         timeout_s = self.state.settings.request_timeout_s
         client_s = context.time_remaining()
         deadline = time.monotonic() + min(timeout_s, math.inf if client_s is None else max(0.0, client_s))
-        answer = None
+        counted = False
+
+        def count(answer: _Answer | None = None) -> None:
+            """Once per call, before the client can see how it ended."""
+            nonlocal counted, status
+            if counted:
+                return
+            counted = True
+            if answer is not None and answer.error is not None:
+                status = answer.error.status
+                metrics.reject(answer.error.reason)
+            metrics.count_request(status, time.perf_counter() - started, key, protocol="grpc")
+
         try:
-            async with _answering(context) as answer:
+            async with _answering(context, before_abort=count):
                 try:
                     response, after_sent = await run_until(deadline, self._infer(request, key, deadline))
                 except TimeoutError:
@@ -166,11 +179,8 @@ class InferenceServicer(GRPCInferenceServiceServicer):
             metrics.reject("deadline" if late else "client_disconnect")
             raise
         finally:
-            if answer is not None and answer.error is not None:
-                status = answer.error.status
-                metrics.reject(answer.error.reason)
             admission.release()
-            metrics.count_request(status, time.perf_counter() - started, key, protocol="grpc")
+            count()
 
     async def _infer(self, request, key: str, deadline: float):
         if key == ANONYMOUS and self.state.access.keys_required:  # no valid key (the name was looked up above)
@@ -288,18 +298,24 @@ class _Answer:
 
 
 @asynccontextmanager
-async def _answering(context):
-    """ApiErrors raised in the block end the RPC with their gRPC status; anything else with INTERNAL (logged)."""
+async def _answering(context, before_abort: Callable[[_Answer], None] | None = None):
+    """ApiErrors raised in the block end the RPC with their gRPC status; anything else with INTERNAL (logged).
+    ``before_abort`` sees the answer first: ``context.abort`` sends the status before it raises, so whatever must be
+    done before the client can see the error (the metrics it may read next) is done there."""
     answer = _Answer()
     try:
         yield answer
     except ApiError as error:
         answer.error = v2_model.as_v2(error)  # the protocol's status, which the metrics count
+        if before_abort is not None:
+            before_abort(answer)
         await _abort(context, error)
     except (asyncio.CancelledError, grpc.aio.AbortError):
         raise
     except Exception:
         logger.exception("unhandled error in a gRPC call")
+        if before_abort is not None:
+            before_abort(answer)
         await context.abort(grpc.StatusCode.INTERNAL, "internal server error")
 
 

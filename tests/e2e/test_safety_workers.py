@@ -29,7 +29,7 @@ def total(samples: dict, name: str, **labels) -> float:
 
 
 def test_two_workers_audit_their_own_answers_and_metrics_sum_them(server_process, samples):
-    process, base = server_process(workers=2, audit_rate=1.0)
+    process, base = server_process(workers=2, audit_rate=1.0, min_confidence=0.0)  # the router's picks alone
     assert len(worker_pids(process.pid)) == 2
     full = httpx.get(f"{base}/v1/models/{MODEL_NAME}", timeout=10).json()["full_expert"]
 

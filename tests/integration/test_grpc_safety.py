@@ -37,7 +37,7 @@ def audits(http) -> dict[str, float]:
 
 
 def test_every_grpc_answer_from_a_cheaper_expert_is_audited_at_rate_1(serve, samples):
-    http = serve(grpc_port=0, audit_rate=1.0, guard=False)
+    http = serve(grpc_port=0, audit_rate=1.0, guard=False, min_confidence=0.0)  # the router's picks alone
     client = triton.InferenceServerClient(f"127.0.0.1:{http.app.state.grpc.port}")
     full = http.get(f"/v1/models/{MODEL}").json()["full_expert"]
     answers = [infer(client, sample) for sample in samples[:40]]

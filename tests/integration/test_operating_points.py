@@ -277,7 +277,10 @@ def test_v2_takes_the_operating_point_and_min_confidence_as_parameters(client, s
 
 def test_under_load_requests_are_served_at_the_cheaper_point_and_say_so(serve, samples):
     cheap = points_of(serve())[1]
-    client = serve(degrade_to=cheap, degrade_high_water=2, degrade_low_water=0, max_batch_delay_ms=20)
+    # No confidence floor: requests that name no point are served as routed_apart's, which name it.
+    client = serve(
+        degrade_to=cheap, degrade_high_water=2, degrade_low_water=0, max_batch_delay_ms=20, min_confidence=0.0
+    )
     normal = client.get("/v1/models/shapes").json()["default_operating_point"]
     # Only samples the two routers send down different paths: what ran proves which router decided, not the label.
     apart, at_normal, at_cheap = routed_apart(client, samples)

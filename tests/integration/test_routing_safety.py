@@ -58,7 +58,9 @@ def expected_outcomes(client, samples, answers) -> list[bool]:
 
 
 def test_every_answer_from_a_cheaper_expert_is_audited_at_rate_1_and_counted_apart(serve, samples):
-    client = serve(audit_rate=1.0, guard=False)
+    # The router's picks alone (no confidence floor): a fallback's audit compares the pick's replaced answer, which
+    # expected_outcomes cannot read from the response.
+    client = serve(audit_rate=1.0, guard=False, min_confidence=0.0)
     before = scrape(client)
     answers = [classify(client, sample) for sample in samples[:40]]
     expected = expected_outcomes(client, samples[:40], answers)
@@ -185,7 +187,8 @@ def test_the_guard_engages_when_audits_disagree_then_releases_when_they_agree(se
     assert classify(client, agreeing[0], min_confidence=0.0)["route"]["guarded"] is False
     metrics = scrape(client)
     assert value(metrics, "dynfuse_guard_active", model=MODEL) == 1.0
-    assert value(metrics, "dynfuse_guard_changes_total", model=MODEL, **{"from": point}, to=state["safer_policy"]) >= 1
+    served, safer = state["served_policy"], state["safer_policy"]  # the point with the store's floor, a higher one
+    assert value(metrics, "dynfuse_guard_changes_total", model=MODEL, **{"from": served}, to=safer) >= 1
 
     # Agreement back: four agreeing audits (since the change) release it.
     for sample in agreeing[:4]:
@@ -279,7 +282,7 @@ def test_the_thresholds_of_uncertain_are_settings(serve, samples):
     probability may round to 1 for the surest answers: not every answer is flagged at 1.)"""
     every_input = serve(uncertain_ood_alpha=1.0, uncertain_confidence=0.0)
     answers = [classify(every_input, sample) for sample in samples[:20]]
-    assert {a.get("uncertain_reason") for a in answers} == {"out_of_distribution", None}
+    assert {a.get("uncertain_reason") for a in answers} <= {"out_of_distribution", None}
     assert sum(a["uncertain"] for a in answers) >= 10
     every_answer = serve(uncertain_ood_alpha=0.0, uncertain_confidence=1.0)
     answers = [classify(every_answer, sample) for sample in samples[:20]]
