@@ -182,7 +182,9 @@ def same_policies(safety: dict) -> dict:
     guard = safety["guard"]
     keys = ("enabled", "operating_point", "served_policy", "safer_policy", "safer_min_confidence")
     keys += ("validated_agreement",)
-    return {"guard": {k: guard[k] for k in keys}, "uncertain": safety["uncertain"], "drift": set(safety["drift"])}
+    # Not ``drift``: a point has a figure there only once its window saw enough picks, which depends on the
+    # traffic each server had before (the cluster publishes from 10 picks on; random order decides what ran first).
+    return {"guard": {k: guard[k] for k in keys}, "uncertain": safety["uncertain"]}
 
 
 def test_v2_health_and_models_as_the_single_process_server(cluster, single_process, samples):
