@@ -6,11 +6,11 @@ steps (every file on two pytest-xdist workers, then the Ray tests one at a time)
 and one ``--randomly-seed`` for both steps, so a failing order can be replayed. The busy processes are plain
 Python loops at the same priority as the tests.
 
-    python -m bench.suite_under_load [--runs 3] [--busy 2] [--seed S ...] [--checkout DIR]
+    python -m bench.suite_under_load [--runs 3] [--busy 2] [--seed S ...]
 
-``--checkout`` runs the suite of another checkout (a fresh clone of a commit, with its own ``.venv``) and records
-its commit. Writes ``bench/results/suite_under_load.json`` (the outputs in ``build/suite_under_load.log``); stops at
-the first failing run.
+Runs the suite of the checkout it is started from (a fresh clone, with its ``.venv``, for a clean reading). Writes
+``bench/results/suite_under_load.json`` (the outputs in ``build/suite_under_load.log``); stops at the first failing
+run.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from bench.common import REPO, RESULTS
+from bench.common import REPO, RESULTS, write_result
 
 STEPS = (
     ("-n", "2", "--dist", "loadfile", "-m", "not ray"),
@@ -37,27 +37,21 @@ def spin() -> None:
         pass
 
 
-def commit_of(checkout: Path) -> str:
-    return subprocess.run(
-        ["git", "rev-parse", "HEAD"], cwd=checkout, capture_output=True, text=True, check=True
-    ).stdout.strip()
-
-
 def summary_line(output: str) -> str:
     """pytest's last line: "N passed, M deselected in T s", or what failed."""
     lines = [line.strip("= ") for line in output.splitlines() if line.strip()]
     return lines[-1] if lines else ""
 
 
-def run_suite(checkout: Path, seed: int, log: Path) -> dict:
-    python = checkout / ".venv" / "bin" / "python"
+def run_suite(seed: int, log: Path) -> dict:
+    python = REPO / ".venv" / "bin" / "python"
     env = {**os.environ, "CI": "true"}
     steps = []
     for args in STEPS:
         command = [str(python), "-m", "pytest", "-q", "-p", "randomly", f"--randomly-seed={seed}", *args]
         started = time.monotonic()
         load_before = os.getloadavg()[0]
-        done = subprocess.run(command, cwd=checkout, env=env, capture_output=True, text=True)
+        done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
         with log.open("a") as out:
             out.write(f"$ {' '.join(command)}\n{done.stdout}\n{done.stderr}\n")
         steps.append(
@@ -84,11 +78,9 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--busy", type=int, default=2, help="busy-loop processes beside the suite")
     parser.add_argument("--seed", type=int, action="append", help="one per run (default: random)")
-    parser.add_argument("--checkout", type=Path, default=REPO)
     parser.add_argument("--out", type=Path, default=RESULTS / "suite_under_load.json")
     args = parser.parse_args()
     seeds = args.seed or [random.randrange(1, 1_000_000) for _ in range(args.runs)]
-    checkout = args.checkout.resolve()
     log = REPO / "build" / "suite_under_load.log"  # every run's output, for a failure's details (not committed)
     log.parent.mkdir(exist_ok=True)
     log.write_text("")
@@ -99,7 +91,7 @@ def main() -> None:
     started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
     try:
         for seed in seeds[: args.runs]:
-            runs.append(run_suite(checkout, seed, log))
+            runs.append(run_suite(seed, log))
             print(json.dumps(runs[-1]), flush=True)
             if not runs[-1]["passed"]:
                 break
@@ -107,17 +99,15 @@ def main() -> None:
         for process in busy:
             process.kill()
     result = {
-        "commit": commit_of(checkout),
         "started": started,
         "ended": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
-        "cpus": os.cpu_count(),
         "busy_processes": args.busy,
         "all_passed": len(runs) == args.runs and all(r["passed"] for r in runs),
         "runs": runs,
         "log": str(log.relative_to(REPO)),
     }
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps({k: result[k] for k in ("commit", "all_passed")}))
+    write_result(args.out, result)
+    print(json.dumps({"all_passed": result["all_passed"]}))
 
 
 if __name__ == "__main__":
