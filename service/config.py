@@ -182,20 +182,20 @@ class Settings(BaseSettings):
         description="Audit outcomes, since the guard engaged, needed before it releases (engaging is the CUSUM's).",
     )
     guard_false_alarm_audits: float = Field(
-        5000,
+        10000,
         gt=1,
         description="The guard's false-alarm rate: audits, on average, between engagements while agreement is at "
         "its validation figure (the CUSUM's in-control average run length; its threshold is computed from it). "
         "Higher: fewer false engagements, later detection.",
     )
     guard_shifted_false_alarm_audits: float = Field(
-        200,
+        100,
         gt=1,
         description="The same, while the inputs clearly changed (guard_input_shift_share): the CUSUM then engages "
         "at the lower threshold this gives. At most guard_false_alarm_audits.",
     )
     guard_input_shift_share: float = Field(
-        0.05,
+        0.1,
         ge=0.0,
         lt=1.0,
         description="Share of out-of-distribution requests (p-value below uncertain_ood_alpha; in control about "
