@@ -66,7 +66,12 @@ MODULES: dict[str, list[str]] = {
         "tests/unit/test_attribution_batched.py",
     ],
     # Routing safety (issue 22): the guard's engage/release decisions and the validation figures it compares with.
-    "service/guard.py": ["tests/unit/test_guard.py", "tests/unit/test_guard_report.py"],
+    "service/guard.py": [
+        "tests/unit/test_guard.py",
+        "tests/unit/test_guard_report.py",
+        "tests/unit/test_audit_inputs.py",
+    ],
+    "service/cusum.py": ["tests/unit/test_cusum.py", "tests/unit/test_guard.py"],
     "models/safety.py": ["tests/unit/test_safety.py", "tests/unit/test_safety_section.py"],
 }
 PYTEST_ARGS = ["-p", "no:randomly", "-p", "no:cacheprovider", "-q", "-x"]
