@@ -50,14 +50,14 @@ GOAL_ENGAGE_RATE = 0.25
 ROLLING = 100  # requests per point of the plot's rolling curves
 
 
-def held_out_data(path: Path) -> Path:
+def held_out_data(path: Path, seed: int = HELD_OUT_SEED) -> Path:
     """The held-out benchmark set, generated (deterministically, from its seed) when it is not there."""
     if (path / "test_ood.jsonl").is_file():
         return path
     from models.data.synthetic import SynthConfig, generate
 
-    print(f"generating the held-out benchmark (seed {HELD_OUT_SEED}) in {path}")
-    generate(path, SynthConfig(seed=HELD_OUT_SEED, image_size=64), progress=False)
+    print(f"generating the held-out benchmark (seed {seed}) in {path}")
+    generate(path, SynthConfig(seed=seed, image_size=64), progress=False)
     return path
 
 
@@ -102,6 +102,10 @@ def stream(base: str, model: str, pairs: list[dict], poll_every: int) -> tuple[l
                     "guard": guard["state"],
                     "recent_agreement": guard["recent_agreement"],
                     "recent_audits": guard["recent_audits"],
+                    # the sequential test's state (service/guard.py): its CUSUM, and whether the inputs changed
+                    "statistic": (guard.get("evidence") or {}).get("statistic"),
+                    "engage_at": (guard.get("evidence") or {}).get("engage_at"),
+                    "inputs_changed": (guard.get("evidence") or {}).get("inputs_changed"),
                     "audits": {k: audits[k] for k in ("agreed", "disagreed", "dropped")},
                     "drift": {point: d["drift"] for point, d in safety["drift"].items()},
                 }
@@ -319,10 +323,13 @@ def main(argv: list[str] | None = None) -> int:
     fast = next((r for r in runs if r["audit_rate"] == GOAL_ENGAGE_RATE), None)
     if fast is not None:
         engaged = fast["summary"]["test_ood"]["first_guarded_request"]
+        false_engaged = fast["summary"]["test"]["first_guarded_request"]
         goals["guard_engages_within_300_ood_at_0.25"] = {
             "goal": GOAL_ENGAGE_WITHIN,
             "measured": engaged,
-            "met": engaged is not None and engaged <= GOAL_ENGAGE_WITHIN,
+            # engaged already during the test phase (a false engagement): being on at test_ood is not a detection
+            "false_engagement_in_test_at": false_engaged,
+            "met": engaged is not None and engaged <= GOAL_ENGAGE_WITHIN and false_engaged is None,
         }
     print(json.dumps(goals, indent=1))
     write_result(

@@ -14,7 +14,8 @@ full path runs on the request's own preprocessed input, and what that costs is c
 ``dynfuse_audit_madds_total``, apart from the requests' compute, so the compute-saved panels stay honest.
 
 The outcomes are counted per picked expert and operating point (``dynfuse_audits_total``: agreement is a PromQL
-ratio) and those of the point the guard watches go to the guard (service/guard.py).
+ratio) and those of the point the guard watches go to the guard (service/guard.py), as does, for every request
+that point's router decided (audited or not), its out-of-distribution p-value: whether the inputs changed.
 """
 
 from __future__ import annotations
@@ -57,6 +58,8 @@ class Auditor:
         if self.rate <= 0:
             return
         for item, output in zip(items, outputs, strict=True):
+            if self.router_decided(item, output) and output.operating_point == self.guard.operating_point:
+                self.guard.observe_input(output.ood_pvalue)  # whether the inputs changed: every routed request
             pick = self.router_pick(item, output)
             if pick is None or self.rng.random() >= self.rate:
                 continue
@@ -65,11 +68,16 @@ class Auditor:
                 continue
             self.batcher.offer_spare(_AuditJob(self, _full_path_input(item, self.full_expert), pick, output))
 
+    @staticmethod
+    def router_decided(item: PipelineInput, output: PipelineOutput) -> bool:
+        """Whether the router picked this answer's expert (route ``auto``, both modalities): the population audited."""
+        if item.route != AUTO or item.token_ids is None or item.image is None:
+            return False
+        return output.decided_by in AUDITED_DECISIONS
+
     def router_pick(self, item: PipelineInput, output: PipelineOutput) -> str | None:
         """The cheaper expert the router picked for this answer, when it is one an audit measures; else None."""
-        if item.route != AUTO or item.token_ids is None or item.image is None:
-            return None
-        if output.decided_by not in AUDITED_DECISIONS:
+        if not self.router_decided(item, output):
             return None
         pick = output.fallback_from if output.fallback_from is not None else output.expert
         return None if pick == self.full_expert else pick

@@ -150,28 +150,64 @@ class Settings(BaseSettings):
     )
     guard: bool = Field(
         True,
-        description="When audited agreement of the served operating point falls below its validation figure minus "
-        "guard_margin, serve requests that name no operating point and no min_confidence with the safer policy "
-        "measured at export (a confidence floor), until agreement is back above validation minus "
+        description="When the audits give evidence that the served operating point's agreement with the full path "
+        "fell (a one-sided CUSUM on the audit outcomes against its validation figure, its threshold set by "
+        "guard_false_alarm_audits), serve requests that name no operating point and no min_confidence with the "
+        "safer policy measured at export (a confidence floor), until agreement is back above validation minus "
         "guard_recover_margin.",
     )
     guard_margin: float = Field(
-        0.06, gt=0.0, lt=1.0, description="Agreement this far below the validation figure engages the guard."
+        0.06,
+        gt=0.0,
+        lt=1.0,
+        description="The fall in agreement (below the validation figure) the guard's CUSUM is designed to detect: "
+        "larger falls are detected sooner, smaller ones later.",
     )
     guard_recover_margin: float = Field(
         0.02,
         ge=0.0,
         lt=1.0,
-        description="Agreement back within this of the validation figure releases the guard (below guard_margin: "
-        "the gap is the hysteresis).",
+        description="Agreement back within this of the validation figure, over at least guard_min_audits audits "
+        "since the guard engaged, releases it (below guard_margin: the gap is the hysteresis).",
     )
     guard_window: int = Field(
-        100, ge=1, description="Audit outcomes the guard judges agreement over (the most recent ones)."
+        100,
+        ge=1,
+        description="Audit outcomes the recent agreement is judged over (the most recent ones): the release, and "
+        "what GET /v1/models/{name} shows.",
     )
     guard_min_audits: int = Field(
         50,
         ge=1,
-        description="Audit outcomes, since the guard last changed, needed before it engages or releases.",
+        description="Audit outcomes, since the guard engaged, needed before it releases (engaging is the CUSUM's).",
+    )
+    guard_false_alarm_audits: float = Field(
+        10000,
+        gt=1,
+        description="The guard's false-alarm rate: audits, on average, between engagements while agreement is at "
+        "its validation figure (the CUSUM's in-control average run length; its threshold is computed from it). "
+        "Higher: fewer false engagements, later detection.",
+    )
+    guard_shifted_false_alarm_audits: float = Field(
+        100,
+        gt=1,
+        description="The same, while the inputs clearly changed (guard_input_shift_share): the CUSUM then engages "
+        "at the lower threshold this gives. At most guard_false_alarm_audits.",
+    )
+    guard_input_shift_share: float = Field(
+        0.1,
+        ge=0.0,
+        lt=1.0,
+        description="Share of out-of-distribution requests (p-value below uncertain_ood_alpha; in control about "
+        "that share) that means the inputs changed: a CUSUM on the routed requests' flags, designed to detect "
+        "it, lowers the guard's threshold while it is up. Engaging still needs the audits. 0 (or not above "
+        "uncertain_ood_alpha): not used.",
+    )
+    guard_input_false_alarm_requests: float = Field(
+        20000,
+        gt=1,
+        description='Routed requests, on average, between false "inputs changed" while inputs are like '
+        "validation's (the inputs' CUSUM's in-control average run length).",
     )
     drift_window: int = Field(
         500,
@@ -219,6 +255,23 @@ class Settings(BaseSettings):
         description="With --engine ray --address: how long deployments the cluster has no room for wait for it (an "
         "autoscaling cluster adding nodes) before the start is refused, naming what is missing. A local cluster "
         "refuses at once: nothing will be added to it.",
+    )
+    ray_proxy_timeout_s: float = Field(
+        300.0,
+        gt=0,
+        le=3600,
+        description="With --engine ray: how long the start waits for Ray Serve's HTTP proxy to answer on the port "
+        "(Ray's own limit, 60 s, is too short for a small machine whose cores are busy) before the command stops, "
+        "naming this variable.",
+    )
+    ray_expert_hold_s: float = Field(
+        1.0,
+        gt=0,
+        le=3600,
+        description="With --engine ray: how long an ingress batch waits for its expert deployments before its rows "
+        "whose experts answered are answered; the rows of an expert still computing (a replica being replaced) "
+        "are answered when it answers, or get its error by the request deadline. The answers are the same either "
+        "way.",
     )
 
     @field_validator("store")
@@ -319,6 +372,12 @@ class Settings(BaseSettings):
                 f"guard_recover_margin ({self.guard_recover_margin}) must be below guard_margin "
                 f"({self.guard_margin}): the gap keeps the guard from flapping; lower DYNFUSE_GUARD_RECOVER_MARGIN or "
                 "raise DYNFUSE_GUARD_MARGIN"
+            )
+        if self.guard_shifted_false_alarm_audits > self.guard_false_alarm_audits:
+            raise ValueError(
+                f"guard_shifted_false_alarm_audits ({self.guard_shifted_false_alarm_audits}) is more than "
+                f"guard_false_alarm_audits ({self.guard_false_alarm_audits}): changed inputs may only make the guard "
+                "quicker; lower DYNFUSE_GUARD_SHIFTED_FALSE_ALARM_AUDITS"
             )
         if self.guard_min_audits > self.guard_window:
             raise ValueError(

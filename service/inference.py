@@ -124,13 +124,7 @@ class InferenceService:
         """Audits, the guard and the drift of the route mix (DESIGN.md "Is routing still safe?")."""
         settings, model, metrics = self.settings, self.model, self.metrics
         safety = model.safety
-        guard_settings = GuardSettings(
-            enabled=settings.guard and settings.audit_rate > 0,
-            margin=settings.guard_margin,
-            recover_margin=settings.guard_recover_margin,
-            window=settings.guard_window,
-            min_audits=settings.guard_min_audits,
-        )
+        guard_settings = GuardSettings.of(settings, enabled=settings.guard and settings.audit_rate > 0)
 
         def changed(before: str, after: str, active: bool) -> None:
             metrics.guard_changes.labels(metrics.model, before, after).inc()
