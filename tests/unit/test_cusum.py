@@ -104,3 +104,12 @@ def test_the_threshold_gives_the_false_alarm_rate_asked_for_in_a_simulation(p0, 
     # the mean of 2,000 run lengths (roughly geometric: a standard error of about 2.2% of the mean), and the grid's
     # rounding of the steps (a few percent): within 12% of the computed ARL0
     assert mean == pytest.approx(computed, rel=0.12)
+
+
+@pytest.mark.parametrize("arl0", [10_000, 1e9])
+def test_thresholds_stay_under_walds_bound_even_on_the_coarser_grid_of_a_very_rare_alarm(arl0):
+    # Wald: ARL0 >= exp(h) for a CUSUM of log-likelihood ratios, so ARL0 = arl0 needs h <= log(arl0) at most.
+    design = Design(0.098, 0.158)
+    h = threshold(design, arl0)
+    assert h <= math.log(arl0)
+    assert run_length(design, h) >= arl0
