@@ -24,8 +24,8 @@ from functools import lru_cache
 
 import numpy as np
 
-GRID_DOWN_STEPS = 12  # grid steps of the no-event increment, at most (the rounding of the event's: half a step)
-GRID_UP_STEPS = 120  # grid steps of the event's increment, at most: bounds the linear system's size
+GRID_SMALL_STEPS = 12  # grid steps of the smaller increment, at most (each is rounded by half a step at most)
+GRID_LARGE_STEPS = 120  # grid steps of the larger increment, at most: bounds the linear system's size
 MAX_STATES = 1000  # grid states below h, at most: a very rare false alarm (a large h) is computed on a coarser grid
 
 
@@ -52,9 +52,10 @@ class Design:
 
 
 def grid(design: Design, h: float) -> float:
-    """The grid's step below ``h``: a twelfth of the no-event increment, or a 120th of the event's when that is
+    """The grid's step below ``h``: a twelfth of the smaller increment, or a 120th of the larger when that is
     coarser, or coarser still when h needs more than ``MAX_STATES`` of them (a dense solve of that size: ~20 ms)."""
-    return max(-design.down / GRID_DOWN_STEPS, design.up / GRID_UP_STEPS, h / MAX_STATES)
+    small, large = sorted((design.up, -design.down))
+    return max(small / GRID_SMALL_STEPS, large / GRID_LARGE_STEPS, h / MAX_STATES)
 
 
 def run_length(design: Design, h: float, p: float | None = None) -> float:
