@@ -42,7 +42,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -82,6 +82,17 @@ class _Pending:
     item: PipelineInput
     future: asyncio.Future
     enqueued: float
+    waiting_for: str = ""  # what its deferred output waits for (a Deferred's reason)
+
+
+class Deferred(Future):
+    """An output not ready when its batch is, settled later by the pipeline (a Ray expert deployment still
+    computing): the batcher answers its caller then, and goes on with the next batch meanwhile. ``reason`` says
+    what it waits for; a caller whose deadline passes first is told."""
+
+    def __init__(self, reason: str = ""):
+        super().__init__()
+        self.reason = reason
 
 
 class MicroBatcher:
@@ -224,9 +235,10 @@ class MicroBatcher:
         if waiting:
             for future in futures:
                 future.cancel()
+            reasons = sorted({p.waiting_for for p in pending if p.waiting_for and p.future in waiting})
             raise DeadlineExceeded(
-                f"no answer within the request deadline ({len(waiting)} of {len(futures)} item(s) not served); "
-                "retry later, or with fewer items"
+                f"no answer within the request deadline ({len(waiting)} of {len(futures)} item(s) not served"
+                f"{''.join(f'; {reason}' for reason in reasons)}); retry later, or with fewer items"
             )
         return [future.result() for future in futures]
 
@@ -367,7 +379,10 @@ class MicroBatcher:
         try:
             items = self.probe()
             outputs, _ = await loop.run_in_executor(self._executor, self.pipeline.predict, items)
-            return len(outputs) == len(items)
+            refused = next((output for output in outputs if isinstance(output, ApiError)), None)
+            if refused is not None:
+                self._last_failure = f"probe: {type(refused).__name__}: {refused}"[:300]
+            return len(outputs) == len(items) and refused is None
         except Exception as error:  # noqa: BLE001 - a failed probe is the answer sought
             self._last_failure = f"probe: {type(error).__name__}: {error}"[:300]
             return False
@@ -403,7 +418,9 @@ class MicroBatcher:
         finally:
             self._batch_started = None
         refused = next((output for output in outputs if isinstance(output, ApiError)), None)
-        if refused is not None:  # an item the pipeline could not serve now (a Ray expert deployment down)
+        if refused is None and any(isinstance(output, Future) for output in outputs):
+            refused = NotReady("an expert deployment did not answer in time", self.retry_after_s)
+        if refused is not None:  # an item the pipeline could not serve now (a Ray expert deployment down or late)
             _tell(job.failed, refused)
             return
         _tell(job.finished, outputs)
@@ -440,19 +457,43 @@ class MicroBatcher:
         inference = time.perf_counter() - started
         queue_seconds = [started - p.enqueued for p in batch]
         for p, output, waited in zip(batch, outputs, queue_seconds, strict=True):
-            if p.future.done():
-                continue
-            if isinstance(output, ApiError):  # this item alone could not be served (a Ray expert deployment down)
-                p.future.set_exception(output)
-            else:
-                p.future.set_result(BatchResult(output, waited, inference))
+            self._answer(p, output, waited, inference, started)
         self._in_hand = []
         try:
             self.metrics.observe_batch(len(batch), queue_seconds, expert_seconds)
         except Exception:  # noqa: BLE001 - bookkeeping must not take the answers or the loop down with it
             logger.exception("could not record a batch's metrics")
-        refused = sum(isinstance(output, ApiError) for output in outputs)
+        refused = sum(isinstance(output, (ApiError, Future)) for output in outputs)
         return None if refused == len(batch) else len(batch) - refused
+
+    def _answer(self, p: _Pending, output, waited: float, inference: float, started: float) -> None:
+        """Answer one item with its output: an ApiError when it alone could not be served (a Ray expert deployment
+        down), or a Future when it waits for an expert still computing (its caller is answered when the future
+        settles, its inference time then counted until that moment; the worker goes on meanwhile)."""
+        if p.future.done():
+            return
+        if isinstance(output, Future):
+            p.waiting_for = getattr(output, "reason", "")
+            loop = asyncio.get_running_loop()
+
+            def settle(done: Future) -> None:
+                if p.future.done():
+                    return
+                error = done.exception()
+                if error is not None:
+                    p.future.set_exception(error)
+                else:
+                    p.future.set_result(BatchResult(done.result(), waited, time.perf_counter() - started))
+
+            def on_done(done: Future) -> None:
+                with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: nobody waits any more
+                    loop.call_soon_threadsafe(settle, done)
+
+            output.add_done_callback(on_done)
+        elif isinstance(output, ApiError):
+            p.future.set_exception(output)
+        else:
+            p.future.set_result(BatchResult(output, waited, inference))
 
     async def _process_one_by_one(self, batch: list[_Pending]) -> int:
         loop = asyncio.get_running_loop()
@@ -472,6 +513,9 @@ class MicroBatcher:
                 continue
             finally:
                 self._batch_started = None
+            if isinstance(output, (ApiError, Future)):
+                self._answer(p, output, started - p.enqueued, time.perf_counter() - started, started)
+                continue
             answered += 1
             if not p.future.done():
                 p.future.set_result(BatchResult(output, started - p.enqueued, time.perf_counter() - started))

@@ -259,6 +259,23 @@ class Settings(BaseSettings):
         "autoscaling cluster adding nodes) before the start is refused, naming what is missing. A local cluster "
         "refuses at once: nothing will be added to it.",
     )
+    ray_proxy_timeout_s: float = Field(
+        300.0,
+        gt=0,
+        le=3600,
+        description="With --engine ray: how long the start waits for Ray Serve's HTTP proxy to answer on the port "
+        "(Ray's own limit, 60 s, is too short for a small machine whose cores are busy) before the command stops, "
+        "naming this variable.",
+    )
+    ray_expert_hold_s: float = Field(
+        1.0,
+        gt=0,
+        le=3600,
+        description="With --engine ray: how long an ingress batch waits for its expert deployments before its rows "
+        "whose experts answered are answered; the rows of an expert still computing (a replica being replaced) "
+        "are answered when it answers, or get its error by the request deadline. The answers are the same either "
+        "way.",
+    )
 
     @field_validator("store")
     @classmethod

@@ -30,6 +30,7 @@ def ray_application(args: dict, port: int, metrics_port: int | None = None, env:
     from ray import serve
 
     from service.ray.app import APP_NAME, build
+    from service.ray.run import start_serve
 
     extra = {"RAY_AUTH_MODE": "disabled", **(env or {})}
     saved = {k: os.environ.get(k) for k in extra}
@@ -46,7 +47,7 @@ def ray_application(args: dict, port: int, metrics_port: int | None = None, env:
             _node_ip_address="127.0.0.1",
             **options,
         )
-        serve.start(http_options={"host": "127.0.0.1", "port": port}, logging_config={"enable_access_log": False})
+        start_serve({"host": "127.0.0.1", "port": port}, START_TIMEOUT_S)  # past Ray's own 60 s for the proxy
         serve.run(build(args), name=APP_NAME, route_prefix="/")
         base = f"http://127.0.0.1:{port}"
         wait_ready(base)

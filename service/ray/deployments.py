@@ -100,7 +100,12 @@ class Ingress:
             handles, release = self.expert_sets.handles_for(model)
             try:
                 pipeline = RemoteExpertsPipeline(
-                    model, backend, handles, timeout_s=self.settings.request_timeout_s, on_close=release
+                    model,
+                    backend,
+                    handles,
+                    timeout_s=self.settings.request_timeout_s,
+                    on_close=release,
+                    hold_s=self.settings.ray_expert_hold_s,
                 )
                 pipeline.warmup(batch_sizes=(1, self.settings.max_batch_size))  # through the experts, here: a
                 # failure releases them (the repository then refuses the version, the old one serves on)

@@ -16,6 +16,8 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Mapping
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
+from concurrent.futures import wait as futures_wait
 from typing import Any
 
 import numpy as np
@@ -26,6 +28,7 @@ from export.execution import BatchExecution
 from export.pipeline import SOFT, DynamicPipeline, PipelineInput, PipelineOutput
 from export.store import StoredModel
 from models.ood import MAP_TENSOR
+from service.batcher import Deferred
 from service.errors import ApiError, DeadlineExceeded, NotReady
 
 logger = logging.getLogger("dynfuse")
@@ -41,6 +44,9 @@ LOGITS, HEAD_PAIR, EXACT_PAIR = 0, slice(1, 3), slice(3, 5)
 # chain did not run the encoder): the ingress's p-values are then the single process's.
 OUTPUTS = "outputs"
 EXPERT_RETRY_AFTER_S = 1
+# The logit of the first label in the rows of an expert that failed or is late: a confident placeholder, so that
+# the confidence fallback sends nothing for rows that are answered with an error or later.
+PLACEHOLDER_LOGIT = 50.0
 
 
 def expert_inputs(model: StoredModel, expert: str) -> tuple[str, ...]:
@@ -152,7 +158,14 @@ class VersionMismatch(RuntimeError):
 
 class RemoteExecution:
     """``BatchExecution``'s ``run(members)``, with each expert's sub-batch sent to its deployment. The calls of
-    one batch go out together and run at once on their replicas."""
+    one batch go out together, run at once on their replicas, and are waited for together (each in a thread of
+    ``waiters``, bounded by ``timeout_s``).
+
+    With ``hold_s``, a call still unanswered that long after the calls went out is *late*: its rows get placeholder
+    logits (kept apart in ``late``, with the call still running), so that the batch's other rows are answered
+    now; ``RemoteExpertsPipeline`` answers the late rows once the call returns. ``calls`` holds every call made,
+    by what it was sent: a second pass over the same batch (the late rows' answers) is given them and sends
+    nothing twice, so that its answers are the ones one pass would have given."""
 
     def __init__(
         self,
@@ -161,13 +174,20 @@ class RemoteExecution:
         tensors: dict[str, np.ndarray],
         pixels: np.ndarray,
         timeout_s: float,
+        waiters: Executor,
+        hold_s: float | None = None,
+        calls: dict[tuple, Future] | None = None,
     ):
         self.model = model
         self.handles = handles
         self.tensors = tensors
         self.pixels = pixels
         self.timeout_s = timeout_s
+        self.waiters = waiters
+        self.hold_s = hold_s
+        self.calls: dict[tuple, Future] = {} if calls is None else calls
         self.failed: dict[str, ApiError] = {}  # expert -> why its deployment did not answer this batch
+        self.late: dict[str, Future] = {}  # expert -> its call, still running when the batch was answered
         self.coalitions: dict[str, dict[str, dict[int, np.ndarray]]] = {}  # as BatchExecution's
         # As BatchExecution's, for the image encoder's map only (the experts send it back: ExpertWorker.run).
         self.produced: dict[str, tuple[np.ndarray, np.ndarray]] = {}
@@ -176,27 +196,24 @@ class RemoteExecution:
         self, members: Mapping[str, np.ndarray], wants: Mapping[str, np.ndarray] | None = None
     ) -> tuple[dict[str, np.ndarray], dict[str, float]]:
         """Each expert's logits for its rows, and the coalition logits ``wants`` asks for (kept in ``coalitions``).
-        An expert deployment that cannot answer fails only its own rows: its logits are zeros and its error is kept
-        in ``failed`` (RemoteExpertsPipeline answers those requests with it); when every expert of the call failed,
-        the call raises the first error."""
-        model, version = self.model.name, self.model.version
+        An expert deployment that cannot answer fails only its own rows, and a late one holds back only its own:
+        their logits are placeholders (a confident answer, so that no confidence fallback is sent for them), and
+        the error or the call is kept in ``failed`` or ``late`` (RemoteExpertsPipeline answers those rows)."""
         wants = wants or {}
-        calls = {
-            expert: self.handles[expert].run.remote(self._sub_batch(expert, rows, wants.get(expert)), model, version)
-            for expert, rows in members.items()
-        }
-        returned, errors = {}, {}
-        for expert, call in calls.items():
+        waiting = {expert: self._send(expert, np.asarray(rows), wants.get(expert)) for expert, rows in members.items()}
+        if self.hold_s is not None:
+            futures_wait(list(waiting.values()), timeout=self.hold_s)
+        returned = {}
+        for expert, waiter in waiting.items():
+            if self.hold_s is not None and not waiter.done():
+                self.late[expert] = waiter
+                returned[expert] = {OUTPUTS: self._placeholder(len(members[expert]))}
+                continue
             try:
-                returned[expert] = self._result(expert, call)
+                returned[expert] = waiter.result()
             except (NotReady, DeadlineExceeded) as error:
-                errors[expert] = error
-                outputs = np.full((len(members[expert]), 5, len(self.model.labels)), np.nan, np.float32)
-                outputs[:, LOGITS] = 0.0
-                returned[expert] = {OUTPUTS: outputs}
-        if errors and len(errors) == len(calls):
-            raise next(iter(errors.values()))
-        self.failed.update(errors)
+                self.failed.setdefault(expert, error)
+                returned[expert] = {OUTPUTS: self._placeholder(len(members[expert]))}
         logits = {}
         for expert, rows in members.items():
             out = returned[expert][OUTPUTS]
@@ -210,6 +227,22 @@ class RemoteExecution:
         # Each expert replica records its own time on its batches (dynfuse_expert_duration_seconds), where it
         # is measured without the trip; the ingress adds none.
         return logits, {}
+
+    def _placeholder(self, n: int) -> np.ndarray:
+        outputs = np.full((n, 5, len(self.model.labels)), np.nan, np.float32)
+        outputs[:, LOGITS] = 0.0
+        outputs[:, LOGITS, 0] = PLACEHOLDER_LOGIT
+        return outputs
+
+    def _send(self, expert: str, rows: np.ndarray, wants: np.ndarray | None) -> Future:
+        """The call of ``expert`` on ``rows`` (sent now, or the one a first pass sent), as a future of its result."""
+        flags = np.zeros(len(rows), np.int64) if wants is None else np.asarray(wants, np.int64)
+        key = (expert, rows.astype(np.int64).tobytes(), flags.tobytes())
+        if key not in self.calls:
+            sub_batch = self._sub_batch(expert, rows, flags)
+            call = self.handles[expert].run.remote(sub_batch, self.model.name, self.model.version)
+            self.calls[key] = self.waiters.submit(self._result, expert, call)
+        return self.calls[key]
 
     def _keep_map(self, rows: np.ndarray, image_map: np.ndarray | None) -> None:
         """The rows of ``image_map`` an expert's chain produced, merged into ``produced`` as BatchExecution merges
@@ -227,13 +260,13 @@ class RemoteExecution:
         order = np.argsort(rows, kind="stable")
         self.produced[MAP_TENSOR] = (rows[order], values[order])
 
-    def _sub_batch(self, expert: str, rows: np.ndarray, wants: np.ndarray | None) -> dict[str, np.ndarray]:
+    def _sub_batch(self, expert: str, rows: np.ndarray, wants: np.ndarray) -> dict[str, np.ndarray]:
         tensors = {
             name: self.pixels[rows] if name == PIXELS else self.tensors[name][rows]
             for name in wire_names(self.model, expert)
             if name != WANTS
         }
-        return tensors | {WANTS: np.zeros(len(rows), np.int64) if wants is None else np.asarray(wants, np.int64)}
+        return tensors | {WANTS: wants}
 
     def _result(self, expert: str, call) -> np.ndarray:
         started = time.monotonic()
@@ -275,6 +308,14 @@ def _is_unavailable(error: BaseException) -> bool:
 class RemoteExpertsPipeline(DynamicPipeline):
     """The dynamic pipeline of the ingress: encoders, router and policy here, the experts in their deployments.
 
+    Each expert's rows complete on their own: a batch waits at most ``hold_s`` for its expert calls, then its rows
+    whose experts answered are answered, those of an expert that failed get its error, and those of an expert
+    still computing (a replica being replaced, a slow one) get a ``Deferred`` (service/batcher.py) that a background
+    thread settles once the call returns, or fails with its error (at most ``timeout_s`` after it was sent): the
+    batcher answers each row as it settles, and goes on with the next batch meanwhile. Those rows' answers are the
+    ones one pass would have given: the batch goes through the pipeline again with the calls already made (nothing
+    is sent twice, and the same front gives the same sub-batches).
+
     Built only over expert deployments that hold this very version (each is asked first), so the answers never
     mix versions; ``on_close`` releases them when the version stops serving (service/ray/versions.py)."""
 
@@ -285,14 +326,20 @@ class RemoteExpertsPipeline(DynamicPipeline):
         handles: Mapping[str, Any],
         timeout_s: float,
         on_close: Callable[[], None] | None = None,
+        hold_s: float | None = None,
     ):
         missing = set(model.expert_names) - set(handles)
         assert not missing, f"no deployment for the experts {sorted(missing)}"
         self.handles = handles
         self.timeout_s = timeout_s
+        self.hold_s = hold_s
         self.on_close = on_close
         self._warm = False
-        self._executions = threading.local()  # the execution of the predict call running on this thread
+        self._strict = False  # while warming: an expert that does not answer fails the warm-up
+        self._local = threading.local()  # this thread's pass: its execution, and the calls a first pass made
+        # Waiting for the expert calls (each blocks a thread up to timeout_s), and finishing the late rows.
+        self._waiters = ThreadPoolExecutor(max_workers=64, thread_name_prefix="dynfuse-expert-call")
+        self._finisher = ThreadPoolExecutor(max_workers=4, thread_name_prefix="dynfuse-late-rows")
         self._check_versions(model)
         super().__init__(model, backend)
 
@@ -308,34 +355,111 @@ class RemoteExpertsPipeline(DynamicPipeline):
         return set(self.model.shared_encoders.values()) | {self.model.router}  # attribution heads run with experts
 
     def execution(self, tensors: dict[str, np.ndarray], pixels: np.ndarray, inputs=None) -> RemoteExecution:
-        execution = RemoteExecution(self.model, self.handles, tensors, pixels, self.timeout_s)
-        self._executions.current = execution
+        calls = getattr(self._local, "calls", None)  # a second pass: the first pass's calls, waited for to the end
+        hold_s = None if self._strict or calls is not None else self.hold_s
+        execution = RemoteExecution(
+            self.model, self.handles, tensors, pixels, self.timeout_s, self._waiters, hold_s=hold_s, calls=calls
+        )
+        self._local.execution = execution
         return execution
 
-    def predict(self, inputs: list[PipelineInput]) -> tuple[list[PipelineOutput | ApiError], dict[str, float]]:
+    def predict(
+        self, inputs: list[PipelineInput]
+    ) -> tuple[list[PipelineOutput | ApiError | Deferred], dict[str, float]]:
         """The pipeline's outputs, where a request that needed an expert whose deployment did not answer gets
-        that error instead (the batcher answers it alone: the requests of the batch on other experts are served)."""
-        self._executions.current = None
-        outputs, seconds = super().predict(inputs)
-        execution = self._executions.current
-        failed = execution.failed if execution is not None else {}
-        if not failed:
+        that error instead, and one that needs an expert still computing gets a Deferred of its output (the batcher
+        answers each alone: the requests of the batch on other experts are served at once)."""
+        outputs, seconds, execution = self._one_pass(inputs)
+        if self._strict and execution is not None and execution.failed:
+            raise next(iter(execution.failed.values()))
+        late = execution.late if execution is not None else {}
+        rows = [
+            i
+            for i, output in enumerate(outputs)
+            if isinstance(output, PipelineOutput) and self._experts_of(output) & set(late)
+        ]
+        if not rows:
             return outputs, seconds
-        first = next(iter(failed.values()))
+        waiting = ", ".join(repr(expert) for expert in sorted(late))
+        reason = f"waiting for the Ray expert deployment(s) {waiting}, which did not answer (a replica restarting?)"
+        deferred = {i: (Deferred(reason), self._experts_of(outputs[i]) & set(late)) for i in rows}
+        for i, (future, _) in deferred.items():
+            outputs[i] = future
+        logger.warning(
+            "expert(s) %s did not answer within %.1f s: %d row(s) of a batch of %d wait for them, the others are "
+            "answered", sorted(late), self.hold_s, len(rows), len(inputs),
+        )  # fmt: skip
+        self._finisher.submit(self._finish_late, inputs, execution.calls, dict(late), deferred)
+        return outputs, seconds
 
-        def error_of(output: PipelineOutput) -> ApiError | None:
-            if output.expert == SOFT:  # it ran every expert it may use: any of them may be the one down
-                return first
-            return failed.get(output.expert) or (failed.get(output.fallback_from) if output.fallback_from else None)
+    def _one_pass(self, inputs: list[PipelineInput]):
+        """The pipeline on ``inputs``, with each output replaced by the error of an expert it needed that failed."""
+        self._local.execution = None
+        outputs, seconds = super().predict(inputs)
+        execution = self._local.execution
+        failed = execution.failed if execution is not None else {}
+        answered: list = list(outputs)
+        for i, output in enumerate(outputs):
+            error = next((failed[e] for e in self.experts if e in failed and e in self._experts_of(output)), None)
+            if error is not None:
+                answered[i] = error
+        return answered, seconds, execution
 
-        return [error_of(output) or output for output in outputs], seconds
+    def _experts_of(self, output: PipelineOutput) -> set[str]:
+        """The experts whose logits an output was made from."""
+        if output.expert == SOFT:  # the eligible experts it mixed (weight 0: not mixed)
+            return {e for e, w in zip(self.experts, output.weights, strict=True) if w > 0}
+        return {output.expert} | ({output.fallback_from} if output.fallback_from else set())
+
+    def _finish_late(
+        self,
+        inputs: list[PipelineInput],
+        calls: dict[tuple, Future],
+        late: dict[str, Future],
+        deferred: dict[int, tuple[Deferred, set[str]]],
+    ) -> None:
+        """Settle the late rows: once the late calls return (each within timeout_s of being sent), a row whose late
+        expert failed gets its error; the others the outputs of the batch run again, given the calls the first pass
+        made (this pass waits for the calls it adds, each at most timeout_s)."""
+        futures_wait(list(late.values()))
+        errors = {expert: waiter.exception() for expert, waiter in late.items() if waiter.exception() is not None}
+        again = {}
+        for i, (future, experts) in deferred.items():
+            error = next((errors[e] for e in sorted(experts) if e in errors), None)
+            if error is not None:
+                future.set_exception(error)
+            else:
+                again[i] = future
+        if not again:
+            return
+        self._local.calls = calls
+        try:
+            outputs, _, _ = self._one_pass(inputs)
+        except BaseException as error:  # noqa: BLE001 - handed to the rows' callers
+            for future in again.values():
+                future.set_exception(error)
+            return
+        finally:
+            self._local.calls = None
+        for i, future in again.items():
+            if isinstance(outputs[i], ApiError):
+                future.set_exception(outputs[i])
+            else:
+                future.set_result(outputs[i])
 
     def warmup(self, batch_sizes: tuple[int, ...] = (1, 4)) -> None:
-        """Once: the ingress warms the pipeline as soon as it is built, to release the experts if that fails."""
+        """Once: the ingress warms the pipeline as soon as it is built, to release the experts if that fails (every
+        call is waited for, and an expert that cannot answer fails the warm-up)."""
         if not self._warm:
-            super().warmup(batch_sizes)
+            self._strict = True
+            try:
+                super().warmup(batch_sizes)
+            finally:
+                self._strict = False
             self._warm = True
 
     def close(self) -> None:
+        self._finisher.shutdown(wait=False)
+        self._waiters.shutdown(wait=False)
         if self.on_close is not None:
             self.on_close()

@@ -15,8 +15,9 @@ The steps, each one bounded or stopped by a signal:
 3. the deployments are checked against the cluster's resources: what does not fit is refused at once on a local
    cluster, naming each deployment and what it lacks; on a remote one after ``DYNFUSE_RAY_PLACEMENT_WAIT_S``
    (nodes may be added meanwhile);
-4. Serve's proxy starts on the port and the application is deployed; a replica that fails to start ends the
-   command with Serve's message. Once the ingress replica runs (a few seconds after the proxy; requests wait for
+4. Serve's proxy starts on the port (waited for up to ``DYNFUSE_RAY_PROXY_TIMEOUT_S``, past Ray's own 60 s:
+   ``start_serve``) and the application is deployed; a replica that fails to start ends the command with Serve's
+   message. Once the ingress replica runs (a few seconds after the proxy; requests wait for
    it meanwhile), ``/readyz`` answers 503 while it deploys the experts and warms the model through them, and 200
    after; if the experts cannot be placed or fail to start, the command ends with the ingress's reason;
 5. SIGTERM or SIGINT, at any of these steps: once served, Serve lets the requests in flight finish (at most
@@ -192,11 +193,12 @@ class RayServe:
         application = self._placed_application()
         if self.stopping:
             return
-        serve.start(
-            http_options={"host": self.settings.host, "port": self.settings.port},
-            logging_config={"enable_access_log": False},
+        self.serve_started = True  # from here on, Serve's controller may run: the stop shuts it down
+        start_serve(
+            {"host": self.settings.host, "port": self.settings.port},
+            self.settings.ray_proxy_timeout_s,
+            stopping=lambda: self.stopping,
         )
-        self.serve_started = True
         from service.ray.app import APP_NAME
 
         if self.stopping:
@@ -319,6 +321,54 @@ class RayServe:
     def _remove_temp_dir(self) -> None:
         if self.temp_dir is not None:
             shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+
+def start_serve(http_options: dict, timeout_s: float, stopping=lambda: False) -> bool:
+    """Serve's controller and HTTP proxy, started on the connected cluster; returns once the proxy answers on its
+    port (True), or on a stop (False). Ray's ``serve.start`` gives the proxy 60 s (``HTTP_PROXY_TIMEOUT`` in
+    ray/serve/_private/constants.py, not a setting); on a small machine whose cores are busy the proxy's process
+    can take longer to start. Then the controller (a detached actor) keeps starting it, ``serve.start`` again
+    connects to that controller, and the proxy is waited for here up to ``timeout_s`` from the start (the
+    setting DYNFUSE_RAY_PROXY_TIMEOUT_S); past it, Refused says which setting to raise."""
+    from ray import serve
+
+    started = time.monotonic()
+    options = {"http_options": http_options, "logging_config": {"enable_access_log": False}}
+    try:
+        serve.start(**options)
+    except TimeoutError as error:
+        if time.monotonic() - started >= timeout_s:
+            raise _proxy_refused(timeout_s, error) from None
+        logger.warning(
+            "Ray Serve's HTTP proxy did not start within Ray's own limit (%s); waiting for it up to %g s from the "
+            "start (DYNFUSE_RAY_PROXY_TIMEOUT_S)", error, timeout_s,
+        )  # fmt: skip
+        serve.start(**options)  # the controller runs: this connects to it, the proxy is waited for below
+    host = http_options.get("host") or "127.0.0.1"
+    probe = "127.0.0.1" if host in ("0.0.0.0", "") else ("[::1]" if host == "::" else host)
+    # Serve's proxy answers there once it listens: 503 until an application's routes reach it, 200 after.
+    url = f"http://{probe}:{http_options['port']}/-/healthz"
+    while not stopping():
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return True
+        except urllib.error.HTTPError as error:
+            if error.code == 503:
+                return True
+        except OSError:
+            pass  # not listening yet
+        if time.monotonic() - started >= timeout_s:
+            raise _proxy_refused(timeout_s, f"nothing answered at {url}")
+        time.sleep(POLL_S)
+    return False
+
+
+def _proxy_refused(timeout_s: float, why) -> Refused:
+    return Refused(
+        f"Ray Serve's HTTP proxy did not start within {timeout_s:g} s ({why}). On a small or busy machine it can "
+        "take longer: raise DYNFUSE_RAY_PROXY_TIMEOUT_S (e.g. DYNFUSE_RAY_PROXY_TIMEOUT_S=600), or leave the "
+        "machine more CPU"
+    )
 
 
 def _import_ray_without_its_failure_handler():

@@ -2,8 +2,8 @@
 sized to them): an ingress and one deployment per expert answer exactly what the single-process server answers,
 with the same error bodies; every replica reports the dynfuse metrics through Ray's agent, which a real Prometheus
 with docker/prometheus/ray.yml reads under the dashboard's names; a killed expert replica fails only its own
-requests, and comes back; a model swap deploys the new version's experts beside the old ones and never mixes
-versions in an answer.
+requests (the other experts' requests of its batches are answered meanwhile), and comes back; a model swap
+deploys the new version's experts beside the old ones and never mixes versions in an answer.
 
 One cluster for the module (it takes 50-90 s to start on a busy 2-core machine), torn down at the end. The CLI
 that starts one (``dynfuse serve --engine ray``) has its own test: tests/e2e/test_ray_cli.py.
@@ -12,7 +12,9 @@ that starts one (``dynfuse serve --engine ray``) has its own test: tests/e2e/tes
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 import subprocess
 import threading
 import time
@@ -394,17 +396,21 @@ class Traffic:
         return counts
 
 
-def test_a_killed_expert_replica_fails_only_its_own_requests_and_comes_back(cluster, samples):
-    """SIGKILL the one replica of the image expert under load. Serve replaces it, and its router sends the calls
-    the dead replica held to the replacement, so every request is answered: 200, or 503/504 when the replacement
-    takes longer than the request deadline (never a 500, never a hang). Requests forced to the text expert are
-    all answered 200. bench/ray_engine.py measures the same on the default model."""
+def test_a_killed_expert_replica_fails_only_its_own_requests_and_comes_back(cluster, single_process, samples):
+    """SIGKILL the one replica of the image expert under load, with requests forced to the text expert batched
+    beside its requests. Serve replaces it, and its router holds the calls meant for it until the replacement
+    runs. Each expert's rows complete on their own (service/ray/experts.py): the text requests are all answered
+    200 with the single process's answer; the image requests are answered 200 once the replacement runs, or get
+    503/504 with an error that names the image expert (never a 500, never a hang). bench/ray_engine.py measures
+    the same on the default model."""
     base, _ = cluster
     pair = {"image": b64(samples[0]["png"]), "text": samples[0]["text"]}
+    text_body, image_body = {**pair, "route": "text"}, {**pair, "route": "image"}
+    expected = single_process.post("/v1/classify", json=text_body).json()  # the text expert's answer, one process
     victim_app = version_app_name(APP_NAME, MODEL_NAME, "1", "image")
     [victim_pid] = replica_pids(victim_app)
-    bystanders = Traffic(base, {**pair, "route": "text"}, clients=2)
-    victims = Traffic(base, {**pair, "route": "image"}, clients=2)
+    bystanders = Traffic(base, text_body, clients=2)
+    victims = Traffic(base, image_body, clients=2)
     try:
         for traffic in (bystanders, victims):
             traffic.wait_for(lambda a: sum(s == 200 for _, s, _, _ in a) >= 5, 60, "five answers before the kill")
@@ -421,13 +427,69 @@ def test_a_killed_expert_replica_fails_only_its_own_requests_and_comes_back(clus
     in_flight = [a for a in victims.answers if a[0] < killed_at < a[0] + a[2]]
     assert in_flight, "no request to the image expert was in flight at the kill"
     assert {status for _, status, _, _ in bystanders.answers} == {200}, bystanders.summary()
+    for _, _, _, body in bystanders.answers:  # the values, not only the status
+        assert (body["label"], body["route"]["expert"]) == (expected["label"], "text")
+        for label, p in expected["scores"].items():
+            assert body["scores"][label] == pytest.approx(p, abs=1e-5), label
     assert {status for _, status, _, _ in victims.answers} <= {200, 503, 504}, victims.summary()
     failed = [body for _, status, _, body in victims.answers if status != 200]
     assert all(body["error"]["code"] in ("not_ready", "deadline_exceeded") for body in failed), failed[:3]
+    assert all("'image'" in body["error"]["message"] for body in failed), failed[:3]  # what it waited for
     slowest = max(seconds for _, _, seconds, _ in victims.answers + bystanders.answers)
     assert slowest < REQUEST_TIMEOUT_S + 5, f"a request took {slowest:.1f} s: past its deadline"
     [replacement] = replica_pids(victim_app)
     assert replacement != victim_pid
+
+
+def test_a_frozen_expert_replica_holds_only_its_own_requests(cluster, single_process, samples):
+    """SIGSTOP the image expert's replica (a replica starved of CPU, or being replaced: its calls wait) under
+    traffic to the text and image experts, which the ingress batches together. While it is frozen, the text
+    requests are answered, 200 with the single process's answers, batch after batch; the image requests sent
+    meanwhile wait for it (none is answered before SIGCONT), and are then answered with the single process's
+    answers, or 504 naming the image expert if the freeze outlasted their deadline. Before each expert's rows
+    completed on their own, every batch holding an image request waited for it: the text requests got 504."""
+    base, _ = cluster
+    pair = {"image": b64(samples[7]["png"]), "text": samples[7]["text"]}
+    text_body, image_body = {**pair, "route": "text"}, {**pair, "route": "image"}
+    expected = {
+        "text": single_process.post("/v1/classify", json=text_body).json(),
+        "image": single_process.post("/v1/classify", json=image_body).json(),
+    }
+    [frozen_pid] = replica_pids(version_app_name(APP_NAME, MODEL_NAME, "1", "image"))
+    bystanders = Traffic(base, text_body, clients=2)
+    victims = Traffic(base, image_body, clients=2)
+    try:
+        for traffic in (bystanders, victims):
+            traffic.wait_for(lambda a: sum(s == 200 for _, s, _, _ in a) >= 3, 60, "three answers before the freeze")
+        os.kill(frozen_pid, signal.SIGSTOP)
+        frozen_at = time.monotonic()
+        try:
+            # Answers are recorded once received: these were sent and answered while it is frozen.
+            bystanders.wait_for(lambda a: sum(t > frozen_at for t, *_ in a) >= 4, 60, "text answers while frozen")
+        finally:
+            os.kill(frozen_pid, signal.SIGCONT)
+            resumed_at = time.monotonic()
+        victims.wait_for(lambda a: any(t > resumed_at and s == 200 for t, s, _, _ in a), 60, "image answers again")
+    finally:
+        bystanders.stop()
+        victims.stop()
+    during = [a for a in bystanders.answers if frozen_at < a[0] and a[0] + a[2] < resumed_at]
+    assert len(during) >= 4, bystanders.summary()
+    for kind, traffic in (("text", bystanders), ("image", victims)):
+        for _, status, _, body in traffic.answers:
+            if status != 200:
+                continue
+            assert (body["label"], body["route"]["expert"]) == (expected[kind]["label"], kind)
+            for label, p in expected[kind]["scores"].items():
+                assert body["scores"][label] == pytest.approx(p, abs=1e-5), (kind, label)
+    assert {status for _, status, _, _ in bystanders.answers} == {200}, bystanders.summary()
+    held = [a for a in victims.answers if frozen_at < a[0] < resumed_at]
+    assert held, "no image request was sent while the expert was frozen"
+    answered = [a for a in held if a[1] == 200 and a[0] + a[2] < resumed_at - 0.5]
+    assert not answered, "an image request was answered while its expert was frozen"
+    assert {status for _, status, _, _ in victims.answers} <= {200, 504}, victims.summary()
+    late = [body for _, status, _, body in victims.answers if status == 504]
+    assert all("'image'" in body["error"]["message"] for body in late), late[:3]
 
 
 def test_a_swap_deploys_the_new_experts_beside_the_old_and_never_mixes_versions(cluster, samples):
