@@ -41,6 +41,7 @@ MODULES: dict[str, list[str]] = {
         "tests/unit/test_decode.py",
         "tests/unit/test_decode_refusals.py",
         "tests/unit/test_decode_plain_open.py",  # the plain PNG checked from its IHDR
+        "tests/unit/test_decode_cost.py",  # Pillow's opens, the plain-PNG walks, copies, strips: counted
         "--deselect=tests/unit/test_decode.py::test_every_mutant_of_every_accepted_format_decodes_or_is_a_4xx",
     ],
     "service/admission.py": ["tests/unit/test_admission_unit.py", "tests/unit/test_admission_edges.py"],
@@ -132,8 +133,19 @@ def results(copy: Path) -> dict[str, str]:
     return statuses
 
 
+def checkout_state(module: str) -> dict:
+    """The commit measured, and whether the module or its tests differed from it (uncommitted changes): a reading is
+    stale once ``git log <commit>..main -- <module>`` lists a change."""
+    git = ["git", "-C", str(ROOT)]
+    commit = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+    paths = [module, *(test for test in MODULES[module] if not test.startswith("-"))]
+    changed = subprocess.run([*git, "status", "--porcelain", "--", *paths], capture_output=True, text=True, check=True)
+    return {"commit": commit, "uncommitted_changes": bool(changed.stdout.strip())}
+
+
 def run(module: str, children: int) -> dict:
     copy = WORK / module.replace("/", "_").removesuffix(".py")
+    state = checkout_state(module)
     checkout_copy(copy)
     configure(copy, module, MODULES[module])
     started = time.monotonic()
@@ -149,6 +161,7 @@ def run(module: str, children: int) -> dict:
     killed = counts.get("killed", 0) + counts.get("timeout", 0) + counts.get("segfault", 0)
     return {
         "module": module,
+        **state,
         "tests": MODULES[module],
         "mutants": sum(counts.values()),
         "counts": counts,

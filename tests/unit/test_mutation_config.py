@@ -35,3 +35,17 @@ def test_every_survivor_listed_as_equivalent_names_a_module_under_mutation():
             parts = name.split(".")
             first = next(i for i, part in enumerate(parts) if part.startswith(("x_", "xǁ")))
             assert "/".join(parts[:first]) + ".py" in runner.MODULES, name
+
+
+def test_every_survivor_of_the_recorded_readings_is_reviewed():
+    """Each mutant that survived a module's last reading (bench/results/mutation.json) is named in EQUIVALENT.md, with
+    why it is equivalent, or why it is left: a survivor nobody reviewed is a missing test."""
+    import json
+
+    recorded = json.loads((ROOT / "bench" / "results" / "mutation.json").read_text())
+    listed = (ROOT / "tests" / "mutation" / "EQUIVALENT.md").read_text()
+    runner = load_runner()
+    for module, reading in recorded.items():
+        assert module in runner.MODULES, module
+        for name in reading["survivors"]:
+            assert f"`{name}`" in listed, (module, name)

@@ -109,3 +109,52 @@ def test_expert_temperatures_cool_an_overconfident_expert():
     temperatures = measure(routed)["expert_temperatures"]
     assert temperatures["cheap"] > 2.0
     assert temperatures["full"] < 1.0  # always right at 0.9: sharpened
+
+
+def test_agreement_counts_the_cheaper_answers_that_match_the_full_paths():
+    """cheap now answers right on samples 0-2 and wrong on 3 only: 3 of its 4 answers agree with full, mid 1 of 2."""
+    base = outputs()
+    cheap = probs([0, 0, 0, 2, 0, 0, 0, 0], [0.9, 0.9, 0.45, 0.45, 0.9, 0.9, 0.9, 0.9])
+    routed = RoutingOutputs(**{**base.__dict__, "expert_probs": {**base.expert_probs, "cheap": cheap}})
+    point = measure(routed)["operating_points"]["r"]
+    assert point["agreement"] == pytest.approx(4 / 6)
+    assert point["by_expert"]["cheap"] == {"agreement": pytest.approx(3 / 4), "answers": 4}
+    assert point["by_expert"]["mid"] == {"agreement": pytest.approx(1 / 2), "answers": 2}
+
+
+def test_the_floor_a_point_is_served_with_is_measured_and_the_guard_stands_above_it():
+    """The default router served with a floor of 0.55 (model.json router.min_confidence, not one of
+    CONFIDENCE_FLOORS): its policy is measured, and the guard's floor must be safer than it. At 0.55 the two unsure
+    cheap answers (0.45) fall back, as at 0.5 (agreement 7/8); 0.6 changes nothing (mid's 0.6 is not below it); 0.7
+    also sends mid's 0.6 to full: agreement 8/8, the lowest floor that halves 0.55's disagreement. Served without a
+    floor, the guard would take 0.5 (test_the_guard_takes_the_lowest_floor_that_halves_the_disagreement)."""
+    assert 0.55 not in CONFIDENCE_FLOORS
+    served = RoutingOutputs(**{**outputs().__dict__, "default_min_confidence": 0.55})
+    safety = measure(served)
+    rows = {row["policy"]: row for row in safety["policies"]}
+    assert set(rows) == {"r", "r+min_confidence=0.55"} | {policy_name("r", f) for f in CONFIDENCE_FLOORS}
+    assert rows["r+min_confidence=0.55"]["min_confidence"] == 0.55
+    assert rows["r+min_confidence=0.55"]["agreement"] == pytest.approx(7 / 8)
+    assert rows["r+min_confidence=0.55"]["fallback_share"] == pytest.approx(2 / 8)
+    guard = safety["guard"]["r"]
+    assert (guard["min_confidence"], guard["policy"]) == (0.7, "r+min_confidence=0.7")
+    assert guard["served_validation"]["agreement"] == pytest.approx(7 / 8)  # the 0.55 policy, not the point alone
+
+
+def policy(floor, accuracy, agreement) -> dict:
+    return {"policy": policy_name("p", floor), "operating_point": "p", "min_confidence": floor,
+            "accuracy": accuracy, "agreement": agreement, "saved_ratio": 0.5, "fallback_share": 0.1}  # fmt: skip
+
+
+def test_a_floor_at_exactly_half_the_disagreement_qualifies():
+    """Alone: disagreement 0.25, so the target is 0.125 (every figure exact in binary). 0.5 reaches it exactly and is
+    the lowest floor that does; 0.6 goes further but is a higher floor."""
+    rows = [policy(None, 0.8, 0.75), policy(0.5, 0.8, 0.875), policy(0.6, 0.8, 0.9)]
+    assert choose_guard(rows, "p")["min_confidence"] == 0.5
+
+
+def test_of_floors_short_of_halving_and_equally_safe_the_guard_takes_the_lowest():
+    """Alone: disagreement 0.4 (target 0.2). 0.5 and 0.7 both bring it to 0.3, short of the target: the lower floor,
+    which sends fewer answers to the full path for the same agreement."""
+    rows = [policy(None, 0.8, 0.6), policy(0.5, 0.8, 0.7), policy(0.7, 0.8, 0.7)]
+    assert choose_guard(rows, "p")["min_confidence"] == 0.5
