@@ -55,6 +55,9 @@ logger = logging.getLogger("dynfuse")
 RESTART_BACKOFF_S = (0.05, 0.2, 1.0, 5.0)  # after the 1st, 2nd, 3rd, ... consecutive failure
 UNHEALTHY_AFTER = 3  # batches in a row in which every request failed, before the probe decides
 PROBE_INTERVALS_S = (1.0, 2.0, 5.0)  # between probes while unhealthy: after the 1st, 2nd, 3rd+ failed probe
+# A deferred item still waiting this long before its request's deadline gets DeadlineExceeded saying what it waited
+# for: the server's own 504 at the deadline (service/admission.py) cannot say it.
+DEFERRED_GIVE_UP_S = 0.5
 _STOP = object()  # queued by stop(): everything before it is answered, then the worker ends
 
 
@@ -82,6 +85,7 @@ class _Pending:
     item: PipelineInput
     future: asyncio.Future
     enqueued: float
+    deadline: float | None = None  # time.monotonic() past which its caller no longer waits
     waiting_for: str = ""  # what its deferred output waits for (a Deferred's reason)
 
 
@@ -220,7 +224,7 @@ class MicroBatcher:
             )
         loop = asyncio.get_running_loop()
         now = time.perf_counter()
-        pending = [_Pending(item, loop.create_future(), now) for item in items]
+        pending = [_Pending(item, loop.create_future(), now, deadline) for item in items]
         for p in pending:
             self._queue.put_nowait(p)
         self._work.set()
@@ -235,10 +239,9 @@ class MicroBatcher:
         if waiting:
             for future in futures:
                 future.cancel()
-            reasons = sorted({p.waiting_for for p in pending if p.waiting_for and p.future in waiting})
             raise DeadlineExceeded(
-                f"no answer within the request deadline ({len(waiting)} of {len(futures)} item(s) not served"
-                f"{''.join(f'; {reason}' for reason in reasons)}); retry later, or with fewer items"
+                f"no answer within the request deadline ({len(waiting)} of {len(futures)} item(s) not served); "
+                "retry later, or with fewer items"
             )
         return [future.result() for future in futures]
 
@@ -469,12 +472,21 @@ class MicroBatcher:
     def _answer(self, p: _Pending, output, waited: float, inference: float, started: float) -> None:
         """Answer one item with its output: an ApiError when it alone could not be served (a Ray expert deployment
         down), or a Future when it waits for an expert still computing (its caller is answered when the future
-        settles, its inference time then counted until that moment; the worker goes on meanwhile)."""
+        settles, its inference time then counted until that moment, or DEFERRED_GIVE_UP_S before its deadline with
+        DeadlineExceeded saying what it waited for; the worker goes on meanwhile)."""
         if p.future.done():
             return
         if isinstance(output, Future):
             p.waiting_for = getattr(output, "reason", "")
             loop = asyncio.get_running_loop()
+            if p.deadline is not None:
+
+                def give_up() -> None:
+                    if not p.future.done():
+                        waited = f": {p.waiting_for}" if p.waiting_for else ""
+                        p.future.set_exception(DeadlineExceeded(f"no answer within the request deadline{waited}"))
+
+                loop.call_later(max(0.0, p.deadline - DEFERRED_GIVE_UP_S - time.monotonic()), give_up)
 
             def settle(done: Future) -> None:
                 if p.future.done():
