@@ -184,6 +184,7 @@ class Settings(BaseSettings):
     guard_false_alarm_audits: float = Field(
         10000,
         gt=1,
+        le=1e9,
         description="The guard's false-alarm rate: audits, on average, between engagements while agreement is at "
         "its validation figure (the CUSUM's in-control average run length; its threshold is computed from it). "
         "Higher: fewer false engagements, later detection.",
@@ -191,6 +192,7 @@ class Settings(BaseSettings):
     guard_shifted_false_alarm_audits: float = Field(
         100,
         gt=1,
+        le=1e9,
         description="The same, while the inputs clearly changed (guard_input_shift_share): the CUSUM then engages "
         "at the lower threshold this gives. At most guard_false_alarm_audits.",
     )
@@ -206,6 +208,7 @@ class Settings(BaseSettings):
     guard_input_false_alarm_requests: float = Field(
         20000,
         gt=1,
+        le=1e9,
         description='Routed requests, on average, between false "inputs changed" while inputs are like '
         "validation's (the inputs' CUSUM's in-control average run length).",
     )

@@ -24,8 +24,9 @@ from functools import lru_cache
 
 import numpy as np
 
-GRID_DOWN_STEPS = 12  # grid steps of the no-event increment, at most (the rounding of the event's: half a step)
-GRID_UP_STEPS = 120  # grid steps of the event's increment, at most: bounds the linear system's size
+GRID_SMALL_STEPS = 12  # grid steps of the smaller increment, at most (each is rounded by half a step at most)
+GRID_LARGE_STEPS = 120  # grid steps of the larger increment, at most: bounds the linear system's size
+MAX_STATES = 1000  # grid states below h, at most: a very rare false alarm (a large h) is computed on a coarser grid
 
 
 @dataclass(frozen=True)
@@ -50,9 +51,11 @@ class Design:
         return self.up if event else self.down
 
 
-def grid(design: Design) -> float:
-    """The grid's step: a twelfth of the no-event increment, or a 120th of the event's when that is coarser."""
-    return max(-design.down / GRID_DOWN_STEPS, design.up / GRID_UP_STEPS)
+def grid(design: Design, h: float) -> float:
+    """The grid's step below ``h``: a twelfth of the smaller increment, or a 120th of the larger when that is
+    coarser, or coarser still when h needs more than ``MAX_STATES`` of them (a dense solve of that size: ~20 ms)."""
+    small, large = sorted((design.up, -design.down))
+    return max(small / GRID_SMALL_STEPS, large / GRID_LARGE_STEPS, h / MAX_STATES)
 
 
 def run_length(design: Design, h: float, p: float | None = None) -> float:
@@ -63,7 +66,7 @@ def run_length(design: Design, h: float, p: float | None = None) -> float:
         return 1.0
     if math.isinf(design.up):
         return math.inf if p == 0 else 1.0 / p
-    delta = grid(design)
+    delta = grid(design, h)
     down, up = max(1, round(-design.down / delta)), max(1, round(design.up / delta))
     states = max(1, math.ceil(h / delta - 1e-9))  # grid states 0 .. states-1 are below h
     if p == 0.0:
@@ -79,23 +82,22 @@ def run_length(design: Design, h: float, p: float | None = None) -> float:
 
 @lru_cache(maxsize=256)  # each costs up to a few dozen linear solves; a replay builds thousands of guards
 def threshold(design: Design, arl0: float) -> float:
-    """The smallest h on the grid whose in-control ARL is at least ``arl0``."""
+    """The smallest h (to within the grid's step) whose in-control ARL is at least ``arl0``."""
     if math.isinf(design.up):
         return 0.0  # an event that never happens in control: the first one is evidence enough
     if 1.0 / design.p0 >= arl0 * (1 - 1e-9):  # (1 - 0.95 is not 0.05 in binary: 1 / it is 19.999999999999982)
         return design.up  # the first event alarms, and that alone is rare enough
-    delta = grid(design)
-    low, high = 1, GRID_DOWN_STEPS
-    while run_length(design, high * delta) < arl0:  # ARL0 grows about like exp(h): double until past it
+    low, high = design.up, 2 * design.up  # ARL0(low) = 1 / p0 < arl0
+    while run_length(design, high) < arl0:  # ARL0 grows about like exp(h): double until past it
         low, high = high, 2 * high
-        assert high * delta < 100, f"no threshold reaches an ARL0 of {arl0} for {design}"
-    while low < high:  # the smallest grid state count with ARL0 >= arl0
-        middle = (low + high) // 2
-        if run_length(design, middle * delta) >= arl0:
+        assert high < 200, f"no threshold reaches an ARL0 of {arl0} for {design}"
+    while high - low > grid(design, high):  # down to the grid's step: ARL0(low) < arl0 <= ARL0(high)
+        middle = (low + high) / 2
+        if run_length(design, middle) >= arl0:
             high = middle
         else:
-            low = middle + 1
-    return high * delta
+            low = middle
+    return high
 
 
 class Cusum:

@@ -74,11 +74,18 @@ def cluster(ray_store):
     control is on (explicit, on loopback, so no admin key), which also sizes the experts with room for a second
     version's. Every answer a cheaper expert gave is audited, and the route mix's drift is published from 10 picks
     on (as tests/e2e/test_prometheus.py runs the single process: the defaults leave this module's few hundred
-    requests with no audit and no drift); the guard watches, but needs more audits than the module makes before it
-    decides, so that the answers stay comparable with the single process's. tests/e2e/test_ray_cli.py runs the
+    requests with no audit and no drift); the guard watches, but its false-alarm rate is set so rare (one per 10^9
+    audits, the inputs not used) that it engages on no traffic this module sends, so that the answers stay comparable
+    with the single process's. tests/e2e/test_ray_cli.py runs the
     defaults as they are."""
     metrics_port = free_port()
-    safety = {"audit_rate": 1.0, "drift_window": 10, "guard_window": 100_000, "guard_min_audits": 100_000}
+    safety = {
+        "audit_rate": 1.0,
+        "drift_window": 10,
+        "guard_false_alarm_audits": 1e9,
+        "guard_shifted_false_alarm_audits": 1e9,
+        "guard_input_shift_share": 0.0,
+    }
     args = {"settings": {"store": str(ray_store), "model_version": "1", "host": "127.0.0.1", **safety}}
     env = {"DYNFUSE_MODEL_CONTROL": "explicit"}
     with ray_application(args, free_port(), metrics_port=metrics_port, env=env) as base:

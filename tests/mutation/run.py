@@ -72,7 +72,7 @@ MODULES: dict[str, list[str]] = {
         "tests/unit/test_guard_report.py",
         "tests/unit/test_audit_inputs.py",
     ],
-    "service/cusum.py": ["tests/unit/test_cusum.py", "tests/unit/test_cusum_grid.py", "tests/unit/test_guard.py"],
+    "service/cusum.py": ["tests/unit/test_cusum.py", "tests/unit/test_guard.py"],
     "models/safety.py": ["tests/unit/test_safety.py", "tests/unit/test_safety_section.py"],
 }
 PYTEST_ARGS = ["-p", "no:randomly", "-p", "no:cacheprovider", "-q", "-x"]

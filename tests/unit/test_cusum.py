@@ -9,7 +9,7 @@ import random
 
 import pytest
 
-from service.cusum import Cusum, Design, run_length, threshold
+from service.cusum import Cusum, Design, grid, run_length, threshold
 
 LN2 = 0.6931471805599453  # log(0.2 / 0.1)
 LN_8_9 = -0.11778303565638346  # log(0.8 / 0.9)
@@ -104,3 +104,28 @@ def test_the_threshold_gives_the_false_alarm_rate_asked_for_in_a_simulation(p0, 
     # the mean of 2,000 run lengths (roughly geometric: a standard error of about 2.2% of the mean), and the grid's
     # rounding of the steps (a few percent): within 12% of the computed ARL0
     assert mean == pytest.approx(computed, rel=0.12)
+
+
+@pytest.mark.parametrize("arl0", [10_000, 1e9])
+def test_thresholds_stay_under_walds_bound_even_on_the_coarser_grid_of_a_very_rare_alarm(arl0):
+    # Wald: ARL0 >= exp(h) for a CUSUM of log-likelihood ratios, so ARL0 = arl0 needs h <= log(arl0) at most.
+    design = Design(0.098, 0.158)
+    h = threshold(design, arl0)
+    assert h <= math.log(arl0)
+    assert run_length(design, h) >= arl0
+
+
+def test_the_grid_resolves_the_smaller_step_twelve_times_unless_the_larger_would_need_over_120_or_h_over_1000():
+    assert grid(Design(0.1, 0.2), 1.0) == pytest.approx(-LN_8_9 / 12)  # 0.0098 > log 2 / 120 = 0.0058
+    assert grid(Design(0.01, 0.05), 1.0) == pytest.approx(math.log(5) / 120)  # 0.0134 > 0.0412 / 12 = 0.0034
+    assert grid(Design(0.8, 0.9), 1.0) == pytest.approx(math.log(0.9 / 0.8) / 12)  # the event's step is the smaller
+    assert grid(Design(0.1, 0.2), 50.0) == pytest.approx(0.05)  # 1,000 states at most
+
+
+def test_a_threshold_of_exactly_one_events_step_on_the_grid_alarms_at_the_first_event():
+    design = Design(0.01, 0.05)  # the grid is the event's step / 120: h = up is exactly 120 steps
+    assert run_length(design, design.up) == pytest.approx(100.0)
+
+
+def test_without_events_the_statistic_never_alarms():
+    assert run_length(Design(0.1, 0.2), 1.0, p=0.0) == math.inf
