@@ -120,16 +120,29 @@ class Guard:
             return "the model has no validation safety figures (exported before them, or without a validation split)"
         if safer.get("min_confidence") is None:
             return "no confidence floor made the served point safer on validation"
+        if Guard._audit_design(settings, validated) is None:
+            return (
+                f"the served point's cheaper answers agreed with the full path {100 * validated:.1f}% of the time on "
+                "validation: too seldom for a fall in agreement to be measured"
+            )
         return None
+
+    @staticmethod
+    def _audit_design(settings: GuardSettings, validated: float) -> Design | None:
+        """The audits' test: in control at the validated disagreement, designed for agreement ``margin`` lower (at
+        most 99.9% disagreement); None when the point agreed too seldom on validation to fall further (a model whose
+        cheaper answers all disagreed there, as a small bring-your-own validation split can give)."""
+        p0 = max(1.0 - validated, MIN_DISAGREEMENT)
+        p1 = min(p0 + settings.margin, 0.999)
+        return Design(p0, p1) if p0 < p1 else None
 
     @staticmethod
     def _tests(settings: GuardSettings, validated: float | None) -> tuple[Cusum | None, float | None, Cusum | None]:
         """(the audits' CUSUM on disagreements, its threshold while the inputs changed, the inputs' CUSUM on
         out-of-distribution flags or None when not used)."""
-        if validated is None:
+        design = None if validated is None else Guard._audit_design(settings, validated)
+        if design is None:
             return None, None, None
-        p0 = max(1.0 - validated, MIN_DISAGREEMENT)
-        design = Design(p0, min(p0 + settings.margin, 0.999))
         evidence = Cusum(design, threshold(design, settings.false_alarm_audits))
         shifted_h = min(evidence.h, threshold(design, settings.shifted_false_alarm_audits))
         if settings.input_shift_share <= settings.ood_alpha:

@@ -244,6 +244,9 @@ def test_a_server_floor_is_never_loosened_by_the_guard():
         ("lambda_0.6", {}, True, "no validation safety figures"),
         ("lambda_0.6", {"guard": SAFETY["guard"]}, True, "no validation safety figures"),
         ("lambda_0", SAFETY, True, "no confidence floor"),
+        ("lambda_0.6", {**SAFETY, "operating_points": {"lambda_0.6": {"agreement": 0.0}}}, True, "too seldom"),
+        ("lambda_0.6", {**SAFETY, "operating_points": {"lambda_0.6": {"agreement": 0.0}}}, False, "GUARD is off"),
+        ("lambda_0", {**SAFETY, "operating_points": {"lambda_0": {"agreement": 0.0}}}, True, "no confidence floor"),
     ],
 )
 def test_off_with_a_reason_and_then_it_never_engages(point, safety, enabled, reason):
