@@ -168,10 +168,12 @@ def test_spare_work_with_a_deferred_output_fails_at_once_instead_of_waiting():
     assert error.headers == {"Retry-After": "7"}
 
 
-def test_a_probe_answered_with_an_error_does_not_pass():
+def probe_refused_with(message: str) -> tuple[bool, str]:
+    """(whether the batcher's probe passed, the failure it kept) when every item is answered NotReady(message)."""
+
     class Refusing:
         def predict(self, items):
-            return [NotReady("expert 'image' has no replica able to answer now", 1) for _ in items], {}
+            return [NotReady(message, 1) for _ in items], {}
 
     async def scenario():
         from service.batcher import MicroBatcher
@@ -184,7 +186,11 @@ def test_a_probe_answered_with_an_error_does_not_pass():
         await b.stop()
         return passed, b._last_failure
 
-    passed, why = run(scenario)
+    return run(scenario)
+
+
+def test_a_probe_answered_with_an_error_does_not_pass():
+    passed, why = probe_refused_with("expert 'image' has no replica able to answer now")
     assert passed is False
     assert why == "probe: NotReady: expert 'image' has no replica able to answer now"
 
@@ -288,23 +294,7 @@ def test_a_row_of_a_failed_batch_rerun_one_by_one_is_answered_when_its_deferred_
 
 def test_the_reason_a_refused_probe_gives_is_cut_at_300_characters():
     message = "expert 'image' has no replica able to answer now; " * 10
-
-    class Refusing:
-        def predict(self, items):
-            return [NotReady(message, 1) for _ in items], {}
-
-    async def scenario():
-        from service.batcher import MicroBatcher
-
-        b = MicroBatcher(
-            Refusing(), Metrics("m"), max_batch_size=4, max_batch_delay_s=0.01, max_queue=8, probe=lambda: [item()]
-        )
-        b.start()
-        passed = await b._probe_passes()
-        await b.stop()
-        return passed, b._last_failure
-
-    passed, why = run(scenario)
+    passed, why = probe_refused_with(message)
     assert passed is False
     assert len(why) == 300
     assert why == "probe: NotReady: " + message[: 300 - len("probe: NotReady: ")]
