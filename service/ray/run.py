@@ -28,6 +28,7 @@ The steps, each one bounded or stopped by a signal:
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import logging
 import os
@@ -325,23 +326,31 @@ class RayServe:
 
 def start_serve(http_options: dict, timeout_s: float, stopping=lambda: False) -> bool:
     """Serve's controller and HTTP proxy, started on the connected cluster; returns once the proxy answers on its
-    port (True), or on a stop (False). Ray's ``serve.start`` gives the proxy 60 s (``HTTP_PROXY_TIMEOUT`` in
-    ray/serve/_private/constants.py, not a setting); on a small machine whose cores are busy the proxy's process
-    can take longer to start. Then the controller (a detached actor) keeps starting it, ``serve.start`` again
-    connects to that controller, and the proxy is waited for here up to ``timeout_s`` from the start (the
-    setting DYNFUSE_RAY_PROXY_TIMEOUT_S); past it, Refused says which setting to raise."""
+    port (True), or on a stop (False). On a small machine whose cores are busy the proxy's process can take longer
+    to start than Ray allows, in two places:
+
+    - the controller kills a proxy that has not answered its ready check within 5 s (``PROXY_READY_CHECK_TIMEOUT_S``,
+      times the proxy's restarts) and starts another; ``serve.start``, waiting on the killed one, raises
+      ActorDiedError. The controller is given ``timeout_s`` for that check (``proxy_ready_check``);
+    - ``serve.start`` itself waits 60 s (``HTTP_PROXY_TIMEOUT``, not a setting), then raises TimeoutError.
+
+    After either, the controller (a detached actor) keeps starting the proxy, ``serve.start`` again connects to
+    it, and the proxy is waited for here up to ``timeout_s`` from the start (the setting
+    DYNFUSE_RAY_PROXY_TIMEOUT_S); past it, Refused says which setting to raise."""
     from ray import serve
+    from ray.exceptions import RayActorError
 
     started = time.monotonic()
     options = {"http_options": http_options, "logging_config": {"enable_access_log": False}}
+    options |= proxy_ready_check(serve.start, timeout_s)
     try:
         serve.start(**options)
-    except TimeoutError as error:
+    except (TimeoutError, RayActorError) as error:
         if time.monotonic() - started >= timeout_s:
             raise _proxy_refused(timeout_s, error) from None
         logger.warning(
-            "Ray Serve's HTTP proxy did not start within Ray's own limit (%s); waiting for it up to %g s from the "
-            "start (DYNFUSE_RAY_PROXY_TIMEOUT_S)", error, timeout_s,
+            "Ray Serve's HTTP proxy did not start within Ray's own limits (%s: %s); waiting for it up to %g s from "
+            "the start (DYNFUSE_RAY_PROXY_TIMEOUT_S)", type(error).__name__, str(error).partition("\n")[0], timeout_s,
         )  # fmt: skip
         serve.start(**options)  # the controller runs: this connects to it, the proxy is waited for below
     host = http_options.get("host") or "127.0.0.1"
@@ -361,6 +370,20 @@ def start_serve(http_options: dict, timeout_s: float, stopping=lambda: False) ->
             raise _proxy_refused(timeout_s, f"nothing answered at {url}")
         time.sleep(POLL_S)
     return False
+
+
+# Read by Serve's controller when it starts (ray/serve/_private/constants.py); a value the user set is kept.
+PROXY_READY_CHECK_VARIABLE = "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S"
+
+
+def proxy_ready_check(start, timeout_s: float) -> dict:
+    """``serve.start``'s options that give a starting proxy ``timeout_s`` to answer the controller's ready check,
+    through the controller's environment (its ``controller_options``, applied when the controller is created;
+    Ray releases without them restart the proxy with a check 5 s longer each time instead)."""
+    if "controller_options" not in inspect.signature(start).parameters:
+        return {}
+    seconds = os.environ.get(PROXY_READY_CHECK_VARIABLE, f"{timeout_s:g}")
+    return {"controller_options": {"runtime_env": {"env_vars": {PROXY_READY_CHECK_VARIABLE: seconds}}}}
 
 
 def _proxy_refused(timeout_s: float, why) -> Refused:

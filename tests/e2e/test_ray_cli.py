@@ -111,6 +111,11 @@ def gone_within(mark: str, timeout: float) -> list:
     return left
 
 
+def environment_of(pid: int) -> dict[str, str]:
+    pairs = Path(f"/proc/{pid}/environ").read_bytes().decode(errors="replace").split("\0")
+    return dict(pair.split("=", 1) for pair in pairs if "=" in pair)
+
+
 def assert_stopped_cleanly(command: RayServe, seconds: float) -> None:
     assert command.process.returncode == 0, command.output[-3000:]
     assert seconds < STOP_WITHIN_S, f"stopped in {seconds:.1f} s"
@@ -128,6 +133,10 @@ def test_the_defaults_serve_the_single_process_answers_and_sigterm_stops_everyth
     # The sizing the command chose: every deployment of the model on this machine's CPUs, in its log.
     [sizing] = [line for line in command.lines if "deployments: ingress:" in line]
     assert sizing.count("expert_") == 7, sizing
+    # Serve's controller gives a starting proxy the start's whole time (DYNFUSE_RAY_PROXY_TIMEOUT_S, 300 s), not
+    # Ray's 5 s, before it kills it: a busy machine's proxy took longer (service/ray/run.py, start_serve).
+    [controller] = [pid for pid, line in processes_marked(command.mark) if line.startswith("ray::ServeController")]
+    assert environment_of(controller).get("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S") == "300"
     requests = [{"image": b64(s["png"]), "text": s["text"]} for s in samples[:24]]
     requests += [{"text": samples[30]["text"]}, {"image": b64(samples[31]["png"])}, {**requests[0], "route": "soft"}]
     with httpx.Client(base_url=command.base, timeout=30) as client, ThreadPoolExecutor(8) as pool:

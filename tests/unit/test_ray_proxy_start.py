@@ -2,7 +2,9 @@
 ``start_serve``): when ``serve.start`` gives up on a proxy that is still starting (a busy 2-core machine), the
 command connects to the controller again and waits for the proxy's port itself, up to DYNFUSE_RAY_PROXY_TIMEOUT_S;
 past that it stops with a message naming the variable. ``serve.start`` is replaced here by what Ray's does on
-such a machine (raise its TimeoutError, the proxy comes up later); the proxy is a real HTTP server on loopback.
+such a machine (raise its TimeoutError after 60 s, or ActorDiedError when the controller killed the proxy it
+waited on, and the proxy comes up later); the proxy is a real HTTP server on loopback. The controller is given
+the same time for its ready check of a starting proxy.
 The real proxy is started by tests/e2e/test_ray_cli.py and tests/integration/test_ray_engine.py."""
 
 from __future__ import annotations
@@ -33,15 +35,16 @@ class Proxy(http.server.BaseHTTPRequestHandler):
 
 @pytest.fixture
 def fake_serve(monkeypatch):
-    """Ray's serve.start as it behaves when the proxy is slow: the first call raises Ray's TimeoutError (after
-    ``proxy_up_after`` seconds the proxy listens), later calls connect to the running controller."""
+    """Ray's serve.start as it behaves when the proxy is slow: the first call raises ``fake.error`` (Ray's
+    TimeoutError unless a test sets another; after ``proxy_up_after`` seconds the proxy listens), later calls
+    connect to the running controller. ``calls``: each call's options."""
     from ray import serve
 
     calls = []
     servers = []
 
-    def start(http_options, logging_config):
-        calls.append(http_options)
+    def start(http_options, logging_config, controller_options=None):
+        calls.append({"http_options": http_options, "controller_options": controller_options})
         if len(calls) == 1:
             port = http_options["port"]
 
@@ -53,9 +56,10 @@ def fake_serve(monkeypatch):
 
             if fake_serve.proxy_up_after is not None:
                 threading.Thread(target=open_later, daemon=True).start()
-            raise TimeoutError("HTTP proxies not available after 60s.")
+            raise fake_serve.error
 
     fake_serve.proxy_up_after = 0.5
+    fake_serve.error = TimeoutError("HTTP proxies not available after 60s.")
     monkeypatch.setattr(serve, "start", start)
     yield fake_serve, calls
     for server in servers:
@@ -71,6 +75,31 @@ def test_a_proxy_slower_than_ray_s_own_limit_is_waited_for(fake_serve):
     assert start_serve({"host": "127.0.0.1", "port": port}, timeout_s=60) is True
     assert 1.0 <= time.monotonic() - started < 30
     assert len(calls) == 2, "serve.start was not called again to connect to the controller"
+
+
+def test_a_proxy_the_controller_killed_while_it_started_is_waited_for(fake_serve):
+    from ray.exceptions import ActorDiedError
+
+    fake, calls = fake_serve
+    fake.error = ActorDiedError()  # what serve.start raises when the controller gave up on the proxy it waited on
+    assert start_serve({"host": "127.0.0.1", "port": free_port()}, timeout_s=60) is True
+    assert len(calls) == 2, "serve.start was not called again to connect to the controller"
+
+
+def test_the_controller_gives_a_starting_proxy_the_start_s_time(fake_serve, monkeypatch):
+    fake, calls = fake_serve
+    monkeypatch.delenv("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", raising=False)
+    start_serve({"host": "127.0.0.1", "port": free_port()}, timeout_s=75)
+    variables = calls[0]["controller_options"]["runtime_env"]["env_vars"]
+    assert variables == {"RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "75"}
+
+
+def test_a_ready_check_time_the_user_set_for_ray_is_kept(fake_serve, monkeypatch):
+    fake, calls = fake_serve
+    monkeypatch.setenv("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "12.5")
+    start_serve({"host": "127.0.0.1", "port": free_port()}, timeout_s=75)
+    variables = calls[0]["controller_options"]["runtime_env"]["env_vars"]
+    assert variables == {"RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "12.5"}
 
 
 def test_a_proxy_that_never_answers_stops_the_start_naming_the_setting(fake_serve):
