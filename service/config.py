@@ -263,8 +263,9 @@ class Settings(BaseSettings):
         300.0,
         gt=0,
         le=3600,
-        description="With --engine ray: how long the start waits for Ray Serve's HTTP proxy to answer on the port "
-        "(Ray's own limit, 60 s, is too short for a small machine whose cores are busy) before the command stops, "
+        description="With --engine ray: how long the start waits for Ray Serve's HTTP proxy to answer on the port, "
+        "and how long Serve's controller waits for a starting proxy's ready check before it kills it (Ray's own "
+        "limits, 60 s and 5 s, are too short for a small machine whose cores are busy); past it the command stops, "
         "naming this variable.",
     )
     ray_expert_hold_s: float = Field(
