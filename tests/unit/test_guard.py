@@ -263,6 +263,27 @@ def test_off_with_a_reason_and_then_it_never_engages(point, safety, enabled, rea
     assert guard.describe()["recent_audits"] == 20  # the window
 
 
+# Agreement on validation -> the percentage the reason shows. At most one cheaper answer in a thousand agreeing
+# leaves no room below it for the audits' test to detect a fall (it would be in control at 99.9% disagreement,
+# the most it is designed for); 0.001 is exactly that edge, 0.0011 is served with the guard watching.
+TOO_SELDOM = {"never": (0.0, "0.0"), "under-0.05%": (0.000497, "0.0"), "one-in-a-thousand": (0.001, "0.1")}
+
+
+@pytest.mark.parametrize(("agreement", "shown"), TOO_SELDOM.values(), ids=TOO_SELDOM.keys())
+def test_a_point_that_agreed_at_most_once_in_a_thousand_on_validation_is_off_saying_how_often(agreement, shown):
+    guard, _ = make(safety={**SAFETY, "operating_points": {"lambda_0.6": {"agreement": agreement}}})
+    assert guard.state == OFF
+    assert guard.describe()["reason"] == (
+        f"the served point's cheaper answers agreed with the full path {shown}% of the time on validation: too "
+        "seldom for a fall in agreement to be measured"
+    )
+
+
+def test_a_point_that_agreed_just_over_once_in_a_thousand_is_watched():
+    guard, _ = make(safety={**SAFETY, "operating_points": {"lambda_0.6": {"agreement": 0.0011}}})
+    assert guard.state == WATCHING
+
+
 def test_describe_reports_the_recent_agreement_and_the_lines():
     guard, _ = make(false_alarm_audits=1e6)
     feed(guard, 6, 2)
