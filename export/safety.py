@@ -53,8 +53,8 @@ def measure_safety(checkpoint: dict, model, data_dir: Path | None, staging: Path
         cache = cached_outputs(model, split, samples, SpecSet(model.specs))
     else:
         cache = expert_outputs(model, split)
-    # A run from before caption variants existed was trained without them.
-    config = TrainConfig(**{"stage2_word_dropout": (), **checkpoint["train_config"]})
+    # A run from before either kind of caption variant existed was trained without it.
+    config = TrainConfig(**{"stage2_word_dropout": (), "stage2_vocab_dropout": (), **checkpoint["train_config"]})
 
     same_data = data_dir.resolve() == trained_on.resolve()
     routes = {}
@@ -62,7 +62,8 @@ def measure_safety(checkpoint: dict, model, data_dir: Path | None, staging: Path
         scores = entry.get("validation_scores")
         if scores is None or not same_data or len(scores) != len(split):
             # A run from before the scores were stored, or other data: route it as training did (cross-fitted).
-            if config.stage2_word_dropout and "augmented" not in cache and not isinstance(model, RouterOnlyModel):
+            reworded = config.stage2_word_dropout or config.stage2_vocab_dropout
+            if reworded and "augmented" not in cache and not isinstance(model, RouterOnlyModel):
                 cache["augmented"] = caption_variants(model, split, config)
             scores = cross_fitted_routes(model, cache, checkpoint["madds"], entry["lambda"], config)["scores"]
         routes[entry["name"]] = {"scores": scores}

@@ -85,14 +85,17 @@ def policy_figures(row: dict) -> dict:
 def select_policy(
     validation: RoutingOutputs, routers: list[dict], tolerance: float, reworded: list[RoutingOutputs] = ()
 ) -> tuple[str, float | None]:
-    """The served policy, (router, confidence floor or None): the cheapest on validation of every router alone and
-    with each floor of ``CONFIDENCE_FLOORS`` (the full path runs too where the routed expert's top probability is
-    below it) whose accuracy is within ``tolerance`` of the full path's on the validation split and on each of its
-    reworded copies (``reworded``: the same samples, captions with words dropped, routed likewise).
+    """The served policy, (router, confidence floor or None). A policy holds up when its accuracy is within
+    ``tolerance`` of the full path's on the validation split and on each of its reworded copies (``reworded``: the
+    same samples, captions with words dropped, routed likewise). Served: the cheapest router alone that holds up;
+    when none does, the cheapest router with a floor of ``CONFIDENCE_FLOORS`` that does (the full path runs too
+    where the routed expert's top probability is below the floor).
 
-    A floor lets a cheaper router serve: its confident answers stay cheap, and the ones it is unsure of (unseen
-    wording among them) go to the full path. Among equal costs, no floor, then the lowest. When no policy holds
-    up, the most accurate router alone on validation (as ``select_router``)."""
+    A router alone first: it runs one expert per request, as DynMM promises, while a floor runs two for the
+    answers it escalates (and pays their latency twice). A floor still lets a cheaper router serve when no router
+    alone holds up: its confident answers stay cheap, and the ones it is unsure of (unseen wording among them) go
+    to the full path. Among floors of equal cost, the lowest. When no policy holds up, the most accurate router
+    alone on validation (as ``select_router``)."""
     tables = [validation, *reworded]
 
     def figures(outputs: RoutingOutputs, name: str) -> dict:
@@ -106,8 +109,10 @@ def select_policy(
         for floor in (None, *CONFIDENCE_FLOORS)
         if all(table[floor]["accuracy"] >= full - tolerance for table, full in zip(rows, full_accuracy, strict=True))
     ]
-    if candidates:
-        name, floor, _ = min(candidates, key=lambda c: (-c[2], c[1] is not None, c[1] or 0.0))
+    alone = [c for c in candidates if c[1] is None]
+    if alone or candidates:
+        name, floor, _ = min(alone or candidates, key=lambda c: (-c[2], c[1] or 0.0))
         return name, floor
-    alone = {name: rows[0][None] for name, rows in by_router.items()}
-    return max(alone, key=lambda name: (alone[name]["accuracy"], alone[name]["saved_ratio"])), None
+    on_validation = {name: rows[0][None] for name, rows in by_router.items()}
+    best = max(on_validation, key=lambda name: (on_validation[name]["accuracy"], on_validation[name]["saved_ratio"]))
+    return best, None

@@ -59,6 +59,12 @@ def test_a_floor_that_rescues_a_router_on_reworded_captions_is_chosen_at_its_low
     assert select_policy(outputs(), ROUTERS, tolerance=0.25, reworded=[reworded]) == ("a", 0.6)
 
 
+def test_a_router_alone_that_holds_up_is_served_before_a_cheaper_router_with_a_floor():
+    # A sample's worth of tolerance (25 points): a with floor 0.6 holds up at 75% for 35 MAdds, b alone at 100% for
+    # 55. b runs one expert per request; a's floor would run two for sample 3.
+    assert select_policy(outputs(), ROUTERS, tolerance=0.25) == ("b", None)
+
+
 def test_when_nothing_holds_up_the_most_accurate_router_alone_on_validation_is_served():
     # Reworded, the cheap expert is sure (0.95) and wrong on sample 2, which both routers send to it: no floor helps.
     wrong_and_sure = CHEAP_PROBS.copy()
