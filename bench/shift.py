@@ -2,8 +2,9 @@
 through a running ``dynfuse serve`` with its default settings; what the server's own safety machinery (shadow
 audits, the guard, drift, "uncertain") did, request by request.
 
-For each audit rate asked for (``--audit-rates``; ``default`` is the server's DYNFUSE_AUDIT_RATE), one server
-is started and sent every test pair, then every test_ood pair, one request at a time, as a client would. Every
+For each audit rate asked for (``--audit-rates``; ``default`` is the server's DYNFUSE_AUDIT_RATE, ``no-guard`` the
+default rate with the guard off: the served policy alone), one server is started and sent every test pair, then
+every test_ood pair, one request at a time, as a client would. Every
 ``--poll-every`` requests the script reads GET /v1/models/{name} (the guard's state and recent agreement, the
 audits, the drift of each operating point). Afterwards the same pairs are sent again forced onto the full path
 (``route`` = the model's full expert), to compare with what routing answered on the very same pairs.
@@ -193,6 +194,10 @@ def columns(run: dict) -> dict:
     }
 
 
+def run_label(run: dict) -> str:
+    return f"audit rate {run['audit_rate']:g}" + ("" if run.get("guard", True) else ", guard off")
+
+
 def plot(runs: list[dict], path: Path) -> None:
     import matplotlib
 
@@ -202,7 +207,7 @@ def plot(runs: list[dict], path: Path) -> None:
     fig, axes = plt.subplots(4, 1, figsize=(11, 11), dpi=110, sharex=True)
     for run in runs:
         records, polls, full = run["records"], run["polls"], run["full_labels"]
-        name = f"audit rate {run['audit_rate']}"
+        name = run_label(run)
         xs = list(range(ROLLING, len(records) + 1))
         served = [sum(r["answer"] == r["label"] for r in records[x - ROLLING : x]) / ROLLING for x in xs]
         axes[0].plot(xs, [100 * v for v in served], label=f"served ({name})")
@@ -254,7 +259,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--data", type=Path, default=HELD_OUT, help="a held-out benchmark-v2 set (generated if missing)"
     )
-    parser.add_argument("--audit-rates", default=f"default,{GOAL_ENGAGE_RATE:g}")
+    parser.add_argument(
+        "--audit-rates",
+        default=f"default,{GOAL_ENGAGE_RATE:g},no-guard",
+        help="one server per value: default (the server's rate), a rate, or no-guard (default rate, DYNFUSE_GUARD=0)",
+    )
     parser.add_argument("--poll-every", type=int, default=25)
     parser.add_argument("--out", type=Path, default=RESULTS / "shift.json")
     parser.add_argument("--plot", type=Path, default=RESULTS / "shift.png")
@@ -268,7 +277,8 @@ def main(argv: list[str] | None = None) -> int:
     ]
     runs = []
     for rate in args.audit_rates.split(","):
-        settings = {} if rate == "default" else {"audit_rate": rate}
+        # no-guard: the served policy alone, as issue 22's item 7 reads it (audits still run; nothing acts on them)
+        settings = {"default": {}, "no-guard": {"guard": "0"}}.get(rate, {"audit_rate": rate})
         with tempfile.TemporaryDirectory() as scratch:
             process, base = start_server(args.store, Path(scratch) / "server.log", settings=settings)
             try:
@@ -285,7 +295,8 @@ def main(argv: list[str] | None = None) -> int:
         summary = summarize(records, full_labels, polls, model["default_operating_point"])
         runs.append(
             {
-                "audit_rate": model["safety"]["audits"]["rate"] if rate == "default" else float(rate),
+                "audit_rate": model["safety"]["audits"]["rate"] if "audit_rate" not in settings else float(rate),
+                "guard": "guard" not in settings,
                 "settings": settings,
                 "served_point": model["default_operating_point"],
                 "served_min_confidence": model.get("default_min_confidence"),
@@ -302,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
                 "full_labels": full_labels,
             }
         )
-        print(f"audit rate {runs[-1]['audit_rate']}: {json.dumps(summary, indent=1)}")
+        print(f"{run_label(runs[-1])}: {json.dumps(summary, indent=1)}")
 
     plot(runs, args.plot)
     goals = {}
@@ -312,15 +323,25 @@ def main(argv: list[str] | None = None) -> int:
     # The served system as a whole, at each audit rate run: the guard's part depends on how soon it engaged.
     goals["last_600_ood_within_1_point_of_full"] = {
         "goal": -GOAL_LAST_OOD_POINTS,
-        "by_audit_rate": {
-            f"{run['audit_rate']:g}": {
+        "by_run": {
+            run_label(run): {
                 "measured": run["summary"]["test_ood"][f"last_{GOAL_LAST_OOD}"]["points_vs_full"],
                 "met": run["summary"]["test_ood"][f"last_{GOAL_LAST_OOD}"]["points_vs_full"] >= -GOAL_LAST_OOD_POINTS,
             }
             for run in runs
         },
     }
-    fast = next((r for r in runs if r["audit_rate"] == GOAL_ENGAGE_RATE), None)
+    alone = next((r for r in runs if not r["guard"]), None)
+    if alone is not None:  # item 7: the served policy alone, no guard, on the whole test_ood phase
+        ood = alone["summary"]["test_ood"]
+        points = 100.0 * (ood["accuracy"] - ood["full_accuracy"])
+        goals["ood_within_1_point_of_full_without_the_guard"] = {
+            "goal": -GOAL_LAST_OOD_POINTS,
+            "measured": points,
+            f"last_{GOAL_LAST_OOD}": ood[f"last_{GOAL_LAST_OOD}"]["points_vs_full"],
+            "met": points >= -GOAL_LAST_OOD_POINTS,
+        }
+    fast = next((r for r in runs if r["audit_rate"] == GOAL_ENGAGE_RATE and r["guard"]), None)
     if fast is not None:
         engaged = fast["summary"]["test_ood"]["first_guarded_request"]
         false_engaged = fast["summary"]["test"]["first_guarded_request"]
