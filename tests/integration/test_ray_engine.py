@@ -124,9 +124,11 @@ def essentials(body: dict) -> dict:
 
 def assert_same(ray_body: dict, local_body: dict) -> None:
     assert essentials(ray_body) == essentials(local_body)
+    # Both are rounded to 6 decimals: another batch's float32 rounding noise can move the last digit by one.
     for key in ("text", "image"):
         assert ray_body["importance"][key] == pytest.approx(local_body["importance"][key], abs=2e-6)
-        assert ray_body["route"]["modality_weights"][key] == pytest.approx(local_body["route"]["modality_weights"][key])
+        weights = ray_body["route"]["modality_weights"][key], local_body["route"]["modality_weights"][key]
+        assert weights[0] == pytest.approx(weights[1], abs=2e-6)
     assert ("explanation" in ray_body) == ("explanation" in local_body)
     for part, values in local_body.get("explanation", {}).items():  # computed on the expert deployment
         assert ray_body["explanation"][part] == pytest.approx(values, abs=1e-5), part
