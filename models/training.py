@@ -300,7 +300,8 @@ def drop_words(token_ids: torch.Tensor, rate: float, generator: torch.Generator)
 def forget_words(token_ids: torch.Tensor, rate: float, generator: torch.Generator) -> torch.Tensor:
     """Each word of the vocabulary is forgotten with probability ``rate``; every occurrence of a forgotten word
     becomes <unk>. Unlike ``drop_words``, a caption loses the same words wherever they occur."""
-    vocabulary = int(token_ids.max()) + 1 if token_ids.numel() else 0
+    # Ids up to the highest present (and <unk>'s, for captions that are all padding: an image-only data set).
+    vocabulary = max(int(token_ids.max()) if token_ids.numel() else 0, UNK_ID) + 1
     forgotten = torch.rand(vocabulary, generator=generator) < rate
     forgotten[PAD_ID] = False
     forgotten[UNK_ID] = False

@@ -27,6 +27,13 @@ def test_a_forgotten_word_is_unk_wherever_it_occurs_and_other_words_stay():
     assert 0 < sum(fate.values()) < len(fate)  # at rate 0.5, some of 40 words go and some stay
 
 
+def test_captions_that_are_all_padding_come_back_as_they_are():
+    """An image-only data set: no words to forget, and nothing to fail on."""
+    empty = torch.full((4, 6), PAD_ID)
+    assert torch.equal(forget_words(empty, 0.8, torch.Generator().manual_seed(0)), empty)
+    assert torch.equal(forget_words(empty[:0], 0.8, torch.Generator().manual_seed(0)), empty[:0])
+
+
 def test_the_share_forgotten_follows_the_rate():
     vocabulary = torch.arange(2, 2002).reshape(1, -1)
     for rate in (0.2, 0.8):
