@@ -322,14 +322,21 @@ def test_prometheus_reads_the_cluster_under_the_dashboards_names(cluster, sample
         }
         # The gauges too (sent again, or the agent drops them), and the counters no request incremented yet.
         assert missing == set(), missing
-        # The dashboard's groupings work on the cluster's series: by expert, summed over the replicas.
-        experts_now = {
-            e["metric"]["expert"]: float(e["value"][1])
-            for e in httpx.get(
-                prom, params={"query": "sum by (expert) (dynfuse_expert_duration_seconds_count)"}, timeout=5
-            ).json()["data"]["result"]
-        }
-        assert {b["route"]["expert"] for b in bodies} <= set(experts_now), experts_now
+        # The dashboard's groupings work on the cluster's series: by expert, summed over the replicas. Each expert's
+        # deployment exports its own series, on its own schedule: wait until every expert that answered has one.
+        answered = {b["route"]["expert"] for b in bodies}
+        deadline = time.monotonic() + 60
+        while True:
+            experts_now = {
+                e["metric"]["expert"]: float(e["value"][1])
+                for e in httpx.get(
+                    prom, params={"query": "sum by (expert) (dynfuse_expert_duration_seconds_count)"}, timeout=5
+                ).json()["data"]["result"]
+            }
+            if answered <= set(experts_now) or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        assert answered <= set(experts_now), (answered - set(experts_now), experts_now)
 
         # Is routing still safe? on the cluster: the ingress audits the answers of cheaper experts on the full
         # path's deployment, publishes the drift of its route mix and its guard's state (watching: off, 0).
