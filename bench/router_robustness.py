@@ -18,7 +18,7 @@ import dataclasses
 from pathlib import Path
 
 from bench.common import REPO, RESULTS, markdown_table, write_result
-from bench.served_policy import _tail, default_run
+from bench.served_policy import _tail, default_run, trained_run
 from bench.shift import GOAL_LAST_OOD, GOAL_LAST_OOD_POINTS, GOAL_TEST_SAVED, held_out_data
 
 SPLITS = ("test", "test_ood")
@@ -28,27 +28,11 @@ def measure(run: Path, seeds: list[int]) -> dict:
     import torch
 
     from models import training
-    from models.data.manifest import read_split
-    from models.data.tensors import load_pixels, tensorize
-    from models.preprocess import ImagePreprocessing
     from models.router_selection import routing_outputs
     from models.safety import floor_policies
-    from models.tokenizer import Tokenizer
 
-    torch.set_num_threads(1)
-    checkpoint = training.load_run(run)
-    model = training.rebuild_model(checkpoint)
-    after = training.TrainConfig(
-        **{k: tuple(v) if isinstance(v, list) else v for k, v in checkpoint["train_config"].items()}
-    )
+    checkpoint, model, after, split_of = trained_run(run)
     before = dataclasses.replace(after, stage2_vocab_dropout=())
-    tokenizer = Tokenizer.from_dict(checkpoint["tokenizer"])
-    preprocessing = ImagePreprocessing.from_dict(checkpoint["preprocessing"])
-
-    def split_of(data: Path, split: str):
-        samples = read_split(data, split)
-        return tensorize(samples, load_pixels(samples, preprocessing.image_size), tokenizer, preprocessing,
-                         checkpoint["labels"])  # fmt: skip
 
     val = split_of(Path(checkpoint["data"]["dir"]), "val")
     sets = {f"s{seed}": held_out_data(REPO / "build" / f"heldout-s{seed}", seed) for seed in seeds}

@@ -30,21 +30,20 @@ def default_run() -> Path:
     return runs[-1].parent
 
 
-def measure(run: Path, held_out: Path) -> dict:
+def trained_run(run: Path):
+    """A run as the offline figures read it, on one torch thread (as `make ship-default` trains): its checkpoint,
+    model, training config, and ``split_of(data_dir, split)``, a data set's split tensorized as the model sees it."""
     import torch
 
     from models import training
     from models.data.manifest import read_split
     from models.data.tensors import load_pixels, tensorize
     from models.preprocess import ImagePreprocessing
-    from models.router_selection import routing_outputs
-    from models.safety import CONFIDENCE_FLOORS, floor_policies
     from models.tokenizer import Tokenizer
 
     torch.set_num_threads(1)
     checkpoint = training.load_run(run)
     model = training.rebuild_model(checkpoint)
-    routers = training.rebuild_routers(checkpoint, model)
     config = training.TrainConfig(
         **{k: tuple(v) if isinstance(v, list) else v for k, v in checkpoint["train_config"].items()}
     )
@@ -56,6 +55,16 @@ def measure(run: Path, held_out: Path) -> dict:
         pixels = load_pixels(samples, preprocessing.image_size)
         return tensorize(samples, pixels, tokenizer, preprocessing, checkpoint["labels"])
 
+    return checkpoint, model, config, split_of
+
+
+def measure(run: Path, held_out: Path) -> dict:
+    from models import training
+    from models.router_selection import routing_outputs
+    from models.safety import CONFIDENCE_FLOORS, floor_policies
+
+    checkpoint, model, config, split_of = trained_run(run)
+    routers = training.rebuild_routers(checkpoint, model)
     trained_on = Path(checkpoint["data"]["dir"])
     splits = {"val": split_of(trained_on, "val")}
     splits |= {split: split_of(trained_on, split) for split in SPLITS}
