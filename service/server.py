@@ -10,6 +10,7 @@ settings through the ``DYNFUSE_*`` environment.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 import os
@@ -21,12 +22,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import uvicorn
+from uvicorn.supervisors import Multiprocess
 
 from export.store import StoreError, load_model_dir, resolve
 from service.config import Settings, check_settings_for, get_settings
 from service.decode import missing_codecs
 from service.gc_policy import tune_for_serving
 from service.http_protocol import HTTP_PROTOCOL
+from service.listeners import ReservedPort, WorkerListener
 from service.metrics import MULTIPROCESS_DIR
 from service.repository_sync import STATE_FILE_ENV, SharedState, startup_models
 
@@ -140,9 +143,13 @@ def pinned(settings: Settings, path) -> Settings:
 
 
 def _serve_workers(settings: Settings) -> int:
-    """N uvicorn worker processes on one socket; uvicorn's supervisor restarts a worker that dies (the
+    """N uvicorn worker processes on one port; uvicorn's supervisor restarts a worker that dies (the
     metrics drop a dead worker's in-flight gauge at the next scrape), and on SIGTERM stops them all
-    gracefully."""
+    gracefully. Each worker listens on a socket of its own with SO_REUSEPORT (service/listeners.py), so the port is
+    checked first: that option would otherwise let the workers share it with another server already on it."""
+    if settings.port and (problem := port_in_use(settings.host, settings.port)) is not None:
+        print(f"dynfuse serve: error: cannot serve on port {settings.port}: {problem}", file=sys.stderr)
+        return 1
     threads = settings.threads or max(1, available_cores() // settings.workers)  # N runtimes on all cores would thrash
     print(f"dynfuse: {settings.workers} worker processes, {threads} runtime thread(s) each", flush=True)
     worker_settings = settings.model_copy(update={"threads": threads})
@@ -157,7 +164,7 @@ def _serve_workers(settings: Settings) -> int:
         shared = SharedState(Path(repository_dir) / "served.json")
         shared.write(_served_at_start(settings))
         os.environ[STATE_FILE_ENV] = str(shared.path)
-        uvicorn.run(
+        config = uvicorn.Config(
             "service.server:worker_app",
             factory=True,
             workers=settings.workers,
@@ -168,7 +175,19 @@ def _serve_workers(settings: Settings) -> int:
             access_log=False,
             http=HTTP_PROTOCOL,
         )
+        # Each worker listens on a socket of its own (service/listeners.py): one shared socket lets one worker take
+        # every connection of a client that opens a few at once.
+        with ReservedPort(settings.host, settings.port) as port:
+            _supervisor(config, port.listener()).run()
     return 0
+
+
+def _supervisor(config: uvicorn.Config, listener: WorkerListener) -> Multiprocess:
+    """uvicorn's supervisor of ``config.workers`` processes, each started (and restarted) with ``listener``. Recent
+    uvicorn releases take the sockets alone; older ones (0.35 and before) also the function each worker runs."""
+    if "target" in inspect.signature(Multiprocess).parameters:
+        return Multiprocess(config, target=uvicorn.Server(config).run, sockets=[listener])  # type: ignore[call-arg]
+    return Multiprocess(config, sockets=[listener])  # type: ignore[list-item]
 
 
 def _served_at_start(settings: Settings) -> dict[str, str]:

@@ -11,6 +11,8 @@ import os
 import shutil
 import signal
 import socket
+import subprocess
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -200,3 +202,69 @@ def test_a_load_request_to_one_worker_swaps_every_worker(server_process, store_c
     log = process.communicate(timeout=60)[0]
     # Both workers swapped: the one that got the request, and the other one following the shared file.
     assert log.count("model shapes: serving version 2 (was 1)") == 2, log[-3000:]
+
+
+def listening_sockets(port: int) -> set[str]:
+    """The socket inodes in LISTEN state on ``port`` (state 0A in /proc/net/tcp)."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] == "0A":
+                inodes.add(f"socket:[{fields[9]}]")
+    return inodes
+
+
+def holders(inodes: set[str], pids: list[int]) -> dict[str, list[int]]:
+    """Socket inode -> the processes among ``pids`` that hold it."""
+    held: dict[str, list[int]] = {inode: [] for inode in inodes}
+    for pid in pids:
+        for fd in Path(f"/proc/{pid}/fd").iterdir():
+            with contextlib.suppress(OSError):
+                target = os.readlink(fd)
+                if target in held and pid not in held[target]:
+                    held[target].append(pid)
+    return held
+
+
+def test_every_worker_listens_on_a_socket_of_its_own_and_connections_opened_at_once_reach_both(server_process, samples):
+    """One shared socket let one worker's event loop accept every connection waiting when it woke: a client that
+    opened 8 keep-alive connections at once had all of them on one worker in 2 runs of 5. With a socket per worker
+    (SO_REUSEPORT) the kernel picks a worker for each connection on its own."""
+    process, base = server_process(workers=2)
+    workers = worker_pids(process.pid)
+    port = int(base.rsplit(":", 1)[1])
+    listening = holders(listening_sockets(port), [process.pid, *workers])
+    assert len(listening) == 2, listening
+    assert sorted(pid for pids in listening.values() for pid in pids) == sorted(workers), listening
+
+    # 24 connections at once, each admitted and held open: all on one worker has odds of 2 in 2**24.
+    body = json.dumps({"text": "a red circle"}).encode()
+    held = [begin_request(port, body) for _ in range(24)]
+    try:
+        wait_for(lambda: inflight(base) == 24, "24 requests in flight")
+        owners = [owner(connection, workers) for connection in held]
+        assert set(owners) == set(workers), owners
+        for connection in held:
+            connection.sendall(body[len(body) // 2 :])
+            assert answer(connection)[0] == 200
+    finally:
+        for connection in held:
+            connection.close()
+
+
+def test_workers_refuse_a_port_another_server_holds(tiny_store):
+    """SO_REUSEPORT would let the workers share a port with a server already on it (connections split between
+    them): the port is checked first, and dynfuse serve exits with a message instead."""
+    with socket.socket() as other:
+        other.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)  # as another dynfuse's workers hold it
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        port = other.getsockname()[1]
+        done = subprocess.run(
+            [sys.executable, "-m", "service.cli", "serve", "--store", str(tiny_store), "--host", "127.0.0.1",
+             "--port", str(port), "--workers", "2"],
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert f"cannot serve on port {port}" in done.stderr
