@@ -91,6 +91,29 @@ def owner(connection: socket.socket, pids: list[int]) -> int | None:
     return None
 
 
+def listening_sockets(port: int) -> set[str]:
+    """The socket inodes in LISTEN state on ``port`` (state 0A in /proc/net/tcp)."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] == "0A":
+                inodes.add(f"socket:[{fields[9]}]")
+    return inodes
+
+
+def holders(inodes: set[str], pids: list[int]) -> dict[str, list[int]]:
+    """Socket inode -> the processes among ``pids`` that hold it."""
+    held: dict[str, list[int]] = {inode: [] for inode in inodes}
+    for pid in pids:
+        for fd in Path(f"/proc/{pid}/fd").iterdir():
+            with contextlib.suppress(OSError):
+                target = os.readlink(fd)
+                if target in held and pid not in held[target]:
+                    held[target].append(pid)
+    return held
+
+
 def begin_request(port: int, body: bytes) -> socket.socket:
     """A POST /v1/classify that has sent its head and half its body: admitted and in flight until the rest comes."""
     connection = socket.create_connection(("127.0.0.1", port), timeout=60)
@@ -130,6 +153,8 @@ def test_a_killed_worker_is_replaced_on_the_same_version_and_its_requests_leave_
     publish_version_2(store_copy)
     port = int(base.rsplit(":", 1)[1])
     body = json.dumps({"image": base64.b64encode(samples[0]["png"]).decode(), "text": samples[0]["text"]}).encode()
+    # Ready means one worker is; each listens on a socket of its own once its model is warm.
+    wait_for(lambda: len(listening_sockets(port)) == 2, "both workers listening")
 
     held = [begin_request(port, body) for _ in range(6)]
     wait_for(lambda: inflight(base) == 6, "6 requests in flight")
@@ -204,29 +229,6 @@ def test_a_load_request_to_one_worker_swaps_every_worker(server_process, store_c
     assert log.count("model shapes: serving version 2 (was 1)") == 2, log[-3000:]
 
 
-def listening_sockets(port: int) -> set[str]:
-    """The socket inodes in LISTEN state on ``port`` (state 0A in /proc/net/tcp)."""
-    inodes = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        for line in Path(table).read_text().splitlines()[1:]:
-            fields = line.split()
-            if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] == "0A":
-                inodes.add(f"socket:[{fields[9]}]")
-    return inodes
-
-
-def holders(inodes: set[str], pids: list[int]) -> dict[str, list[int]]:
-    """Socket inode -> the processes among ``pids`` that hold it."""
-    held: dict[str, list[int]] = {inode: [] for inode in inodes}
-    for pid in pids:
-        for fd in Path(f"/proc/{pid}/fd").iterdir():
-            with contextlib.suppress(OSError):
-                target = os.readlink(fd)
-                if target in held and pid not in held[target]:
-                    held[target].append(pid)
-    return held
-
-
 def test_every_worker_listens_on_a_socket_of_its_own_and_connections_opened_at_once_reach_both(server_process, samples):
     """One shared socket let one worker's event loop accept every connection waiting when it woke: a client that
     opened 8 keep-alive connections at once had all of them on one worker in 2 runs of 5. With a socket per worker
@@ -234,6 +236,7 @@ def test_every_worker_listens_on_a_socket_of_its_own_and_connections_opened_at_o
     process, base = server_process(workers=2)
     workers = worker_pids(process.pid)
     port = int(base.rsplit(":", 1)[1])
+    wait_for(lambda: len(listening_sockets(port)) == 2, "both workers listening")  # ready: one worker is
     listening = holders(listening_sockets(port), [process.pid, *workers])
     assert len(listening) == 2, listening
     assert sorted(pid for pids in listening.values() for pid in pids) == sorted(workers), listening
