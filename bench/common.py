@@ -339,6 +339,19 @@ def start_server(
     raise RuntimeError("dynfuse serve was not ready after 120 s")
 
 
+def worker_processes(pid: int) -> tuple[int, ...]:
+    """The processes that serve requests: the workers ``dynfuse serve --workers N`` spawned (not multiprocessing's
+    resource tracker beside them), or the server itself when it serves alone."""
+    workers = []
+    for child in server_processes(pid)[1:]:
+        try:
+            if b"spawn_main" in Path(f"/proc/{child}/cmdline").read_bytes():
+                workers.append(child)
+        except OSError:
+            continue  # gone meanwhile
+    return tuple(workers) or (pid,)
+
+
 def stop_server(process: subprocess.Popen) -> None:
     if process.poll() is None:
         process.terminate()

@@ -8,10 +8,16 @@ of the ratio are measured, not computed. Beside it, the server's CPU seconds per
 processes, /proc) give the same ratio in CPU time: on a busy machine, where the rates say more about the other
 processes than about the server, that one still says what routing saved.
 
+The server runs as ``dynfuse serve`` does by default, one worker process per core, with 4 batch calls in flight per
+worker (``--workers 1`` measures one process: there the requests' Python, under one GIL, bounds the rate whatever the
+model costs, so routing saves CPU but hardly any time). Each round records every worker's share of the server's CPU:
+the kernel gives each of wrk's connections to one worker, and a round whose connections mostly went to one worker
+says so.
+
 The pairs are bench/peer_compare.py's held-out ones (the test split of ``dynfuse data synth --seed 7``, made when
 missing: a fresh clone runs the command as it is), unless ``--data`` names another data set.
 
-    python -m bench.http_savings [--rounds 6] [--seconds 8] [--concurrency 4] [--data DIR]
+    python -m bench.http_savings [--rounds 6] [--seconds 8] [--workers N] [--concurrency C] [--data DIR]
 """
 
 from __future__ import annotations
@@ -41,6 +47,7 @@ from bench.common import (
     start_server,
     stop_server,
     wait_for_quiet,
+    worker_processes,
     write_result,
 )
 
@@ -110,8 +117,11 @@ def wrk(base: str, bodies: Path, concurrency: int, seconds: float) -> dict:
 def one_round(base: str, bodies: Path, concurrency: int, seconds: float, server: int) -> dict:
     pids = server_processes(server)
     before, cpu_before, threads_before = counters(base), cpu_seconds(pids), thread_cpu(pids)
+    workers = worker_processes(server)
+    by_worker_before = {pid: cpu_seconds((pid,)) for pid in workers}
     load = wrk(base, bodies, concurrency, seconds)
     after, cpu_after, threads_after = counters(base), cpu_seconds(pids), thread_cpu(pids)
+    by_worker = {pid: cpu_seconds((pid,)) - by_worker_before[pid] for pid in workers}
     predictions = after["predictions"] - before["predictions"]
     errors = sum(load["errors"].values())
     samples = max(BATCH * load["requests"], 1)
@@ -129,6 +139,9 @@ def one_round(base: str, bodies: Path, concurrency: int, seconds: float, server:
         "audit_madds_per_sample": (after["audit_madds"] - before["audit_madds"]) / samples,
         "errors": errors,
         "latency_ms": load["latency_ms"],
+        # Each worker's share of the server's CPU in this round (the supervisor of several workers aside): about
+        # equal shares when wrk's connections spread over the workers.
+        "worker_cpu_shares": [round(value / (sum(by_worker.values()) or 1.0), 3) for value in by_worker.values()],
     }
 
 
@@ -138,7 +151,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", type=Path, help=f"data set (default: held-out, made with seed {HELD_OUT_SEED})")
     parser.add_argument("--rounds", type=int, default=6, help="A/B rounds (each policy once per round)")
     parser.add_argument("--seconds", type=float, default=8.0, help="length of each policy's load in a round")
-    parser.add_argument("--concurrency", type=int, default=4, help="batch calls in flight")
+    parser.add_argument("--workers", type=int, default=0, help="dynfuse serve --workers (0, its default: one per core)")
+    parser.add_argument("--concurrency", type=int, help="batch calls in flight (default: 4 per worker process)")
     parser.add_argument("--max-wait", type=float, default=180.0, help="seconds to wait for a quiet machine")
     parser.add_argument("--out", type=Path, default=RESULTS / "http_savings.json")
     args = parser.parse_args(argv)
@@ -168,9 +182,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{len(lines)} batch bodies of {BATCH} test-split pairs per policy; full expert: {full}")
 
     quiet = wait_for_quiet(max_wait_s=args.max_wait)
-    process, base = start_server(args.store, work / "server.log")
+    process, base = start_server(args.store, work / "server.log", workers=args.workers)
     rounds = {"auto": [], full: []}
     try:
+        workers = len(worker_processes(process.pid))
+        if args.concurrency is None:
+            args.concurrency = 4 * workers
+        print(f"{workers} worker process(es), {args.concurrency} batch calls in flight")
         wrk(base, files["auto"], args.concurrency, 3)  # warm the HTTP path; not recorded
         with CpuWatch((process.pid,)) as watch:
             for index in range(args.rounds):
@@ -227,6 +245,9 @@ def main(argv: list[str] | None = None) -> int:
             + ", ".join(f"{role} {value:.3f}" for role, value in roles.items())
             + f"; audits run per sample {audits:.4f}"
         )
+        if workers > 1:
+            print(f"{route}: each round's smallest worker share of the CPU: " + ", ".join(
+                f"{min(r['worker_cpu_shares']):.2f}" for r in runs))  # fmt: skip
     write_result(
         args.out,
         {
@@ -234,6 +255,7 @@ def main(argv: list[str] | None = None) -> int:
             "full_expert": full,
             "data": str(args.data),
             "batch": BATCH,
+            "workers": workers,
             "concurrency": args.concurrency,
             "seconds_per_round": args.seconds,
             "foreign_cpu_share_before": quiet,
