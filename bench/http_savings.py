@@ -190,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
             args.concurrency = 4 * workers
         print(f"{workers} worker process(es), {args.concurrency} batch calls in flight")
         wrk(base, files["auto"], args.concurrency, 3)  # warm the HTTP path; not recorded
-        with CpuWatch((process.pid,)) as watch:
+        with CpuWatch(server_processes(process.pid)) as watch:  # the workers are the server too
             for index in range(args.rounds):
                 order = ["auto", full] if index % 2 == 0 else [full, "auto"]
                 for route in order:
