@@ -147,7 +147,13 @@ def _serve_workers(settings: Settings) -> int:
     metrics drop a dead worker's in-flight gauge at the next scrape), and on SIGTERM stops them all
     gracefully. Each worker listens on a socket of its own with SO_REUSEPORT (service/listeners.py), so the port is
     checked first: that option would otherwise let the workers share it with another server already on it."""
-    if settings.port and (problem := port_in_use(settings.host, settings.port)) is not None:
+    problem = port_in_use(settings.host, settings.port) if settings.port else None
+    reserved = None
+    try:
+        reserved = ReservedPort(settings.host, settings.port) if problem is None else None
+    except OSError as error:  # taken meanwhile, or a host this machine does not have
+        problem = error.strerror or str(error)
+    if reserved is None:
         print(f"dynfuse serve: error: cannot serve on port {settings.port}: {problem}", file=sys.stderr)
         return 1
     threads = settings.threads or max(1, available_cores() // settings.workers)  # N runtimes on all cores would thrash
@@ -155,6 +161,7 @@ def _serve_workers(settings: Settings) -> int:
     worker_settings = settings.model_copy(update={"threads": threads})
     # A fresh directory per run: files left by an earlier run would be summed into this one's metrics.
     with (
+        reserved,
         tempfile.TemporaryDirectory(prefix="dynfuse-metrics-") as metrics_dir,
         tempfile.TemporaryDirectory(prefix="dynfuse-repository-") as repository_dir,
     ):
@@ -177,8 +184,7 @@ def _serve_workers(settings: Settings) -> int:
         )
         # Each worker listens on a socket of its own (service/listeners.py): one shared socket lets one worker take
         # every connection of a client that opens a few at once.
-        with ReservedPort(settings.host, settings.port) as port:
-            _supervisor(config, port.listener()).run()
+        _supervisor(config, reserved.listener()).run()
     return 0
 
 
