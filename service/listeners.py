@@ -3,8 +3,8 @@
 uvicorn's ``--workers N`` binds one socket in the supervisor and every worker accepts from it. Each worker's
 event loop accepts every connection waiting when it wakes, so a client that opens a few keep-alive connections at
 once (a load generator, a proxy's upstream pool) often has all of them taken by one worker while the other cores
-idle: with two workers and ``wrk -c8``, all eight went to one worker in 2 runs of 5, at half the throughput
-(bench/BENCHMARKS.md §8, 2026-12-04).
+idle: with two workers and ``wrk -c8``, one worker did at least 90% of the work in 7 runs of 8, at half the
+throughput (``python -m bench.worker_spread``; bench/BENCHMARKS.md §8, 2026-12-04).
 
 Here every worker listens on a socket of its own, bound to the same address with SO_REUSEPORT, and the kernel hands
 each new connection to one of them by a hash of its addresses: independently per connection, as nginx's
