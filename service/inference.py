@@ -264,18 +264,22 @@ class InferenceService:
 
     async def classify(self, items: list[PipelineInput], deadline: float | None = None) -> list[BatchResult]:
         results = await self.batcher.submit(items, deadline)
-        outputs = [result.output for result in results]
-        # The metrics of all the answers at once: each series once per call, not once per answer.
-        self.metrics.observe_predictions(outputs, self.model.madds_full)
-        tops = [float(out.probabilities.max()) for out in outputs]
-        self.metrics.observe_answers([out.expert for out in outputs], tops, self.uncertain_reasons(outputs))
-        picks: dict[str, list[int]] = {}
-        for item, out in zip(items, outputs, strict=True):
+        for item, result in zip(items, results, strict=True):
+            out = result.output
+            self.metrics.observe_prediction(
+                expert=out.expert,
+                decided_by=out.decided_by,
+                madds=out.madds,
+                madds_full=self.model.madds_full,
+                importance=out.importance,
+                modality_weights=out.modality_weights,
+                operating_point=out.operating_point,
+                degraded=out.degraded,
+            )
+            self.metrics.observe_answer(out.expert, float(out.probabilities.max()), self.uncertain_reason(out))
             if item.route == AUTO and item.token_ids is not None and item.image is not None:
                 # The router's own pick (calibration keeps the order): a fallback or an escalation after it aside.
-                picks.setdefault(out.operating_point, []).append(int(np.argmax(out.route_scores)))
-        for point, chosen in picks.items():
-            self.drift.observe_all(point, chosen)
+                self.drift.observe(out.operating_point, int(np.argmax(out.route_scores)))
         return results
 
     def after_response(self, items: list[PipelineInput], results: list[BatchResult]) -> None:
@@ -285,76 +289,61 @@ class InferenceService:
 
     def uncertain_reason(self, out) -> str | None:
         """Why the answer is uncertain (models/ood.py), or None."""
-        [reason] = self.uncertain_reasons([out])
-        return reason
-
-    def uncertain_reasons(self, outputs: list) -> list[str | None]:
-        """``uncertain_reason`` of each output."""
-        return uncertain_reasons(
-            [out.confidence for out in outputs],
-            [out.ood_pvalue for out in outputs],
-            self.settings.uncertain_confidence,
-            self.settings.uncertain_ood_alpha,
+        [reason] = uncertain_reasons(
+            [out.confidence], [out.ood_pvalue], self.settings.uncertain_confidence, self.settings.uncertain_ood_alpha
         )
+        return reason
 
     def render(self, result: BatchResult, request_id: str, started: float) -> dict:
         """The v1 response body of one result (DESIGN.md's contract)."""
-        [body] = self.render_all([result], [request_id], started)
-        return body
-
-    def render_all(self, results: list[BatchResult], request_ids: list[str], started: float) -> list[dict]:
-        """The v1 response bodies of a call's results, in order. Each array of the call becomes Python floats in one
-        ``tolist`` (the same values ``float()`` gives one by one, at a fraction of the cost), rounded as every
-        figure of a response is."""
-        outputs = [result.output for result in results]
-        labels, experts = self.model.labels, self.pipeline.experts
-        probabilities = np.stack([out.probabilities for out in outputs]).tolist()
-        route_scores = np.stack([out.route_scores for out in outputs]).tolist()
-        importance = np.stack([out.importance for out in outputs]).tolist()
-        modality_weights = np.stack([out.modality_weights for out in outputs]).tolist()
-        reasons = self.uncertain_reasons(outputs)
+        out = result.output
         madds_full = self.model.madds_full
-        bodies = []
-        for i, (result, out) in enumerate(zip(results, outputs, strict=True)):
-            route = {
-                "expert": out.expert,
-                "decided_by": out.decided_by,
-                "scores": {e: round(v, 6) for e, v in zip(experts, route_scores[i], strict=True)},
-                "modality_weights": _per_modality(modality_weights[i]),
-                "operating_point": out.operating_point,
-                "degraded": out.degraded,
-                "guarded": out.guarded,
-            }
-            if out.weights is not None:
-                route["weights"] = {e: round(float(w), 6) for e, w in zip(experts, out.weights, strict=True)}
-            if out.fallback_from is not None:
-                route["fallback_from"] = out.fallback_from
-            bodies.append(
-                {
-                    "id": request_ids[i],
-                    "model": self.model.name,
-                    "model_version": self.model.version,
-                    "label": out.label,
-                    "scores": {label: round(v, 6) for label, v in zip(labels, probabilities[i], strict=True)},
-                    "route": route,
-                    "importance": _per_modality(importance[i]),
-                    "importance_method": out.importance_method,
-                    **({"explanation": out.explanation} if out.explanation is not None else {}),
-                    **({"uncertain": True, "uncertain_reason": reasons[i]} if reasons[i] else {"uncertain": False}),
-                    "compute": {
-                        "madds": out.madds,
-                        "madds_full": madds_full,
-                        "saved_ratio": round(1.0 - out.madds / madds_full, 6),
-                        "attribution_madds": out.attribution_madds,
-                    },
-                    "timing_ms": {
-                        "queue": round(1000 * result.queue_seconds, 3),
-                        "inference": round(1000 * result.inference_seconds, 3),
-                        "total": round(1000 * (time.perf_counter() - started), 3),
-                    },
-                }
-            )
-        return bodies
+        return {
+            "id": request_id,
+            "model": self.model.name,
+            "model_version": self.model.version,
+            "label": out.label,
+            "scores": {
+                label: round(float(p), 6) for label, p in zip(self.model.labels, out.probabilities, strict=True)
+            },
+            "route": self._route(out),
+            "importance": _per_modality(out.importance),
+            "importance_method": out.importance_method,
+            **({"explanation": out.explanation} if out.explanation is not None else {}),
+            **self._uncertain(out),
+            "compute": {
+                "madds": out.madds,
+                "madds_full": madds_full,
+                "saved_ratio": round(1.0 - out.madds / madds_full, 6),
+                "attribution_madds": out.attribution_madds,
+            },
+            "timing_ms": {
+                "queue": round(1000 * result.queue_seconds, 3),
+                "inference": round(1000 * result.inference_seconds, 3),
+                "total": round(1000 * (time.perf_counter() - started), 3),
+            },
+        }
+
+    def _route(self, out) -> dict:
+        experts = self.pipeline.experts
+        route = {
+            "expert": out.expert,
+            "decided_by": out.decided_by,
+            "scores": {e: round(float(s), 6) for e, s in zip(experts, out.route_scores, strict=True)},
+            "modality_weights": _per_modality(out.modality_weights),
+            "operating_point": out.operating_point,
+            "degraded": out.degraded,
+            "guarded": out.guarded,
+        }
+        if out.weights is not None:
+            route["weights"] = {e: round(float(w), 6) for e, w in zip(experts, out.weights, strict=True)}
+        if out.fallback_from is not None:
+            route["fallback_from"] = out.fallback_from
+        return route
+
+    def _uncertain(self, out) -> dict:
+        reason = self.uncertain_reason(out)
+        return {"uncertain": True, "uncertain_reason": reason} if reason else {"uncertain": False}
 
     def safety(self) -> dict:
         """The live state of "is routing still safe?" for GET /v1/models/{name}: the guard, the audits and the

@@ -8,13 +8,9 @@ reports the sums over all of them.
 
 from __future__ import annotations
 
-import bisect
-import collections
 import copy
 import os
-from collections.abc import Sequence
 from pathlib import Path
-from types import SimpleNamespace
 
 import prometheus_client
 from prometheus_client import CollectorRegistry, generate_latest, multiprocess
@@ -372,60 +368,28 @@ class Metrics:
         operating_point: str | None = None,
         degraded: bool = False,
     ) -> None:
-        """One answer's routing, compute and attribution (``observe_predictions`` of one)."""
-        answer = SimpleNamespace(
-            expert=expert,
-            decided_by=decided_by,
-            madds=madds,
-            importance=importance,
-            modality_weights=modality_weights,
-            operating_point=operating_point,
-            degraded=degraded,
-        )
-        self.observe_predictions([answer], madds_full)
-
-    def observe_predictions(self, answers: Sequence, madds_full: int) -> None:
-        """The routing, compute and attribution of a batch's answers (each with the fields of a PipelineOutput of
-        those names), every series touched once: a counter increased by the batch's total, a histogram's buckets
-        and sum by theirs. One by one, an answer touched about a dozen series, and with --workers N each increment
-        is a write to a shared file under a lock."""
-        model = self.model
-        for (expert, decided_by), count in collections.Counter((a.expert, a.decided_by) for a in answers).items():
-            self.route_decisions.labels(model, expert, decided_by).inc(count)
-        for point, count in collections.Counter(
-            a.operating_point for a in answers if a.operating_point is not None
-        ).items():
-            self.operating_point_requests.labels(model, point).inc(count)
-        if degraded := sum(1 for a in answers if a.degraded):
-            self.degraded_requests.labels(model).inc(degraded)
-        self.compute_madds.labels(model).inc(sum(a.madds for a in answers))
-        self.compute_full_madds.labels(model).inc(madds_full * len(answers))
-        for expert, answered in _by_expert(answers).items():
-            for index, modality in enumerate(MODALITIES):
-                values = [float(a.importance[index]) for a in answered]
-                observe_all(self.modality_importance.labels(model, expert, modality), values)
-        weights = [a.modality_weights for a in answers if a.modality_weights is not None]
-        for index, modality in enumerate(MODALITIES) if weights else ():
-            observe_all(self.modality_weight.labels(model, modality), [float(w[index]) for w in weights])
+        self.route_decisions.labels(self.model, expert, decided_by).inc()
+        if operating_point is not None:
+            self.operating_point_requests.labels(self.model, operating_point).inc()
+        if degraded:
+            self.degraded_requests.labels(self.model).inc()
+        self.compute_madds.labels(self.model).inc(madds)
+        self.compute_full_madds.labels(self.model).inc(madds_full)
+        self.modality_importance.labels(self.model, expert, "text").observe(float(importance[0]))
+        self.modality_importance.labels(self.model, expert, "image").observe(float(importance[1]))
+        if modality_weights is not None:
+            self.modality_weight.labels(self.model, "text").observe(float(modality_weights[0]))
+            self.modality_weight.labels(self.model, "image").observe(float(modality_weights[1]))
 
     def observe_answer(self, expert: str, top_probability: float, uncertain_reason: str | None) -> None:
-        self.observe_answers([expert], [top_probability], [uncertain_reason])
-
-    def observe_answers(
-        self, experts: Sequence[str], top_probabilities: Sequence[float], uncertain_reasons: Sequence[str | None]
-    ) -> None:
-        """Each answer's top probability, by the expert that answered, and why it is uncertain (None: it is not)."""
-        by_expert: dict[str, list[float]] = {}
-        for expert, top in zip(experts, top_probabilities, strict=True):
-            by_expert.setdefault(expert, []).append(float(top))
-        for expert, values in by_expert.items():
-            observe_all(self.top_probability.labels(self.model, expert), values)
-        for reason, count in collections.Counter(r for r in uncertain_reasons if r is not None).items():
-            self.uncertain.labels(self.model, reason).inc(count)
+        self.top_probability.labels(self.model, expert).observe(top_probability)
+        if uncertain_reason is not None:
+            self.uncertain.labels(self.model, uncertain_reason).inc()
 
     def observe_batch(self, size: int, queue_seconds: list[float], expert_seconds: dict[str, float]) -> None:
         self.batch_size.labels(self.model).observe(size)
-        observe_all(self.queue_duration.labels(self.model), queue_seconds)
+        for seconds in queue_seconds:
+            self.queue_duration.labels(self.model).observe(seconds)
         for expert, seconds in expert_seconds.items():
             self.expert_duration.labels(self.model, expert).observe(seconds)
 
@@ -485,25 +449,3 @@ def _alive(pid: int) -> bool:
     except (OSError, IndexError):
         return True
     return state != "Z"
-
-
-def observe_all(child, values: Sequence[float]) -> None:
-    """``child.observe(v)`` for every value: a prometheus_client histogram's buckets each increased once by the
-    values they take, and its sum once by theirs (a NaN, which no bucket takes, only in the sum, as observe() does);
-    any other child (Ray's, service/ray/metrics.py) one value at a time."""
-    bounds, buckets = getattr(child, "_upper_bounds", None), getattr(child, "_buckets", None)
-    if bounds is None or buckets is None or len(bounds) != len(buckets):
-        for value in values:
-            child.observe(value)
-        return
-    # The first bucket whose bound is >= the value, as observe() walks them.
-    for index, count in collections.Counter(bisect.bisect_left(bounds, v) for v in values if v == v).items():
-        buckets[index].inc(count)
-    child._sum.inc(sum(values))
-
-
-def _by_expert(answers: Sequence) -> dict[str, list]:
-    grouped: dict[str, list] = {}
-    for answer in answers:
-        grouped.setdefault(answer.expert, []).append(answer)
-    return grouped

@@ -291,7 +291,7 @@ async def _prepare(service: InferenceService, clients: list[ClientInput]) -> lis
 
 def _output_values(service: InferenceService, outputs: list[PipelineOutput]) -> dict:
     madds = np.array([o.madds for o in outputs], dtype=np.int64)  # (N,)
-    reasons = service.uncertain_reasons(outputs)
+    reasons = [service.uncertain_reason(o) for o in outputs]
     return {
         "label": [o.label for o in outputs],
         "probabilities": np.stack([o.probabilities for o in outputs]),  # (N, K), columns in model.labels order

@@ -167,8 +167,10 @@ async def classify_batch(request: Request, models: ModelsDep, settings: Settings
             error.message = f"inputs[{position}]: {error.message}"
             raise
     results = await service.classify(items, deadline_of(request))
-    ids = [entry.id if entry.id is not None else str(position) for position, entry in enumerate(body.inputs)]
-    outputs = service.render_all(results, ids, started)
+    outputs = [
+        service.render(result, entry.id if entry.id is not None else str(position), started)
+        for position, (entry, result) in enumerate(zip(body.inputs, results, strict=True))
+    ]
     return JSONResponse(
         {"model": service.model.name, "model_version": service.model.version, "outputs": outputs},
         background=OnTheLoop(service.after_response, items, results),  # audits: once the answers are sent
