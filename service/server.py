@@ -157,7 +157,8 @@ def _serve_workers(settings: Settings) -> int:
         print(f"dynfuse serve: error: cannot serve on port {settings.port}: {problem}", file=sys.stderr)
         return 1
     threads = settings.threads or max(1, available_cores() // settings.workers)  # N runtimes on all cores would thrash
-    print(f"dynfuse: {settings.workers} worker processes, {threads} runtime thread(s) each", flush=True)
+    where = f"http://{settings.host}:{reserved.port}"  # port 0 resolved here, once for every worker
+    print(f"dynfuse: {settings.workers} worker processes on {where}, {threads} runtime thread(s) each", flush=True)
     worker_settings = settings.model_copy(update={"threads": threads})
     # A fresh directory per run: files left by an earlier run would be summed into this one's metrics.
     with (

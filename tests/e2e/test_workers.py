@@ -272,3 +272,22 @@ def test_workers_refuse_a_port_another_server_holds(tiny_store):
         )  # fmt: skip
     assert done.returncode == 1, done.stdout + done.stderr
     assert f"cannot serve on port {port}" in done.stderr
+
+
+def test_port_0_resolves_once_and_every_worker_listens_on_it(tiny_store):
+    """Any free port (DYNFUSE_PORT=0) with several workers: one port for all of them, said at start."""
+    command = [sys.executable, "-m", "service.cli", "serve", "--store", str(tiny_store), "--host", "127.0.0.1"]
+    process = subprocess.Popen(
+        [*command, "--port", "0", "--workers", "2"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    try:
+        line = next(line for line in process.stdout if "worker processes on" in line)
+        port = int(line.split("worker processes on http://127.0.0.1:")[1].split(",")[0])
+        workers = wait_for(lambda: len(worker_pids(process.pid)) == 2 and worker_pids(process.pid), "two workers")
+        listening = wait_for(lambda: len(listening_sockets(port)) == 2 and listening_sockets(port), "both listening")
+        assert sorted(pid for pids in holders(listening, workers).values() for pid in pids) == sorted(workers)
+        assert httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=5).status_code == 200
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.communicate(timeout=60)
+    assert process.returncode == 0
