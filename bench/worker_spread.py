@@ -4,9 +4,9 @@ every call costs the same), each run opening its ``-c`` keep-alive connections a
 proxy's upstream pool does. Each trial records every worker's share of the server's CPU and the pairs answered per
 second: a trial whose connections all went to one worker shows one share near 1 and about half the rate.
 
-``--baseline DIR`` also runs another checkout (``git worktree add DIR <commit>``) in the same Python environment, the
-two alternating, to compare how each spreads connections (service/listeners.py: one socket per worker against
-uvicorn's one shared socket).
+``--baseline DIR`` then runs another checkout (``git worktree add DIR <commit>``) the same way, in the same Python
+environment, to compare how each spreads connections (service/listeners.py: one socket per worker against uvicorn's
+one shared socket).
 
     python -m bench.worker_spread [--trials 10] [--connections 4,8] [--seconds 4] [--baseline DIR]
 """
