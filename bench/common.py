@@ -339,9 +339,9 @@ def start_server(
     raise RuntimeError("dynfuse serve was not ready after 120 s")
 
 
-def worker_processes(pid: int) -> tuple[int, ...]:
-    """The processes that serve requests: the workers ``dynfuse serve --workers N`` spawned (not multiprocessing's
-    resource tracker beside them), or the server itself when it serves alone."""
+def worker_processes(pid: int) -> list[int]:
+    """The worker processes ``dynfuse serve --workers N`` spawned (not multiprocessing's resource tracker beside
+    them); none when the server serves in its own process."""
     workers = []
     for child in server_processes(pid)[1:]:
         try:
@@ -349,7 +349,7 @@ def worker_processes(pid: int) -> tuple[int, ...]:
                 workers.append(child)
         except OSError:
             continue  # gone meanwhile
-    return tuple(workers) or (pid,)
+    return workers
 
 
 def stop_server(process: subprocess.Popen) -> None:

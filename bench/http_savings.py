@@ -117,7 +117,7 @@ def wrk(base: str, bodies: Path, concurrency: int, seconds: float) -> dict:
 def one_round(base: str, bodies: Path, concurrency: int, seconds: float, server: int) -> dict:
     pids = server_processes(server)
     before, cpu_before, threads_before = counters(base), cpu_seconds(pids), thread_cpu(pids)
-    workers = worker_processes(server)
+    workers = worker_processes(server) or [server]  # one process: the server itself
     by_worker_before = {pid: cpu_seconds((pid,)) for pid in workers}
     load = wrk(base, bodies, concurrency, seconds)
     after, cpu_after, threads_after = counters(base), cpu_seconds(pids), thread_cpu(pids)
@@ -145,6 +145,37 @@ def one_round(base: str, bodies: Path, concurrency: int, seconds: float, server:
     }
 
 
+def held_out_split(store: Path, data: Path | None) -> tuple[str, Path, list[dict]]:
+    """The store's full expert, the data set (default: bench/peer_compare.py's held-out one, made when missing) and
+    its test split."""
+    from export.store import load_model
+
+    if data is None:
+        from bench.peer_compare import held_out_data
+
+        data = held_out_data(store, None, HELD_OUT_SEED)
+    return load_model(store).full_expert, data, load_test_split(data)
+
+
+def write_batch_bodies(samples: list[dict], route: str, path: Path) -> int:
+    """``/v1/classify/batch`` bodies of BATCH pairs each with ``route``, one per line of ``path`` (a short last batch
+    is left out, so that every call costs the same); how many."""
+    lines = [
+        json.dumps(
+            {
+                "inputs": [
+                    {"id": s["id"], "image": base64.b64encode(s["png"]).decode(), "text": s["text"]} for s in batch
+                ],
+                "route": route,
+            }
+        )  # fmt: skip
+        for batch in chunks(samples, BATCH)
+        if len(batch) == BATCH
+    ]
+    path.write_text("\n".join(lines) + "\n")
+    return len(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--store", type=Path, default=DEFAULT_STORE)
@@ -159,33 +190,18 @@ def main(argv: list[str] | None = None) -> int:
     if not shutil.which("wrk"):
         raise SystemExit("wrk is needed: apt-get install wrk")
 
-    from export.store import load_model
-
-    full = load_model(args.store).full_expert
-    if args.data is None:
-        from bench.peer_compare import held_out_data
-
-        args.data = held_out_data(args.store, None, HELD_OUT_SEED)
-    samples = load_test_split(args.data)
+    full, args.data, samples = held_out_split(args.store, args.data)
     work = Path(tempfile.mkdtemp(prefix="dynfuse-bench-"))
-    files = {}
-    for route in ("auto", full):
-        lines = []
-        for batch in chunks(samples, BATCH):
-            if len(batch) == BATCH:
-                inputs = [
-                    {"id": s["id"], "image": base64.b64encode(s["png"]).decode(), "text": s["text"]} for s in batch
-                ]
-                lines.append(json.dumps({"inputs": inputs, "route": route}))
-        files[route] = work / f"{route}.jsonl"
-        files[route].write_text("\n".join(lines) + "\n")
-    print(f"{len(lines)} batch bodies of {BATCH} test-split pairs per policy; full expert: {full}")
+    files = {route: work / f"{route}.jsonl" for route in ("auto", full)}
+    for route, path in files.items():
+        count = write_batch_bodies(samples, route, path)
+    print(f"{count} batch bodies of {BATCH} test-split pairs per policy; full expert: {full}")
 
     quiet = wait_for_quiet(max_wait_s=args.max_wait)
     process, base = start_server(args.store, work / "server.log", workers=args.workers)
     rounds = {"auto": [], full: []}
     try:
-        workers = len(worker_processes(process.pid))
+        workers = len(worker_processes(process.pid)) or 1
         if args.concurrency is None:
             args.concurrency = 4 * workers
         print(f"{workers} worker process(es), {args.concurrency} batch calls in flight")

@@ -35,30 +35,6 @@ REQUEST_TIMEOUT_S = 4.0  # the stalled clients get their 408 after this
 
 
 # -- the server's processes ---------------------------------------------------------------------------
-def children(pid: int) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
-                    found.append(int(entry.name))
-            except (OSError, IndexError, ValueError):
-                continue
-    return sorted(found)
-
-
-def workers_of(pid: int) -> list[int]:
-    """uvicorn's worker processes (spawned; the multiprocessing resource tracker is not one)."""
-    return [child for child in children(pid) if b"spawn_main" in _cmdline(child)]
-
-
-def _cmdline(pid: int) -> bytes:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return b""
-
-
 # Threads a process may add over the soak without leaking: the decode pool and asyncio's default executor start
 # their threads lazily, up to a fixed bound, when concurrency first needs them (seen: a worker at 11 threads after
 # warm-up and 12 at the end). A leak grows with traffic: the soak's thousands of requests and connections.
@@ -75,7 +51,7 @@ def process_stats(pid: int) -> dict:
 
 
 def snapshot(supervisor: int) -> dict:
-    pids = [supervisor, *workers_of(supervisor)]
+    pids = [supervisor, *common.worker_processes(supervisor)]
     return {str(pid): process_stats(pid) for pid in pids}
 
 
@@ -119,7 +95,7 @@ def start_server(store: Path, log: Path, workers: int) -> tuple[subprocess.Popen
     settings = {"max_body_bytes": MAX_BODY_BYTES, "request_timeout_s": REQUEST_TIMEOUT_S}
     process, base = common.start_server(store, log, workers, settings)
     deadline = time.monotonic() + 120
-    while len(workers_of(process.pid)) != workers:
+    while len(common.worker_processes(process.pid)) != workers:
         if time.monotonic() > deadline:
             common.stop_server(process)
             raise RuntimeError(f"dynfuse serve did not start {workers} workers in 120 s")
@@ -178,14 +154,14 @@ def warm_up(supervisor: int, traffic: Traffic, seconds: float, rounds: int = 6) 
     ``seconds`` of the mix."""
     for _ in range(rounds):
         asyncio.run(prime(traffic))
-        threads = {process_stats(pid)["threads"] for pid in workers_of(supervisor)}
+        threads = {process_stats(pid)["threads"] for pid in common.worker_processes(supervisor)}
         if len(threads) == 1:
             break
     asyncio.run(drive(traffic, seconds, Tally()))
 
 
 def chaos(supervisor: int, traffic: Traffic, seconds: float) -> dict:
-    before = workers_of(supervisor)
+    before = common.worker_processes(supervisor)
     victim = before[0]
     tally = Tally()
     kill_at = seconds / 3
@@ -199,10 +175,10 @@ def chaos(supervisor: int, traffic: Traffic, seconds: float) -> dict:
 
     asyncio.run(scenario())
     deadline = time.monotonic() + 60
-    after = workers_of(supervisor)
+    after = common.worker_processes(supervisor)
     while (len(after) < len(before) or victim in after) and time.monotonic() < deadline:
         time.sleep(0.2)
-        after = workers_of(supervisor)
+        after = common.worker_processes(supervisor)
     survivor = [pid for pid in before if pid != victim]
     return tally.as_dict() | {
         "killed": victim,

@@ -14,8 +14,6 @@ one shared socket).
 from __future__ import annotations
 
 import argparse
-import base64
-import json
 import os
 import shutil
 import statistics
@@ -29,15 +27,13 @@ from bench.common import (
     DEFAULT_STORE,
     REPO,
     RESULTS,
-    chunks,
     cpu_seconds,
     free_port,
-    load_test_split,
     stop_server,
     worker_processes,
     write_result,
 )
-from bench.http_savings import BATCH, HELD_OUT_SEED, wrk
+from bench.http_savings import BATCH, HELD_OUT_SEED, held_out_split, write_batch_bodies, wrk
 
 
 def start(root: Path, store: Path, log: Path) -> tuple[subprocess.Popen, str, tuple[int, ...]]:
@@ -102,26 +98,10 @@ def main(argv: list[str] | None = None) -> int:
     if not shutil.which("wrk"):
         raise SystemExit("wrk is needed: apt-get install wrk")
 
-    from export.store import load_model
-
-    full = load_model(args.store).full_expert
-    if args.data is None:
-        from bench.peer_compare import held_out_data
-
-        args.data = held_out_data(args.store, None, HELD_OUT_SEED)
+    full, args.data, samples = held_out_split(args.store, args.data)
     work = Path(tempfile.mkdtemp(prefix="dynfuse-bench-"))
     bodies = work / "bodies.jsonl"
-    lines = [
-        json.dumps(
-            {
-                "inputs": [{"image": base64.b64encode(s["png"]).decode(), "text": s["text"]} for s in batch],
-                "route": full,
-            }
-        )  # fmt: skip
-        for batch in chunks(load_test_split(args.data), BATCH)
-        if len(batch) == BATCH
-    ]
-    bodies.write_text("\n".join(lines) + "\n")
+    write_batch_bodies(samples, full, bodies)  # the full expert forced: every call costs the same
     checkouts = {"this checkout": REPO} | ({"baseline": args.baseline.resolve()} if args.baseline else {})
     counts = [int(c) for c in args.connections.split(",")]
     results: dict = {name: {str(c): [] for c in counts} for name in checkouts}
