@@ -27,10 +27,12 @@ from fastapi import FastAPI, Request
 
 from export.backends import create_backend
 from export.store import load_model
+from service.config import Settings
 
 SERVERS = ("litserve-full", "litserve-auto", "fastapi-decode")
-MAX_BATCH_SIZE = 16  # dynfuse's DYNFUSE_MAX_BATCH_SIZE default
-BATCH_TIMEOUT_S = 0.002  # dynfuse's DYNFUSE_MAX_BATCH_DELAY_MS default
+# The peers batch as dynfuse does by default (DYNFUSE_MAX_BATCH_SIZE, DYNFUSE_MAX_BATCH_DELAY_MS).
+MAX_BATCH_SIZE = Settings.model_fields["max_batch_size"].default
+BATCH_TIMEOUT_S = Settings.model_fields["max_batch_delay_ms"].default / 1000
 
 
 def decode_picture(data: str):

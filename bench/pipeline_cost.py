@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 from bench.common import DEFAULT_STORE, RESULTS, chunks, decoded_inputs, load_test_split, markdown_table, write_result
+from service.config import Settings
 
 HELD_OUT_SEED = 7  # bench/peer_compare.py's
 
@@ -25,7 +26,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--store", type=Path, default=DEFAULT_STORE)
     parser.add_argument("--data", type=Path, help=f"held-out data set (default: made with seed {HELD_OUT_SEED})")
-    parser.add_argument("--batch", type=int, default=16, help="pairs per predict call (the serving max_batch_size)")
+    parser.add_argument(
+        "--batch",
+        type=int,
+        default=Settings.model_fields["max_batch_size"].default,
+        help="pairs per predict call (default: the serving max_batch_size)",
+    )
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--pairs", type=int, default=480, help="held-out pairs per round")
     parser.add_argument(
