@@ -66,6 +66,7 @@ class BatchResult:
     output: PipelineOutput
     queue_seconds: float  # enqueued -> its batch started
     inference_seconds: float  # the whole batch's pipeline call
+    uncertain_reason: str | None = None  # why the answer is uncertain, under the server's settings (set by classify)
 
 
 class SpareJob(Protocol):

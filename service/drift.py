@@ -63,14 +63,20 @@ class RouteMixDrift:
 
     def observe(self, point: str, expert_index: int) -> None:
         """One request routed by ``point``'s router to the expert at ``expert_index``."""
+        self.observe_all(point, (expert_index,))
+
+    def observe_all(self, point: str, expert_indices: Sequence[int]) -> None:
+        """Requests routed by ``point``'s router, in order (a call's): the window moves by each, and the divergence
+        is computed and published once, for the window they leave."""
         picks = self._picks.get(point)
-        if picks is None:
+        if picks is None or not expert_indices:
             return  # a point without a validation mix: nothing to compare with
         counts = self._counts[point]
-        if len(picks) == picks.maxlen:
-            counts[picks[0]] -= 1
-        picks.append(expert_index)
-        counts[expert_index] += 1
+        for expert_index in expert_indices:
+            if len(picks) == picks.maxlen:
+                counts[picks[0]] -= 1
+            picks.append(expert_index)
+            counts[expert_index] += 1
         if len(picks) >= min(self.window, MIN_REQUESTS):
             self.values[point] = jensen_shannon(counts, self.expected[point])
             self.publish(point, self.values[point])

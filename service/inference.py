@@ -17,7 +17,7 @@ import numpy as np
 from PIL import Image
 
 from export.backends import Backend, create_backend
-from export.pipeline import AUTO, SOFT, DynamicPipeline, PipelineInput, RouteError
+from export.pipeline import AUTO, SOFT, DynamicPipeline, PipelineInput, PipelineOutput, RouteError
 from export.store import StoredModel, load_model
 from models.ood import uncertain_reasons
 from models.policy import DECIDED_BY
@@ -264,7 +264,9 @@ class InferenceService:
 
     async def classify(self, items: list[PipelineInput], deadline: float | None = None) -> list[BatchResult]:
         results = await self.batcher.submit(items, deadline)
-        for item, result in zip(items, results, strict=True):
+        outputs = [result.output for result in results]
+        for result, reason in zip(results, self.uncertain_reasons(outputs), strict=True):
+            result.uncertain_reason = reason
             out = result.output
             self.metrics.observe_prediction(
                 expert=out.expert,
@@ -276,23 +278,41 @@ class InferenceService:
                 operating_point=out.operating_point,
                 degraded=out.degraded,
             )
-            self.metrics.observe_answer(out.expert, float(out.probabilities.max()), self.uncertain_reason(out))
-            if item.route == AUTO and item.token_ids is not None and item.image is not None:
-                # The router's own pick (calibration keeps the order): a fallback or an escalation after it aside.
-                self.drift.observe(out.operating_point, int(np.argmax(out.route_scores)))
+            self.metrics.observe_answer(out.expert, float(out.probabilities.max()), reason)
+        self._observe_router_picks(items, outputs)
         return results
+
+    def _observe_router_picks(self, items: list[PipelineInput], outputs: list[PipelineOutput]) -> None:
+        """The route mix's drift, from the router's own picks (calibration keeps the order; a fallback or an
+        escalation after the pick aside) of a call's requests it routes with both modalities: one divergence per
+        operating point and call, not one per request."""
+        rows = [
+            (out.operating_point, out.route_scores)
+            for item, out in zip(items, outputs, strict=True)
+            if item.route == AUTO and item.token_ids is not None and item.image is not None
+        ]
+        if not rows:
+            return
+        chosen = np.argmax(np.stack([scores for _, scores in rows]), axis=1).tolist()
+        picks: dict[str, list[int]] = {}
+        for (point, _), pick in zip(rows, chosen, strict=True):
+            picks.setdefault(point, []).append(pick)
+        for point, indices in picks.items():
+            self.drift.observe_all(point, indices)
 
     def after_response(self, items: list[PipelineInput], results: list[BatchResult]) -> None:
         """What runs once a response was sent: the shadow audits of its answers (a background task of the
         response, so an audit never delays one)."""
         self.auditor.after_response(items, [result.output for result in results])
 
-    def uncertain_reason(self, out) -> str | None:
-        """Why the answer is uncertain (models/ood.py), or None."""
-        [reason] = uncertain_reasons(
-            [out.confidence], [out.ood_pvalue], self.settings.uncertain_confidence, self.settings.uncertain_ood_alpha
+    def uncertain_reasons(self, outputs: list[PipelineOutput]) -> list[str | None]:
+        """Why each answer is uncertain (models/ood.py), or None."""
+        return uncertain_reasons(
+            [out.confidence for out in outputs],
+            [out.ood_pvalue for out in outputs],
+            self.settings.uncertain_confidence,
+            self.settings.uncertain_ood_alpha,
         )
-        return reason
 
     def render(self, result: BatchResult, request_id: str, started: float) -> dict:
         """The v1 response body of one result (DESIGN.md's contract)."""
@@ -310,7 +330,7 @@ class InferenceService:
             "importance": _per_modality(out.importance),
             "importance_method": out.importance_method,
             **({"explanation": out.explanation} if out.explanation is not None else {}),
-            **self._uncertain(out),
+            **_uncertain(result.uncertain_reason),
             "compute": {
                 "madds": out.madds,
                 "madds_full": madds_full,
@@ -340,10 +360,6 @@ class InferenceService:
         if out.fallback_from is not None:
             route["fallback_from"] = out.fallback_from
         return route
-
-    def _uncertain(self, out) -> dict:
-        reason = self.uncertain_reason(out)
-        return {"uncertain": True, "uncertain_reason": reason} if reason else {"uncertain": False}
 
     def safety(self) -> dict:
         """The live state of "is routing still safe?" for GET /v1/models/{name}: the guard, the audits and the
@@ -406,6 +422,10 @@ class InferenceService:
                 for e in manifest.get("examples", [])
             ],
         }
+
+
+def _uncertain(reason: str | None) -> dict:
+    return {"uncertain": True, "uncertain_reason": reason} if reason else {"uncertain": False}
 
 
 def _per_modality(values) -> dict[str, float]:

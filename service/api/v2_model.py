@@ -40,9 +40,10 @@ from importlib import metadata
 
 import numpy as np
 
-from export.pipeline import AUTO, SOFT, PipelineInput, PipelineOutput
+from export.pipeline import AUTO, SOFT, PipelineInput
 from models.attribution import MODALITIES
 from service.api.v2_codec import check_parameters
+from service.batcher import BatchResult
 from service.config import Settings
 from service.decode import decode_base64, is_blank
 from service.errors import ApiError, InvalidInput, NotFound, NotReady, PayloadTooLarge
@@ -167,7 +168,7 @@ async def infer(
         results = await service.classify(items, deadline)
     except ApiError as error:
         raise as_v2(error) from None
-    values = _output_values(service, [result.output for result in results])
+    values = _output_values(service, results)
     return values, partial(service.after_response, items, results)
 
 
@@ -289,9 +290,10 @@ async def _prepare(service: InferenceService, clients: list[ClientInput]) -> lis
     return items
 
 
-def _output_values(service: InferenceService, outputs: list[PipelineOutput]) -> dict:
+def _output_values(service: InferenceService, results: list[BatchResult]) -> dict:
+    outputs = [result.output for result in results]
+    reasons = [result.uncertain_reason for result in results]
     madds = np.array([o.madds for o in outputs], dtype=np.int64)  # (N,)
-    reasons = [service.uncertain_reason(o) for o in outputs]
     return {
         "label": [o.label for o in outputs],
         "probabilities": np.stack([o.probabilities for o in outputs]),  # (N, K), columns in model.labels order

@@ -73,3 +73,23 @@ def test_a_long_window_publishes_after_min_requests():
     assert published == []
     drift.observe("p", 0)
     assert len(published) == 1
+
+
+def test_a_calls_picks_move_the_window_as_one_by_one_and_publish_once():
+    rng = np.random.default_rng(1)
+    picks = [int(p) for p in rng.integers(3, size=37)]
+    mixes = {"p": {"a": 0.6, "b": 0.3, "c": 0.1}}
+    one_by_one, together = [], []
+    single = RouteMixDrift(("a", "b", "c"), mixes, window=10, publish=lambda *v: one_by_one.append(v))
+    batched = RouteMixDrift(("a", "b", "c"), mixes, window=10, publish=lambda *v: together.append(v))
+    for start in range(0, len(picks), 8):  # calls of 8 picks, a short one last
+        call = picks[start : start + 8]
+        for pick in call:
+            single.observe("p", pick)
+        published = len(together)
+        batched.observe_all("p", call)
+        assert len(together) == published + (1 if start + len(call) >= 10 else 0)  # once per call, when due
+        assert together[-1:] == one_by_one[-1:]  # the window the call leaves, the same value
+    assert batched.describe() == single.describe()
+    batched.observe_all("p", [])  # an empty call changes nothing
+    assert len(together) == 4  # the last four calls: the first one left fewer picks than the window needs
