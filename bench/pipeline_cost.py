@@ -5,7 +5,7 @@ In process, one runtime thread (so that the calling thread's CPU time is all the
 ``--batch`` pre-decoded held-out pairs, the two routes alternating ``--rounds`` times; the round of median total.
 The difference between the routes is what routing saves in the model; the glue is paid whatever the route.
 
-    python -m bench.pipeline_cost [--batch 32] [--rounds 5]
+    python -m bench.pipeline_cost [--batch 64] [--rounds 5]
 """
 
 from __future__ import annotations

@@ -59,10 +59,11 @@ class Settings(BaseSettings):
         "one GIL; one with device=cuda.",
     )
 
-    # 32, not 16: routing splits a batch into one sub-batch per expert, and each sub-batch pays the runtime's call
+    # 64, not 16: routing splits a batch into one sub-batch per expert, and each sub-batch pays the runtime's call
     # and the pipeline's Python whatever its size; at 16 those sub-batches were a few rows each, and route auto kept
-    # less of what it saved in the model (bench/BENCHMARKS.md, "A batch big enough to split").
-    max_batch_size: int = Field(32, ge=1, le=1024, description="Most requests one micro-batch holds.")
+    # less of what it saved in the model (bench/BENCHMARKS.md, "A batch big enough to split"). 64 is also the most
+    # rows a batch call may carry (max_batch_inputs), so the largest call is one batch.
+    max_batch_size: int = Field(64, ge=1, le=1024, description="Most requests one micro-batch holds.")
     max_batch_delay_ms: float = Field(2.0, ge=0, le=1000, description="Longest wait for a batch to fill.")
     max_queue: int = Field(
         256,
