@@ -7,12 +7,12 @@ import uuid
 from typing import TypeVar
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ValidationError
 from starlette.datastructures import UploadFile
 
 from export.pipeline import PipelineInput
 from service.admission import deadline_of
+from service.api.answers import AnswerResponse
 from service.api.deps import ModelsDep, SettingsDep, require_api_key
 from service.api.forms import MULTIPART, URLENCODED, read_form
 from service.background import OnTheLoop
@@ -114,11 +114,11 @@ CLASSIFY_BODY = {
     description="The router picks one expert path and only that path runs. Send JSON (base64 image) or a "
     "multipart form (image file). Either modality may be absent, not both.",
 )
-async def classify(request: Request, models: ModelsDep, settings: SettingsDep) -> JSONResponse:
+async def classify(request: Request, models: ModelsDep, settings: SettingsDep) -> AnswerResponse:
     return await classify_one(request, models, settings)
 
 
-async def classify_one(request: Request, models: Leases, settings: Settings) -> JSONResponse:
+async def classify_one(request: Request, models: Leases, settings: Settings) -> AnswerResponse:
     """``POST /v1/classify``: the route above, and the fast path (service/api/fast_path.py) that calls it without
     FastAPI's routing and dependency injection."""
     started = time.perf_counter()
@@ -127,7 +127,7 @@ async def classify_one(request: Request, models: Leases, settings: Settings) -> 
     item = await service.prepare(client)
     [result] = await service.classify([item], deadline_of(request))
     request_id = _request_id(request)
-    return JSONResponse(
+    return AnswerResponse(
         service.render(result, request_id, started),
         headers={"X-Request-ID": request_id},
         background=OnTheLoop(service.after_response, [item], [result]),  # audits: once the answer is sent
@@ -141,7 +141,7 @@ async def classify_one(request: Request, models: Leases, settings: Settings) -> 
     summary="Classify several image-text pairs in one call",
     description="Every input is routed on its own; outputs come back in input order with their ids.",
 )
-async def classify_batch(request: Request, models: ModelsDep, settings: SettingsDep) -> JSONResponse:
+async def classify_batch(request: Request, models: ModelsDep, settings: SettingsDep) -> AnswerResponse:
     started = time.perf_counter()
     if _content_type(request) != "application/json":
         raise UnsupportedMediaType(f"content type {_content_type(request) or '(none)'!r}: send application/json")
@@ -171,7 +171,7 @@ async def classify_batch(request: Request, models: ModelsDep, settings: Settings
         service.render(result, entry.id if entry.id is not None else str(position), started)
         for position, (entry, result) in enumerate(zip(body.inputs, results, strict=True))
     ]
-    return JSONResponse(
+    return AnswerResponse(
         {"model": service.model.name, "model_version": service.model.version, "outputs": outputs},
         background=OnTheLoop(service.after_response, items, results),  # audits: once the answers are sent
     )
