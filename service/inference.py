@@ -265,9 +265,13 @@ class InferenceService:
     async def classify(self, items: list[PipelineInput], deadline: float | None = None) -> list[BatchResult]:
         results = await self.batcher.submit(items, deadline)
         outputs = [result.output for result in results]
-        for result, reason in zip(results, self.uncertain_reasons(outputs), strict=True):
+        reasons = self.uncertain_reasons(outputs)
+        for result, reason in zip(results, reasons, strict=True):
             result.uncertain_reason = reason
-            out = result.output
+        if len(outputs) > 1:
+            self.metrics.observe_call(outputs, reasons, self.model.madds_full)
+        else:
+            [out], [reason] = outputs, reasons
             self.metrics.observe_prediction(
                 expert=out.expert,
                 decided_by=out.decided_by,
@@ -315,7 +319,8 @@ class InferenceService:
         )
 
     def render(self, result: BatchResult, request_id: str, started: float) -> dict:
-        """The v1 response body of one result (DESIGN.md's contract)."""
+        """The v1 response body of one result (DESIGN.md's contract). An array's numbers become Python floats by
+        ``tolist``: the values ``float()`` gives one by one, without a NumPy scalar made for each."""
         out = result.output
         madds_full = self.model.madds_full
         return {
@@ -324,7 +329,7 @@ class InferenceService:
             "model_version": self.model.version,
             "label": out.label,
             "scores": {
-                label: round(float(p), 6) for label, p in zip(self.model.labels, out.probabilities, strict=True)
+                label: round(p, 6) for label, p in zip(self.model.labels, out.probabilities.tolist(), strict=True)
             },
             "route": self._route(out),
             "importance": _per_modality(out.importance),
@@ -349,14 +354,14 @@ class InferenceService:
         route = {
             "expert": out.expert,
             "decided_by": out.decided_by,
-            "scores": {e: round(float(s), 6) for e, s in zip(experts, out.route_scores, strict=True)},
+            "scores": {e: round(s, 6) for e, s in zip(experts, out.route_scores.tolist(), strict=True)},
             "modality_weights": _per_modality(out.modality_weights),
             "operating_point": out.operating_point,
             "degraded": out.degraded,
             "guarded": out.guarded,
         }
         if out.weights is not None:
-            route["weights"] = {e: round(float(w), 6) for e, w in zip(experts, out.weights, strict=True)}
+            route["weights"] = {e: round(w, 6) for e, w in zip(experts, out.weights.tolist(), strict=True)}
         if out.fallback_from is not None:
             route["fallback_from"] = out.fallback_from
         return route
@@ -430,4 +435,5 @@ def _uncertain(reason: str | None) -> dict:
 
 def _per_modality(values) -> dict[str, float]:
     """(2,) text, image -> {"text": ..., "image": ...}, rounded as every figure of a response."""
-    return {"text": round(float(values[0]), 6), "image": round(float(values[1]), 6)}
+    text, image = values.tolist() if isinstance(values, np.ndarray) else values
+    return {"text": round(float(text), 6), "image": round(float(image), 6)}

@@ -8,8 +8,11 @@ reports the sums over all of them.
 
 from __future__ import annotations
 
+import bisect
+import collections
 import copy
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import prometheus_client
@@ -381,6 +384,35 @@ class Metrics:
             self.modality_weight.labels(self.model, "text").observe(float(modality_weights[0]))
             self.modality_weight.labels(self.model, "image").observe(float(modality_weights[1]))
 
+    def observe_call(self, outputs: Sequence, uncertain_reasons: Sequence[str | None], madds_full: int) -> None:
+        """``observe_prediction`` and ``observe_answer`` of each answer of a call of several (each output with the
+        fields of a PipelineOutput of those names), every series touched once: a counter increased by the call's
+        total, a histogram's buckets and sum by theirs. One by one, an answer touches about a dozen series, and with
+        --workers N each increment is a write to a shared file under a lock."""
+        model = self.model
+        for (expert, decided_by), count in collections.Counter((o.expert, o.decided_by) for o in outputs).items():
+            self.route_decisions.labels(model, expert, decided_by).inc(count)
+        points = collections.Counter(o.operating_point for o in outputs if o.operating_point is not None)
+        for point, count in points.items():
+            self.operating_point_requests.labels(model, point).inc(count)
+        if degraded := sum(1 for o in outputs if o.degraded):
+            self.degraded_requests.labels(model).inc(degraded)
+        self.compute_madds.labels(model).inc(sum(o.madds for o in outputs))
+        self.compute_full_madds.labels(model).inc(madds_full * len(outputs))
+        by_expert: dict[str, list] = {}
+        for output in outputs:
+            by_expert.setdefault(output.expert, []).append(output)
+        for expert, answered in by_expert.items():
+            importance = [o.importance.tolist() for o in answered]
+            for index, modality in enumerate(MODALITIES):
+                observe_all(self.modality_importance.labels(model, expert, modality), [v[index] for v in importance])
+            observe_all(self.top_probability.labels(model, expert), [float(o.probabilities.max()) for o in answered])
+        weights = [o.modality_weights.tolist() for o in outputs if o.modality_weights is not None]
+        for index, modality in enumerate(MODALITIES) if weights else ():
+            observe_all(self.modality_weight.labels(model, modality), [w[index] for w in weights])
+        for reason, count in collections.Counter(r for r in uncertain_reasons if r is not None).items():
+            self.uncertain.labels(model, reason).inc(count)
+
     def observe_answer(self, expert: str, top_probability: float, uncertain_reason: str | None) -> None:
         self.top_probability.labels(self.model, expert).observe(top_probability)
         if uncertain_reason is not None:
@@ -449,3 +481,18 @@ def _alive(pid: int) -> bool:
     except (OSError, IndexError):
         return True
     return state != "Z"
+
+
+def observe_all(child, values: Sequence[float]) -> None:
+    """``child.observe(v)`` for every value, each bucket increased once by the values it takes and the sum once by
+    theirs (prometheus_client keeps a value in the first bucket whose bound is at least the value, and a NaN, which
+    no bucket takes, only in the sum, as observe() does). A child without those parts (another client's) is given
+    one value at a time."""
+    bounds, buckets, total = (getattr(child, name, None) for name in ("_upper_bounds", "_buckets", "_sum"))
+    if bounds is None or buckets is None or total is None or len(bounds) != len(buckets):
+        for value in values:
+            child.observe(value)
+        return
+    for index, count in collections.Counter(bisect.bisect_left(bounds, v) for v in values if v == v).items():
+        buckets[index].inc(count)
+    total.inc(sum(values))
