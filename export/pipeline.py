@@ -282,31 +282,38 @@ class DynamicPipeline:
         answering = [SOFT if soft[i] else self.experts[self.full_index if fallback[i] else choice[i]] for i in range(n)]
         confidence = self._calibrated_confidence(probabilities, answering)
         ood_pvalues = self._ood_pvalues(tensors, execution, has_text, has_image)
+        label_index = probabilities.argmax(axis=1)
         answers = self._answers(execution.coalitions, members, logits, probabilities, soft, weights, eligible, choice,
-                                fallback)  # fmt: skip
+                                fallback, label_index)  # fmt: skip
         spent = self._attribution_madds(execution.coalitions, n)
         attributed = self.attributor.attribute_all(answers, explain, modality_weights)
+        # Each row's figures as Python values, an array at a time: a NumPy scalar made per row and figure cost more
+        # than the rest of building the outputs.
+        labels = self.labels[label_index].tolist()
+        madds = (shared_madds + np.array([self._experts_madds(r) for r in ran], np.int64) + spent).tolist()
+        spent_madds, confidence, ood_pvalues = spent.tolist(), confidence.tolist(), ood_pvalues.tolist()
+        how = [DECIDED_BY[d] for d in decided_by.tolist()]
         outputs = [
             PipelineOutput(
-                label=str(self.labels[probabilities[i].argmax()]),
+                label=labels[i],
                 probabilities=probabilities[i],
                 expert=answering[i],
-                decided_by=DECIDED_BY[decided_by[i]],
+                decided_by=how[i],
                 route_scores=scores[i],
                 modality_weights=modality_weights[i],
                 importance=attributed[i].importance,
-                madds=int(shared_madds[i] + self._experts_madds(ran[i]) + spent[i]),
+                madds=madds[i],
                 operating_point=points[i],
                 weights=_normalized(weights[i], eligible[i]) if soft[i] else None,
                 fallback_from=self.experts[choice[i]] if fallback[i] else None,
                 fallback_label=replaced.get(i),
                 degraded=inputs[i].degraded,
                 importance_method=attributed[i].method,
-                attribution_madds=int(spent[i]),
+                attribution_madds=spent_madds[i],
                 explanation=attributed[i].explanation,
                 guarded=inputs[i].guarded,
-                confidence=float(confidence[i]),
-                ood_pvalue=float(ood_pvalues[i]),
+                confidence=confidence[i],
+                ood_pvalue=ood_pvalues[i],
             )
             for i in range(n)
         ]
@@ -322,9 +329,9 @@ class DynamicPipeline:
                 wants[expert] = flags
         return wants
 
-    def _answers(self, coalitions, members, logits, probabilities, soft, weights, eligible, choice, fallback):
+    def _answers(self, coalitions, members, logits, probabilities, soft, weights, eligible, choice, fallback, labels):
         """Each request's answer as attribution sees it: the experts mixed into it, their probabilities and the
-        coalition logits computed for them, and the label returned."""
+        coalition logits computed for them, and the label returned (``labels``: its index, per request)."""
         full = self.model.full_expert
         position = {expert: {row: k for k, row in enumerate(rows)} for expert, rows in members.items()}
         if fallback.any():
@@ -337,20 +344,20 @@ class DynamicPipeline:
                 source_probs[source] = softmax(logits[source])
             return source_probs[source][position[source][i]]
 
-        for i in range(len(probabilities)):
+        for i, label in enumerate(labels.tolist()):
             if soft[i]:
                 mixed = _normalized(weights[i], eligible[i])
                 experts = [e for e, w in zip(self.experts, mixed, strict=True) if w > 0]
-                share = mixed[mixed > 0]
+                share = mixed[mixed > 0].astype(np.float64)
             else:
                 experts = [full if fallback[i] else self.experts[choice[i]]]
-                share = np.ones(1)
+                share = _ONE
             sources = [f"{full}@fallback" if fallback[i] else e for e in experts]
             answers.append(
                 Answer(
-                    label=int(probabilities[i].argmax()),
+                    label=label,
                     experts=experts,
-                    weights=share.astype(np.float64),
+                    weights=share,
                     probabilities=[probs_of(s, i) for s in sources],
                     coalitions=[
                         {how: coalitions.get(e, {}).get(how, {}).get(i) for how in (HEAD, EXACT)} for e in experts
@@ -493,6 +500,10 @@ class DynamicPipeline:
                 self.predict(inputs(batch_size, route))
         for point in self.model.operating_points:
             self.predict(inputs(1, AUTO, point))
+
+
+_ONE = np.ones(1, np.float64)  # the weight of an answer's one expert, shared by every such answer: never written
+_ONE.setflags(write=False)
 
 
 def _pixel_shape(model: StoredModel) -> tuple[int, int, int]:
