@@ -70,7 +70,7 @@ class RouteMixDrift:
         is computed and published once, for the window they leave."""
         picks = self._picks.get(point)
         if picks is None or not expert_indices:
-            return  # a point without a validation mix: nothing to compare with
+            return  # a point without a validation mix (nothing to compare with), or no pick: nothing changes
         counts = self._counts[point]
         for expert_index in expert_indices:
             if len(picks) == picks.maxlen:
